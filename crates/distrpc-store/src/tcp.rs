@@ -1,0 +1,331 @@
+//! The TCP store: a server task hosted by rank 0 and a client per worker.
+//!
+//! Each request and response is a 4-byte little-endian length followed by a MessagePack value.
+//! Lengths are checked against [`MAX_MESSAGE`] before anything is allocated; a client that sends
+//! a malformed message is disconnected with a logged error and the server keeps serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::{StoreError, parse_counter};
+
+/// Largest request or response accepted, in bytes.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Request {
+    Set(String, #[serde(with = "serde_bytes")] Vec<u8>),
+    Get(String),
+    Add(String, i64),
+    Wait(Vec<String>, u64),
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Response {
+    Ok,
+    Value(Option<serde_bytes::ByteBuf>),
+    Counter(i64),
+    Missing(Vec<String>),
+    Error(String),
+}
+
+#[derive(Default)]
+struct State {
+    map: Mutex<HashMap<String, Vec<u8>>>,
+    changed: Notify,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        // A panic while holding this lock leaves the map consistent (every update is one insert),
+        // so a poisoned lock is still safe to use.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Set(k, v) => {
+                self.lock().insert(k, v);
+                self.changed.notify_waiters();
+                Response::Ok
+            }
+            Request::Get(k) => Response::Value(self.lock().get(&k).cloned().map(Into::into)),
+            Request::Add(k, delta) => {
+                let result = {
+                    let mut map = self.lock();
+                    let current = map.get(&k).map(|v| parse_counter(&k, v)).transpose();
+                    current.map(|c| {
+                        let n = c.unwrap_or(0).saturating_add(delta);
+                        map.insert(k, n.to_string().into_bytes());
+                        n
+                    })
+                };
+                self.changed.notify_waiters();
+                match result {
+                    Ok(n) => Response::Counter(n),
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+            Request::Wait(keys, timeout_ms) => {
+                let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+                loop {
+                    // Register for the wake-up before checking, so a set between the check and the
+                    // wait is not missed.
+                    let notified = self.changed.notified();
+                    let missing: Vec<String> = {
+                        let map = self.lock();
+                        keys.iter()
+                            .filter(|k| !map.contains_key(*k))
+                            .cloned()
+                            .collect()
+                    };
+                    if missing.is_empty() {
+                        return Response::Ok;
+                    }
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Response::Missing(missing);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn read_message<T: for<'de> Deserialize<'de>>(
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other(format!(
+            "store message of {len} bytes exceeds {MAX_MESSAGE}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    rmp_serde::from_slice(&buf)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+async fn write_message<T: Serialize>(stream: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+    let body = rmp_serde::to_vec(msg).map_err(std::io::Error::other)?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await
+}
+
+/// The TCP store server. It runs as a task on the current tokio runtime until dropped.
+#[derive(Debug)]
+pub struct TcpStoreServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TcpStoreServer {
+    /// Serves on `listener` (already bound; use port 0 to let the OS choose).
+    pub fn serve(listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State::default());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            let state = state.clone();
+                            conns.spawn(async move {
+                                if let Err(e) = serve_conn(stream, &state).await {
+                                    tracing::warn!(%peer, error = %e, "store connection closed");
+                                }
+                            });
+                        }
+                        Err(e) => tracing::warn!(error = %e, "store accept failed"),
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TcpStoreServer {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every connection task.
+        self.task.abort();
+    }
+}
+
+async fn serve_conn(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    while let Some(req) = read_message::<Request>(&mut stream).await? {
+        let resp = state.handle(req).await;
+        write_message(&mut stream, &resp).await?;
+    }
+    Ok(())
+}
+
+/// A client of a [`TcpStoreServer`].
+#[derive(Debug)]
+pub struct TcpStoreClient {
+    addr: SocketAddr,
+    stream: tokio::sync::Mutex<TcpStream>,
+}
+
+impl TcpStoreClient {
+    /// Connects to the store at `addr`, retrying until `timeout` while it is not up yet (rank 0
+    /// may start after the others).
+    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, StoreError> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(Self {
+                        addr,
+                        stream: tokio::sync::Mutex::new(stream),
+                    });
+                }
+                Err(e) if Instant::now() + backoff >= deadline => {
+                    return Err(StoreError::Io {
+                        addr: addr.to_string(),
+                        source: e,
+                    });
+                }
+                // Nothing tells us when rank 0 starts listening: retry with a bounded backoff.
+                Err(_) => tokio::time::sleep(backoff).await,
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn call(&self, req: Request) -> Result<Response, StoreError> {
+        let io = |source| StoreError::Io {
+            addr: self.addr.to_string(),
+            source,
+        };
+        let mut stream = self.stream.lock().await;
+        write_message(&mut stream, &req).await.map_err(io)?;
+        match read_message::<Response>(&mut stream).await.map_err(io)? {
+            Some(Response::Error(e)) => Err(StoreError::Protocol(e)),
+            Some(resp) => Ok(resp),
+            None => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+        }
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        match self.call(Request::Set(key.into(), value.to_vec())).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.call(Request::Get(key.into())).await? {
+            Response::Value(v) => Ok(v.map(|b| b.into_vec())),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(crate) async fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        match self.call(Request::Add(key.into(), delta)).await? {
+            Response::Counter(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(crate) async fn wait(&self, keys: &[String], timeout: Duration) -> Result<(), StoreError> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        match self.call(Request::Wait(keys.to_vec(), ms)).await? {
+            Response::Ok => Ok(()),
+            Response::Missing(missing) => Err(StoreError::Timeout { timeout, missing }),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(resp: Response) -> StoreError {
+    StoreError::Protocol(format!("unexpected response {resp:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    async fn server_and_client() -> (TcpStoreServer, Store) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = TcpStoreServer::serve(listener).unwrap();
+        let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        (server, Store::Tcp(client))
+    }
+
+    #[tokio::test]
+    async fn set_get_add() {
+        let (_server, store) = server_and_client().await;
+        assert_eq!(store.get("a").await.unwrap(), None);
+        store.set("a", b"1").await.unwrap();
+        assert_eq!(store.get("a").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(store.add("n", 2).await.unwrap(), 2);
+        assert_eq!(store.add("n", 3).await.unwrap(), 5);
+        store.set("x", b"not a number").await.unwrap();
+        assert!(store.add("x", 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn wait_wakes_on_set_and_times_out_naming_keys() {
+        let (server, store) = server_and_client().await;
+        let other = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let keys = vec!["k1".to_string(), "k2".to_string()];
+        let waiter = tokio::spawn(async move { store.wait(&keys, Duration::from_secs(30)).await });
+        other.set("k1", b"").await.unwrap();
+        other.set("k2", b"").await.unwrap();
+        waiter.await.unwrap().unwrap();
+        let err = other
+            .wait(&["never".into()], Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Timeout { ref missing, .. } if missing == &["never"]));
+    }
+
+    #[tokio::test]
+    async fn garbage_closes_that_connection_only() {
+        let (server, store) = server_and_client().await;
+        let mut raw = TcpStream::connect(server.addr()).await.unwrap();
+        raw.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            raw.read(&mut buf).await.unwrap(),
+            0,
+            "server must close the bad connection"
+        );
+        store.set("still", b"works").await.unwrap();
+        assert!(store.get("still").await.unwrap().is_some());
+    }
+}
