@@ -1,0 +1,163 @@
+//! `#[distrpc::function]`: makes a function callable by name from other workers.
+//!
+//! ```ignore
+//! #[distrpc::function]
+//! fn add(a: i64, b: i64) -> i64 { a + b }
+//! ```
+//! expands to
+//! - `const add: distrpc::Function<(i64, i64), i64>`: the typed handle callers pass to
+//!   `rpc_sync` / `rpc_async`;
+//! - the function itself, renamed `__distrpc_impl_add`;
+//! - a registration, collected at startup by every process built with it, under the stable
+//!   name `concat!(module_path!(), "::add")` (or `name = "..."` if given).
+//!
+//! A function returning `Result<T, E>` (any path ending in `Result`) has handle type
+//! `Function<A, T>`; its `Err` reaches the caller as a remote error carrying `E`'s type name and
+//! message. An `async fn` runs as a task and holds no worker thread while it waits.
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote};
+use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, ItemFn, LitStr, PathArguments, ReturnType, Token, Type};
+
+struct Args {
+    name: Option<LitStr>,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.is_empty() {
+            return Ok(Self { name: None });
+        }
+        let key: syn::Ident = input.parse()?;
+        if key != "name" {
+            return Err(syn::Error::new(key.span(), "expected `name = \"...\"`"));
+        }
+        input.parse::<Token![=]>()?;
+        let name = input.parse()?;
+        Ok(Self { name: Some(name) })
+    }
+}
+
+/// The `Ok` type of a return type spelled `...Result<T, ...>`, if it is one.
+fn result_ok_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// Registers a function for remote calls; see the crate docs.
+#[proc_macro_attribute]
+pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as Args);
+    let func = syn::parse_macro_input!(item as ItemFn);
+    match expand(args, func) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    let sig = &func.sig;
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "remote functions cannot be generic",
+        ));
+    }
+    let mut types = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "remote functions cannot take `self`",
+                ));
+            }
+            FnArg::Typed(t) => types.push((*t.ty).clone()),
+        }
+    }
+    let idents: Vec<_> = (0..types.len())
+        .map(|i| format_ident!("__a{}", i))
+        .collect();
+    let ident = &sig.ident;
+    let vis = &func.vis;
+    let impl_ident = format_ident!("__distrpc_impl_{}", ident);
+    let docs: Vec<_> = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let name = match &args.name {
+        Some(lit) => quote!(#lit),
+        None => quote!(concat!(module_path!(), "::", stringify!(#ident))),
+    };
+    let (ok_ty, fallible) = match &sig.output {
+        ReturnType::Default => (syn::parse_quote!(()), false),
+        ReturnType::Type(_, ty) => match result_ok_type(ty) {
+            Some(ok) => (ok.clone(), true),
+            None => ((**ty).clone(), false),
+        },
+    };
+    let args_ty = quote!((#(#types,)*));
+    let call = if sig.asyncness.is_some() {
+        quote!(#impl_ident(#(#idents),*).await)
+    } else {
+        quote!(#impl_ident(#(#idents),*))
+    };
+    let wrapped = if fallible {
+        call
+    } else {
+        quote!(::core::result::Result::<_, ::core::convert::Infallible>::Ok(#call))
+    };
+    let handler = if sig.asyncness.is_some() {
+        quote! {
+            ::distrpc::__private::async_handler::<#args_ty, _, _, _, _>(
+                #name,
+                |(#(#idents,)*): #args_ty| async move { #wrapped },
+            )
+        }
+    } else {
+        quote! {
+            ::distrpc::__private::sync_handler::<#args_ty, _, _, _>(
+                #name,
+                |(#(#idents,)*): #args_ty| #wrapped,
+            )
+        }
+    };
+    let mut inner = func.clone();
+    inner.sig.ident = impl_ident.clone();
+    inner.attrs.retain(|a| !a.path().is_ident("doc"));
+    let const_doc =
+        format!("Remote handle of `{ident}`; call it with `Rpc::rpc_sync` / `rpc_async`.");
+    let span = Span::call_site();
+    Ok(quote::quote_spanned! {span=>
+        #(#docs)*
+        #[doc = ""]
+        #[doc = #const_doc]
+        #[allow(non_upper_case_globals)]
+        #vis const #ident: ::distrpc::Function<#args_ty, #ok_ty> = ::distrpc::Function::new(#name);
+
+        #[doc(hidden)]
+        #[allow(non_snake_case, clippy::needless_pass_by_value)]
+        #inner
+
+        ::distrpc::__private::inventory::submit! {
+            ::distrpc::__private::Registration {
+                name: #name,
+                handler: || #handler,
+            }
+        }
+    })
+}

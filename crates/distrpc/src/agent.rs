@@ -1,0 +1,884 @@
+//! The agent: connections to peers, the table of calls waiting for a reply, timeouts, and
+//! dispatch of incoming calls to handlers.
+//!
+//! ```text
+//!  caller thread ── call() ─► pending[id] ──► Connection queue ──► writer ──► peer
+//!  peer ──► reader ── Result/Exception ─► take pending[id] ─► complete the RpcFuture
+//!                  └─ Call ─► registry ─► pool (sync) / task (async) / inline ─► reply
+//!  timer task ── deadline passed ─► take pending[id] ─► Timeout
+//!  reader/writer ends ─► fail every pending call on that connection ─► PeerGone
+//! ```
+//!
+//! Every pending call leaves the table exactly once, through `take_pending`: by its reply, its
+//! timeout, the loss of its connection, a failed send, or shutdown. So every future completes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distrpc_wire::{Frame, Kind, Limits, OutFrame, Tensor};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::{Connection, FrameReader, ReadEnd};
+use crate::error::{Error, Failure};
+use crate::function::{HandlerKind, Outcome, Registry, Request};
+use crate::options::FaultInjection;
+use crate::pool::Pool;
+use crate::worker::{To, WorkerInfo};
+
+/// Connection id of calls to self, which never touch a socket.
+const LOCAL: u64 = 0;
+/// How long an accepted connection may take to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for writers to flush.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+const RUNNING: u8 = 0;
+const SHUT_DOWN: u8 = 2;
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
+/// section here is a few map or counter updates).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Done = Box<dyn FnOnce(Result<Frame, Error>) + Send>;
+
+struct Pending {
+    conn: u64,
+    peer: u32,
+    function: String,
+    started: std::time::Instant,
+    deadline: Option<(Instant, Duration)>,
+    internal: bool,
+    done: Done,
+}
+
+#[derive(Default)]
+struct Peer {
+    conn: Option<Arc<Connection>>,
+    gone: Option<String>,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct Counts {
+    /// Calls this worker's user code is waiting on (torch's `client_active_calls`).
+    pub(crate) client: usize,
+    /// distrpc's own calls (gather, barrier) in flight.
+    pub(crate) client_internal: usize,
+    /// Sync and inline handlers queued or running.
+    pub(crate) server: usize,
+    /// Async handlers running.
+    pub(crate) server_async: usize,
+}
+
+/// Everything the agent needs that rendezvous produced.
+pub(crate) struct AgentConfig {
+    pub(crate) me: WorkerInfo,
+    pub(crate) workers: Vec<WorkerInfo>,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) registry: Registry,
+    pub(crate) num_worker_threads: usize,
+    pub(crate) rpc_timeout: Duration,
+    pub(crate) limits: Limits,
+    pub(crate) faults: FaultInjection,
+    pub(crate) gather: Arc<crate::gather::Gather>,
+}
+
+pub(crate) struct Agent {
+    pub(crate) me: WorkerInfo,
+    pub(crate) workers: Vec<WorkerInfo>,
+    by_name: HashMap<String, u32>,
+    addrs: Vec<SocketAddr>,
+    registry: Registry,
+    pool: Pool,
+    limits: Limits,
+    faults: FaultInjection,
+    default_timeout_us: AtomicU64,
+    next_id: AtomicU64,
+    next_conn: AtomicU64,
+    peers: Mutex<Vec<Peer>>,
+    conns: Mutex<HashMap<u64, Arc<Connection>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    deadlines: Mutex<BTreeSet<(Instant, u64)>>,
+    deadline_changed: Notify,
+    counts: Mutex<Counts>,
+    counts_changed: Condvar,
+    state: AtomicU8,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    /// Connection writers, apart so that shutdown can wait for them to flush.
+    writers: TaskTracker,
+    rt: Handle,
+    /// The user-facing handle, for `Rpc::current()` inside handlers.
+    pub(crate) rpc: OnceLock<Weak<crate::rpc::Shared>>,
+    /// Woken whenever a peer is lost, so that gathers waiting on it fail at once.
+    gather: Arc<crate::gather::Gather>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("me", &self.me).finish()
+    }
+}
+
+impl Agent {
+    pub(crate) fn new(config: AgentConfig, rt: Handle) -> Arc<Self> {
+        let by_name = config
+            .workers
+            .iter()
+            .map(|w| (w.name.clone(), w.id))
+            .collect();
+        let peers = config.workers.iter().map(|_| Peer::default()).collect();
+        let agent = Arc::new(Self {
+            pool: Pool::new(
+                config.num_worker_threads,
+                format!("distrpc-{}", config.me.name),
+            ),
+            me: config.me,
+            workers: config.workers,
+            by_name,
+            addrs: config.addrs,
+            registry: config.registry,
+            limits: config.limits,
+            faults: config.faults,
+            default_timeout_us: AtomicU64::new(duration_us(config.rpc_timeout)),
+            next_id: AtomicU64::new(1),
+            next_conn: AtomicU64::new(LOCAL + 1),
+            peers: Mutex::new(peers),
+            conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(BTreeSet::new()),
+            deadline_changed: Notify::new(),
+            counts: Mutex::new(Counts::default()),
+            counts_changed: Condvar::new(),
+            state: AtomicU8::new(RUNNING),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            writers: TaskTracker::new(),
+            rt,
+            rpc: OnceLock::new(),
+            gather: config.gather,
+        });
+        let timer = agent.clone();
+        agent
+            .tasks
+            .spawn_on(async move { timer.run_timer().await }, &agent.rt);
+        agent
+    }
+
+    /// Starts accepting peers on `listener`.
+    pub(crate) fn serve(self: &Arc<Self>, listener: TcpListener) {
+        let agent = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = agent.cancel.cancelled() => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, addr)) => {
+                                let a = agent.clone();
+                                agent.tasks.spawn_on(async move { a.handshake(stream, addr).await }, &agent.rt);
+                            }
+                            Err(e) => tracing::warn!(worker = %agent.me.name, error = %e, "accept failed"),
+                        },
+                    }
+                }
+            },
+            &self.rt,
+        );
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RUNNING
+    }
+
+    pub(crate) fn shut_down_error(&self) -> Error {
+        Error::ShutDown {
+            worker: self.me.name.clone(),
+        }
+    }
+
+    pub(crate) fn default_timeout(&self) -> Duration {
+        Duration::from_micros(self.default_timeout_us.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_default_timeout(&self, timeout: Duration) {
+        self.default_timeout_us
+            .store(duration_us(timeout), Ordering::Relaxed);
+    }
+
+    /// The rank of a destination.
+    pub(crate) fn resolve(&self, to: &To) -> Result<u32, Error> {
+        match to {
+            To::Name(name) => self
+                .by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::UnknownWorker(format!("{name:?}"))),
+            To::Rank(r) if (*r as usize) < self.workers.len() => Ok(*r),
+            To::Rank(r) => Err(Error::UnknownWorker(format!(
+                "rank {r} (world size is {})",
+                self.workers.len()
+            ))),
+        }
+    }
+
+    pub(crate) fn name_of(&self, rank: u32) -> &str {
+        self.workers
+            .get(rank as usize)
+            .map_or("<unknown>", |w| w.name.as_str())
+    }
+
+    /// Whether `rank` is known to be gone, and why.
+    pub(crate) fn gone(&self, rank: u32) -> Option<String> {
+        lock(&self.peers).get(rank as usize)?.gone.clone()
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        *lock(&self.counts)
+    }
+
+    /// Waits until no user call of this worker is in flight, or `deadline` passes.
+    pub(crate) fn wait_no_client_calls(&self, deadline: Option<std::time::Instant>) -> bool {
+        let mut counts = lock(&self.counts);
+        while counts.client > 0 {
+            match deadline {
+                None => {
+                    counts = self
+                        .counts_changed
+                        .wait(counts)
+                        .unwrap_or_else(|e| e.into_inner())
+                }
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    counts = self
+                        .counts_changed
+                        .wait_timeout(counts, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends a call of `function` to `dest`; `done` receives the reply frame or the error.
+    /// `payload` must start with the call head ([`call_payload`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn call(
+        self: &Arc<Self>,
+        dest: u32,
+        function: &str,
+        payload: Vec<u8>,
+        tensors: Vec<Tensor>,
+        timeout: Option<Duration>,
+        internal: bool,
+        done: Done,
+    ) {
+        let state = self.state.load(Ordering::Acquire);
+        if state != RUNNING && !(internal && state != SHUT_DOWN) {
+            return done(Err(self.shut_down_error()));
+        }
+        let timeout = timeout.unwrap_or_else(|| self.default_timeout());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = if dest == self.me.id {
+            None
+        } else {
+            match self.connection(dest) {
+                Ok(c) => Some(c),
+                Err(e) => return done(Err(e)),
+            }
+        };
+        let frame = match &conn {
+            Some(_) => match OutFrame::new(Kind::Call, id, &payload, &tensors) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    return done(Err(Error::SendFailed {
+                        worker: self.name_of(dest).to_string(),
+                        reason: e.to_string(),
+                    }));
+                }
+            },
+            None => None,
+        };
+        let deadline = (!timeout.is_zero()).then(|| (Instant::now() + timeout, timeout));
+        self.register(
+            id,
+            Pending {
+                conn: conn.as_ref().map_or(LOCAL, |c| c.id),
+                peer: dest,
+                function: function.to_string(),
+                started: std::time::Instant::now(),
+                deadline,
+                internal,
+                done,
+            },
+        );
+        if self.faults.should_fail(Kind::Call) {
+            let reason = "injected failure of a Call send".to_string();
+            return self.fail(id, |p| Error::SendFailed {
+                worker: self.name_of(p.peer).into(),
+                reason,
+            });
+        }
+        let send = {
+            let agent = self.clone();
+            move || match (conn, frame) {
+                (Some(conn), Some(frame)) => {
+                    if let Err(reason) = conn.send(frame) {
+                        agent.fail(id, |p| Error::PeerGone {
+                            worker: agent.name_of(p.peer).into(),
+                            reason,
+                        });
+                    }
+                }
+                _ => {
+                    let frame = Frame {
+                        kind: Kind::Call,
+                        flags: 0,
+                        id,
+                        payload: Bytes::from(payload),
+                        tensors,
+                    };
+                    // A call to self cannot be malformed: we built it.
+                    let _ = agent.on_call(ReplyTo::Local, frame);
+                }
+            }
+        };
+        match self.faults.delay_of(Kind::Call) {
+            Some(delay) => {
+                self.tasks.spawn_on(
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        send();
+                    },
+                    &self.rt,
+                );
+            }
+            None => send(),
+        }
+    }
+
+    fn register(&self, id: u64, pending: Pending) {
+        {
+            let mut counts = lock(&self.counts);
+            if pending.internal {
+                counts.client_internal += 1;
+            } else {
+                counts.client += 1;
+            }
+        }
+        if let Some((at, _)) = pending.deadline {
+            let mut deadlines = lock(&self.deadlines);
+            let earliest = deadlines.first().is_none_or(|(t, _)| at < *t);
+            deadlines.insert((at, id));
+            drop(deadlines);
+            if earliest {
+                self.deadline_changed.notify_one();
+            }
+        }
+        lock(&self.pending).insert(id, pending);
+    }
+
+    /// Removes a pending call, if it is still pending, keeping the counts and deadlines in step.
+    fn take_pending(&self, id: u64, conn: Option<u64>) -> Option<Pending> {
+        let p = {
+            let mut pending = lock(&self.pending);
+            match pending.get(&id) {
+                Some(p) if conn.is_none_or(|c| c == p.conn) => pending.remove(&id),
+                _ => None,
+            }
+        }?;
+        if let Some((at, _)) = p.deadline {
+            lock(&self.deadlines).remove(&(at, id));
+        }
+        let mut counts = lock(&self.counts);
+        if p.internal {
+            counts.client_internal -= 1;
+        } else {
+            counts.client -= 1;
+        }
+        if counts.client == 0 {
+            self.counts_changed.notify_all();
+        }
+        Some(p)
+    }
+
+    fn fail(&self, id: u64, error: impl FnOnce(&Pending) -> Error) {
+        if let Some(p) = self.take_pending(id, None) {
+            let e = error(&p);
+            (p.done)(Err(e));
+        }
+    }
+
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let next = lock(&self.deadlines).first().map(|(t, _)| *t);
+            let changed = self.deadline_changed.notified();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = changed => {}
+                _ = async {
+                    match next {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            let now = Instant::now();
+            let expired: Vec<u64> = {
+                let mut deadlines = lock(&self.deadlines);
+                let mut ids = Vec::new();
+                while let Some(&(t, id)) = deadlines.first() {
+                    if t > now {
+                        break;
+                    }
+                    deadlines.pop_first();
+                    ids.push(id);
+                }
+                ids
+            };
+            for id in expired {
+                self.fail(id, |p| Error::Timeout {
+                    worker: self.name_of(p.peer).to_string(),
+                    function: p.function.clone(),
+                    timeout: p.deadline.map_or(Duration::ZERO, |(_, d)| d),
+                    elapsed: p.started.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// The connection to `rank`, opening it if there is none.
+    fn connection(self: &Arc<Self>, rank: u32) -> Result<Arc<Connection>, Error> {
+        let mut peers = lock(&self.peers);
+        let peer = peers
+            .get_mut(rank as usize)
+            .ok_or_else(|| Error::UnknownWorker(format!("rank {rank}")))?;
+        if let Some(reason) = &peer.gone {
+            return Err(Error::PeerGone {
+                worker: self.name_of(rank).to_string(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some(conn) = &peer.conn {
+            return Ok(conn.clone());
+        }
+        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        peer.conn = Some(conn.clone());
+        drop(peers);
+        lock(&self.conns).insert(conn.id, conn.clone());
+        // The hello goes first in the queue, so the peer knows who we are before any call.
+        let hello = crate::codec::encode_inline(&(self.me.id, &self.me.name))
+            .ok()
+            .and_then(|p| OutFrame::new(Kind::Hello, 0, &p, &[]).ok());
+        if let Some(hello) = hello {
+            let _ = conn.send(hello);
+        }
+        let agent = self.clone();
+        let addr = self.addrs[rank as usize];
+        let c = conn.clone();
+        self.tasks.spawn_on(
+            async move {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => agent.start_io(c, stream, None),
+                    Ok(Err(e)) => agent.on_closed(&c, ReadEnd::Io(e)),
+                    Err(_) => agent.on_closed(
+                        &c,
+                        ReadEnd::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {addr} took more than {CONNECT_TIMEOUT:?}"),
+                        )),
+                    ),
+                }
+            },
+            &self.rt,
+        );
+        Ok(conn)
+    }
+
+    /// An accepted connection: it must introduce itself with a Hello before anything else.
+    async fn handshake(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+        let (r, w) = stream.into_split();
+        let mut reader = FrameReader::new(r, self.limits);
+        let hello = tokio::select! {
+            _ = self.cancel.cancelled() => return,
+            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => h,
+        };
+        let rank = match hello {
+            Ok(Ok(frame)) if frame.kind == Kind::Hello => {
+                match crate::codec::decode_inline::<(u32, String)>(&frame.payload) {
+                    Ok((rank, name))
+                        if self
+                            .workers
+                            .get(rank as usize)
+                            .is_some_and(|w| w.name == name) =>
+                    {
+                        rank
+                    }
+                    Ok((rank, name)) => {
+                        tracing::error!(%addr, rank, %name, "connection introduced itself as an unknown worker; closed");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "malformed hello; connection closed");
+                        return;
+                    }
+                }
+            }
+            Ok(Ok(frame)) => {
+                tracing::error!(%addr, kind = ?frame.kind, "first frame was not a hello; connection closed");
+                return;
+            }
+            Ok(Err(ReadEnd::Closed)) => return,
+            Ok(Err(e)) => {
+                tracing::error!(%addr, error = %e, "connection closed before its hello");
+                return;
+            }
+            Err(_) => {
+                tracing::error!(%addr, "no hello within {HELLO_TIMEOUT:?}; connection closed");
+                return;
+            }
+        };
+        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        {
+            let mut peers = lock(&self.peers);
+            if let Some(peer) = peers.get_mut(rank as usize) {
+                if peer.conn.is_none() && peer.gone.is_none() {
+                    peer.conn = Some(conn.clone());
+                }
+            }
+        }
+        lock(&self.conns).insert(conn.id, conn.clone());
+        self.spawn_halves(conn, reader, w);
+    }
+
+    fn start_io(
+        self: &Arc<Self>,
+        conn: Arc<Connection>,
+        stream: TcpStream,
+        reader: Option<FrameReader<tokio::net::tcp::OwnedReadHalf>>,
+    ) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (r, w) = stream.into_split();
+        let reader = reader.unwrap_or_else(|| FrameReader::new(r, self.limits));
+        self.spawn_halves(conn, reader, w);
+    }
+
+    fn spawn_halves(
+        self: &Arc<Self>,
+        conn: Arc<Connection>,
+        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        w: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let _ = w.as_ref().set_nodelay(true);
+        let (agent, c) = (self.clone(), conn.clone());
+        self.writers.spawn_on(
+            async move {
+                if let Err(e) = c.write_loop(w).await {
+                    agent.on_closed(&c, ReadEnd::Io(e));
+                }
+            },
+            &self.rt,
+        );
+        let agent = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                let end = loop {
+                    let frame = tokio::select! {
+                        _ = agent.cancel.cancelled() => break ReadEnd::Closed,
+                        f = reader.next() => f,
+                    };
+                    match frame {
+                        Ok(frame) => {
+                            if let Err(e) = agent.on_frame(&conn, frame) {
+                                break ReadEnd::Malformed(e);
+                            }
+                        }
+                        Err(end) => break end,
+                    }
+                };
+                agent.on_closed(&conn, end);
+            },
+            &self.rt,
+        );
+    }
+
+    /// A connection ended: forget it, mark the peer gone, fail what waited on it.
+    fn on_closed(&self, conn: &Arc<Connection>, end: ReadEnd) {
+        let worker = self.name_of(conn.peer).to_string();
+        let running = self.is_running();
+        match &end {
+            ReadEnd::Malformed(e) => {
+                tracing::error!(worker = %self.me.name, peer = %worker, error = %e, "closing connection")
+            }
+            _ if running => {
+                tracing::debug!(worker = %self.me.name, peer = %worker, reason = %end, "connection closed")
+            }
+            _ => {}
+        }
+        let reason = end.to_string();
+        conn.close(&reason);
+        lock(&self.conns).remove(&conn.id);
+        {
+            let mut peers = lock(&self.peers);
+            if let Some(peer) = peers.get_mut(conn.peer as usize) {
+                if peer.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                    peer.conn = None;
+                    peer.gone.get_or_insert(reason.clone());
+                }
+            }
+        }
+        let ids: Vec<u64> = lock(&self.pending)
+            .iter()
+            .filter(|(_, p)| p.conn == conn.id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.fail(id, |_| Error::PeerGone {
+                worker: worker.clone(),
+                reason: reason.clone(),
+            });
+        }
+        self.gather.wake();
+    }
+
+    /// Handles one frame from a peer. An `Err` is a protocol violation: the connection closes.
+    fn on_frame(self: &Arc<Self>, conn: &Arc<Connection>, frame: Frame) -> Result<(), String> {
+        match frame.kind {
+            Kind::Call => self.on_call(ReplyTo::Remote(conn.clone()), frame),
+            Kind::Result | Kind::Exception => {
+                self.on_response(conn.id, frame);
+                Ok(())
+            }
+            Kind::Heartbeat => Ok(()),
+            other => Err(format!("unexpected {other:?} frame")),
+        }
+    }
+
+    fn on_response(&self, conn: u64, frame: Frame) {
+        let Some(p) = self.take_pending(frame.id, Some(conn)) else {
+            // A reply after its call timed out or failed: dropped, as torch does.
+            tracing::debug!(id = frame.id, "reply to a call that is no longer pending");
+            return;
+        };
+        let result = if frame.kind == Kind::Exception {
+            let worker = self.name_of(p.peer);
+            Err(
+                match crate::codec::decode_inline::<Failure>(&frame.payload) {
+                    Ok(failure) => failure.into_error(worker),
+                    Err(e) => Error::SendFailed {
+                        worker: worker.to_string(),
+                        reason: format!("undecodable exception reply: {e}"),
+                    },
+                },
+            )
+        } else {
+            Ok(frame)
+        };
+        (p.done)(result);
+    }
+
+    fn on_call(self: &Arc<Self>, reply_to: ReplyTo, frame: Frame) -> Result<(), String> {
+        let id = frame.id;
+        let (function, args) = parse_call_head(&frame.payload).ok_or("malformed call head")?;
+        if self.state.load(Ordering::Acquire) == SHUT_DOWN {
+            self.reply(&reply_to, id, Err(Failure::ShutDown), false);
+            return Ok(());
+        }
+        let Some(handler) = self.registry.get(&function) else {
+            self.reply(
+                &reply_to,
+                id,
+                Err(Failure::UnknownFunction(function)),
+                false,
+            );
+            return Ok(());
+        };
+        let request = Request {
+            payload: args,
+            tensors: frame.tensors,
+        };
+        let rpc = self.rpc.get().cloned().unwrap_or_default();
+        match handler.0.clone() {
+            HandlerKind::Inline(h) => {
+                self.count_server(false, 1);
+                let out = crate::rpc::with_current(&rpc, || h(request));
+                self.reply(&reply_to, id, out, false);
+            }
+            HandlerKind::Sync(h) => {
+                self.count_server(false, 1);
+                let agent = self.clone();
+                let reply_copy = reply_to.clone();
+                let job = Box::new(move || {
+                    let out = crate::rpc::with_current(&rpc, || h(request));
+                    agent.reply(&reply_to, id, out, false);
+                });
+                if self.pool.execute(job).is_err() {
+                    // The pool closes only at shutdown, and the refused job held the reply.
+                    self.reply(&reply_copy, id, Err(Failure::ShutDown), false);
+                }
+            }
+            HandlerKind::Async(h) => {
+                self.count_server(true, 1);
+                let agent = self.clone();
+                let fut = crate::rpc::scope_current(rpc, h(request));
+                self.tasks.spawn_on(
+                    async move {
+                        let out = fut.await;
+                        agent.reply(&reply_to, id, out, true);
+                    },
+                    &self.rt,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn count_server(&self, is_async: bool, delta: isize) {
+        let mut counts = lock(&self.counts);
+        let n = if is_async {
+            &mut counts.server_async
+        } else {
+            &mut counts.server
+        };
+        *n = n.saturating_add_signed(delta);
+    }
+
+    fn reply(&self, reply_to: &ReplyTo, id: u64, outcome: Outcome, is_async: bool) {
+        self.count_server(is_async, -1);
+        let (kind, payload, tensors) = match outcome {
+            Ok(reply) => (Kind::Result, reply.payload, reply.tensors),
+            Err(failure) => match crate::codec::encode_inline(&failure) {
+                Ok(p) => (Kind::Exception, p, Vec::new()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a failure reply");
+                    return;
+                }
+            },
+        };
+        match reply_to {
+            ReplyTo::Local => self.on_response(
+                LOCAL,
+                Frame {
+                    kind,
+                    flags: 0,
+                    id,
+                    payload: Bytes::from(payload),
+                    tensors,
+                },
+            ),
+            ReplyTo::Remote(conn) => {
+                let frame = OutFrame::new(kind, id, &payload, &tensors).or_else(|e| {
+                    let failure = Failure::Other(format!("result cannot be sent: {e}"));
+                    let p = crate::codec::encode_inline(&failure).unwrap_or_default();
+                    OutFrame::new(Kind::Exception, id, &p, &[])
+                });
+                match frame {
+                    Ok(frame) => {
+                        if conn.send(frame).is_err() {
+                            tracing::debug!(id, "reply dropped: connection closed");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build a reply frame"),
+                }
+            }
+        }
+    }
+
+    /// Stops this worker at once: no more calls in or out, every pending call fails, queued
+    /// frames are flushed (bounded), then every task ends.
+    pub(crate) fn shutdown_local(&self) {
+        if self.state.swap(SHUT_DOWN, Ordering::AcqRel) == SHUT_DOWN {
+            return;
+        }
+        let conns: Vec<_> = lock(&self.conns).values().cloned().collect();
+        for conn in &conns {
+            conn.close("shut down");
+        }
+        let ids: Vec<u64> = lock(&self.pending).keys().copied().collect();
+        for id in ids {
+            self.fail(id, |_| self.shut_down_error());
+        }
+        self.pool.close();
+        self.tasks.close();
+        self.writers.close();
+        if crate::runtime::on_runtime_thread() {
+            // Cannot block here (the last handle was dropped inside async code): stop now.
+            self.cancel.cancel();
+        } else {
+            // Writers drain their queues (the last barrier's replies) before readers stop.
+            let writers = self.writers.clone();
+            let _ = crate::runtime::block_on(async {
+                tokio::time::timeout(FLUSH_TIMEOUT, writers.wait()).await
+            });
+            self.cancel.cancel();
+            let tasks = self.tasks.clone();
+            let _ = crate::runtime::block_on(async {
+                tokio::time::timeout(FLUSH_TIMEOUT, tasks.wait()).await
+            });
+        }
+        self.gather.wake();
+    }
+
+    /// torch's agent metrics.
+    pub(crate) fn metrics(&self) -> Vec<(&'static str, i64)> {
+        let c = self.counts();
+        vec![
+            ("agent.thread_pool_size", self.pool.size() as i64),
+            ("agent.num_idle_threads", self.pool.idle() as i64),
+            ("agent.client_active_calls", c.client as i64),
+            ("agent.server_active_calls", c.server as i64),
+            ("agent.server_active_async_calls", c.server_async as i64),
+            ("agent.num_functions", self.registry.len() as i64),
+        ]
+    }
+}
+
+/// Where the reply to a call goes.
+#[derive(Clone)]
+enum ReplyTo {
+    Local,
+    Remote(Arc<Connection>),
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The start of a call payload: the function name, length-prefixed (`u16` little-endian).
+pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
+    let len = u16::try_from(function.len()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "function name of {} bytes is too long",
+            function.len()
+        ))
+    })?;
+    let mut payload = Vec::with_capacity(64 + function.len());
+    payload.extend_from_slice(&len.to_le_bytes());
+    payload.extend_from_slice(function.as_bytes());
+    Ok(payload)
+}
+
+fn parse_call_head(payload: &Bytes) -> Option<(String, Bytes)> {
+    let (len, rest) = payload.split_first_chunk::<2>()?;
+    let len = u16::from_le_bytes(*len) as usize;
+    let name = std::str::from_utf8(rest.get(..len)?).ok()?.to_string();
+    Some((name, payload.slice(2 + len..)))
+}

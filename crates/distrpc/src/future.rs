@@ -1,0 +1,249 @@
+//! [`RpcFuture`]: the result of a call that may not have arrived yet (torch's `Future`).
+//!
+//! It can be waited on from a plain thread ([`RpcFuture::wait`]), awaited in async code, chained
+//! ([`RpcFuture::then`]) and waited on in groups ([`wait_all`]). It completes exactly once: with
+//! the value, the remote error, a timeout, or the loss of the peer; the agent guarantees one of
+//! these happens, so a wait always ends.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::error::Error;
+
+type Callback<T> = Box<dyn FnOnce(Result<T, Error>) + Send>;
+
+enum State<T> {
+    Pending {
+        waker: Option<Waker>,
+        callback: Option<Callback<T>>,
+    },
+    Ready(Result<T, Error>),
+    Taken,
+}
+
+struct Slot<T> {
+    state: Mutex<State<T>>,
+    ready: Condvar,
+}
+
+impl<T> Slot<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Every transition is a single assignment, so a poisoned lock holds a valid state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The completing side of an [`RpcFuture`].
+pub(crate) struct Completer<T> {
+    slot: Arc<Slot<T>>,
+}
+
+impl<T> Completer<T> {
+    /// Completes the future. Completing twice keeps the first result.
+    pub(crate) fn complete(self, result: Result<T, Error>) {
+        let mut state = self.slot.lock();
+        match std::mem::replace(&mut *state, State::Taken) {
+            State::Pending { waker, callback } => {
+                if let Some(cb) = callback {
+                    drop(state);
+                    cb(result);
+                    return;
+                }
+                *state = State::Ready(result);
+                drop(state);
+                self.slot.ready.notify_all();
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            done => *state = done,
+        }
+    }
+}
+
+/// A value that a call will produce.
+///
+/// ```no_run
+/// # fn demo(rpc: &distrpc::Rpc) -> Result<(), distrpc::Error> {
+/// use distrpc::builtin;
+/// use distrpc::Tensor;
+///
+/// let x = Tensor::from_slice(&[1.0f32, 2.0]);
+/// let fut = rpc.rpc_async("worker1", builtin::add, (x.clone(), x));
+/// let doubled = fut.then(|r| r.map(|t| t.shape().to_vec()));
+/// assert_eq!(doubled.wait()?, vec![2]);
+/// # Ok(()) }
+/// ```
+#[must_use = "a future does nothing unless waited on; dropping it does not cancel the call"]
+pub struct RpcFuture<T> {
+    slot: Arc<Slot<T>>,
+}
+
+impl<T> fmt::Debug for RpcFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcFuture")
+            .field("done", &self.is_done())
+            .finish()
+    }
+}
+
+impl<T> RpcFuture<T> {
+    /// Whether the result has arrived.
+    pub fn is_done(&self) -> bool {
+        !matches!(*self.slot.lock(), State::Pending { .. })
+    }
+}
+
+impl<T: Send + 'static> RpcFuture<T> {
+    /// A pending future and the handle that completes it.
+    pub(crate) fn pending() -> (Self, Completer<T>) {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(State::Pending {
+                waker: None,
+                callback: None,
+            }),
+            ready: Condvar::new(),
+        });
+        (Self { slot: slot.clone() }, Completer { slot })
+    }
+
+    /// A future that is already complete.
+    pub fn ready(result: Result<T, Error>) -> Self {
+        let (fut, done) = Self::pending();
+        done.complete(result);
+        fut
+    }
+
+    /// Blocks the calling thread until the result arrives.
+    ///
+    /// Called on one of distrpc's runtime threads it returns [`Error::WouldBlock`] instead of
+    /// deadlocking. Called inside a sync handler it lets the handler pool start another thread
+    /// while it waits, so nested calls cannot starve the pool.
+    pub fn wait(self) -> Result<T, Error> {
+        if crate::runtime::on_runtime_thread() {
+            return Err(Error::WouldBlock);
+        }
+        let mut state = self.slot.lock();
+        if matches!(*state, State::Pending { .. }) {
+            let _blocked = crate::pool::enter_blocking();
+            while matches!(*state, State::Pending { .. }) {
+                state = self
+                    .slot
+                    .ready
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        match std::mem::replace(&mut *state, State::Taken) {
+            State::Ready(result) => result,
+            // `wait` and `poll` take the result only once, and `wait` consumes the future.
+            _ => Err(Error::InvalidArgument("future result already taken".into())),
+        }
+    }
+
+    /// A future of `f` applied to this one's result. `f` runs on the thread that completes
+    /// this future (often an I/O thread), so it must not block; it runs at once if the result
+    /// is already here.
+    pub fn then<U, F>(self, f: F) -> RpcFuture<U>
+    where
+        U: Send + 'static,
+        F: FnOnce(Result<T, Error>) -> Result<U, Error> + Send + 'static,
+    {
+        let (next, done) = RpcFuture::pending();
+        let mut state = self.slot.lock();
+        match std::mem::replace(&mut *state, State::Taken) {
+            State::Pending { waker, .. } => {
+                *state = State::Pending {
+                    waker,
+                    callback: Some(Box::new(move |r| done.complete(f(r)))),
+                };
+            }
+            State::Ready(result) => {
+                drop(state);
+                done.complete(f(result));
+            }
+            State::Taken => done.complete(Err(Error::InvalidArgument(
+                "future result already taken".into(),
+            ))),
+        }
+        next
+    }
+}
+
+impl<T> Future for RpcFuture<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.slot.lock();
+        match &mut *state {
+            State::Pending { waker, .. } => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            State::Ready(_) => match std::mem::replace(&mut *state, State::Taken) {
+                State::Ready(result) => Poll::Ready(result),
+                _ => Poll::Pending,
+            },
+            State::Taken => Poll::Ready(Err(Error::InvalidArgument(
+                "future polled after it completed".into(),
+            ))),
+        }
+    }
+}
+
+/// Waits for every future and returns their values in order, or the first error (torch's
+/// `torch.futures.wait_all`). Every future is waited on even when one fails.
+pub fn wait_all<T: Send + 'static>(
+    futures: impl IntoIterator<Item = RpcFuture<T>>,
+) -> Result<Vec<T>, Error> {
+    let mut values = Vec::new();
+    let mut first_err = None;
+    for f in futures {
+        match f.wait() {
+            Ok(v) => values.push(v),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(values),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_then_and_wait_all() {
+        let (f, done) = RpcFuture::<i32>::pending();
+        let g = f.then(|r| r.map(|x| x * 2));
+        assert!(!g.is_done());
+        std::thread::spawn(move || done.complete(Ok(21)));
+        assert_eq!(g.wait().unwrap(), 42);
+
+        let futs = (0..3).map(|i| RpcFuture::ready(Ok(i)));
+        assert_eq!(wait_all(futs).unwrap(), vec![0, 1, 2]);
+        let failing = vec![
+            RpcFuture::ready(Ok(1)),
+            RpcFuture::ready(Err(Error::UnknownWorker("w9".into()))),
+        ];
+        assert!(matches!(wait_all(failing), Err(Error::UnknownWorker(_))));
+    }
+
+    #[test]
+    fn completing_twice_keeps_the_first() {
+        let (f, done) = RpcFuture::<i32>::pending();
+        let again = Completer {
+            slot: done.slot.clone(),
+        };
+        done.complete(Ok(1));
+        again.complete(Ok(2));
+        assert_eq!(f.wait().unwrap(), 1);
+    }
+}

@@ -1,0 +1,315 @@
+//! Starting a group of worker processes on this machine: what `distrpc launch` (and torchrun)
+//! does, as a library, so that examples and tests start their own workers.
+//!
+//! Each process gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`. With no
+//! fixed port, the launcher binds the store's socket on port 0 itself and hands it to rank 0
+//! (inherited descriptor, [`STORE_FD_ENV`](crate::STORE_FD_ENV)), so the port is known before
+//! any worker starts and no other process can take it. Each output line is prefixed with its
+//! rank. If a process fails, the others are stopped.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Why a launched group failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// A process could not be started.
+    #[error("cannot start rank {rank}: {source}")]
+    Spawn {
+        /// The rank.
+        rank: usize,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store socket could not be prepared.
+    #[error("cannot prepare the store socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// A process exited with a failure; the others were stopped.
+    #[error("rank {rank} failed ({status}); the other ranks were stopped")]
+    Failed {
+        /// The first rank that failed.
+        rank: usize,
+        /// How it ended.
+        status: ExitStatus,
+    },
+}
+
+/// A group of processes to start.
+///
+/// ```no_run
+/// use distrpc::launch::Launch;
+///
+/// // Runs 4 copies of `./trainer --epochs 3`, ranks 0..4, on a free port.
+/// Launch::new(4, "./trainer").arg("--epochs").arg("3").run()?;
+/// # Ok::<(), distrpc::launch::LaunchError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Launch {
+    nproc: usize,
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    master_addr: String,
+    master_port: Option<u16>,
+    prefix: bool,
+}
+
+impl Launch {
+    /// `nproc` processes of `program`.
+    pub fn new(nproc: usize, program: impl Into<OsString>) -> Self {
+        Self {
+            nproc,
+            program: program.into(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            prefix: true,
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for every process.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// The address rank 0 hosts the store on (default `127.0.0.1`).
+    pub fn master_addr(mut self, addr: impl Into<String>) -> Self {
+        self.master_addr = addr.into();
+        self
+    }
+
+    /// A fixed store port (default: a free one, handed to rank 0 as an open socket).
+    pub fn master_port(mut self, port: u16) -> Self {
+        self.master_port = Some(port).filter(|&p| p != 0);
+        self
+    }
+
+    /// Whether to prefix each output line with `[rank]` (default on).
+    pub fn prefix_output(mut self, on: bool) -> Self {
+        self.prefix = on;
+        self
+    }
+
+    /// Starts every process.
+    pub fn spawn(&self) -> Result<Group, LaunchError> {
+        let store = match self.master_port {
+            Some(_) => None,
+            None => Some(
+                std::net::TcpListener::bind((self.master_addr.as_str(), 0))
+                    .map_err(LaunchError::Socket)?,
+            ),
+        };
+        let port = match (&store, self.master_port) {
+            (Some(l), _) => l.local_addr().map_err(LaunchError::Socket)?.port(),
+            (None, Some(p)) => p,
+            (None, None) => 0,
+        };
+        let (events_tx, events) = mpsc::channel();
+        let mut group = Group {
+            pids: Vec::new(),
+            exited: Vec::new(),
+            pumps: Vec::new(),
+            events,
+        };
+        for rank in 0..self.nproc {
+            let mut cmd = Command::new(&self.program);
+            cmd.args(&self.args)
+                .envs(self.envs.iter().map(|(k, v)| (k, v)))
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", self.nproc.to_string())
+                .env("MASTER_ADDR", &self.master_addr)
+                .env("MASTER_PORT", port.to_string())
+                .env_remove(crate::STORE_FD_ENV)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let inherit = match (&store, rank) {
+                (Some(listener), 0) => {
+                    cmd.env(crate::STORE_FD_ENV, listener.as_raw_fd().to_string());
+                    Some(socket2::SockRef::from(listener))
+                }
+                _ => None,
+            };
+            // Only rank 0 may inherit the store socket: clear close-on-exec just for its spawn.
+            if let Some(s) = &inherit {
+                s.set_cloexec(false).map_err(LaunchError::Socket)?;
+            }
+            let spawned = cmd.spawn();
+            if let Some(s) = &inherit {
+                s.set_cloexec(true).map_err(LaunchError::Socket)?;
+            }
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(source) => {
+                    group.kill_all();
+                    return Err(LaunchError::Spawn { rank, source });
+                }
+            };
+            let prefix = self.prefix.then(|| format!("[{rank}] "));
+            if let Some(out) = child.stdout.take() {
+                group.pumps.push(pump(out, prefix.clone(), false));
+            }
+            if let Some(err) = child.stderr.take() {
+                group.pumps.push(pump(err, prefix, true));
+            }
+            group.pids.push(child.id());
+            let exited = Arc::new(AtomicBool::new(false));
+            group.exited.push(exited.clone());
+            let tx = events_tx.clone();
+            // The waiter owns the child; the group kills by pid until the waiter reaps it.
+            std::thread::spawn(move || {
+                let status = child.wait().ok();
+                exited.store(true, Ordering::Release);
+                let _ = tx.send((rank, status));
+            });
+        }
+        Ok(group)
+    }
+
+    /// Starts every process and waits for all of them; if one fails, stops the others.
+    pub fn run(&self) -> Result<(), LaunchError> {
+        self.spawn()?.wait()
+    }
+}
+
+fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(src);
+        let mut line = Vec::new();
+        while reader
+            .read_until(b'\n', &mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            let mut out: Box<dyn Write> = if stderr {
+                Box::new(std::io::stderr().lock())
+            } else {
+                Box::new(std::io::stdout().lock())
+            };
+            let _ = out.write_all(prefix.as_deref().unwrap_or("").as_bytes());
+            let _ = out.write_all(&line);
+            if line.last() != Some(&b'\n') {
+                let _ = out.write_all(b"\n");
+            }
+            line.clear();
+        }
+    })
+}
+
+/// A started group of processes.
+#[derive(Debug)]
+pub struct Group {
+    pids: Vec<u32>,
+    exited: Vec<Arc<AtomicBool>>,
+    pumps: Vec<JoinHandle<()>>,
+    events: mpsc::Receiver<(usize, Option<ExitStatus>)>,
+}
+
+impl Group {
+    /// The process ids, by rank.
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
+    /// Kills the process of `rank` (SIGKILL), unless it has already exited.
+    pub fn kill(&mut self, rank: usize) -> std::io::Result<()> {
+        let (Some(&pid), Some(exited)) = (self.pids.get(rank), self.exited.get(rank)) else {
+            return Err(std::io::ErrorKind::NotFound.into());
+        };
+        if exited.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let pid = i32::try_from(pid)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: kill(2) has no memory-safety preconditions. The pid is our unreaped child
+        // (its waiter has not set `exited`), so it cannot have been reused by another process.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for rank in 0..self.pids.len() {
+            let _ = self.kill(rank);
+        }
+    }
+
+    /// Waits for every process; on the first failure stops the rest and reports it.
+    pub fn wait(self) -> Result<(), LaunchError> {
+        self.wait_timeout(None)
+    }
+
+    /// [`Group::wait`], stopping everything if the group runs longer than `timeout`.
+    pub fn wait_timeout(mut self, timeout: Option<Duration>) -> Result<(), LaunchError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut failure = None;
+        for _ in 0..self.pids.len() {
+            let event = match deadline {
+                None => self.events.recv().ok(),
+                Some(d) => self
+                    .events
+                    .recv_timeout(d.saturating_duration_since(std::time::Instant::now()))
+                    .ok(),
+            };
+            match event {
+                Some((rank, Some(status))) if status.success() => {
+                    let _ = rank;
+                }
+                Some((rank, status)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    failure = Some((rank, status.unwrap_or(ExitStatus::from_raw(1 << 8))));
+                    break;
+                }
+                None => {
+                    use std::os::unix::process::ExitStatusExt;
+                    // Timed out: report it as a kill of rank 0's group.
+                    failure = Some((0, ExitStatus::from_raw(9)));
+                    break;
+                }
+            }
+        }
+        if failure.is_some() {
+            self.kill_all();
+        }
+        for p in self.pumps.drain(..) {
+            let _ = p.join();
+        }
+        match failure {
+            Some((rank, status)) => Err(LaunchError::Failed { rank, status }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // A group dropped early (a failing test) must not leave processes behind.
+        self.kill_all();
+    }
+}

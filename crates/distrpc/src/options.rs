@@ -1,0 +1,206 @@
+//! [`RpcOptions`]: how a worker joins the group and runs calls (torch's
+//! `TensorPipeRpcBackendOptions`), and [`FaultInjection`] (torch's faulty agent options).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use distrpc_wire::Kind as MessageKind;
+
+use crate::function::{Handler, closure_handler};
+
+/// torch's default RPC timeout.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// torch's default number of worker threads.
+pub const DEFAULT_NUM_WORKER_THREADS: usize = 16;
+/// torch's default init method.
+pub const DEFAULT_INIT_METHOD: &str = "env://";
+
+/// Options of [`Rpc::init`](crate::Rpc::init). Defaults match torch: 16 worker threads, a 60 s
+/// timeout, `env://` rendezvous.
+///
+/// ```
+/// use std::time::Duration;
+/// use distrpc::RpcOptions;
+///
+/// let options = RpcOptions::default()
+///     .num_worker_threads(4)
+///     .rpc_timeout(Duration::from_secs(5))
+///     .init_method("tcp://127.0.0.1:29500")
+///     .register("double", |(x,): (i64,)| x * 2);
+/// assert_eq!(options.timeout(), Duration::from_secs(5));
+/// ```
+#[derive(Clone)]
+pub struct RpcOptions {
+    pub(crate) num_worker_threads: usize,
+    pub(crate) rpc_timeout: Duration,
+    pub(crate) init_method: String,
+    pub(crate) max_frame_bytes: u64,
+    pub(crate) listen_ip: Option<IpAddr>,
+    pub(crate) faults: FaultInjection,
+    pub(crate) functions: Vec<(Arc<str>, Handler)>,
+}
+
+impl Default for RpcOptions {
+    fn default() -> Self {
+        Self {
+            num_worker_threads: DEFAULT_NUM_WORKER_THREADS,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            init_method: DEFAULT_INIT_METHOD.to_string(),
+            max_frame_bytes: distrpc_wire::Limits::default().max_body,
+            listen_ip: None,
+            faults: FaultInjection::default(),
+            functions: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for RpcOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcOptions")
+            .field("num_worker_threads", &self.num_worker_threads)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .field("init_method", &self.init_method)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("listen_ip", &self.listen_ip)
+            .field("faults", &self.faults)
+            .field(
+                "functions",
+                &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl RpcOptions {
+    /// How many sync handlers may run at once (handlers blocked in nested calls do not count).
+    pub fn num_worker_threads(mut self, n: usize) -> Self {
+        self.num_worker_threads = n;
+        self
+    }
+
+    /// Default timeout of every call; zero means no timeout.
+    pub fn rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.rpc_timeout = timeout;
+        self
+    }
+
+    /// The configured default call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.rpc_timeout
+    }
+
+    /// Where to rendezvous: `env://` (default; `MASTER_ADDR`, `MASTER_PORT`), `tcp://host:port`
+    /// (rank 0 hosts the store there; port 0 picks a free one, see [`Rpc::bind`]) or
+    /// `file:///path`.
+    ///
+    /// [`Rpc::bind`]: crate::Rpc::bind
+    pub fn init_method(mut self, init_method: impl Into<String>) -> Self {
+        self.init_method = init_method.into();
+        self
+    }
+
+    /// Largest frame body this worker accepts; a larger one closes the connection that sent
+    /// it. Default 4 GiB.
+    pub fn max_frame_bytes(mut self, n: u64) -> Self {
+        self.max_frame_bytes = n;
+        self
+    }
+
+    /// The address to listen on for peers. By default: loopback when the rendezvous address is
+    /// loopback (or a file), otherwise every interface, advertising the one that reaches the
+    /// rendezvous host.
+    pub fn listen_ip(mut self, ip: IpAddr) -> Self {
+        self.listen_ip = Some(ip);
+        self
+    }
+
+    /// Injects faults into this worker's sends (for tests of failure handling).
+    pub fn faults(mut self, faults: FaultInjection) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Registers a closure under `name`, callable through [`Function::named`]. It runs on the
+    /// handler pool; a panic becomes a remote error.
+    ///
+    /// [`Function::named`]: crate::Function::named
+    pub fn register<A, R, F>(self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+        F: Fn(A) -> R + Send + Sync + 'static,
+    {
+        self.register_fallible(name, move |a| Ok::<R, Infallible>(f(a)))
+    }
+
+    /// Registers a closure that returns `Result`; an `Err` reaches the caller as
+    /// [`Error::Remote`](crate::Error::Remote).
+    pub fn register_fallible<A, R, E, F>(mut self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned + 'static,
+        R: Serialize + 'static,
+        E: fmt::Display + 'static,
+        F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+    {
+        let name: Arc<str> = name.into();
+        let handler = closure_handler(name.clone(), f);
+        self.functions.push((name, handler));
+        self
+    }
+}
+
+/// Faults to inject into a worker's outgoing messages, like torch's faulty agent: fail the
+/// first `num_fail_sends` sends of each kind in `fail`, and delay every send of the kinds in
+/// `delay`.
+///
+/// ```
+/// use std::time::Duration;
+/// use distrpc::{FaultInjection, MessageKind};
+///
+/// let faults = FaultInjection::default()
+///     .fail(MessageKind::Call, 2)
+///     .delay(MessageKind::Call, Duration::from_millis(50));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct FaultInjection {
+    fail: HashMap<MessageKind, u32>,
+    delay: HashMap<MessageKind, Duration>,
+    sent: Arc<Mutex<HashMap<MessageKind, u32>>>,
+}
+
+impl FaultInjection {
+    /// Fails the first `count` sends of `kind`.
+    pub fn fail(mut self, kind: MessageKind, count: u32) -> Self {
+        self.fail.insert(kind, count);
+        self
+    }
+
+    /// Delays every send of `kind` by `by`.
+    pub fn delay(mut self, kind: MessageKind, by: Duration) -> Self {
+        self.delay.insert(kind, by);
+        self
+    }
+
+    /// Whether this send of `kind` should fail; counts it.
+    pub(crate) fn should_fail(&self, kind: MessageKind) -> bool {
+        let Some(&limit) = self.fail.get(&kind) else {
+            return false;
+        };
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let n = sent.entry(kind).or_default();
+        *n += 1;
+        *n <= limit
+    }
+
+    /// How long to delay a send of `kind`.
+    pub(crate) fn delay_of(&self, kind: MessageKind) -> Option<Duration> {
+        self.delay.get(&kind).copied()
+    }
+}

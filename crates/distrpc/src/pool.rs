@@ -1,0 +1,213 @@
+//! The pool that runs blocking (sync) handlers: torch's `ThreadPool(num_worker_threads)`, with one
+//! difference that removes torch's nested-call deadlock.
+//!
+//! At most `size` handlers *run* at once. A handler that blocks waiting on a call of its own
+//! (`rpc_sync` inside a handler) stops counting as running for as long as it waits, and if work is
+//! queued the pool starts another thread to keep `size` handlers running. So nested calls never
+//! starve the pool, however deep, and CPU-bound handlers are still bounded by `size`. Threads
+//! start lazily; surplus threads exit once the blocked ones resume.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    blocked: usize,
+    closed: bool,
+}
+
+struct Shared {
+    size: usize,
+    name: String,
+    state: Mutex<State>,
+    work: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Jobs run outside the lock and every update is a few counter changes, so a poisoned lock
+        // still holds consistent counters.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Threads that are not blocked in a nested wait.
+    fn running(state: &State) -> usize {
+        state.threads - state.blocked
+    }
+}
+
+/// A cheap handle to the pool.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("size", &self.shared.size)
+            .finish()
+    }
+}
+
+thread_local! {
+    /// The pool this thread belongs to, if it is a pool thread.
+    static CURRENT: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
+}
+
+impl Pool {
+    pub(crate) fn new(size: usize, name: String) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                size: size.max(1),
+                name,
+                state: Mutex::new(State::default()),
+                work: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Queues `job`. Returns it back if the pool is closed.
+    pub(crate) fn execute(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        if state.idle > 0 {
+            self.shared.work.notify_one();
+        } else if Shared::running(&state) < self.shared.size {
+            self.spawn(&mut state);
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, state: &mut State) {
+        let shared = self.shared.clone();
+        let name = format!("{}-{}", shared.name, state.threads);
+        if std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker(shared))
+            .is_ok()
+        {
+            state.threads += 1;
+        } else {
+            tracing::error!(
+                "could not start a handler thread; queued handlers wait for a free one"
+            );
+        }
+    }
+
+    /// Stops taking jobs; threads exit once the queue is empty.
+    pub(crate) fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_all();
+    }
+
+    /// Configured number of concurrently running handlers (`agent.thread_pool_size`).
+    pub(crate) fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// Threads waiting for work (`agent.num_idle_threads`).
+    pub(crate) fn idle(&self) -> usize {
+        self.shared.lock().idle
+    }
+}
+
+fn worker(shared: Arc<Shared>) {
+    CURRENT.with(|c| *c.borrow_mut() = Some(shared.clone()));
+    let mut state = shared.lock();
+    loop {
+        if let Some(job) = state.jobs.pop_front() {
+            drop(state);
+            job();
+            state = shared.lock();
+            continue;
+        }
+        // Leave if the pool is closed, or if this thread is surplus now that blocked threads
+        // have resumed.
+        if state.closed || Shared::running(&state) > shared.size {
+            state.threads -= 1;
+            return;
+        }
+        state.idle += 1;
+        state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
+        state.idle -= 1;
+    }
+}
+
+/// Marks the current pool thread (if it is one) as blocked for the life of the guard, starting a
+/// replacement thread if handlers are queued.
+pub(crate) struct BlockedGuard(Option<Arc<Shared>>);
+
+pub(crate) fn enter_blocking() -> BlockedGuard {
+    let shared = CURRENT.with(|c| c.borrow().clone());
+    if let Some(shared) = &shared {
+        let pool = Pool {
+            shared: shared.clone(),
+        };
+        let mut state = shared.lock();
+        state.blocked += 1;
+        if !state.jobs.is_empty() && state.idle == 0 && Shared::running(&state) < shared.size {
+            pool.spawn(&mut state);
+        }
+    }
+    BlockedGuard(shared)
+}
+
+impl Drop for BlockedGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.lock().blocked -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn blocked_jobs_do_not_starve_the_pool() {
+        let pool = Pool::new(1, "test".into());
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let (done_tx, done_rx) = mpsc::channel();
+        // Four jobs that each block until released: with one thread they would deadlock unless
+        // the pool adds threads for blocked ones.
+        for _ in 0..4 {
+            let rx = release_rx.clone();
+            let done = done_tx.clone();
+            let p = pool.clone();
+            let _ = p.execute(Box::new(move || {
+                let _guard = enter_blocking();
+                rx.lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap();
+                done.send(()).unwrap();
+            }));
+        }
+        // A fifth job must still run while the four wait.
+        let (tx, rx) = mpsc::channel();
+        let _ = pool.execute(Box::new(move || tx.send(()).unwrap()));
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("pool starved");
+        for _ in 0..4 {
+            release_tx.send(()).unwrap();
+        }
+        for _ in 0..4 {
+            done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        pool.close();
+    }
+}

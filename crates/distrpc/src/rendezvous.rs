@@ -1,0 +1,357 @@
+//! Rendezvous: how the workers of a group find each other at init.
+//!
+//! ```text
+//!  rank 0: host the store ─┐
+//!  every rank: bind a listener on port 0
+//!              add  distrpc/rank/{r}/claims   (a second claimant of a rank fails)
+//!              set  distrpc/worker/{r} = (name, address)
+//!              wait distrpc/worker/0 .. distrpc/worker/{world-1}   (bounded by rpc_timeout)
+//!              read them all; a name used twice fails on every rank
+//! ```
+//!
+//! `init_method` is torch's: `env://` reads `MASTER_ADDR` and `MASTER_PORT`; `tcp://host:port`;
+//! `file:///path` (the file must not hold an earlier group's keys). When the launcher
+//! (`distrpc launch`) started this process as rank 0, it hands over the store's listening socket
+//! in `DISTRPC_STORE_FD`, so that no port is ever guessed.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use distrpc_store::{FileStore, Store, StoreError, TcpStoreClient, TcpStoreServer};
+use tokio::net::TcpListener;
+
+use crate::error::Error;
+use crate::worker::WorkerInfo;
+
+/// Environment variable through which the launcher passes rank 0 the store's listening socket.
+pub const STORE_FD_ENV: &str = "DISTRPC_STORE_FD";
+
+/// Where the group's store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InitMethod {
+    Tcp { host: String, port: u16 },
+    File(PathBuf),
+}
+
+fn env_var(name: &str, why: &str) -> Result<String, Error> {
+    std::env::var(name).map_err(|_| {
+        Error::InvalidArgument(format!("environment variable {name} expected ({why})"))
+    })
+}
+
+pub(crate) fn parse_init_method(s: &str) -> Result<InitMethod, Error> {
+    if let Some(rest) = s.strip_prefix("env://") {
+        if !rest.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "init_method {s:?}: env:// takes nothing after it"
+            )));
+        }
+        let host = env_var("MASTER_ADDR", "init_method env://")?;
+        let port = env_var("MASTER_PORT", "init_method env://")?;
+        let port = port.parse().map_err(|_| {
+            Error::InvalidArgument(format!("MASTER_PORT {port:?} is not a port number"))
+        })?;
+        return Ok(InitMethod::Tcp { host, port });
+    }
+    if let Some(rest) = s.strip_prefix("tcp://") {
+        let bad = || Error::InvalidArgument(format!("init_method {s:?} is not tcp://host:port"));
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = port.trim_end_matches('/').parse().map_err(|_| bad())?;
+        return Ok(InitMethod::Tcp {
+            host: host.to_string(),
+            port,
+        });
+    }
+    if let Some(path) = s.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "init_method {s:?} names no file"
+            )));
+        }
+        return Ok(InitMethod::File(PathBuf::from(path)));
+    }
+    Err(Error::InvalidArgument(format!(
+        "init_method {s:?}: expected env://, tcp://host:port or file:///path"
+    )))
+}
+
+/// The rank and world size, from the arguments or else from `RANK` and `WORLD_SIZE`.
+pub(crate) fn rank_and_world(
+    rank: Option<usize>,
+    world: Option<usize>,
+) -> Result<(u32, u32), Error> {
+    let from_env = |name: &str| -> Result<usize, Error> {
+        let v = env_var(name, &format!("{} parameter missing", name.to_lowercase()))?;
+        v.parse()
+            .map_err(|_| Error::InvalidArgument(format!("{name}={v:?} is not a number")))
+    };
+    let rank = match rank {
+        Some(r) => r,
+        None => from_env("RANK")?,
+    };
+    let world = match world {
+        Some(w) => w,
+        None => from_env("WORLD_SIZE")?,
+    };
+    if world == 0 {
+        return Err(Error::InvalidArgument(
+            "world_size must be at least 1".into(),
+        ));
+    }
+    if rank >= world {
+        return Err(Error::InvalidArgument(format!(
+            "rank {rank} is out of range for world_size {world} (ranks are 0..{world})"
+        )));
+    }
+    let to_u32 = |n: usize| {
+        u32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{n} is too large")))
+    };
+    Ok((to_u32(rank)?, to_u32(world)?))
+}
+
+/// Where to reach the store once it is up.
+#[derive(Debug, Clone)]
+pub(crate) enum StoreTarget {
+    Tcp(SocketAddr),
+    File(PathBuf),
+}
+
+/// Phase one of init: sockets bound, the store hosted (rank 0), nothing published yet.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) server: Option<TcpStoreServer>,
+    pub(crate) target: StoreTarget,
+    pub(crate) listener: TcpListener,
+    pub(crate) advertise: SocketAddr,
+}
+
+static STORE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The store listener handed over by the launcher, if this process is its rank 0.
+fn inherited_store_listener() -> Result<Option<std::net::TcpListener>, Error> {
+    let Ok(fd) = std::env::var(STORE_FD_ENV) else {
+        return Ok(None);
+    };
+    // The socket belongs to the first init of this process only; a later init binds its own.
+    if STORE_FD_TAKEN.swap(true, Ordering::AcqRel) {
+        return Ok(None);
+    }
+    let fd: i32 = fd.parse().map_err(|_| {
+        Error::InvalidArgument(format!("{STORE_FD_ENV}={fd:?} is not a descriptor"))
+    })?;
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    // SAFETY: `fd` is checked to be an open socket before ownership is taken, and it is taken at
+    // most once per process (STORE_FD_TAKEN). The launcher opened it for this process alone.
+    let is_socket = unsafe {
+        socket2::SockRef::from(&BorrowedFd::borrow_raw(fd))
+            .local_addr()
+            .is_ok()
+    };
+    if !is_socket {
+        return Err(Error::InvalidArgument(format!(
+            "{STORE_FD_ENV}={fd} is not an open socket"
+        )));
+    }
+    // SAFETY: as above; from here on the listener owns the descriptor.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    Ok(Some(listener))
+}
+
+/// The local address used to reach `remote` (no packet is sent).
+fn local_ip_towards(remote: SocketAddr) -> Option<IpAddr> {
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(
+        if remote.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            IpAddr::from([0u16; 8])
+        },
+        0,
+    ))
+    .ok()?;
+    probe.connect(remote).ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
+}
+
+pub(crate) async fn bind(
+    method: &InitMethod,
+    rank: u32,
+    listen_ip: Option<IpAddr>,
+) -> Result<Bound, Error> {
+    let (server, target, store_ip) = match method {
+        InitMethod::Tcp { host, port } => {
+            let addr = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map_err(|e| Error::Rendezvous(format!("cannot resolve {host}:{port}: {e}")))?
+                .next()
+                .ok_or_else(|| {
+                    Error::Rendezvous(format!("{host}:{port} resolves to no address"))
+                })?;
+            if rank == 0 {
+                let listener = match inherited_store_listener()? {
+                    Some(l) => {
+                        l.set_nonblocking(true)?;
+                        TcpListener::from_std(l)?
+                    }
+                    None => TcpListener::bind(addr).await.map_err(|e| {
+                        Error::Rendezvous(format!("rank 0 cannot host the store on {addr}: {e}"))
+                    })?,
+                };
+                let server = TcpStoreServer::serve(listener)?;
+                let target = StoreTarget::Tcp(server.addr());
+                (Some(server), target, Some(addr))
+            } else {
+                (None, StoreTarget::Tcp(addr), Some(addr))
+            }
+        }
+        InitMethod::File(path) => (None, StoreTarget::File(path.clone()), None),
+    };
+    let (bind_ip, advertise_ip) = match (listen_ip, store_ip) {
+        (Some(ip), _) => (ip, ip),
+        (None, None) => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+        (None, Some(s)) if s.ip().is_loopback() => (s.ip(), s.ip()),
+        (None, Some(s)) => (
+            Ipv4Addr::UNSPECIFIED.into(),
+            local_ip_towards(s).unwrap_or(Ipv4Addr::LOCALHOST.into()),
+        ),
+    };
+    let listener = TcpListener::bind(SocketAddr::new(bind_ip, 0)).await?;
+    let advertise = SocketAddr::new(advertise_ip, listener.local_addr()?.port());
+    Ok(Bound {
+        server,
+        target,
+        listener,
+        advertise,
+    })
+}
+
+fn key_worker(rank: u32) -> String {
+    format!("distrpc/worker/{rank}")
+}
+
+/// Phase two: publish this worker, wait for the others, check the group.
+pub(crate) async fn join(
+    target: &StoreTarget,
+    me: &str,
+    rank: u32,
+    world: u32,
+    advertise: SocketAddr,
+    timeout: Duration,
+) -> Result<(Vec<WorkerInfo>, Vec<SocketAddr>), Error> {
+    let timeout = if timeout.is_zero() {
+        Duration::from_secs(365 * 86400)
+    } else {
+        timeout
+    };
+    let store_err = |e: StoreError| Error::Rendezvous(e.to_string());
+    let store = match target {
+        StoreTarget::Tcp(addr) => Store::Tcp(
+            TcpStoreClient::connect(*addr, timeout)
+                .await
+                .map_err(store_err)?,
+        ),
+        StoreTarget::File(path) => Store::File(FileStore::open(path).map_err(store_err)?),
+    };
+    let claims = store
+        .add(&format!("distrpc/rank/{rank}/claims"), 1)
+        .await
+        .map_err(store_err)?;
+    if claims > 1 {
+        return Err(Error::Rendezvous(format!(
+            "rank {rank} was claimed by more than one worker ({me:?} came after another)"
+        )));
+    }
+    let record = crate::codec::encode_inline(&(me, advertise.to_string()))
+        .map_err(|e| Error::Rendezvous(e.to_string()))?;
+    store
+        .set(&key_worker(rank), &record)
+        .await
+        .map_err(store_err)?;
+    let keys: Vec<String> = (0..world).map(key_worker).collect();
+    if let Err(e) = store.wait(&keys, timeout).await {
+        return Err(match e {
+            StoreError::Timeout { missing, .. } => {
+                let ranks: Vec<&str> = missing
+                    .iter()
+                    .filter_map(|k| k.rsplit('/').next())
+                    .collect();
+                Error::Rendezvous(format!(
+                    "{me:?} waited {timeout:?} for ranks {ranks:?} of world size {world} to join; they never did"
+                ))
+            }
+            other => store_err(other),
+        });
+    }
+    let mut workers = Vec::with_capacity(world as usize);
+    let mut addrs = Vec::with_capacity(world as usize);
+    for r in 0..world {
+        let raw = store
+            .get(&key_worker(r))
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::Rendezvous(format!("rank {r} vanished from the store")))?;
+        let (name, addr): (String, String) = crate::codec::decode_inline(&raw)
+            .map_err(|e| Error::Rendezvous(format!("bad record for rank {r}: {e}")))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| Error::Rendezvous(format!("rank {r} published a bad address {addr:?}")))?;
+        if let Some(first) = workers.iter().find(|w: &&WorkerInfo| w.name == name) {
+            return Err(Error::Rendezvous(format!(
+                "worker name {name:?} is not unique: ranks {} and {r} both use it",
+                first.id
+            )));
+        }
+        workers.push(WorkerInfo { id: r, name });
+        addrs.push(addr);
+    }
+    Ok((workers, addrs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_methods_parse() {
+        assert_eq!(
+            parse_init_method("tcp://127.0.0.1:29500").unwrap(),
+            InitMethod::Tcp {
+                host: "127.0.0.1".into(),
+                port: 29500
+            }
+        );
+        assert_eq!(
+            parse_init_method("tcp://[::1]:0").unwrap(),
+            InitMethod::Tcp {
+                host: "::1".into(),
+                port: 0
+            }
+        );
+        assert_eq!(
+            parse_init_method("file:///tmp/x").unwrap(),
+            InitMethod::File("/tmp/x".into())
+        );
+        for bad in [
+            "tcp://nohost",
+            "tcp://:1",
+            "file://",
+            "http://x:1",
+            "tcp://h:99999",
+        ] {
+            assert!(parse_init_method(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rank_must_be_in_range() {
+        assert_eq!(rank_and_world(Some(1), Some(2)).unwrap(), (1, 2));
+        let e = rank_and_world(Some(2), Some(2)).unwrap_err().to_string();
+        assert!(e.contains("rank 2 is out of range"), "{e}");
+        assert!(rank_and_world(Some(0), Some(0)).is_err());
+    }
+}

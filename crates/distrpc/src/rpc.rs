@@ -1,0 +1,538 @@
+//! [`Rpc`]: one worker of a group, and everything a user does with it.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::agent::{Agent, AgentConfig, call_payload};
+use crate::error::Error;
+use crate::function::{Function, Registry};
+use crate::future::RpcFuture;
+use crate::gather::Gather;
+use crate::options::RpcOptions;
+use crate::rendezvous::{self, Bound};
+use crate::worker::{To, WorkerInfo, check_name};
+
+/// State shared by every clone of an [`Rpc`]; dropping the last clone stops the worker.
+pub(crate) struct Shared {
+    agent: Arc<Agent>,
+    gather: Arc<Gather>,
+    store_server: Mutex<Option<distrpc_store::TcpStoreServer>>,
+    listen_addr: SocketAddr,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.agent.shutdown_local();
+        // Dropping the server aborts its tasks; it needs no runtime context.
+        self.store_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+/// One worker of a distrpc group: makes calls to the others, serves theirs, and shuts down with
+/// them. Cheap to clone; every clone is the same worker. Dropping the last clone stops the
+/// worker locally (call [`Rpc::shutdown`] first to stop with the group).
+///
+/// ```
+/// use distrpc::{Function, Rpc, RpcOptions};
+///
+/// // A group of one: rank 0 hosts the rendezvous store on a free loopback port.
+/// let options = RpcOptions::default()
+///     .init_method("tcp://127.0.0.1:0")
+///     .register("double", |(x,): (i64,)| x * 2);
+/// let rpc = Rpc::init("worker0", 0, 1, options)?;
+/// let double: Function<(i64,), i64> = Function::named("double");
+/// assert_eq!(rpc.rpc_sync("worker0", &double, (21,))?, 42);
+/// rpc.shutdown()?;
+/// # Ok::<(), distrpc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Rpc {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rpc")
+            .field("worker", &self.shared.agent.me)
+            .finish()
+    }
+}
+
+/// A worker that has bound its sockets (and, as rank 0, started the store) but not yet met the
+/// group; see [`Rpc::bind`].
+#[derive(Debug)]
+pub struct PendingRpc {
+    name: String,
+    rank: u32,
+    world: u32,
+    options: RpcOptions,
+    bound: Bound,
+}
+
+impl PendingRpc {
+    /// The rendezvous store's address, when it is a TCP store. For rank 0 given port 0 this is
+    /// the port the OS chose: pass it to the other workers.
+    pub fn store_addr(&self) -> Option<SocketAddr> {
+        match &self.bound.target {
+            rendezvous::StoreTarget::Tcp(addr) => Some(*addr),
+            rendezvous::StoreTarget::File(_) => None,
+        }
+    }
+
+    /// Meets the rest of the group and starts serving. Fails if the group does not fill within
+    /// the RPC timeout, if another worker has the same name or rank, or on any I/O error.
+    pub fn join(self) -> Result<Rpc, Error> {
+        if crate::runtime::on_runtime_thread() {
+            return Err(Error::WouldBlock);
+        }
+        let rt = crate::runtime::start()?;
+        let PendingRpc {
+            name,
+            rank,
+            world,
+            options,
+            bound,
+        } = self;
+        let (workers, addrs) = crate::runtime::block_on(rendezvous::join(
+            &bound.target,
+            &name,
+            rank,
+            world,
+            bound.advertise,
+            options.rpc_timeout,
+        ))?;
+        let gather = Arc::new(Gather::default());
+        let mut registry = Registry::with_registered();
+        for (fname, handler) in options.functions {
+            registry.insert(fname.to_string(), handler);
+        }
+        gather.register(&mut registry);
+        let me = workers[rank as usize].clone();
+        let agent = Agent::new(
+            AgentConfig {
+                me,
+                workers,
+                addrs,
+                registry,
+                num_worker_threads: options.num_worker_threads,
+                rpc_timeout: options.rpc_timeout,
+                limits: distrpc_wire::Limits {
+                    max_body: options.max_frame_bytes,
+                    ..Default::default()
+                },
+                faults: options.faults,
+                gather: gather.clone(),
+            },
+            rt.clone(),
+        );
+        let listen_addr = bound.listener.local_addr()?;
+        {
+            let _guard = rt.enter();
+            agent.serve(bound.listener);
+        }
+        let shared = Arc::new(Shared {
+            agent: agent.clone(),
+            gather,
+            store_server: Mutex::new(bound.server),
+            listen_addr,
+        });
+        let _ = agent.rpc.set(Arc::downgrade(&shared));
+        tracing::debug!(worker = %name, rank, world, %listen_addr, "rpc initialized");
+        Ok(Rpc { shared })
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Weak<Shared>>> = const { RefCell::new(None) };
+}
+
+tokio::task_local! {
+    static CURRENT_TASK: Weak<Shared>;
+}
+
+/// Runs `f` with `rpc` as [`Rpc::current`] on this thread.
+pub(crate) fn with_current<R>(rpc: &Weak<Shared>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Weak<Shared>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            CURRENT.with(|c| *c.borrow_mut() = previous);
+        }
+    }
+    let previous = CURRENT.with(|c| c.borrow_mut().replace(rpc.clone()));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// `fut` with `rpc` as [`Rpc::current`] while it runs.
+pub(crate) fn scope_current<F: Future>(
+    rpc: Weak<Shared>,
+    fut: F,
+) -> impl Future<Output = F::Output> {
+    CURRENT_TASK.scope(rpc, fut)
+}
+
+/// The name of the worker whose handler is running on this thread or task.
+pub(crate) fn current_worker_name() -> Option<String> {
+    Rpc::current().map(|r| r.name().to_string())
+}
+
+/// Sends a call and returns a future of its decoded result.
+pub(crate) fn call_typed<A, R>(
+    agent: &Arc<Agent>,
+    dest: u32,
+    function: &str,
+    args: &A,
+    timeout: Option<Duration>,
+    internal: bool,
+) -> RpcFuture<R>
+where
+    A: Serialize + ?Sized,
+    R: DeserializeOwned + Send + 'static,
+{
+    let (fut, done) = RpcFuture::pending();
+    let encode_error = |message: String| Error::Encode {
+        function: function.to_string(),
+        what: "arguments",
+        message,
+    };
+    let mut payload = match call_payload(function) {
+        Ok(p) => p,
+        Err(e) => {
+            done.complete(Err(e));
+            return fut;
+        }
+    };
+    let tensors = match crate::codec::encode(args, &mut payload) {
+        Ok(t) => t,
+        Err(e) => {
+            done.complete(Err(encode_error(e.to_string())));
+            return fut;
+        }
+    };
+    let worker = agent.name_of(dest).to_string();
+    let fname = function.to_string();
+    agent.call(
+        dest,
+        function,
+        payload,
+        tensors,
+        timeout,
+        internal,
+        Box::new(move |result| {
+            done.complete(result.and_then(|frame| {
+                crate::codec::decode::<R>(&frame.payload, frame.tensors).map_err(|e| {
+                    Error::Decode {
+                        worker,
+                        function: fname,
+                        what: "result",
+                        message: e.to_string(),
+                    }
+                })
+            }))
+        }),
+    );
+    fut
+}
+
+impl Rpc {
+    /// Joins a group as worker `name` of rank `rank` among `world_size` (torch's `init_rpc`).
+    /// `rank` and `world_size` may be `None` to read `RANK` and `WORLD_SIZE`. Blocks until every
+    /// worker has joined, or fails after the RPC timeout naming the ranks that never came.
+    pub fn init(
+        name: &str,
+        rank: impl Into<Option<usize>>,
+        world_size: impl Into<Option<usize>>,
+        options: RpcOptions,
+    ) -> Result<Rpc, Error> {
+        Self::bind(name, rank, world_size, options)?.join()
+    }
+
+    /// The first half of [`Rpc::init`]: checks the arguments, binds the worker's listener and,
+    /// on rank 0, starts the store; [`PendingRpc::join`] does the rest. Rank 0 started with
+    /// `tcp://127.0.0.1:0` learns its store's port from [`PendingRpc::store_addr`] here.
+    pub fn bind(
+        name: &str,
+        rank: impl Into<Option<usize>>,
+        world_size: impl Into<Option<usize>>,
+        options: RpcOptions,
+    ) -> Result<PendingRpc, Error> {
+        check_name(name)?;
+        if crate::runtime::on_runtime_thread() {
+            return Err(Error::WouldBlock);
+        }
+        if options.num_worker_threads == 0 {
+            return Err(Error::InvalidArgument(
+                "num_worker_threads must be at least 1".into(),
+            ));
+        }
+        let (rank, world) = rendezvous::rank_and_world(rank.into(), world_size.into())?;
+        let method = rendezvous::parse_init_method(&options.init_method)?;
+        crate::runtime::start()?;
+        let bound = crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip))?;
+        Ok(PendingRpc {
+            name: name.to_string(),
+            rank,
+            world,
+            options,
+            bound,
+        })
+    }
+
+    /// The worker whose function is running on this thread or task, inside a handler; `None`
+    /// elsewhere. Handlers use it to make nested calls.
+    pub fn current() -> Option<Rpc> {
+        let weak = CURRENT
+            .with(|c| c.borrow().clone())
+            .or_else(|| CURRENT_TASK.try_with(Weak::clone).ok())?;
+        weak.upgrade().map(|shared| Rpc { shared })
+    }
+
+    fn agent(&self) -> &Arc<Agent> {
+        &self.shared.agent
+    }
+
+    /// This worker (torch's `get_worker_info()`).
+    pub fn worker_info(&self) -> &WorkerInfo {
+        &self.agent().me
+    }
+
+    /// Another worker, by name or rank (torch's `get_worker_info(name)`).
+    pub fn worker_info_of(&self, to: impl Into<To>) -> Result<WorkerInfo, Error> {
+        let rank = self.agent().resolve(&to.into())?;
+        Ok(self.agent().workers[rank as usize].clone())
+    }
+
+    /// Every worker of the group, by rank.
+    pub fn worker_infos(&self) -> &[WorkerInfo] {
+        &self.agent().workers
+    }
+
+    /// This worker's name.
+    pub fn name(&self) -> &str {
+        &self.agent().me.name
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> u32 {
+        self.agent().me.id
+    }
+
+    /// Number of workers in the group.
+    pub fn world_size(&self) -> usize {
+        self.agent().workers.len()
+    }
+
+    /// The address this worker accepts peers on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.shared.listen_addr
+    }
+
+    /// The default timeout of calls (torch's `get_rpc_timeout`).
+    pub fn rpc_timeout(&self) -> Duration {
+        self.agent().default_timeout()
+    }
+
+    /// Sets the default timeout of calls; zero means none (torch's `_set_rpc_timeout`).
+    pub fn set_rpc_timeout(&self, timeout: Duration) {
+        self.agent().set_default_timeout(timeout);
+    }
+
+    /// Calls `f` on `to` and waits for its result, within the default timeout.
+    ///
+    /// Fails with the callee's error ([`Error::Remote`]), [`Error::Timeout`],
+    /// [`Error::PeerGone`] if `to` dies first, or [`Error::UnknownFunction`] /
+    /// [`Error::Decode`] if `to` has no such function or other argument types.
+    pub fn rpc_sync<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+    ) -> Result<R, Error>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.rpc_async(to, f, args).wait()
+    }
+
+    /// [`Rpc::rpc_sync`] with its own timeout (zero: none).
+    pub fn rpc_sync_timeout<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+        timeout: Duration,
+    ) -> Result<R, Error>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.rpc_async_timeout(to, f, args, timeout).wait()
+    }
+
+    /// Calls `f` on `to` without waiting; the future completes with the result or the error.
+    /// The arguments are encoded before this returns.
+    pub fn rpc_async<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+    ) -> RpcFuture<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.call(to.into(), f.borrow().name(), &args, None)
+    }
+
+    /// [`Rpc::rpc_async`] with its own timeout (zero: none).
+    pub fn rpc_async_timeout<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+        timeout: Duration,
+    ) -> RpcFuture<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.call(to.into(), f.borrow().name(), &args, Some(timeout))
+    }
+
+    fn call<A: Serialize, R: DeserializeOwned + Send + 'static>(
+        &self,
+        to: To,
+        function: &str,
+        args: &A,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<R> {
+        match self.agent().resolve(&to) {
+            Ok(dest) => call_typed(self.agent(), dest, function, args, timeout, false),
+            Err(e) => RpcFuture::ready(Err(e)),
+        }
+    }
+
+    /// Gathers `value` from every worker; each gets the same map from name to value (torch's
+    /// `_all_gather`). Blocks until all have called it, within the default timeout.
+    pub fn all_gather<T: Serialize + DeserializeOwned>(
+        &self,
+        value: &T,
+    ) -> Result<BTreeMap<String, T>, Error> {
+        crate::gather::all_gather(self.agent(), &self.shared.gather, value, None, None)
+    }
+
+    /// [`Rpc::all_gather`] among the workers named in `names` only, with a timeout (zero: none).
+    pub fn all_gather_among<T: Serialize + DeserializeOwned>(
+        &self,
+        value: &T,
+        names: &[&str],
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, T>, Error> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        crate::gather::all_gather(
+            self.agent(),
+            &self.shared.gather,
+            value,
+            Some(&names),
+            Some(timeout),
+        )
+    }
+
+    /// Blocks until every worker named in `names` has reached this barrier (torch's `_barrier`).
+    pub fn barrier(&self, names: &[&str]) -> Result<(), Error> {
+        self.all_gather_among(&(), names, self.rpc_timeout())
+            .map(|_| ())
+    }
+
+    /// Graceful shutdown with no time limit (torch's `shutdown()`): see [`Rpc::shutdown_timeout`].
+    pub fn shutdown(&self) -> Result<(), Error> {
+        self.shutdown_timeout(Duration::ZERO)
+    }
+
+    /// Graceful shutdown: waits until every worker has called shutdown, then until no call is
+    /// in flight anywhere in the group, then stops. This worker keeps serving until then, so
+    /// no call accepted before the barrier is lost. With a non-zero `timeout`, fails (and stops
+    /// locally) when that runs out. Afterwards every call fails with [`Error::ShutDown`].
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<(), Error> {
+        let agent = self.agent();
+        if !agent.is_running() {
+            return Err(agent.shut_down_error());
+        }
+        if crate::runtime::on_runtime_thread() {
+            return Err(Error::WouldBlock);
+        }
+        let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
+        let left = || -> Result<Duration, Error> {
+            match deadline {
+                None => Ok(Duration::ZERO),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        Err(Error::Timeout {
+                            worker: "the group".into(),
+                            function: "shutdown".into(),
+                            timeout,
+                            elapsed: timeout,
+                        })
+                    } else {
+                        Ok(left)
+                    }
+                }
+            }
+        };
+        let gather = &self.shared.gather;
+        let result = (|| {
+            crate::gather::all_gather(agent, gather, &(), None, Some(left()?))?;
+            loop {
+                let active = agent.counts().client as u64;
+                let all = crate::gather::all_gather(agent, gather, &active, None, Some(left()?))?;
+                if all.values().all(|&n| n == 0) {
+                    return Ok(());
+                }
+                agent.wait_no_client_calls(deadline);
+            }
+        })();
+        self.shutdown_local();
+        result
+    }
+
+    /// Stops this worker at once, without waiting for the others (torch's
+    /// `shutdown(graceful=False)`). Calls in flight fail with [`Error::ShutDown`].
+    pub fn shutdown_local(&self) {
+        self.agent().shutdown_local();
+        self.shared
+            .store_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Whether this worker still makes and serves calls.
+    pub fn is_running(&self) -> bool {
+        self.agent().is_running()
+    }
+
+    /// torch's agent metrics: `agent.thread_pool_size`, `agent.num_idle_threads`,
+    /// `agent.client_active_calls`, `agent.server_active_calls`,
+    /// `agent.server_active_async_calls`.
+    pub fn metrics(&self) -> BTreeMap<String, i64> {
+        self.agent()
+            .metrics()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+}
