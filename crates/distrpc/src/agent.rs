@@ -479,16 +479,18 @@ impl Agent {
             return Ok(conn.clone());
         }
         let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        // The hello is queued before the connection is visible to other callers, so that it is
+        // always the first frame the peer reads.
+        let hello = crate::codec::encode_inline(&(self.me.id, &self.me.name))
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+            .and_then(|p| {
+                OutFrame::new(Kind::Hello, 0, &p, &[])
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))
+            })?;
+        let _ = conn.send(hello);
         peer.conn = Some(conn.clone());
         drop(peers);
         lock(&self.conns).insert(conn.id, conn.clone());
-        // The hello goes first in the queue, so the peer knows who we are before any call.
-        let hello = crate::codec::encode_inline(&(self.me.id, &self.me.name))
-            .ok()
-            .and_then(|p| OutFrame::new(Kind::Hello, 0, &p, &[]).ok());
-        if let Some(hello) = hello {
-            let _ = conn.send(hello);
-        }
         let agent = self.clone();
         let addr = self.addrs[rank as usize];
         let c = conn.clone();
@@ -699,16 +701,11 @@ impl Agent {
         let id = frame.id;
         let (function, args) = parse_call_head(&frame.payload).ok_or("malformed call head")?;
         if self.state.load(Ordering::Acquire) == SHUT_DOWN {
-            self.reply(&reply_to, id, Err(Failure::ShutDown), false);
+            self.send_reply(&reply_to, id, Err(Failure::ShutDown));
             return Ok(());
         }
         let Some(handler) = self.registry.get(&function) else {
-            self.reply(
-                &reply_to,
-                id,
-                Err(Failure::UnknownFunction(function)),
-                false,
-            );
+            self.send_reply(&reply_to, id, Err(Failure::UnknownFunction(function)));
             return Ok(());
         };
         let request = Request {
@@ -759,10 +756,19 @@ impl Agent {
             &mut counts.server
         };
         *n = n.saturating_add_signed(delta);
+        if counts.server + counts.server_async == 0 {
+            self.counts_changed.notify_all();
+        }
     }
 
     fn reply(&self, reply_to: &ReplyTo, id: u64, outcome: Outcome, is_async: bool) {
+        self.send_reply(reply_to, id, outcome);
+        // Counted down only once the reply is queued, so shutdown cannot close the connection
+        // between the handler's end and its reply.
         self.count_server(is_async, -1);
+    }
+
+    fn send_reply(&self, reply_to: &ReplyTo, id: u64, outcome: Outcome) {
         let (kind, payload, tensors) = match outcome {
             Ok(reply) => (Kind::Result, reply.payload, reply.tensors),
             Err(failure) => match crate::codec::encode_inline(&failure) {
@@ -807,6 +813,24 @@ impl Agent {
     pub(crate) fn shutdown_local(&self) {
         if self.state.swap(SHUT_DOWN, Ordering::AcqRel) == SHUT_DOWN {
             return;
+        }
+        if !crate::runtime::on_runtime_thread() {
+            // Handlers that already started (say, the last barrier's broadcast) still reply: wait
+            // for them, bounded, before the connections close under their replies.
+            let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+            let mut counts = lock(&self.counts);
+            while counts.server + counts.server_async > 0 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    tracing::warn!(worker = %self.me.name, handlers = counts.server + counts.server_async, "shutting down with handlers still running");
+                    break;
+                }
+                counts = self
+                    .counts_changed
+                    .wait_timeout(counts, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
         }
         let conns: Vec<_> = lock(&self.conns).values().cloned().collect();
         for conn in &conns {
