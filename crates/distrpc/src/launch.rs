@@ -307,6 +307,33 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Waits for every process to exit, whatever the others do, and returns each exit status by
+    /// rank (`None` for a process still running when `timeout` ran out; it is then killed).
+    pub fn wait_all(mut self, timeout: Option<Duration>) -> Vec<Option<ExitStatus>> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut statuses = vec![None; self.pids.len()];
+        for _ in 0..self.pids.len() {
+            let event = match deadline {
+                None => self.events.recv().ok(),
+                Some(d) => self
+                    .events
+                    .recv_timeout(d.saturating_duration_since(std::time::Instant::now()))
+                    .ok(),
+            };
+            match event {
+                Some((rank, status)) => statuses[rank] = status,
+                None => break,
+            }
+        }
+        self.kill_all();
+        for p in self.pumps.drain(..) {
+            let _ = p.join();
+        }
+        statuses
+    }
+}
+
 impl Drop for Group {
     fn drop(&mut self) {
         // A group dropped early (a failing test) must not leave processes behind.

@@ -287,14 +287,33 @@ pub(crate) async fn join(
             other => store_err(other),
         });
     }
-    let mut workers = Vec::with_capacity(world as usize);
-    let mut addrs = Vec::with_capacity(world as usize);
+    let mut records = Vec::with_capacity(world as usize);
     for r in 0..world {
         let raw = store
             .get(&key_worker(r))
             .await
             .map_err(store_err)?
             .ok_or_else(|| Error::Rendezvous(format!("rank {r} vanished from the store")))?;
+        records.push(raw);
+    }
+    // Rank 0 hosts the store: it must not return (and maybe exit) before every worker has read
+    // it, whether the group turns out valid or not.
+    let read = store.add("distrpc/read", 1).await.map_err(store_err)?;
+    if read == i64::from(world) {
+        store
+            .set("distrpc/all_read", b"")
+            .await
+            .map_err(store_err)?;
+    }
+    if rank == 0 {
+        store
+            .wait(&["distrpc/all_read".to_string()], timeout)
+            .await
+            .map_err(store_err)?;
+    }
+    let mut workers = Vec::with_capacity(world as usize);
+    let mut addrs = Vec::with_capacity(world as usize);
+    for (r, raw) in (0..world).zip(records) {
         let (name, addr): (String, String) = crate::codec::decode_inline(&raw)
             .map_err(|e| Error::Rendezvous(format!("bad record for rank {r}: {e}")))?;
         let addr = addr

@@ -1,0 +1,102 @@
+//! A worker process for distrpc's multi-process tests, started by the launcher with `RANK`,
+//! `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` set. The first argument names the scenario.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use distrpc::{DType, Error, Rpc, RpcOptions, Tensor, builtin};
+
+#[distrpc::function]
+fn echo(i: u64) -> u64 {
+    i
+}
+
+#[distrpc::function]
+fn scaled_sum(t: Tensor, by: f64) -> Result<f64, distrpc::TensorError> {
+    Ok(t.as_slice::<f64>()?.iter().sum::<f64>() * by)
+}
+
+/// Ends this process while the caller waits for the reply: a crash, as far as peers can tell.
+#[distrpc::function]
+fn crash() -> u64 {
+    std::process::exit(3)
+}
+
+fn name() -> anyhow::Result<String> {
+    Ok(format!("worker{}", std::env::var("RANK").context("RANK")?))
+}
+
+/// Every worker calls every other with a tensor and a builtin, then all shut down together.
+fn basic() -> anyhow::Result<()> {
+    let rpc = Rpc::init(&name()?, None, None, RpcOptions::default())?;
+    for peer in rpc.worker_infos().to_vec() {
+        let t = Tensor::from_slice(&[1.0f64, 2.0, 3.0]);
+        let s = rpc.rpc_sync(&peer, scaled_sum, (t, 2.0))?;
+        ensure!(s == 12.0, "scaled_sum on {} gave {s}", peer.name);
+        let ones = rpc.rpc_sync(&peer, builtin::ones, (vec![3], DType::I64))?;
+        let two = rpc
+            .rpc_async(&peer, builtin::add, (ones.clone(), ones))
+            .wait()?;
+        ensure!(two.as_slice::<i64>()? == [2, 2, 2]);
+    }
+    let gathered = rpc.all_gather(&rpc.rank())?;
+    ensure!(gathered.len() == rpc.world_size());
+    println!("{} ok: {} peers", rpc.name(), rpc.world_size());
+    rpc.shutdown()?;
+    Ok(())
+}
+
+/// Rank 0 dies while rank 1 waits on it; rank 1 must learn at once, rank 2 keeps working.
+fn peer_death() -> anyhow::Result<()> {
+    let rpc = Rpc::init(&name()?, None, None, RpcOptions::default())?;
+    let survivors = ["worker1", "worker2"];
+    match rpc.rank() {
+        0 => {
+            // Serve until rank 1's call ends the process. Bounded: a broken test cannot hang.
+            rpc.barrier(&["worker0", "worker1"])?;
+            std::thread::sleep(Duration::from_secs(60));
+            bail!("rank 0 was never asked to crash")
+        }
+        1 => {
+            rpc.barrier(&["worker0", "worker1"])?;
+            let started = Instant::now();
+            // No timeout: only failure detection can end this call.
+            let err = rpc
+                .rpc_sync_timeout("worker0", crash, (), Duration::ZERO)
+                .expect_err("worker0 cannot answer: it exits");
+            let took = started.elapsed();
+            ensure!(
+                matches!(&err, Error::PeerGone { worker, .. } if worker == "worker0"),
+                "expected worker0 to be reported gone, got: {err}"
+            );
+            println!("pending call failed after {took:?}: {err}");
+            ensure!(took < Duration::from_secs(10), "detection took {took:?}");
+            let again = rpc
+                .rpc_sync("worker0", echo, (1,))
+                .expect_err("worker0 is dead");
+            ensure!(
+                matches!(again, Error::PeerGone { .. }),
+                "later call: {again}"
+            );
+            ensure!(
+                rpc.rpc_sync("worker2", echo, (5,))? == 5,
+                "survivor must still answer"
+            );
+            rpc.barrier(&survivors)?;
+        }
+        _ => {
+            rpc.barrier(&survivors)?;
+        }
+    }
+    rpc.shutdown_local();
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    distrpc_testkit::init_tracing();
+    match std::env::args().nth(1).as_deref() {
+        Some("basic") => basic(),
+        Some("peer_death") => peer_death(),
+        other => bail!("unknown scenario {other:?}"),
+    }
+}

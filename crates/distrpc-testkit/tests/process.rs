@@ -1,0 +1,27 @@
+//! Workers in separate processes, started through the launcher as `distrpc launch` would.
+
+use std::time::Duration;
+
+use distrpc::launch::Launch;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_distrpc-test-worker");
+const BOUND: Option<Duration> = Some(Duration::from_secs(120));
+
+#[test]
+fn four_processes_call_each_other_and_shut_down_together() {
+    // env:// rendezvous; rank 0 hosts the store on a socket the launcher bound on port 0.
+    let group = Launch::new(4, WORKER).arg("basic").spawn().unwrap();
+    group.wait_timeout(BOUND).expect("every rank must succeed");
+}
+
+#[test]
+fn a_dead_peer_fails_the_calls_waiting_on_it_at_once() {
+    let group = Launch::new(3, WORKER).arg("peer_death").spawn().unwrap();
+    let statuses = group.wait_all(BOUND);
+    let codes: Vec<Option<i32>> = statuses.iter().map(|s| s.and_then(|s| s.code())).collect();
+    assert_eq!(
+        codes,
+        vec![Some(3), Some(0), Some(0)],
+        "rank 0 crashes, the survivors succeed"
+    );
+}
