@@ -1,6 +1,6 @@
 //! `#[distrpc::function]`: makes a function callable by name from other workers.
 //!
-//! ```ignore
+//! ```text
 //! #[distrpc::function]
 //! fn add(a: i64, b: i64) -> i64 { a + b }
 //! ```

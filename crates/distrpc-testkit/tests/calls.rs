@@ -1,6 +1,8 @@
 //! Calls between workers in one process: sync and async, to self and others, nested, typed
 //! errors, timeouts and tensors.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex};
 use std::thread;
@@ -97,7 +99,7 @@ struct Batch {
 fn double_batch(b: Batch) -> Result<(Batch, bool), distrpc::TensorError> {
     let mut aligned = true;
     let mut double = |t: &Tensor| {
-        aligned &= t.data().as_ptr() as usize % 64 == 0;
+        aligned &= (t.data().as_ptr() as usize).is_multiple_of(64);
         distrpc::ops::add(t, t)
     };
     let out = Batch {

@@ -2,6 +2,8 @@
 //! with calls in flight, with a timeout, local), untrusted bytes on the worker's port, and
 //! injected faults.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;

@@ -1,5 +1,7 @@
 //! Workers in separate processes, started through the launcher as `distrpc launch` would.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use distrpc::launch::Launch;

@@ -184,7 +184,7 @@ impl Tensor {
                 actual: data.len(),
             });
         }
-        let data = if data.as_ptr() as usize % dtype.size() == 0 {
+        let data = if (data.as_ptr() as usize).is_multiple_of(dtype.size()) {
             data
         } else {
             let mut buf = crate::aligned::AlignedBuf::zeroed(data.len());

@@ -559,10 +559,11 @@ impl Agent {
         let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
         {
             let mut peers = lock(&self.peers);
-            if let Some(peer) = peers.get_mut(rank as usize) {
-                if peer.conn.is_none() && peer.gone.is_none() {
-                    peer.conn = Some(conn.clone());
-                }
+            if let Some(peer) = peers.get_mut(rank as usize)
+                && peer.conn.is_none()
+                && peer.gone.is_none()
+            {
+                peer.conn = Some(conn.clone());
             }
         }
         lock(&self.conns).insert(conn.id, conn.clone());
@@ -640,11 +641,11 @@ impl Agent {
         lock(&self.conns).remove(&conn.id);
         {
             let mut peers = lock(&self.peers);
-            if let Some(peer) = peers.get_mut(conn.peer as usize) {
-                if peer.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-                    peer.conn = None;
-                    peer.gone.get_or_insert(reason.clone());
-                }
+            if let Some(peer) = peers.get_mut(conn.peer as usize)
+                && peer.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
+            {
+                peer.conn = None;
+                peer.gone.get_or_insert(reason.clone());
             }
         }
         let ids: Vec<u64> = lock(&self.pending)

@@ -60,6 +60,7 @@ pub struct Launch {
     envs: Vec<(OsString, OsString)>,
     master_addr: String,
     master_port: Option<u16>,
+    first_rank: usize,
     prefix: bool,
 }
 
@@ -73,6 +74,7 @@ impl Launch {
             envs: Vec::new(),
             master_addr: "127.0.0.1".into(),
             master_port: None,
+            first_rank: 0,
             prefix: true,
         }
     }
@@ -107,6 +109,14 @@ impl Launch {
         self
     }
 
+    /// Starts the processes as ranks `first..first + nproc` of a group of `first + nproc`, for a
+    /// caller that is itself ranks `0..first` (it then hosts the store: give its port with
+    /// [`Launch::master_port`]).
+    pub fn first_rank(mut self, first: usize) -> Self {
+        self.first_rank = first;
+        self
+    }
+
     /// Whether to prefix each output line with `[rank]` (default on).
     pub fn prefix_output(mut self, on: bool) -> Self {
         self.prefix = on;
@@ -117,6 +127,8 @@ impl Launch {
     pub fn spawn(&self) -> Result<Group, LaunchError> {
         let store = match self.master_port {
             Some(_) => None,
+            // Rank 0 is not among our processes: whoever is hosts the store.
+            None if self.first_rank > 0 => None,
             None => Some(
                 std::net::TcpListener::bind((self.master_addr.as_str(), 0))
                     .map_err(LaunchError::Socket)?,
@@ -129,25 +141,27 @@ impl Launch {
         };
         let (events_tx, events) = mpsc::channel();
         let mut group = Group {
+            first_rank: self.first_rank,
             pids: Vec::new(),
             exited: Vec::new(),
             pumps: Vec::new(),
             events,
         };
-        for rank in 0..self.nproc {
+        for index in 0..self.nproc {
+            let rank = self.first_rank + index;
             let mut cmd = Command::new(&self.program);
             cmd.args(&self.args)
                 .envs(self.envs.iter().map(|(k, v)| (k, v)))
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", self.nproc.to_string())
+                .env("WORLD_SIZE", (self.first_rank + self.nproc).to_string())
                 .env("MASTER_ADDR", &self.master_addr)
                 .env("MASTER_PORT", port.to_string())
                 .env_remove(crate::STORE_FD_ENV)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            let inherit = match (&store, rank) {
+            let inherit = match (&store, index) {
                 (Some(listener), 0) => {
                     cmd.env(crate::STORE_FD_ENV, listener.as_raw_fd().to_string());
                     Some(socket2::SockRef::from(listener))
@@ -184,7 +198,7 @@ impl Launch {
             std::thread::spawn(move || {
                 let status = child.wait().ok();
                 exited.store(true, Ordering::Release);
-                let _ = tx.send((rank, status));
+                let _ = tx.send((index, status));
             });
         }
         Ok(group)
@@ -223,6 +237,8 @@ fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) 
 /// A started group of processes.
 #[derive(Debug)]
 pub struct Group {
+    first_rank: usize,
+    /// By index: the process of rank `first_rank + index`.
     pids: Vec<u32>,
     exited: Vec<Arc<AtomicBool>>,
     pumps: Vec<JoinHandle<()>>,
@@ -230,14 +246,15 @@ pub struct Group {
 }
 
 impl Group {
-    /// The process ids, by rank.
+    /// The process ids, in rank order.
     pub fn pids(&self) -> &[u32] {
         &self.pids
     }
 
     /// Kills the process of `rank` (SIGKILL), unless it has already exited.
     pub fn kill(&mut self, rank: usize) -> std::io::Result<()> {
-        let (Some(&pid), Some(exited)) = (self.pids.get(rank), self.exited.get(rank)) else {
+        let index = rank.wrapping_sub(self.first_rank);
+        let (Some(&pid), Some(exited)) = (self.pids.get(index), self.exited.get(index)) else {
             return Err(std::io::ErrorKind::NotFound.into());
         };
         if exited.load(Ordering::Acquire) {
@@ -255,8 +272,8 @@ impl Group {
     }
 
     fn kill_all(&mut self) {
-        for rank in 0..self.pids.len() {
-            let _ = self.kill(rank);
+        for index in 0..self.pids.len() {
+            let _ = self.kill(self.first_rank + index);
         }
     }
 
@@ -301,15 +318,18 @@ impl Group {
             let _ = p.join();
         }
         match failure {
-            Some((rank, status)) => Err(LaunchError::Failed { rank, status }),
+            Some((index, status)) => Err(LaunchError::Failed {
+                rank: self.first_rank + index,
+                status,
+            }),
             None => Ok(()),
         }
     }
 }
 
 impl Group {
-    /// Waits for every process to exit, whatever the others do, and returns each exit status by
-    /// rank (`None` for a process still running when `timeout` ran out; it is then killed).
+    /// Waits for every process to exit, whatever the others do, and returns each exit status in
+    /// rank order (`None` for a process still running when `timeout` ran out; it is then killed).
     pub fn wait_all(mut self, timeout: Option<Duration>) -> Vec<Option<ExitStatus>> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut statuses = vec![None; self.pids.len()];
@@ -322,7 +342,7 @@ impl Group {
                     .ok(),
             };
             match event {
-                Some((rank, status)) => statuses[rank] = status,
+                Some((index, status)) => statuses[index] = status,
                 None => break,
             }
         }

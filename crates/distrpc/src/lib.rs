@@ -64,6 +64,11 @@ pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{PendingRpc, Rpc};
 pub use worker::{To, WorkerInfo};
 
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 #[doc(hidden)]
 pub mod __private {
     pub use crate::function::{Registration, async_handler, sync_handler};

@@ -1,0 +1,98 @@
+//! The `distrpc` command.
+//!
+//! - `distrpc launch --nproc N [--master-addr A] [--master-port P] -- CMD ARGS...` starts N
+//!   processes the way torchrun does (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//!   `MASTER_PORT`), prefixes their output with their rank, and if one fails stops the others
+//!   and exits non-zero.
+//! - `distrpc bench [--quick] [WORKLOAD...]` measures distrpc against the machine's raw limits
+//!   and prints one JSON line per workload.
+
+mod bench;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use distrpc::launch::{Launch, LaunchError};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "distrpc",
+    version,
+    about = "Distributed RPC with remote references"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start N worker processes on this machine (torchrun's convention).
+    Launch {
+        /// Number of processes.
+        #[arg(long)]
+        nproc: usize,
+        /// Address rank 0 hosts the rendezvous store on.
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        /// Store port; 0 (the default) picks a free one and hands it to rank 0 as an open socket.
+        #[arg(long, default_value_t = 0)]
+        master_port: u16,
+        /// The command to run, and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+    /// Measure distrpc and the raw limits of this machine; one JSON line per workload.
+    Bench(bench::BenchArgs),
+    /// Internal: a worker process of `distrpc bench`.
+    #[command(hide = true, name = "__bench-worker")]
+    BenchWorker { workload: String, calls: usize },
+    /// Internal: the echo server of the raw TCP baseline.
+    #[command(hide = true, name = "__raw-echo")]
+    RawEcho { size: usize },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Launch {
+            nproc,
+            master_addr,
+            master_port,
+            command,
+        } => launch(nproc, master_addr, master_port, command),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchWorker { workload, calls } => bench::worker(&workload, calls),
+        Command::RawEcho { size } => bench::raw_echo_server(size),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("distrpc: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn launch(
+    nproc: usize,
+    master_addr: String,
+    master_port: u16,
+    command: Vec<OsString>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
+    let mut parts = command.into_iter();
+    let program = parts
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no command given after --"))?;
+    let launch = Launch::new(nproc, program)
+        .args(parts)
+        .master_addr(master_addr)
+        .master_port(master_port);
+    match launch.run() {
+        Ok(()) => Ok(()),
+        Err(e @ LaunchError::Failed { .. }) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
