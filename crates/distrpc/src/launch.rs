@@ -10,6 +10,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,6 +272,20 @@ impl Group {
         }
     }
 
+    /// The next process to exit (its index and status), or `None` once `deadline` passes.
+    fn next_exit(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Option<(usize, Option<ExitStatus>)> {
+        match deadline {
+            None => self.events.recv().ok(),
+            Some(d) => self
+                .events
+                .recv_timeout(d.saturating_duration_since(std::time::Instant::now()))
+                .ok(),
+        }
+    }
+
     fn kill_all(&mut self) {
         for index in 0..self.pids.len() {
             let _ = self.kill(self.first_rank + index);
@@ -286,27 +301,19 @@ impl Group {
     pub fn wait_timeout(mut self, timeout: Option<Duration>) -> Result<(), LaunchError> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut failure = None;
+        let mut exited = vec![false; self.pids.len()];
         for _ in 0..self.pids.len() {
-            let event = match deadline {
-                None => self.events.recv().ok(),
-                Some(d) => self
-                    .events
-                    .recv_timeout(d.saturating_duration_since(std::time::Instant::now()))
-                    .ok(),
-            };
-            match event {
-                Some((rank, Some(status))) if status.success() => {
-                    let _ = rank;
-                }
-                Some((rank, status)) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    failure = Some((rank, status.unwrap_or(ExitStatus::from_raw(1 << 8))));
+            match self.next_exit(deadline) {
+                Some((index, Some(status))) if status.success() => exited[index] = true,
+                // A process that could not be waited on counts as failed with exit code 1.
+                Some((index, status)) => {
+                    failure = Some((index, status.unwrap_or(ExitStatus::from_raw(1 << 8))));
                     break;
                 }
+                // Out of time: the first rank still running is reported as killed.
                 None => {
-                    use std::os::unix::process::ExitStatusExt;
-                    // Timed out: report it as a kill of rank 0's group.
-                    failure = Some((0, ExitStatus::from_raw(9)));
+                    let running = exited.iter().position(|e| !e).unwrap_or(0);
+                    failure = Some((running, ExitStatus::from_raw(libc::SIGKILL)));
                     break;
                 }
             }
@@ -334,14 +341,7 @@ impl Group {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut statuses = vec![None; self.pids.len()];
         for _ in 0..self.pids.len() {
-            let event = match deadline {
-                None => self.events.recv().ok(),
-                Some(d) => self
-                    .events
-                    .recv_timeout(d.saturating_duration_since(std::time::Instant::now()))
-                    .ok(),
-            };
-            match event {
+            match self.next_exit(deadline) {
                 Some((index, status)) => statuses[index] = status,
                 None => break,
             }
