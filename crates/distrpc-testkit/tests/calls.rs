@@ -86,6 +86,18 @@ async fn meet_async(i: usize) -> usize {
     i
 }
 
+/// Tries a blocking call from inside an async handler, which runs on a runtime thread.
+#[distrpc::function]
+async fn block_inside_async() -> String {
+    match Rpc::current() {
+        Some(rpc) => match rpc.rpc_sync("worker0", add_i64, (1, 1)) {
+            Err(e @ Error::WouldBlock) => e.to_string(),
+            other => format!("unexpected: {other:?}"),
+        },
+        None => "no current rpc".into(),
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 struct Batch {
     inputs: Vec<Tensor>,
@@ -404,6 +416,14 @@ fn async_functions_hold_no_thread_while_they_wait() {
         wait_all(futs).unwrap(),
         (0..ASYNC_CALLS).collect::<Vec<_>>()
     );
+    shutdown_all(rpcs).unwrap();
+}
+
+#[test]
+fn blocking_on_a_runtime_thread_is_an_error_not_a_deadlock() {
+    let rpcs = two();
+    let msg = rpcs[0].rpc_sync("worker1", block_inside_async, ()).unwrap();
+    assert!(msg.contains("would deadlock"), "{msg}");
     shutdown_all(rpcs).unwrap();
 }
 

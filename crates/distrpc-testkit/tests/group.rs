@@ -355,3 +355,28 @@ fn metrics_use_torch_keys() {
     assert_eq!(m["agent.client_active_calls"], 0);
     shutdown_all(rpcs).unwrap();
 }
+
+#[test]
+fn sixteen_workers_in_one_process_all_to_all() {
+    let rpcs = in_process(16, |_| opts().num_worker_threads(2)).unwrap();
+    let handles: Vec<_> = rpcs
+        .iter()
+        .cloned()
+        .map(|rpc| {
+            thread::spawn(move || {
+                let futs: Vec<_> = rpc
+                    .worker_infos()
+                    .iter()
+                    .map(|w| rpc.rpc_async(w, echo, (u64::from(w.id),)))
+                    .collect();
+                let got = distrpc::wait_all(futs).unwrap();
+                assert_eq!(got, (0..16).collect::<Vec<u64>>());
+                rpc.all_gather(&rpc.rank()).unwrap().len()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 16);
+    }
+    shutdown_all(rpcs).unwrap();
+}
