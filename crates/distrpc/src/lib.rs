@@ -48,6 +48,7 @@ pub mod options;
 mod pool;
 mod rendezvous;
 pub mod rpc;
+pub mod rref;
 mod runtime;
 pub mod worker;
 
