@@ -11,6 +11,10 @@
 //! - a registration, collected at startup by every process built with it, under the stable
 //!   name `concat!(module_path!(), "::add")` (or `name = "..."` if given).
 //!
+//! A function whose first parameter is `&T` is a method: its handle is a
+//! `distrpc::Method<T, A, R>`, called through a remote reference to a `T`
+//! (`rref.rpc_sync(method, args)`), and it runs on the owner with the value.
+//!
 //! A function returning `Result<T, E>` (any path ending in `Result`) has handle type
 //! `Function<A, T>`; its `Err` reaches the caller as a remote error carrying `E`'s type name and
 //! message. An `async fn` runs as a task and holds no worker thread while it waits.
@@ -88,7 +92,29 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             FnArg::Typed(t) => types.push((*t.ty).clone()),
         }
     }
-    let idents: Vec<_> = (0..types.len())
+    // A first parameter `&T` makes a method on remote references to `T`.
+    let receiver = match types.first() {
+        Some(Type::Reference(r)) if r.mutability.is_some() => {
+            return Err(syn::Error::new(
+                r.span(),
+                "a method receives the referenced value as `&T`; use interior mutability (a Mutex, atomics) to change it",
+            ));
+        }
+        Some(Type::Reference(r)) => Some((*r.elem).clone()),
+        _ => None,
+    };
+    if receiver.is_some() && sig.asyncness.is_some() {
+        return Err(syn::Error::new(
+            sig.span(),
+            "async methods on remote references are not supported yet",
+        ));
+    }
+    let arg_types = if receiver.is_some() {
+        &types[1..]
+    } else {
+        &types[..]
+    };
+    let idents: Vec<_> = (0..arg_types.len())
         .map(|i| format_ident!("__a{}", i))
         .collect();
     let ident = &sig.ident;
@@ -110,31 +136,46 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             None => ((**ty).clone(), false),
         },
     };
-    let args_ty = quote!((#(#types,)*));
+    let args_ty = quote!((#(#arg_types,)*));
+    let this = receiver.as_ref().map(|_| quote!(__this,));
     let call = if sig.asyncness.is_some() {
-        quote!(#impl_ident(#(#idents),*).await)
+        quote!(#impl_ident(#this #(#idents),*).await)
     } else {
-        quote!(#impl_ident(#(#idents),*))
+        quote!(#impl_ident(#this #(#idents),*))
     };
     let wrapped = if fallible {
         call
     } else {
         quote!(::core::result::Result::<_, ::core::convert::Infallible>::Ok(#call))
     };
-    let handler = if sig.asyncness.is_some() {
-        quote! {
-            ::distrpc::__private::async_handler::<#args_ty, _, _, _, _>(
-                #name,
-                |(#(#idents,)*): #args_ty| async move { #wrapped },
-            )
-        }
-    } else {
-        quote! {
-            ::distrpc::__private::sync_handler::<#args_ty, _, _, _>(
-                #name,
-                |(#(#idents,)*): #args_ty| #wrapped,
-            )
-        }
+    let (handle_ty, handler) = match (&receiver, sig.asyncness.is_some()) {
+        (Some(t), _) => (
+            quote!(::distrpc::Method<#t, #args_ty, #ok_ty>),
+            quote! {
+                ::distrpc::__private::method_handler::<#t, #args_ty, _, _, _>(
+                    #name,
+                    |__this: &#t, (#(#idents,)*): #args_ty| #wrapped,
+                )
+            },
+        ),
+        (None, true) => (
+            quote!(::distrpc::Function<#args_ty, #ok_ty>),
+            quote! {
+                ::distrpc::__private::async_handler::<#args_ty, _, _, _, _>(
+                    #name,
+                    |(#(#idents,)*): #args_ty| async move { #wrapped },
+                )
+            },
+        ),
+        (None, false) => (
+            quote!(::distrpc::Function<#args_ty, #ok_ty>),
+            quote! {
+                ::distrpc::__private::sync_handler::<#args_ty, _, _, _>(
+                    #name,
+                    |(#(#idents,)*): #args_ty| #wrapped,
+                )
+            },
+        ),
     };
     let mut inner = func.clone();
     inner.sig.ident = impl_ident.clone();
@@ -147,7 +188,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         #[doc = ""]
         #[doc = #const_doc]
         #[allow(non_upper_case_globals)]
-        #vis const #ident: ::distrpc::Function<#args_ty, #ok_ty> = ::distrpc::Function::new(#name);
+        #vis const #ident: #handle_ty = <#handle_ty>::new(#name);
 
         #[doc(hidden)]
         #[allow(non_snake_case, clippy::needless_pass_by_value)]

@@ -149,7 +149,7 @@ pub enum FrameError {
 pub struct Header {
     /// What the frame carries.
     pub kind: Kind,
-    /// Kind-specific flags (none are defined yet; must be zero).
+    /// Kind-specific flags (the agent defines a method-call bit for calls on remote references).
     pub flags: u16,
     /// Matches a response to its request.
     pub id: u64,
@@ -348,6 +348,17 @@ impl OutFrame {
         payload: &[u8],
         tensors: &[Tensor],
     ) -> Result<Self, FrameError> {
+        Self::with_flags(kind, 0, id, payload, tensors)
+    }
+
+    /// [`OutFrame::new`] with header flags.
+    pub fn with_flags(
+        kind: Kind,
+        flags: u16,
+        id: u64,
+        payload: &[u8],
+        tensors: &[Tensor],
+    ) -> Result<Self, FrameError> {
         let payload_len = u32::try_from(payload.len())
             .map_err(|_| FrameError::Malformed("payload longer than 4 GiB"))?;
         let tensor_count =
@@ -372,7 +383,7 @@ impl OutFrame {
         }
         let header = Header {
             kind,
-            flags: 0,
+            flags,
             id,
             payload_len,
             tensor_count,

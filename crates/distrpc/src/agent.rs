@@ -29,9 +29,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection::{Connection, FrameReader, ReadEnd};
 use crate::error::{Error, Failure};
-use crate::function::{HandlerKind, Outcome, Registry, Request};
+use crate::function::{Handler, HandlerKind, Outcome, Produced, Registry, Reply, Request};
+use crate::future::RpcFuture;
 use crate::options::FaultInjection;
 use crate::pool::Pool;
+use crate::rref::context::Context as RRefs;
+use crate::rref::{Control, Effect, ForkId, RRefId, get_id};
 use crate::worker::{To, WorkerInfo};
 
 /// Connection id of calls to self, which never touch a socket.
@@ -42,6 +45,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for writers to flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Frame flag of a call (or remote call) on the value of a remote reference.
+pub(crate) const FLAG_METHOD: u16 = 1;
+/// How long one attempt of a reference control message may take before it is retried.
+const CONTROL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const RUNNING: u8 = 0;
 const SHUT_DOWN: u8 = 2;
@@ -80,6 +88,8 @@ pub(crate) struct Counts {
     pub(crate) server: usize,
     /// Async handlers running.
     pub(crate) server_async: usize,
+    /// Reference control messages not yet acknowledged (torch's `num_pending_futures`).
+    pub(crate) control: usize,
 }
 
 /// Everything the agent needs that rendezvous produced.
@@ -96,7 +106,11 @@ pub(crate) struct AgentConfig {
 }
 
 pub(crate) struct Agent {
+    /// This agent, for the encode contexts of handlers that only have `&self`.
+    this: Weak<Agent>,
     pub(crate) me: WorkerInfo,
+    /// Remote references owned or used here.
+    pub(crate) rrefs: RRefs,
     pub(crate) workers: Vec<WorkerInfo>,
     by_name: HashMap<String, u32>,
     addrs: Vec<SocketAddr>,
@@ -140,7 +154,9 @@ impl Agent {
             .map(|w| (w.name.clone(), w.id))
             .collect();
         let peers = config.workers.iter().map(|_| Peer::default()).collect();
-        let agent = Arc::new(Self {
+        let agent = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
+            rrefs: RRefs::new(config.me.id),
             pool: Pool::new(
                 config.num_worker_threads,
                 format!("distrpc-{}", config.me.name),
@@ -252,7 +268,7 @@ impl Agent {
     /// Waits until no user call of this worker is in flight, or `deadline` passes.
     pub(crate) fn wait_no_client_calls(&self, deadline: Option<std::time::Instant>) -> bool {
         let mut counts = lock(&self.counts);
-        while counts.client > 0 {
+        while counts.client + counts.control > 0 {
             match deadline {
                 None => {
                     counts = self
@@ -282,6 +298,8 @@ impl Agent {
     pub(crate) fn call(
         self: &Arc<Self>,
         dest: u32,
+        kind: Kind,
+        flags: u16,
         function: &str,
         payload: Vec<u8>,
         tensors: Vec<Tensor>,
@@ -304,7 +322,7 @@ impl Agent {
             }
         };
         let frame = match &conn {
-            Some(_) => match OutFrame::new(Kind::Call, id, &payload, &tensors) {
+            Some(_) => match OutFrame::with_flags(kind, flags, id, &payload, &tensors) {
                 Ok(f) => Some(f),
                 Err(e) => {
                     return done(Err(Error::SendFailed {
@@ -328,8 +346,8 @@ impl Agent {
                 done,
             },
         );
-        if self.faults.should_fail(Kind::Call) {
-            let reason = "injected failure of a Call send".to_string();
+        if self.faults.should_fail(kind) {
+            let reason = format!("injected failure of a {kind:?} send");
             return self.fail(id, |p| Error::SendFailed {
                 worker: self.name_of(p.peer).into(),
                 reason,
@@ -348,18 +366,19 @@ impl Agent {
                 }
                 _ => {
                     let frame = Frame {
-                        kind: Kind::Call,
-                        flags: 0,
+                        kind,
+                        flags,
                         id,
                         payload: Bytes::from(payload),
                         tensors,
                     };
                     // A call to self cannot be malformed: we built it.
-                    let _ = agent.on_call(ReplyTo::Local, frame);
+                    let me = agent.me.id;
+                    let _ = agent.on_request(ReplyTo::Local, frame, me);
                 }
             }
         };
-        match self.faults.delay_of(Kind::Call) {
+        match self.faults.delay_of(kind) {
             Some(delay) => {
                 self.tasks.spawn_on(
                     async move {
@@ -412,7 +431,7 @@ impl Agent {
         } else {
             counts.client -= 1;
         }
-        if counts.client == 0 {
+        if counts.client + counts.control == 0 {
             self.counts_changed.notify_all();
         }
         Some(p)
@@ -665,13 +684,16 @@ impl Agent {
     /// Handles one frame from a peer. An `Err` is a protocol violation: the connection closes.
     fn on_frame(self: &Arc<Self>, conn: &Arc<Connection>, frame: Frame) -> Result<(), String> {
         match frame.kind {
-            Kind::Call => self.on_call(ReplyTo::Remote(conn.clone()), frame),
-            Kind::Result | Kind::Exception => {
+            Kind::Result
+            | Kind::RemoteResult
+            | Kind::RRefFetchResult
+            | Kind::RRefAck
+            | Kind::Exception => {
                 self.on_response(conn.id, frame);
                 Ok(())
             }
             Kind::Heartbeat => Ok(()),
-            other => Err(format!("unexpected {other:?} frame")),
+            _ => self.on_request(ReplyTo::Remote(conn.clone()), frame, conn.peer),
         }
     }
 
@@ -698,39 +720,184 @@ impl Agent {
         (p.done)(result);
     }
 
-    fn on_call(self: &Arc<Self>, reply_to: ReplyTo, frame: Frame) -> Result<(), String> {
+    /// Handles a request from `from` (this worker itself for local calls). An `Err` is a
+    /// protocol violation: the connection closes.
+    fn on_request(
+        self: &Arc<Self>,
+        reply_to: ReplyTo,
+        frame: Frame,
+        from: u32,
+    ) -> Result<(), String> {
         let id = frame.id;
-        let (function, args) = parse_call_head(&frame.payload).ok_or("malformed call head")?;
-        if self.state.load(Ordering::Acquire) == SHUT_DOWN {
-            self.send_reply(&reply_to, id, Err(Failure::ShutDown));
-            return Ok(());
+        let method = frame.flags & FLAG_METHOD != 0;
+        match frame.kind {
+            Kind::Call => {
+                let mut rest = &frame.payload[..];
+                let this = if method {
+                    Some(RRefId(get_id(&mut rest).ok_or("malformed method call")?))
+                } else {
+                    None
+                };
+                let head = frame.payload.slice(frame.payload.len() - rest.len()..);
+                let (function, args) = parse_call_head(&head).ok_or("malformed call head")?;
+                self.dispatch(
+                    reply_to,
+                    id,
+                    from,
+                    function,
+                    args,
+                    frame.tensors,
+                    this,
+                    Completion::Reply(Kind::Result),
+                );
+            }
+            Kind::RemoteCall => {
+                let mut rest = &frame.payload[..];
+                let rref = RRefId(get_id(&mut rest).ok_or("malformed remote call")?);
+                let fork = ForkId(get_id(&mut rest).ok_or("malformed remote call")?);
+                let this = if method {
+                    Some(RRefId(
+                        get_id(&mut rest).ok_or("malformed remote method call")?,
+                    ))
+                } else {
+                    None
+                };
+                if rref.0.created_on != from || fork.0.created_on != from {
+                    return Err("remote call with ids its sender did not create".into());
+                }
+                let head = frame.payload.slice(frame.payload.len() - rest.len()..);
+                let (function, args) = parse_call_head(&head).ok_or("malformed call head")?;
+                let effects = self.rrefs.ledger(|l| l.owner_created(rref, Some(fork)));
+                self.rrefs.expect_value(rref);
+                self.run_effects(effects);
+                self.dispatch(
+                    reply_to,
+                    id,
+                    from,
+                    function,
+                    args,
+                    frame.tensors,
+                    this,
+                    Completion::Store(rref),
+                );
+            }
+            Kind::RRefFetch => {
+                let mut rest = &frame.payload[..];
+                let rref = RRefId(get_id(&mut rest).ok_or("malformed fetch")?);
+                let agent = self.clone();
+                // Waits on the owner for a value still being created.
+                self.rrefs.with_value(
+                    rref,
+                    Box::new(move |value| {
+                        agent.deliver(
+                            &reply_to,
+                            id,
+                            "to_here",
+                            value,
+                            Completion::Reply(Kind::RRefFetchResult),
+                        );
+                    }),
+                );
+            }
+            Kind::RRefForkRequest | Kind::RRefChildAccept | Kind::RRefUserDelete => {
+                let msg: Control = crate::codec::decode_inline(&frame.payload)
+                    .map_err(|e| format!("malformed reference control message: {e}"))?;
+                let effects = self.rrefs.ledger(|l| match msg {
+                    Control::ForkRequest { rref, fork } => {
+                        l.fork_request(rref, fork);
+                        Vec::new()
+                    }
+                    Control::ChildAccept { fork } => l.child_accepted(fork),
+                    Control::UserDelete { rref, fork } => l.user_delete(rref, fork),
+                });
+                self.run_effects(effects);
+                self.send_reply(&reply_to, id, Kind::RRefAck, Ok(Reply::default()));
+            }
+            other => return Err(format!("unexpected {other:?} frame")),
         }
-        let Some(handler) = self.registry.get(&function) else {
-            self.send_reply(&reply_to, id, Err(Failure::UnknownFunction(function)));
-            return Ok(());
+        Ok(())
+    }
+
+    /// Runs `function`; for a method, once the value of `this` exists (waiting on the owner,
+    /// not on the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        self: &Arc<Self>,
+        reply_to: ReplyTo,
+        id: u64,
+        from: u32,
+        function: String,
+        args: Bytes,
+        tensors: Vec<Tensor>,
+        this: Option<RRefId>,
+        completion: Completion,
+    ) {
+        if self.state.load(Ordering::Acquire) == SHUT_DOWN {
+            return self.deliver(&reply_to, id, &function, Err(Failure::ShutDown), completion);
+        }
+        let Some(handler) = self.registry.get(&function).cloned() else {
+            let failure = Failure::UnknownFunction(function.clone());
+            return self.deliver(&reply_to, id, &function, Err(failure), completion);
         };
         let request = Request {
             payload: args,
-            tensors: frame.tensors,
+            tensors,
+            this: None,
+            ctx: Some((self.clone(), from)),
         };
+        let Some(rref) = this else {
+            return self.run_handler(handler, request, reply_to, id, function, completion);
+        };
+        let agent = self.clone();
+        self.rrefs.with_value(
+            rref,
+            Box::new(move |value| match value {
+                Ok(v) => {
+                    let request = Request {
+                        this: Some(v),
+                        ..request
+                    };
+                    agent.run_handler(handler, request, reply_to, id, function, completion);
+                }
+                Err(f) => agent.deliver(&reply_to, id, &function, Err(f), completion),
+            }),
+        );
+    }
+
+    fn run_handler(
+        self: &Arc<Self>,
+        handler: Handler,
+        request: Request,
+        reply_to: ReplyTo,
+        id: u64,
+        function: String,
+        completion: Completion,
+    ) {
         let rpc = self.rpc.get().cloned().unwrap_or_default();
-        match handler.0.clone() {
+        match handler.0 {
             HandlerKind::Inline(h) => {
                 self.count_server(false, 1);
                 let out = crate::rpc::with_current(&rpc, || h(request));
-                self.reply(&reply_to, id, out, false);
+                self.finish(&reply_to, id, &function, out, completion, false);
             }
             HandlerKind::Sync(h) => {
                 self.count_server(false, 1);
                 let agent = self.clone();
-                let reply_copy = reply_to.clone();
+                let (reply_copy, function_copy) = (reply_to.clone(), function.clone());
                 let job = Box::new(move || {
                     let out = crate::rpc::with_current(&rpc, || h(request));
-                    agent.reply(&reply_to, id, out, false);
+                    agent.finish(&reply_to, id, &function, out, completion, false);
                 });
                 if self.pool.execute(job).is_err() {
                     // The pool closes only at shutdown, and the refused job held the reply.
-                    self.reply(&reply_copy, id, Err(Failure::ShutDown), false);
+                    self.finish(
+                        &reply_copy,
+                        id,
+                        &function_copy,
+                        Err(Failure::ShutDown),
+                        completion,
+                        false,
+                    );
                 }
             }
             HandlerKind::Async(h) => {
@@ -740,13 +907,158 @@ impl Agent {
                 self.tasks.spawn_on(
                     async move {
                         let out = fut.await;
-                        agent.reply(&reply_to, id, out, true);
+                        agent.finish(&reply_to, id, &function, out, completion, true);
                     },
                     &self.rt,
                 );
             }
         }
-        Ok(())
+    }
+
+    /// A started handler ended: deliver its value, then count it out (only then, so that
+    /// shutdown cannot close the connection between the handler's end and its reply).
+    fn finish(
+        &self,
+        reply_to: &ReplyTo,
+        id: u64,
+        function: &str,
+        out: Produced,
+        completion: Completion,
+        is_async: bool,
+    ) {
+        self.deliver(reply_to, id, function, out, completion);
+        self.count_server(is_async, -1);
+    }
+
+    /// Delivers a value: encoded as the reply, or kept as a reference's value with an
+    /// acknowledgement as the reply.
+    fn deliver(
+        &self,
+        reply_to: &ReplyTo,
+        id: u64,
+        function: &str,
+        out: Produced,
+        completion: Completion,
+    ) {
+        match completion {
+            Completion::Reply(kind) => {
+                let outcome = out.and_then(|value| {
+                    let encoded = match self.this.upgrade() {
+                        Some(agent) => crate::rref::encoding(&agent, || value.encode()),
+                        None => value.encode(),
+                    };
+                    encoded.map_err(|m| {
+                        crate::function::remote_error(
+                            function,
+                            "distrpc::EncodeError",
+                            format!("cannot encode the result: {m}"),
+                        )
+                    })
+                });
+                self.send_reply(reply_to, id, kind, outcome);
+            }
+            Completion::Store(rref) => {
+                self.rrefs.set_value(rref, out.clone());
+                self.send_reply(
+                    reply_to,
+                    id,
+                    Kind::RemoteResult,
+                    out.map(|_| Reply::default()),
+                );
+            }
+        }
+    }
+
+    /// Makes the value of `rref` here, for `remote()` to self.
+    pub(crate) fn create_locally(
+        self: &Arc<Self>,
+        rref: RRefId,
+        function: &str,
+        payload: Vec<u8>,
+        tensors: Vec<Tensor>,
+        this: Option<RRefId>,
+    ) {
+        let payload = Bytes::from(payload);
+        match parse_call_head(&payload) {
+            Some((function, args)) => {
+                let me = self.me.id;
+                self.dispatch(
+                    ReplyTo::Nobody,
+                    0,
+                    me,
+                    function,
+                    args,
+                    tensors,
+                    this,
+                    Completion::Store(rref),
+                );
+            }
+            None => self
+                .rrefs
+                .set_value(rref, Err(Failure::Other(format!("bad call of {function}")))),
+        }
+    }
+
+    /// Carries out the ledger's effects: sends its control messages (retried until
+    /// acknowledged, never blocking the caller).
+    pub(crate) fn run_effects(self: &Arc<Self>, effects: Vec<Effect>) {
+        for (to, msg) in self.rrefs.apply(effects) {
+            self.send_control(to, msg);
+        }
+    }
+
+    fn send_control(self: &Arc<Self>, to: u32, msg: Control) {
+        if !self.is_running() {
+            return;
+        }
+        let kind = match msg {
+            Control::ForkRequest { .. } => Kind::RRefForkRequest,
+            Control::ChildAccept { .. } => Kind::RRefChildAccept,
+            Control::UserDelete { .. } => Kind::RRefUserDelete,
+        };
+        let payload = match crate::codec::encode_inline(&msg) {
+            Ok(p) => p,
+            Err(e) => {
+                return tracing::error!(error = %e, "cannot encode a reference control message");
+            }
+        };
+        self.count_control(1);
+        let agent = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                // Control messages are idempotent, so a lost or late one is simply sent again.
+                let mut backoff = Duration::from_millis(10);
+                loop {
+                    let (fut, done) = RpcFuture::<Frame>::pending();
+                    agent.call(to, kind, 0, "rref control", payload.clone(), Vec::new(), Some(CONTROL_ATTEMPT_TIMEOUT), true, Box::new(move |r| done.complete(r)));
+                    match fut.await {
+                        Ok(_) => {
+                            if let Control::ForkRequest { fork, .. } = msg {
+                                let effects = agent.rrefs.ledger(|l| l.fork_acked(fork));
+                                agent.run_effects(effects);
+                            }
+                            break;
+                        }
+                        Err(Error::PeerGone { .. } | Error::ShutDown { .. } | Error::UnknownWorker(_)) => break,
+                        Err(e) => {
+                            tracing::debug!(worker = %agent.me.name, ?msg, error = %e, "retrying a reference control message");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
+                agent.count_control(-1);
+            },
+            &self.rt,
+        );
+    }
+
+    fn count_control(&self, delta: isize) {
+        let mut counts = lock(&self.counts);
+        counts.control = counts.control.saturating_add_signed(delta);
+        if counts.client + counts.control == 0 {
+            self.counts_changed.notify_all();
+        }
     }
 
     fn count_server(&self, is_async: bool, delta: isize) {
@@ -762,16 +1074,9 @@ impl Agent {
         }
     }
 
-    fn reply(&self, reply_to: &ReplyTo, id: u64, outcome: Outcome, is_async: bool) {
-        self.send_reply(reply_to, id, outcome);
-        // Counted down only once the reply is queued, so shutdown cannot close the connection
-        // between the handler's end and its reply.
-        self.count_server(is_async, -1);
-    }
-
-    fn send_reply(&self, reply_to: &ReplyTo, id: u64, outcome: Outcome) {
+    fn send_reply(&self, reply_to: &ReplyTo, id: u64, ok_kind: Kind, outcome: Outcome) {
         let (kind, payload, tensors) = match outcome {
-            Ok(reply) => (Kind::Result, reply.payload, reply.tensors),
+            Ok(reply) => (ok_kind, reply.payload, reply.tensors),
             Err(failure) => match crate::codec::encode_inline(&failure) {
                 Ok(p) => (Kind::Exception, p, Vec::new()),
                 Err(e) => {
@@ -781,6 +1086,7 @@ impl Agent {
             },
         };
         match reply_to {
+            ReplyTo::Nobody => {}
             ReplyTo::Local => self.on_response(
                 LOCAL,
                 Frame {
@@ -865,6 +1171,7 @@ impl Agent {
     /// torch's agent metrics.
     pub(crate) fn metrics(&self) -> Vec<(&'static str, i64)> {
         let c = self.counts();
+        let info = self.rrefs.info();
         vec![
             ("agent.thread_pool_size", self.pool.size() as i64),
             ("agent.num_idle_threads", self.pool.idle() as i64),
@@ -872,6 +1179,12 @@ impl Agent {
             ("agent.server_active_calls", c.server as i64),
             ("agent.server_active_async_calls", c.server_async as i64),
             ("agent.num_functions", self.registry.len() as i64),
+            ("num_owner_rrefs", info.num_owner_rrefs as i64),
+            ("num_pending_users", info.num_pending_users as i64),
+            ("num_forks", info.num_forks as i64),
+            ("num_pending_futures", c.control as i64),
+            ("num_user_rrefs", info.num_users as i64),
+            ("num_owner_values", self.rrefs.num_values() as i64),
         ]
     }
 }
@@ -879,8 +1192,20 @@ impl Agent {
 /// Where the reply to a call goes.
 #[derive(Clone)]
 enum ReplyTo {
+    /// A call to self: complete the pending call directly.
     Local,
     Remote(Arc<Connection>),
+    /// No one waits (the value of a `remote()` to self).
+    Nobody,
+}
+
+/// What becomes of a handler's value.
+#[derive(Clone, Copy, Debug)]
+enum Completion {
+    /// Encoded and sent back in a frame of this kind.
+    Reply(Kind),
+    /// Kept as the value of a remote reference; the caller gets an acknowledgement.
+    Store(RRefId),
 }
 
 fn duration_us(d: Duration) -> u64 {

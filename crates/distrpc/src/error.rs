@@ -98,6 +98,22 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A remote reference cannot be used: its `remote()` creation failed or timed out.
+    #[error("RRef creation on {owner} failed: {reason}")]
+    RRefCreation {
+        /// The owner the value was to be created on.
+        owner: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operation only the owner of a remote reference can do was tried elsewhere.
+    #[error("{operation} can only be called on the owner of the RRef; call it on {owner}")]
+    NotOwner {
+        /// The owner.
+        owner: String,
+        /// The operation.
+        operation: &'static str,
+    },
     /// Rendezvous at init failed.
     #[error("rendezvous failed: {0}")]
     Rendezvous(String),

@@ -79,22 +79,105 @@ impl<A, R> fmt::Debug for Function<A, R> {
     }
 }
 
-/// What a handler receives: the encoded arguments and the tensors beside them.
-#[derive(Debug)]
-pub(crate) struct Request {
-    pub(crate) payload: Bytes,
-    pub(crate) tensors: Vec<Tensor>,
+/// A handle to a method: a function whose first parameter is `&T`, run on the owner of a remote
+/// reference to a `T` with the referenced value as that parameter (see `RRef::rpc_sync`).
+/// `#[distrpc::function]` makes one when the first parameter is a reference.
+pub struct Method<T, A, R> {
+    name: &'static str,
+    _types: PhantomData<fn(&T, A) -> R>,
 }
 
-/// What a handler produces: the encoded result and its tensors.
+impl<T, A, R> Method<T, A, R> {
+    /// A handle to the method registered under `name` (used by `#[distrpc::function]`).
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            _types: PhantomData,
+        }
+    }
+
+    /// The registered name.
+    pub fn name(&self) -> &str {
+        self.name
+    }
+}
+
+impl<T, A, R> Clone for Method<T, A, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, A, R> Copy for Method<T, A, R> {}
+
+impl<T, A, R> fmt::Debug for Method<T, A, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Method({})", self.name)
+    }
+}
+
+/// A value a function produced: encoded as the reply of a call, or kept by the owner behind a
+/// remote reference. Every `Serialize + Send + Sync + 'static` type is one.
+#[doc(hidden)]
+pub trait Value: Any + Send + Sync {
+    /// The value as a reply: MessagePack payload and tensor table.
+    fn encode(&self) -> Result<Reply, String>;
+    /// For downcasting to the concrete type.
+    fn as_any(&self) -> &dyn Any;
+    /// The concrete type's name, for error messages.
+    fn type_name(&self) -> &'static str;
+}
+
+impl<T: Serialize + Send + Sync + 'static> Value for T {
+    fn encode(&self) -> Result<Reply, String> {
+        let mut payload = Vec::new();
+        let tensors = crate::codec::encode(self, &mut payload).map_err(|e| e.to_string())?;
+        Ok(Reply { payload, tensors })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+/// What a handler receives: the encoded arguments and the tensors beside them, and for a method
+/// the referenced value.
+#[doc(hidden)]
+pub struct Request {
+    pub(crate) payload: Bytes,
+    pub(crate) tensors: Vec<Tensor>,
+    pub(crate) this: Option<Arc<dyn Value>>,
+    /// The agent that received the call and the worker that sent it: remote references in the
+    /// arguments become forks of theirs.
+    pub(crate) ctx: Option<(Arc<crate::agent::Agent>, u32)>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("payload_len", &self.payload.len())
+            .field("tensors", &self.tensors.len())
+            .field("method", &self.this.is_some())
+            .finish()
+    }
+}
+
+/// An encoded value: payload and tensor table.
+#[doc(hidden)]
 #[derive(Debug, Default)]
-pub(crate) struct Reply {
+pub struct Reply {
     pub(crate) payload: Vec<u8>,
     pub(crate) tensors: Vec<Tensor>,
 }
 
 pub(crate) type Outcome = Result<Reply, Failure>;
-type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+/// What a handler produces: the value, or why there is none.
+pub(crate) type Produced = Result<Arc<dyn Value>, Failure>;
+type BoxFuture = Pin<Box<dyn Future<Output = Produced> + Send>>;
 
 /// How the callee runs a function (opaque outside distrpc).
 #[doc(hidden)]
@@ -104,11 +187,11 @@ pub struct Handler(pub(crate) HandlerKind);
 #[derive(Clone)]
 pub(crate) enum HandlerKind {
     /// On the worker thread pool; may block.
-    Sync(Arc<dyn Fn(Request) -> Outcome + Send + Sync>),
+    Sync(Arc<dyn Fn(Request) -> Produced + Send + Sync>),
     /// As a task on the runtime; holds no thread while it waits (torch's `@async_execution`).
     Async(Arc<dyn Fn(Request) -> BoxFuture + Send + Sync>),
     /// Inline on the connection's reader; must never block (distrpc's own control functions).
-    Inline(Arc<dyn Fn(Request) -> Outcome + Send + Sync>),
+    Inline(Arc<dyn Fn(Request) -> Produced + Send + Sync>),
 }
 
 impl fmt::Debug for HandlerKind {
@@ -155,25 +238,24 @@ pub(crate) fn remote_error(function: &str, type_name: &str, message: String) -> 
 }
 
 fn decode_args<A: DeserializeOwned>(function: &str, req: Request) -> Result<A, Failure> {
-    crate::codec::decode(&req.payload, req.tensors).map_err(|e| Failure::Decode {
+    let decode = || crate::codec::decode(&req.payload, req.tensors);
+    let decoded = match &req.ctx {
+        Some((agent, from)) => crate::rref::decoding(agent, *from, decode),
+        None => decode(),
+    };
+    decoded.map_err(|e| Failure::Decode {
         function: function.to_string(),
         message: e.to_string(),
     })
 }
 
-fn encode_result<R: Serialize, E: fmt::Display>(function: &str, result: Result<R, E>) -> Outcome {
+fn produce<R, E>(function: &str, result: Result<R, E>) -> Produced
+where
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+{
     match result {
-        Ok(value) => {
-            let mut payload = Vec::new();
-            let tensors = crate::codec::encode(&value, &mut payload).map_err(|e| {
-                remote_error(
-                    function,
-                    "distrpc::EncodeError",
-                    format!("cannot encode result: {e}"),
-                )
-            })?;
-            Ok(Reply { payload, tensors })
-        }
+        Ok(value) => Ok(Arc::new(value)),
         Err(e) => Err(remote_error(
             function,
             std::any::type_name::<E>(),
@@ -182,32 +264,78 @@ fn encode_result<R: Serialize, E: fmt::Display>(function: &str, result: Result<R
     }
 }
 
-/// Wraps a blocking function as a handler: decode, run (catching panics), encode.
+/// Wraps a blocking function as a handler: decode, run (catching panics), keep the value.
 #[doc(hidden)]
 pub fn sync_handler<A, R, E, F>(name: &'static str, f: F) -> Handler
 where
     A: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+{
+    named_sync_handler(name, f)
+}
+
+/// A blocking handler under any name (a `&'static str` from the macro, an `Arc<str>` from a
+/// closure registered at init).
+fn named_sync_handler<N, A, R, E, F>(name: N, f: F) -> Handler
+where
+    N: AsRef<str> + Send + Sync + 'static,
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
 {
     Handler(HandlerKind::Sync(Arc::new(move |req| {
-        run_sync(name, &f, req)
+        run_sync(name.as_ref(), &f, req)
     })))
 }
 
-fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request) -> Outcome
+fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request) -> Produced
 where
     A: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E>,
 {
+    let agent = req.ctx.as_ref().map(|(a, _)| a.clone());
     let args = decode_args::<A>(name, req)?;
+    crate::rref::wait_for_received_rrefs(name, agent.as_ref())?;
     match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
-        Ok(result) => encode_result(name, result),
+        Ok(result) => produce(name, result),
         Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
     }
+}
+
+/// Wraps a blocking method (first parameter `&T`) as a handler.
+#[doc(hidden)]
+pub fn method_handler<T, A, R, E, F>(name: &'static str, f: F) -> Handler
+where
+    T: Any,
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(&T, A) -> Result<R, E> + Send + Sync + 'static,
+{
+    Handler(HandlerKind::Sync(Arc::new(move |mut req| {
+        let this = req.this.take().ok_or_else(|| {
+            Failure::Other(format!(
+                "{name} is a method: call it through a remote reference"
+            ))
+        })?;
+        let value = this
+            .as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| Failure::Decode {
+                function: name.to_string(),
+                message: format!(
+                    "the referenced value is a {}, the method takes a {}",
+                    this.type_name(),
+                    std::any::type_name::<T>()
+                ),
+            })?;
+        run_sync(name, &|args| f(value, args), req)
+    })))
 }
 
 /// Wraps an async function as a handler that runs as a task.
@@ -215,7 +343,7 @@ where
 pub fn async_handler<A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
 where
     A: DeserializeOwned + Send + 'static,
-    R: Serialize,
+    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, E>> + Send + 'static,
@@ -224,9 +352,11 @@ where
     Handler(HandlerKind::Async(Arc::new(move |req| {
         let f = f.clone();
         Box::pin(async move {
+            let agent = req.ctx.as_ref().map(|(a, _)| a.clone());
             let args = decode_args::<A>(name, req)?;
+            crate::rref::wait_for_received_rrefs_async(name, agent.as_ref()).await?;
             match AssertUnwindSafe(f(args)).catch_unwind().await {
-                Ok(result) => encode_result(name, result),
+                Ok(result) => produce(name, result),
                 Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
             }
         })
@@ -267,20 +397,18 @@ impl Registry {
 pub(crate) fn closure_handler<A, R, E, F>(name: Arc<str>, f: F) -> Handler
 where
     A: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
 {
-    Handler(HandlerKind::Sync(Arc::new(move |req| {
-        run_sync(&name, &f, req)
-    })))
+    named_sync_handler(name, f)
 }
 
 /// An inline handler for distrpc's own control functions.
 pub(crate) fn inline_handler<A, R, F>(name: &'static str, f: F) -> Handler
 where
     A: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + Send + Sync + 'static,
     F: Fn(A) -> Result<R, String> + Send + Sync + 'static,
 {
     Handler(HandlerKind::Inline(Arc::new(move |req| {

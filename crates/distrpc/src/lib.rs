@@ -58,11 +58,12 @@ pub use distrpc_macros::function;
 pub use distrpc_wire::ops;
 pub use distrpc_wire::{DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};
-pub use function::Function;
+pub use function::{Function, Method};
 pub use future::{RpcFuture, wait_all};
 pub use options::{FaultInjection, MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{PendingRpc, Rpc};
+pub use rref::RRef;
 pub use worker::{To, WorkerInfo};
 
 /// The README's example, compiled and run as a doctest so that it stays true.
@@ -72,6 +73,6 @@ pub struct ReadmeDoctests;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::function::{Registration, async_handler, sync_handler};
+    pub use crate::function::{Registration, Value, async_handler, method_handler, sync_handler};
     pub use inventory;
 }

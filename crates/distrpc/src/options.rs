@@ -134,7 +134,7 @@ impl RpcOptions {
     pub fn register<A, R, F>(self, name: &str, f: F) -> Self
     where
         A: DeserializeOwned + 'static,
-        R: Serialize + 'static,
+        R: Serialize + Send + Sync + 'static,
         F: Fn(A) -> R + Send + Sync + 'static,
     {
         self.register_fallible(name, move |a| Ok::<R, Infallible>(f(a)))
@@ -145,7 +145,7 @@ impl RpcOptions {
     pub fn register_fallible<A, R, E, F>(mut self, name: &str, f: F) -> Self
     where
         A: DeserializeOwned + 'static,
-        R: Serialize + 'static,
+        R: Serialize + Send + Sync + 'static,
         E: fmt::Display + 'static,
         F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
     {

@@ -18,6 +18,7 @@ use crate::future::RpcFuture;
 use crate::gather::Gather;
 use crate::options::RpcOptions;
 use crate::rendezvous::{self, Bound};
+use crate::rref::RRef;
 use crate::worker::{To, WorkerInfo, check_name};
 
 /// State shared by every clone of an [`Rpc`]; dropping the last clone stops the worker.
@@ -188,7 +189,7 @@ pub(crate) fn current_worker_name() -> Option<String> {
     Rpc::current().map(|r| r.name().to_string())
 }
 
-/// Sends a call and returns a future of its decoded result.
+/// Sends a call (of a method of `this`, if given) and returns a future of its decoded result.
 pub(crate) fn call_typed<A, R>(
     agent: &Arc<Agent>,
     dest: u32,
@@ -201,30 +202,73 @@ where
     A: Serialize + ?Sized,
     R: DeserializeOwned + Send + 'static,
 {
+    send_call(agent, dest, None, function, args, timeout, internal)
+}
+
+/// Calls `method` on the value of `this`, owned by `owner`.
+pub(crate) fn call_method<A, R>(
+    agent: &Arc<Agent>,
+    owner: u32,
+    this: crate::rref::RRefId,
+    method: &str,
+    args: &A,
+    timeout: Option<Duration>,
+) -> RpcFuture<R>
+where
+    A: Serialize + ?Sized,
+    R: DeserializeOwned + Send + 'static,
+{
+    send_call(agent, owner, Some(this), method, args, timeout, false)
+}
+
+fn send_call<A, R>(
+    agent: &Arc<Agent>,
+    dest: u32,
+    this: Option<crate::rref::RRefId>,
+    function: &str,
+    args: &A,
+    timeout: Option<Duration>,
+    internal: bool,
+) -> RpcFuture<R>
+where
+    A: Serialize + ?Sized,
+    R: DeserializeOwned + Send + 'static,
+{
     let (fut, done) = RpcFuture::pending();
-    let encode_error = |message: String| Error::Encode {
-        function: function.to_string(),
-        what: "arguments",
-        message,
-    };
-    let mut payload = match call_payload(function) {
-        Ok(p) => p,
+    let mut payload = Vec::with_capacity(64);
+    if let Some(this) = this {
+        crate::rref::put_id(&mut payload, this.0);
+    }
+    match call_payload(function) {
+        Ok(head) => payload.extend_from_slice(&head),
         Err(e) => {
             done.complete(Err(e));
             return fut;
         }
-    };
-    let tensors = match crate::codec::encode(args, &mut payload) {
+    }
+    let tensors = match crate::rref::encoding(agent, || crate::codec::encode(args, &mut payload)) {
         Ok(t) => t,
         Err(e) => {
-            done.complete(Err(encode_error(e.to_string())));
+            done.complete(Err(Error::Encode {
+                function: function.to_string(),
+                what: "arguments",
+                message: e.to_string(),
+            }));
             return fut;
         }
     };
     let worker = agent.name_of(dest).to_string();
     let fname = function.to_string();
+    let a = agent.clone();
+    let flags = if this.is_some() {
+        crate::agent::FLAG_METHOD
+    } else {
+        0
+    };
     agent.call(
         dest,
+        distrpc_wire::Kind::Call,
+        flags,
         function,
         payload,
         tensors,
@@ -232,13 +276,14 @@ where
         internal,
         Box::new(move |result| {
             done.complete(result.and_then(|frame| {
-                crate::codec::decode::<R>(&frame.payload, frame.tensors).map_err(|e| {
-                    Error::Decode {
-                        worker,
-                        function: fname,
-                        what: "result",
-                        message: e.to_string(),
-                    }
+                crate::rref::decoding(&a, dest, || {
+                    crate::codec::decode::<R>(&frame.payload, frame.tensors)
+                })
+                .map_err(|e| Error::Decode {
+                    worker,
+                    function: fname,
+                    what: "result",
+                    message: e.to_string(),
                 })
             }))
         }),
@@ -425,6 +470,49 @@ impl Rpc {
         }
     }
 
+    /// Runs `f` on `to` and keeps its result there, behind the returned remote reference
+    /// (torch's `remote`). Returns at once; creation errors surface when the reference is used.
+    /// To self, the result is an owner reference.
+    pub fn remote<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+    ) -> RRef<R>
+    where
+        A: Serialize,
+        R: Send + Sync + 'static,
+    {
+        self.remote_timeout(to, f, args, self.rpc_timeout())
+    }
+
+    /// [`Rpc::remote`] with its own creation timeout (zero: none). A creation that is not
+    /// confirmed in time makes every use of the reference fail with [`Error::RRefCreation`].
+    pub fn remote_timeout<A, R>(
+        &self,
+        to: impl Into<To>,
+        f: impl Borrow<Function<A, R>>,
+        args: A,
+        timeout: Duration,
+    ) -> RRef<R>
+    where
+        A: Serialize,
+        R: Send + Sync + 'static,
+    {
+        let agent = self.agent();
+        let dest = match agent.resolve(&to.into()) {
+            Ok(d) => d,
+            // An unknown worker cannot own anything: every use of the reference says so.
+            Err(e) => return crate::rref::invalid(agent, e),
+        };
+        crate::rref::remote(agent, dest, f.borrow().name(), &args, None, Some(timeout))
+    }
+
+    /// A reference to `value`, owned by this worker (torch's `RRef(value)`).
+    pub fn rref<T: Serialize + Send + Sync + 'static>(&self, value: T) -> RRef<T> {
+        crate::rref::local(self.agent(), value)
+    }
+
     /// Gathers `value` from every worker; each gets the same map from name to value (torch's
     /// `_all_gather`). Blocks until all have called it, within the default timeout.
     pub fn all_gather<T: Serialize + DeserializeOwned>(
@@ -496,8 +584,13 @@ impl Rpc {
         let gather = &self.shared.gather;
         let result = (|| {
             crate::gather::all_gather(agent, gather, &(), None, Some(left()?))?;
+            // Every user reference still held is deleted now; the loop below waits for the
+            // deletes (and their confirmations) like any other call in flight.
+            let effects = agent.rrefs.ledger(|l| l.delete_all_users());
+            agent.run_effects(effects);
             loop {
-                let active = agent.counts().client as u64;
+                let counts = agent.counts();
+                let active = (counts.client + counts.control) as u64;
                 let all = crate::gather::all_gather(agent, gather, &active, None, Some(left()?))?;
                 if all.values().all(|&n| n == 0) {
                     return Ok(());

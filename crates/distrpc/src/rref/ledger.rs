@@ -106,6 +106,9 @@ pub struct LedgerError(pub String);
 struct Owned {
     forks: HashSet<ForkId>,
     handles: usize,
+    /// Registered by a fork request that overtook the creation: kept at least until the
+    /// creation arrives (or its creator gives up).
+    awaiting_creation: bool,
 }
 
 #[derive(Debug)]
@@ -131,6 +134,9 @@ pub struct Ledger {
     /// user, which must stay alive until then (G2). Forks from the owner need no such hold:
     /// the owner registers them when it sends them.
     pending_children: HashMap<ForkId, ForkId>,
+    /// Users deleted before the owner saw their creation (a delayed `remote()`): the creation,
+    /// when it comes, must not keep the value for them.
+    tombstones: HashSet<ForkId>,
 }
 
 /// Counters for debug info, with torch's names.
@@ -161,6 +167,7 @@ impl Ledger {
             owned: HashMap::new(),
             users: HashMap::new(),
             pending_children: HashMap::new(),
+            tombstones: HashSet::new(),
         }
     }
 
@@ -189,6 +196,16 @@ impl Ledger {
         self.owned.contains_key(&rref)
     }
 
+    /// Whether `fork` is a live user reference on this worker.
+    pub fn is_user(&self, fork: ForkId) -> bool {
+        self.users.contains_key(&fork)
+    }
+
+    /// Every live user reference on this worker.
+    pub fn users(&self) -> Vec<ForkId> {
+        self.users.keys().copied().collect()
+    }
+
     /// Whether the user reference `fork` is confirmed by its owner.
     pub fn is_confirmed(&self, fork: ForkId) -> bool {
         self.users.get(&fork).is_some_and(|u| u.confirmed)
@@ -196,16 +213,20 @@ impl Ledger {
 
     // ---- owner side ----
 
-    /// A value was created here: by `remote()` from `creator` (whose user is `creator_fork`), or
-    /// locally (`None`: one local handle, no fork).
-    pub fn owner_created(&mut self, rref: RRefId, creator_fork: Option<ForkId>) {
+    /// A value was created here: by `remote()` from a creator whose user is `creator_fork`, or
+    /// locally (`None`: one local handle, no fork). A creator that already deleted its user
+    /// (its delete overtook a delayed creation) adds nothing, and the value may go at once.
+    pub fn owner_created(&mut self, rref: RRefId, creator_fork: Option<ForkId>) -> Vec<Effect> {
         let owned = self.owned.entry(rref).or_default();
+        owned.awaiting_creation = false;
         match creator_fork {
+            Some(f) if self.tombstones.remove(&f) => return self.maybe_drop(rref),
             Some(f) => {
                 owned.forks.insert(f);
             }
             None => owned.handles += 1,
         }
+        Vec::new()
     }
 
     /// Another local handle to an owned value.
@@ -227,23 +248,42 @@ impl Ledger {
         self.maybe_drop(rref)
     }
 
-    /// A child asks to be added (idempotent: a retried request adds nothing).
-    pub fn fork_request(&mut self, rref: RRefId, fork: ForkId) -> Result<(), LedgerError> {
-        let owned = self.owned.get_mut(&rref).ok_or_else(|| {
-            violation(format!(
-                "fork request for {:?}, which is not owned here (deleted early?)",
-                rref.0
-            ))
-        })?;
-        owned.forks.insert(fork);
-        Ok(())
+    /// A child asks to be added (idempotent: a retried request adds nothing). The request may
+    /// overtake the creation itself (it travels on another connection): it then registers the
+    /// value ahead of it, as torch's `getOrCreateOwnerRRef` does.
+    pub fn fork_request(&mut self, rref: RRefId, fork: ForkId) {
+        self.owned_ahead(rref).forks.insert(fork);
+    }
+
+    /// The entry of an owned value, registering it if a message about it overtook its creation
+    /// (a value made elsewhere by `remote()`): it then waits for that creation.
+    fn owned_ahead(&mut self, rref: RRefId) -> &mut Owned {
+        let me = self.me;
+        self.owned.entry(rref).or_insert_with(|| Owned {
+            awaiting_creation: rref.0.created_on != me,
+            ..Owned::default()
+        })
     }
 
     /// A user was deleted (idempotent).
     pub fn user_delete(&mut self, rref: RRefId, fork: ForkId) -> Vec<Effect> {
+        let removed = self
+            .owned
+            .get_mut(&rref)
+            .is_some_and(|owned| owned.forks.remove(&fork));
+        if removed {
+            return self.maybe_drop(rref);
+        }
+        // A fork never seen here. A child's delete cannot overtake its own fork request (the
+        // child is deleted only once that request is acknowledged), so this is the creator's
+        // user, deleted before its creation arrived: the creator gave up on it (its `remote()`
+        // timed out). Remember it for the creation, should it still come.
+        if fork.0.created_on != self.me {
+            self.tombstones.insert(fork);
+        }
         match self.owned.get_mut(&rref) {
             Some(owned) => {
-                owned.forks.remove(&fork);
+                owned.awaiting_creation = false;
                 self.maybe_drop(rref)
             }
             None => Vec::new(),
@@ -252,7 +292,7 @@ impl Ledger {
 
     fn maybe_drop(&mut self, rref: RRefId) -> Vec<Effect> {
         match self.owned.get(&rref) {
-            Some(o) if o.forks.is_empty() && o.handles == 0 => {
+            Some(o) if o.forks.is_empty() && o.handles == 0 && !o.awaiting_creation => {
                 self.owned.remove(&rref);
                 vec![Effect::DropValue(rref)]
             }
@@ -307,9 +347,10 @@ impl Ledger {
     ) -> Vec<Effect> {
         if owner == self.me {
             // user→owner or owner→self: the value gets a local handle, and no fork remains.
-            let owned = self.owned.entry(rref).or_default();
+            let me = self.me;
+            let owned = self.owned_ahead(rref);
             owned.handles += 1;
-            return if parent == self.me {
+            return if parent == me {
                 // Our own send to self: drop the fork registered when it was sent.
                 owned.forks.remove(&child);
                 Vec::new()
@@ -420,6 +461,21 @@ impl Ledger {
         self.maybe_delete_user(fork)
     }
 
+    /// Shutdown: every user reference here is deleted, whatever local handles remain (torch's
+    /// `_delete_all_user_and_unforked_owner_rrefs`). Users not yet confirmed, or with children
+    /// not yet accepted, are deleted as soon as they are.
+    pub fn delete_all_users(&mut self) -> Vec<Effect> {
+        let forks: Vec<ForkId> = self.users.keys().copied().collect();
+        let mut effects = Vec::new();
+        for fork in forks {
+            if let Some(u) = self.users.get_mut(&fork) {
+                u.handles = 0;
+            }
+            effects.extend(self.maybe_delete_user(fork));
+        }
+        effects
+    }
+
     /// The owner will never answer for this user (its creation failed or timed out, or the
     /// owner is gone): forget it without telling the owner.
     pub fn user_abandoned(&mut self, fork: ForkId) {
@@ -460,7 +516,7 @@ mod tests {
         let rref = RRefId(a.next_id());
         let fork = ForkId(a.next_id());
         a.user_created(rref, fork, C);
-        c.owner_created(rref, Some(fork));
+        assert_eq!(c.owner_created(rref, Some(fork)), vec![]);
         assert_eq!(a.user_confirmed(fork), vec![Effect::Confirmed(fork)]);
         (a, c, rref, fork)
     }
@@ -513,8 +569,8 @@ mod tests {
             vec![send(C, Control::ForkRequest { rref, fork: child })]
         );
         assert_eq!(b.info().num_pending_users, 1);
-        c.fork_request(rref, child).unwrap();
-        c.fork_request(rref, child).unwrap(); // retried: idempotent
+        c.fork_request(rref, child);
+        c.fork_request(rref, child); // retried: idempotent
         assert_eq!(c.info().num_forks, 2);
         assert_eq!(
             b.fork_acked(child),
@@ -608,7 +664,7 @@ mod tests {
         let child = a.fork_sent(rref, C, Some(parent)).unwrap();
         let _ = b.fork_received(rref, C, child, A);
         assert_eq!(b.user_dropped(child), vec![], "not confirmed yet");
-        c.fork_request(rref, child).unwrap();
+        c.fork_request(rref, child);
         assert_eq!(
             b.fork_acked(child),
             vec![
@@ -639,6 +695,12 @@ mod tests {
                 rref: RRefId,
                 child: ForkId,
                 parent: u32,
+            },
+            /// A remote call on its way to the owner.
+            Create {
+                rref: RRefId,
+                fork: ForkId,
+                creator: u32,
             },
             /// The owner's answer to a remote call.
             RemoteResult {
@@ -715,8 +777,7 @@ mod tests {
                         let l = &mut self.ledgers[to as usize];
                         let effects = match msg {
                             Control::ForkRequest { rref, fork } => {
-                                l.fork_request(rref, fork)
-                                    .expect("G2: the value outlives its forks");
+                                l.fork_request(rref, fork);
                                 // The acknowledgement is the reply to the child's request.
                                 self.inflight.push(Msg::ForkAck {
                                     to: from,
@@ -743,6 +804,15 @@ mod tests {
                             Handle::User(to, rref, child)
                         });
                         self.apply(to, effects);
+                    }
+                    Msg::Create {
+                        rref,
+                        fork,
+                        creator,
+                    } => {
+                        let effects = self.ledgers[C as usize].owner_created(rref, Some(fork));
+                        self.inflight.push(Msg::RemoteResult { to: creator, fork });
+                        self.apply(C, effects);
                     }
                     Msg::RemoteResult { to, fork } => {
                         let effects = self.ledgers[to as usize].user_confirmed(fork);
@@ -781,9 +851,9 @@ mod tests {
                             let rref = RRefId(w.ledgers[at as usize].next_id());
                             let fork = ForkId(w.ledgers[at as usize].next_id());
                             w.ledgers[at as usize].user_created(rref, fork, C);
-                            w.ledgers[C as usize].owner_created(rref, Some(fork));
                             w.handles.push(Handle::User(at, rref, fork));
-                            w.inflight.push(Msg::RemoteResult { to: at, fork });
+                            // The remote call itself travels too: it may arrive late.
+                            w.inflight.push(Msg::Create { rref, fork, creator: at });
                             created.push(rref);
                         }
                         Op::Fork(i, to) if !w.handles.is_empty() => {
@@ -825,13 +895,70 @@ mod tests {
     }
 
     #[test]
+    fn a_delete_that_overtakes_a_delayed_creation() {
+        let mut a = Ledger::new(A);
+        let mut c = Ledger::new(C);
+        let rref = RRefId(a.next_id());
+        let fork = ForkId(a.next_id());
+        a.user_created(rref, fork, C);
+        // The remote call timed out on A, which then dropped its reference.
+        let _ = a.user_confirmed(fork);
+        assert_eq!(
+            a.user_dropped(fork),
+            vec![send(C, Control::UserDelete { rref, fork })]
+        );
+        assert_eq!(c.user_delete(rref, fork), vec![], "nothing to delete yet");
+        assert_eq!(
+            c.owner_created(rref, Some(fork)),
+            vec![Effect::DropValue(rref)],
+            "the late value goes at once"
+        );
+        assert_eq!(c.info(), LedgerInfo::default());
+    }
+
+    #[test]
+    fn a_fork_request_that_overtakes_the_creation() {
+        let mut c = Ledger::new(C);
+        let id = |n| GlobalId {
+            created_on: A,
+            local_id: n,
+        };
+        let (rref, creator, child) = (RRefId(id(1)), ForkId(id(2)), ForkId(id(3)));
+        c.fork_request(rref, child);
+        // The child is done before the creation arrives: the entry must wait for the creator.
+        assert_eq!(c.user_delete(rref, child), vec![]);
+        assert_eq!(c.owner_created(rref, Some(creator)), vec![]);
+        assert_eq!(c.info().num_forks, 1);
+        assert_eq!(c.user_delete(rref, creator), vec![Effect::DropValue(rref)]);
+    }
+
+    #[test]
+    fn a_creator_that_gives_up_before_its_creation_arrives() {
+        let mut c = Ledger::new(C);
+        let id = |n| GlobalId {
+            created_on: A,
+            local_id: n,
+        };
+        let (rref, creator, child) = (RRefId(id(1)), ForkId(id(2)), ForkId(id(3)));
+        c.fork_request(rref, child);
+        assert_eq!(c.user_delete(rref, child), vec![]);
+        // The creator's remote() timed out and it deleted its user: nothing waits any more.
+        assert_eq!(c.user_delete(rref, creator), vec![Effect::DropValue(rref)]);
+        // The creation comes after all: the value goes at once.
+        assert_eq!(
+            c.owner_created(rref, Some(creator)),
+            vec![Effect::DropValue(rref)]
+        );
+        assert_eq!(c.info(), LedgerInfo::default());
+    }
+
+    #[test]
     fn protocol_violations_are_errors() {
         let mut c = Ledger::new(C);
         let rref = RRefId(GlobalId {
             created_on: A,
             local_id: 9,
         });
-        assert!(c.fork_request(rref, ForkId(rref.0)).is_err());
         assert!(c.fork_sent(rref, C, None).is_err());
         assert!(c.fork_sent(rref, C, Some(ForkId(rref.0))).is_err());
     }

@@ -1,0 +1,352 @@
+//! [`RRef<T>`]: a reference to a value that lives on one worker (its owner).
+
+use std::any::Any;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::de::{DeserializeOwned, Error as _};
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::ledger::{ForkId, RRefId};
+use crate::agent::Agent;
+use crate::error::{Error, RemoteError};
+use crate::function::Method;
+use crate::future::RpcFuture;
+use crate::worker::WorkerInfo;
+
+/// How the `remote()` call that created a user reference ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Created {
+    Ok,
+    /// The function failed on the owner: every use reports its error.
+    Remote(RemoteError),
+    /// The creation failed otherwise (unknown function, bad arguments, ...).
+    Failed(String),
+    TimedOut(Duration),
+    OwnerGone(String),
+    /// `remote()` named no worker of the group.
+    UnknownWorker(String),
+}
+
+/// The outcome of the creating `remote()` call, once known.
+#[derive(Debug, Default)]
+pub(crate) struct Creation {
+    state: Mutex<Option<Created>>,
+    done: Condvar,
+}
+
+impl Creation {
+    pub(crate) fn done(outcome: Created) -> Arc<Self> {
+        let c = Arc::new(Self::default());
+        c.set(outcome);
+        c
+    }
+
+    pub(crate) fn set(&self, outcome: Created) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.get_or_insert(outcome);
+        self.done.notify_all();
+    }
+
+    fn get(&self) -> Option<Created> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One local handle on a reference: dropping the last clone tells the ledger.
+pub(crate) struct Inner {
+    pub(crate) agent: Arc<Agent>,
+    pub(crate) id: RRefId,
+    pub(crate) owner: u32,
+    /// `None` for the owner's own handle.
+    pub(crate) fork: Option<ForkId>,
+    pub(crate) creation: Option<Arc<Creation>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Never blocks: the delete is sent by a task, retried until the owner acknowledges it.
+        let effects = self.agent.rrefs.ledger(|l| match self.fork {
+            Some(fork) => l.user_dropped(fork),
+            None => l.owner_handle_dropped(self.id),
+        });
+        self.agent.run_effects(effects);
+    }
+}
+
+/// A remote reference to a `T` owned by one worker (torch's `RRef`): made by
+/// [`Rpc::remote`](crate::Rpc::remote) or [`RRef::new`], passed in the arguments and results of
+/// calls (which forks it), read with [`to_here`](RRef::to_here), and used through
+/// [methods](RRef::rpc_sync) that run on the owner. The value lives until no reference to it
+/// remains anywhere.
+///
+/// ```
+/// use distrpc::{RRef, Rpc, RpcOptions};
+///
+/// #[distrpc::function]
+/// fn make_counter(start: i64) -> std::sync::atomic::AtomicI64 {
+///     std::sync::atomic::AtomicI64::new(start)
+/// }
+/// #[distrpc::function]
+/// fn bump(counter: &std::sync::atomic::AtomicI64, by: i64) -> i64 {
+///     counter.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by
+/// }
+///
+/// let rpc = Rpc::init("w0", 0, 1, RpcOptions::default().init_method("tcp://127.0.0.1:0"))?;
+/// let counter: RRef<std::sync::atomic::AtomicI64> = rpc.remote("w0", make_counter, (40,));
+/// assert_eq!(counter.rpc_sync(bump, (2,))?, 42);              // runs on the owner
+/// assert_eq!(counter.to_here()?.load(std::sync::atomic::Ordering::SeqCst), 42);
+/// rpc.shutdown()?;
+/// # Ok::<(), distrpc::Error>(())
+/// ```
+pub struct RRef<T> {
+    pub(crate) inner: Arc<Inner>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for RRef<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Display for RRef<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.inner.fork {
+            None => write!(f, "OwnerRRef(rref_id={})", self.inner.id.0),
+            Some(fork) => write!(
+                f,
+                "UserRRef(rref_id={}, fork_id={})",
+                self.inner.id.0, fork.0
+            ),
+        }
+    }
+}
+
+impl<T> fmt::Debug for RRef<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl<T> RRef<T> {
+    pub(crate) fn from_inner(inner: Inner) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            _type: PhantomData,
+        }
+    }
+
+    /// The owner of the value.
+    pub fn owner(&self) -> WorkerInfo {
+        self.inner.agent.workers[self.inner.owner as usize].clone()
+    }
+
+    /// The owner's name.
+    pub fn owner_name(&self) -> &str {
+        self.inner.agent.name_of(self.inner.owner)
+    }
+
+    /// Whether this worker owns the value.
+    pub fn is_owner(&self) -> bool {
+        self.inner.fork.is_none()
+    }
+
+    /// Whether the owner knows of this reference (always true on the owner).
+    pub fn confirmed_by_owner(&self) -> bool {
+        match self.inner.fork {
+            None => true,
+            Some(fork) => self.inner.agent.rrefs.ledger(|l| l.is_confirmed(fork)),
+        }
+    }
+
+    /// The error to report instead of using this reference, if its creation failed.
+    fn creation_error(&self) -> Option<Error> {
+        let created = self.inner.creation.as_ref()?.get()?;
+        let owner = self.owner_name().to_string();
+        match created {
+            Created::Ok => None,
+            Created::Remote(e) => Some(Error::Remote(e)),
+            Created::Failed(reason) => Some(Error::RRefCreation { owner, reason }),
+            Created::TimedOut(timeout) => Some(Error::RRefCreation {
+                owner,
+                reason: format!(
+                    "RRef creation via remote() timed out after {timeout:?}; the value may not exist on the owner"
+                ),
+            }),
+            Created::OwnerGone(reason) => Some(Error::PeerGone {
+                worker: owner,
+                reason,
+            }),
+            Created::UnknownWorker(name) => Some(Error::UnknownWorker(name)),
+        }
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> RRef<T> {
+    /// A copy of the value, fetched from the owner, within the default RPC timeout.
+    pub fn to_here(&self) -> Result<T, Error> {
+        self.to_here_timeout(self.inner.agent.default_timeout())
+    }
+
+    /// [`RRef::to_here`] with its own timeout (zero: none).
+    pub fn to_here_timeout(&self, timeout: Duration) -> Result<T, Error> {
+        self.fetch(timeout).wait()
+    }
+
+    /// [`RRef::to_here`] without blocking: a future of the copy.
+    pub fn to_here_async(&self) -> RpcFuture<T> {
+        self.fetch(self.inner.agent.default_timeout())
+    }
+
+    fn fetch(&self, timeout: Duration) -> RpcFuture<T> {
+        if let Some(e) = self.creation_error() {
+            return RpcFuture::ready(Err(e));
+        }
+        crate::rref::fetch(&self.inner.agent, self.inner.owner, self.inner.id, timeout)
+    }
+}
+
+impl<T: Any + Send + Sync> RRef<T> {
+    /// The value itself, on the owner (torch's `local_value()`); waits if it is still being
+    /// created. Elsewhere an error names the owner to call it on.
+    pub fn local_value(&self) -> Result<Arc<T>, Error> {
+        if !self.is_owner() {
+            return Err(Error::NotOwner {
+                owner: self.owner_name().to_string(),
+                operation: "local_value()",
+            });
+        }
+        let agent = &self.inner.agent;
+        let (fut, done) = RpcFuture::pending();
+        let owner = agent.me.name.clone();
+        agent.rrefs.with_value(
+            self.inner.id,
+            Box::new(move |v| done.complete(v.map_err(|f| f.into_error(&owner)))),
+        );
+        let value = fut.wait()?;
+        let any: Arc<dyn Any + Send + Sync> = value;
+        any.downcast::<T>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "the value of {self} is not a {}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+impl<T> RRef<T> {
+    /// Runs `method` on the owner with the value as its first argument and waits for the result.
+    /// If the value is still being created, the call waits for it on the owner.
+    pub fn rpc_sync<A, R>(&self, method: Method<T, A, R>, args: A) -> Result<R, Error>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.rpc_async(method, args).wait()
+    }
+
+    /// [`RRef::rpc_sync`] without waiting.
+    pub fn rpc_async<A, R>(&self, method: Method<T, A, R>, args: A) -> RpcFuture<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        if let Some(e) = self.creation_error() {
+            return RpcFuture::ready(Err(e));
+        }
+        crate::rpc::call_method(
+            &self.inner.agent,
+            self.inner.owner,
+            self.inner.id,
+            method.name(),
+            &args,
+            None,
+        )
+    }
+
+    /// Runs `method` on the owner and keeps its result there, behind a new reference.
+    pub fn remote<A, R>(&self, method: Method<T, A, R>, args: A) -> RRef<R>
+    where
+        A: Serialize,
+        R: Send + Sync + 'static,
+    {
+        crate::rref::remote(
+            &self.inner.agent,
+            self.inner.owner,
+            method.name(),
+            &args,
+            Some(self.inner.id),
+            None,
+        )
+    }
+}
+
+/// An `RRef` on the wire: who owns it, which value, which new user, and who sent it.
+#[derive(Serialize, Deserialize)]
+struct ForkData {
+    owner: u32,
+    rref: RRefId,
+    fork: ForkId,
+    parent: u32,
+}
+
+impl<T> Serialize for RRef<T> {
+    /// Serializing an `RRef` forks it, so it is allowed only inside an RPC encode.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let agent = crate::rref::encoding_agent().ok_or_else(|| {
+            S::Error::custom("an RRef can be serialized only as part of an RPC call or result")
+        })?;
+        if !Arc::ptr_eq(&agent, &self.inner.agent) {
+            return Err(S::Error::custom(
+                "an RRef can be sent only by a worker of its own group",
+            ));
+        }
+        let fork = agent
+            .rrefs
+            .ledger(|l| l.fork_sent(self.inner.id, self.inner.owner, self.inner.fork))
+            .map_err(S::Error::custom)?;
+        ForkData {
+            owner: self.inner.owner,
+            rref: self.inner.id,
+            fork,
+            parent: agent.me.id,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for RRef<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (agent, from) = crate::rref::decoding_context().ok_or_else(|| {
+            D::Error::custom("an RRef can be deserialized only as part of an RPC call or result")
+        })?;
+        let data = ForkData::deserialize(deserializer)?;
+        if data.parent != from || agent.workers.get(data.owner as usize).is_none() {
+            return Err(D::Error::custom(
+                "an RRef with an unknown owner or a forged parent",
+            ));
+        }
+        let effects = agent
+            .rrefs
+            .ledger(|l| l.fork_received(data.rref, data.owner, data.fork, data.parent));
+        let is_owner = data.owner == agent.me.id;
+        if !is_owner {
+            crate::rref::note_received(data.fork);
+        }
+        agent.run_effects(effects);
+        Ok(RRef::from_inner(Inner {
+            agent,
+            id: data.rref,
+            owner: data.owner,
+            fork: (!is_owner).then_some(data.fork),
+            creation: None,
+        }))
+    }
+}
