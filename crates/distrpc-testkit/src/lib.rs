@@ -68,3 +68,44 @@ pub fn shutdown_all(rpcs: Vec<Rpc>) -> Result<(), Error> {
         )))
     }
 }
+
+/// Waits until `condition` holds, checking every millisecond, for at most `bound`; returns
+/// whether it held. For conditions on other workers that send no notification (the owner's
+/// count of values after a delete, say). Never a substitute for a condition that can be waited on.
+pub fn wait_until(bound: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The reference counters of every worker that must be zero once every reference is gone:
+/// `(worker, key, value)` for each non-zero one.
+pub fn rref_leaks(rpcs: &[Rpc]) -> Vec<(String, String, i64)> {
+    let keys = [
+        "num_owner_rrefs",
+        "num_owner_values",
+        "num_user_rrefs",
+        "num_pending_users",
+        "num_forks",
+        "num_pending_futures",
+    ];
+    rpcs.iter()
+        .flat_map(|r| {
+            let m = r.metrics();
+            keys.iter()
+                .filter_map(|k| {
+                    m.get(*k)
+                        .filter(|v| **v != 0)
+                        .map(|v| (r.name().to_string(), k.to_string(), *v))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

@@ -958,13 +958,14 @@ impl Agent {
                 self.send_reply(reply_to, id, kind, outcome);
             }
             Completion::Store(rref) => {
-                self.rrefs.set_value(rref, out.clone());
-                self.send_reply(
-                    reply_to,
-                    id,
-                    Kind::RemoteResult,
-                    out.map(|_| Reply::default()),
-                );
+                // Acknowledge first: whoever then fetches the value finds its reference
+                // confirmed (a fetch that comes in between waits for the value below).
+                let ack = match &out {
+                    Ok(_) => Ok(Reply::default()),
+                    Err(f) => Err(f.clone()),
+                };
+                self.send_reply(reply_to, id, Kind::RemoteResult, ack);
+                self.rrefs.set_value(rref, out);
             }
         }
     }

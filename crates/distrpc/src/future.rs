@@ -144,6 +144,27 @@ impl<T: Send + 'static> RpcFuture<T> {
         }
     }
 
+    /// Calls `f` with the result, on the thread that completes this future (at once if it is
+    /// already complete).
+    pub(crate) fn on_complete(self, f: impl FnOnce(Result<T, Error>) + Send + 'static) {
+        let mut state = self.slot.lock();
+        match std::mem::replace(&mut *state, State::Taken) {
+            State::Pending { waker, .. } => {
+                *state = State::Pending {
+                    waker,
+                    callback: Some(Box::new(f)),
+                };
+            }
+            State::Ready(result) => {
+                drop(state);
+                f(result);
+            }
+            State::Taken => f(Err(Error::InvalidArgument(
+                "future result already taken".into(),
+            ))),
+        }
+    }
+
     /// A future of `f` applied to this one's result. `f` runs on the thread that completes
     /// this future (often an I/O thread), so it must not block; it runs at once if the result
     /// is already here.
@@ -153,22 +174,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         F: FnOnce(Result<T, Error>) -> Result<U, Error> + Send + 'static,
     {
         let (next, done) = RpcFuture::pending();
-        let mut state = self.slot.lock();
-        match std::mem::replace(&mut *state, State::Taken) {
-            State::Pending { waker, .. } => {
-                *state = State::Pending {
-                    waker,
-                    callback: Some(Box::new(move |r| done.complete(f(r)))),
-                };
-            }
-            State::Ready(result) => {
-                drop(state);
-                done.complete(f(result));
-            }
-            State::Taken => done.complete(Err(Error::InvalidArgument(
-                "future result already taken".into(),
-            ))),
-        }
+        self.on_complete(move |r| done.complete(f(r)));
         next
     }
 }

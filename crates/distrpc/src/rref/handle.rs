@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::{DeserializeOwned, Error as _};
@@ -31,11 +31,20 @@ pub(crate) enum Created {
     UnknownWorker(String),
 }
 
-/// The outcome of the creating `remote()` call, once known.
-#[derive(Debug, Default)]
+type OnOutcome = Box<dyn FnOnce(&Created) + Send>;
+
+/// The outcome of the creating `remote()` call, once known, and who waits for it.
+#[derive(Default)]
 pub(crate) struct Creation {
-    state: Mutex<Option<Created>>,
-    done: Condvar,
+    state: Mutex<(Option<Created>, Vec<OnOutcome>)>,
+}
+
+impl fmt::Debug for Creation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Creation")
+            .field("outcome", &self.get())
+            .finish()
+    }
 }
 
 impl Creation {
@@ -45,14 +54,40 @@ impl Creation {
         c
     }
 
+    /// Records the outcome (the first one counts) and tells everyone waiting for it.
     pub(crate) fn set(&self, outcome: Created) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.get_or_insert(outcome);
-        self.done.notify_all();
+        let waiting = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.0.is_some() {
+                return;
+            }
+            s.0 = Some(outcome.clone());
+            std::mem::take(&mut s.1)
+        };
+        for w in waiting {
+            w(&outcome);
+        }
     }
 
     fn get(&self) -> Option<Created> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Calls `f` with the outcome, now or once it is known.
+    fn on_outcome(&self, f: OnOutcome) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &s.0 {
+            Some(outcome) => {
+                let outcome = outcome.clone();
+                drop(s);
+                f(&outcome);
+            }
+            None => s.1.push(f),
+        }
     }
 }
 
@@ -169,23 +204,53 @@ impl<T> RRef<T> {
     /// The error to report instead of using this reference, if its creation failed.
     fn creation_error(&self) -> Option<Error> {
         let created = self.inner.creation.as_ref()?.get()?;
+        creation_error(created, self.owner_name().to_string())
+    }
+
+    /// `fut` (a use of this reference), failed early if the creation fails first: a use issued
+    /// right after `remote()` cannot know yet whether the value will ever exist.
+    fn guarded<R: Send + 'static>(&self, fut: RpcFuture<R>) -> RpcFuture<R> {
+        let Some(creation) = &self.inner.creation else {
+            return fut;
+        };
+        let (out, done) = RpcFuture::pending();
+        let done = Arc::new(Mutex::new(Some(done)));
+        let first = done.clone();
         let owner = self.owner_name().to_string();
-        match created {
-            Created::Ok => None,
-            Created::Remote(e) => Some(Error::Remote(e)),
-            Created::Failed(reason) => Some(Error::RRefCreation { owner, reason }),
-            Created::TimedOut(timeout) => Some(Error::RRefCreation {
-                owner,
-                reason: format!(
-                    "RRef creation via remote() timed out after {timeout:?}; the value may not exist on the owner"
-                ),
-            }),
-            Created::OwnerGone(reason) => Some(Error::PeerGone {
-                worker: owner,
-                reason,
-            }),
-            Created::UnknownWorker(name) => Some(Error::UnknownWorker(name)),
-        }
+        creation.on_outcome(Box::new(move |outcome| {
+            if let Some(e) = creation_error(outcome.clone(), owner)
+                && let Some(d) = first.lock().unwrap_or_else(|e| e.into_inner()).take()
+            {
+                d.complete(Err(e));
+            }
+        }));
+        // The use's own result, unless the creation failed first (then it is dropped).
+        fut.on_complete(move |result| {
+            if let Some(d) = done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                d.complete(result);
+            }
+        });
+        out
+    }
+}
+
+/// The error every use of a reference reports after its creation ended as `created`.
+fn creation_error(created: Created, owner: String) -> Option<Error> {
+    match created {
+        Created::Ok => None,
+        Created::Remote(e) => Some(Error::Remote(e)),
+        Created::Failed(reason) => Some(Error::RRefCreation { owner, reason }),
+        Created::TimedOut(timeout) => Some(Error::RRefCreation {
+            owner,
+            reason: format!(
+                "RRef creation via remote() timed out after {timeout:?}; the value may not exist on the owner"
+            ),
+        }),
+        Created::OwnerGone(reason) => Some(Error::PeerGone {
+            worker: owner,
+            reason,
+        }),
+        Created::UnknownWorker(name) => Some(Error::UnknownWorker(name)),
     }
 }
 
@@ -209,7 +274,12 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
         if let Some(e) = self.creation_error() {
             return RpcFuture::ready(Err(e));
         }
-        crate::rref::fetch(&self.inner.agent, self.inner.owner, self.inner.id, timeout)
+        self.guarded(crate::rref::fetch(
+            &self.inner.agent,
+            self.inner.owner,
+            self.inner.id,
+            timeout,
+        ))
     }
 }
 
@@ -261,14 +331,14 @@ impl<T> RRef<T> {
         if let Some(e) = self.creation_error() {
             return RpcFuture::ready(Err(e));
         }
-        crate::rpc::call_method(
+        self.guarded(crate::rpc::call_method(
             &self.inner.agent,
             self.inner.owner,
             self.inner.id,
             method.name(),
             &args,
             None,
-        )
+        ))
     }
 
     /// Runs `method` on the owner and keeps its result there, behind a new reference.
