@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use distrpc::launch::Launch;
-use distrpc::{Rpc, RpcOptions};
+use distrpc::{RRef, Rpc, RpcOptions, Tensor};
 
 /// Arguments of `distrpc bench`.
 #[derive(clap::Args, Debug)]
@@ -16,14 +16,24 @@ pub(crate) struct BenchArgs {
     /// Run every workload briefly (a smoke test, not a measurement).
     #[arg(long)]
     quick: bool,
-    /// Workloads to run (default: all): latency, raw.
+    /// Workloads to run (default: all): latency, echo, remote, raw.
     workloads: Vec<String>,
 }
 
-const WORKLOADS: &[&str] = &["latency", "raw"];
+const WORKLOADS: &[&str] = &["latency", "echo", "remote", "raw"];
 
 #[distrpc::function]
 fn noop() {}
+
+#[distrpc::function]
+fn echo(t: Tensor) -> Tensor {
+    t
+}
+
+#[distrpc::function]
+fn small_tensor() -> Tensor {
+    Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+}
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let chosen: Vec<&str> = if args.workloads.is_empty() {
@@ -39,9 +49,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let calls = if args.quick { 200 } else { 20_000 };
     for w in chosen {
         match w {
-            "latency" => latency(calls)?,
             "raw" => raw_pingpong(calls)?,
-            _ => unreachable!("checked above"),
+            two_process => two_processes(two_process, calls)?,
         }
     }
     Ok(())
@@ -51,30 +60,54 @@ fn exe() -> anyhow::Result<std::path::PathBuf> {
     std::env::current_exe().context("cannot find the distrpc executable")
 }
 
-/// Two worker processes; rank 1 times `calls` no-op `rpc_sync`s to rank 0 after a warm-up and
+/// Two worker processes; rank 1 times `calls` operations against rank 0 after a warm-up and
 /// prints the JSON line.
-fn latency(calls: usize) -> anyhow::Result<()> {
+fn two_processes(workload: &str, calls: usize) -> anyhow::Result<()> {
     Launch::new(2, exe()?)
-        .args(["__bench-worker", "latency", &calls.to_string()])
+        .args(["__bench-worker", workload, &calls.to_string()])
         .prefix_output(false)
         .run()?;
     Ok(())
 }
 
+/// Times `op` `calls` times after a warm-up of a tenth as many (at least 100).
+fn time_calls(
+    calls: usize,
+    mut op: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Duration>> {
+    for _ in 0..(calls / 10).max(100) {
+        op()?;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        op()?;
+        samples.push(t.elapsed());
+    }
+    Ok(samples)
+}
+
 pub(crate) fn worker(workload: &str, calls: usize) -> anyhow::Result<()> {
     let rank: usize = std::env::var("RANK").context("RANK")?.parse()?;
     let rpc = Rpc::init(&format!("bench{rank}"), None, None, RpcOptions::default())?;
-    if rank == 1 && workload == "latency" {
-        for _ in 0..(calls / 10).max(100) {
-            rpc.rpc_sync(0, noop, ())?;
-        }
-        let mut samples = Vec::with_capacity(calls);
-        for _ in 0..calls {
-            let t = Instant::now();
-            rpc.rpc_sync(0, noop, ())?;
-            samples.push(t.elapsed());
-        }
-        println!("{}", percentiles_json("latency", calls, &mut samples));
+    if rank == 1 {
+        let mut samples = match workload {
+            "latency" => time_calls(calls, || Ok(rpc.rpc_sync(0, noop, ())?))?,
+            "echo" => {
+                let t = Tensor::from_slice(&[1.0f32]);
+                time_calls(calls, || {
+                    rpc.rpc_sync(0, echo, (t.clone(),))?;
+                    Ok(())
+                })?
+            }
+            "remote" => time_calls(calls, || {
+                let r: RRef<Tensor> = rpc.remote(0, small_tensor, ());
+                r.to_here()?;
+                Ok(())
+            })?,
+            other => bail!("unknown bench workload {other:?}"),
+        };
+        println!("{}", percentiles_json(workload, calls, &mut samples));
     }
     rpc.shutdown()?;
     Ok(())

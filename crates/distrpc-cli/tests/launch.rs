@@ -61,7 +61,7 @@ fn bench_quick_prints_json_lines() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for workload in ["latency", "raw_pingpong"] {
+    for workload in ["latency", "echo", "remote", "raw_pingpong"] {
         let line = stdout
             .lines()
             .find(|l| l.contains(&format!("\"workload\": \"{workload}\"")))

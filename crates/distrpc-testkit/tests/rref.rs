@@ -64,6 +64,17 @@ fn pass_on(r: RRef<Counter>, to: String) -> Result<i64, Error> {
     rpc.rpc_sync(to, read_through, (r,))
 }
 
+/// Whether the reference it was given was already confirmed when the function started.
+#[distrpc::function]
+fn confirmed_on_entry(r: RRef<Counter>) -> bool {
+    r.confirmed_by_owner()
+}
+
+#[distrpc::function]
+async fn confirmed_on_entry_async(r: RRef<Counter>) -> bool {
+    r.confirmed_by_owner()
+}
+
 #[distrpc::function]
 fn is_owner_here(r: RRef<Counter>) -> bool {
     r.is_owner()
@@ -215,6 +226,36 @@ fn references_passed_in_every_direction() {
 }
 
 #[test]
+fn a_function_runs_only_once_the_references_it_was_given_are_confirmed() {
+    // worker1's fork requests take a while to leave: the function must wait for the owner's ack.
+    let rpcs = in_process(3, |rank| {
+        let faults = if rank == 1 {
+            FaultInjection::default()
+                .delay(MessageKind::RRefForkRequest, Duration::from_millis(100))
+        } else {
+            FaultInjection::default()
+        };
+        opts().faults(faults)
+    })
+    .unwrap();
+    let r: RRef<Counter> = rpcs[0].remote("worker2", make_counter, (0,));
+    assert!(
+        rpcs[0]
+            .rpc_sync("worker1", confirmed_on_entry, (r.clone(),))
+            .unwrap()
+    );
+    assert!(
+        rpcs[0]
+            .rpc_sync("worker1", confirmed_on_entry_async, (r.clone(),))
+            .unwrap()
+    );
+    drop(r);
+    let handles = rpcs.clone();
+    shutdown_all(rpcs).unwrap();
+    assert_no_leaks(&handles);
+}
+
+#[test]
 fn dropping_the_last_reference_frees_the_value_on_the_owner() {
     let rpcs = in_process(3, |_| opts()).unwrap();
     let r: RRef<Counter> = rpcs[0].remote("worker1", make_counter, (1,));
@@ -346,6 +387,30 @@ fn a_dropped_or_delayed_remote_is_a_creation_timeout() {
     shutdown_all(rpcs).unwrap();
 }
 
+#[test]
+fn references_held_at_shutdown_are_deleted_and_reported_when_asked() {
+    let rpcs = in_process(2, |rank| opts().check_rref_leaks(rank == 0)).unwrap();
+    let kept: RRef<Counter> = rpcs[0].remote("worker1", make_counter, (1,));
+    let also: RRef<Counter> = rpcs[1].remote("worker0", make_counter, (2,));
+    assert_eq!(kept.to_here().unwrap().value.load(Ordering::SeqCst), 1);
+    assert_eq!(also.to_here().unwrap().value.load(Ordering::SeqCst), 2);
+    let handles = rpcs.clone();
+    let err = shutdown_all(rpcs).unwrap_err().to_string();
+    // worker0 checks leaks and reports the reference it still held; worker1 does not check.
+    assert!(
+        err.contains("worker0: leaking RRefs on worker0") && err.contains("UserRRef(rref_id="),
+        "{err}"
+    );
+    assert!(!err.contains("worker1:"), "{err}");
+    // Either way the references were deleted: nothing is left on the owners.
+    assert_no_leaks(&handles);
+    // A reference used after shutdown fails clearly.
+    let e = kept.to_here().unwrap_err();
+    assert!(matches!(e, Error::ShutDown { .. }), "{e}");
+    let e = also.rpc_sync(value_of, ()).unwrap_err();
+    assert!(matches!(e, Error::ShutDown { .. }), "{e}");
+}
+
 /// References each worker holds in the stress test, by worker name.
 static HELD: LazyLock<Mutex<HashMap<String, Vec<RRef<Counter>>>>> = LazyLock::new(Default::default);
 
@@ -389,7 +454,7 @@ fn stress(seed: u64, faults: impl Fn() -> FaultInjection) {
             .get(name)
             .and_then(|v| v.get(i % v.len().max(1)).cloned())
     };
-    for step in 0..600 {
+    for step in 0..2000 {
         let w = rng.next(4);
         let held = HELD.lock().unwrap().get(&names[w]).map_or(0, Vec::len);
         match rng.next(10) {

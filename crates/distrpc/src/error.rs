@@ -114,6 +114,15 @@ pub enum Error {
         /// The operation.
         operation: &'static str,
     },
+    /// Graceful shutdown found user references still held (with leak checking on); they were
+    /// deleted, and the shutdown completed.
+    #[error("leaking RRefs on {worker}: {references:?} were still held at shutdown")]
+    RRefLeak {
+        /// The worker.
+        worker: String,
+        /// The references, as `UserRRef(rref_id=..., fork_id=...)`.
+        references: Vec<String>,
+    },
     /// Rendezvous at init failed.
     #[error("rendezvous failed: {0}")]
     Rendezvous(String),

@@ -44,6 +44,7 @@ pub struct RpcOptions {
     pub(crate) max_frame_bytes: u64,
     pub(crate) listen_ip: Option<IpAddr>,
     pub(crate) faults: FaultInjection,
+    pub(crate) check_rref_leaks: bool,
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
 }
 
@@ -56,6 +57,7 @@ impl Default for RpcOptions {
             max_frame_bytes: distrpc_wire::Limits::default().max_body,
             listen_ip: None,
             faults: FaultInjection::default(),
+            check_rref_leaks: false,
             functions: Vec::new(),
         }
     }
@@ -70,6 +72,7 @@ impl fmt::Debug for RpcOptions {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("listen_ip", &self.listen_ip)
             .field("faults", &self.faults)
+            .field("check_rref_leaks", &self.check_rref_leaks)
             .field(
                 "functions",
                 &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -118,6 +121,13 @@ impl RpcOptions {
     /// rendezvous host.
     pub fn listen_ip(mut self, ip: IpAddr) -> Self {
         self.listen_ip = Some(ip);
+        self
+    }
+
+    /// Whether graceful shutdown reports user references the application still holds (torch's
+    /// `_ignore_rref_leak = False`). Off by default, as in torch. Either way they are deleted.
+    pub fn check_rref_leaks(mut self, on: bool) -> Self {
+        self.check_rref_leaks = on;
         self
     }
 

@@ -27,6 +27,7 @@ pub(crate) struct Shared {
     gather: Arc<Gather>,
     store_server: Mutex<Option<distrpc_store::TcpStoreServer>>,
     listen_addr: SocketAddr,
+    check_rref_leaks: bool,
 }
 
 impl Drop for Shared {
@@ -113,6 +114,7 @@ impl PendingRpc {
             bound.advertise,
             options.rpc_timeout,
         ))?;
+        let check_rref_leaks = options.check_rref_leaks;
         let gather = Arc::new(Gather::default());
         let mut registry = Registry::with_registered();
         for (fname, handler) in options.functions {
@@ -147,6 +149,7 @@ impl PendingRpc {
             gather,
             store_server: Mutex::new(bound.server),
             listen_addr,
+            check_rref_leaks,
         });
         let _ = agent.rpc.set(Arc::downgrade(&shared));
         tracing::debug!(worker = %name, rank, world, %listen_addr, "rpc initialized");
@@ -582,11 +585,16 @@ impl Rpc {
             }
         };
         let gather = &self.shared.gather;
-        let result = (|| {
+        let mut held = Vec::new();
+        let leaked = &mut held;
+        let result = (|| -> Result<(), Error> {
             crate::gather::all_gather(agent, gather, &(), None, Some(left()?))?;
             // Every user reference still held is deleted now; the loop below waits for the
             // deletes (and their confirmations) like any other call in flight.
-            let effects = agent.rrefs.ledger(|l| l.delete_all_users());
+            let (held, effects) = agent
+                .rrefs
+                .ledger(|l| (l.held_users(), l.delete_all_users()));
+            *leaked = held;
             agent.run_effects(effects);
             loop {
                 let counts = agent.counts();
@@ -599,7 +607,17 @@ impl Rpc {
             }
         })();
         self.shutdown_local();
-        result
+        result?;
+        if self.shared.check_rref_leaks && !held.is_empty() {
+            return Err(Error::RRefLeak {
+                worker: agent.me.name.clone(),
+                references: held
+                    .iter()
+                    .map(|(r, f)| format!("UserRRef(rref_id={}, fork_id={})", r.0, f.0))
+                    .collect(),
+            });
+        }
+        Ok(())
     }
 
     /// Stops this worker at once, without waiting for the others (torch's

@@ -16,6 +16,12 @@ fn scaled_sum(t: Tensor, by: f64) -> Result<f64, distrpc::TensorError> {
     Ok(t.as_slice::<f64>()?.iter().sum::<f64>() * by)
 }
 
+/// A value to keep behind a remote reference.
+#[distrpc::function]
+fn make_tensor(n: usize) -> Tensor {
+    Tensor::from_slice(&vec![1.5f64; n])
+}
+
 /// Ends this process while the caller waits for the reply: a crash, as far as peers can tell.
 #[distrpc::function]
 fn crash() -> u64 {
@@ -59,6 +65,9 @@ fn peer_death() -> anyhow::Result<()> {
         }
         1 => {
             rpc.barrier(&["worker0", "worker1"])?;
+            // A value owned by worker0, which is about to die.
+            let owned: distrpc::RRef<Tensor> = rpc.remote("worker0", make_tensor, (3,));
+            ensure!(owned.to_here()?.as_slice::<f64>()? == [1.5; 3]);
             let started = Instant::now();
             // No timeout: only failure detection can end this call.
             let err = rpc

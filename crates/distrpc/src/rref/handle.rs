@@ -254,6 +254,14 @@ fn creation_error(created: Created, owner: String) -> Option<Error> {
     }
 }
 
+impl<T: Serialize + Send + Sync + 'static> RRef<T> {
+    /// A reference owned by `rpc`'s worker to `value` (torch's `RRef(value)`); the same as
+    /// [`Rpc::rref`](crate::Rpc::rref).
+    pub fn new(rpc: &crate::Rpc, value: T) -> Self {
+        rpc.rref(value)
+    }
+}
+
 impl<T: DeserializeOwned + Send + 'static> RRef<T> {
     /// A copy of the value, fetched from the owner, within the default RPC timeout.
     pub fn to_here(&self) -> Result<T, Error> {

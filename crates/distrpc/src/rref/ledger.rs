@@ -461,6 +461,18 @@ impl Ledger {
         self.maybe_delete_user(fork)
     }
 
+    /// User references the application still holds (with their values), for leak reports.
+    pub fn held_users(&self) -> Vec<(RRefId, ForkId)> {
+        let mut held: Vec<_> = self
+            .users
+            .iter()
+            .filter(|(_, u)| u.handles > 0)
+            .map(|(f, u)| (u.rref, *f))
+            .collect();
+        held.sort();
+        held
+    }
+
     /// Shutdown: every user reference here is deleted, whatever local handles remain (torch's
     /// `_delete_all_user_and_unforked_owner_rrefs`). Users not yet confirmed, or with children
     /// not yet accepted, are deleted as soon as they are.
