@@ -732,41 +732,24 @@ impl Agent {
         let method = frame.flags & FLAG_METHOD != 0;
         match frame.kind {
             Kind::Call => {
-                let mut rest = &frame.payload[..];
-                let this = if method {
-                    Some(RRefId(get_id(&mut rest).ok_or("malformed method call")?))
-                } else {
-                    None
-                };
-                let head = frame.payload.slice(frame.payload.len() - rest.len()..);
-                let (function, args) = parse_call_head(&head).ok_or("malformed call head")?;
+                let call = parse_call(&frame.payload, 0, method).ok_or("malformed call")?;
                 self.dispatch(
                     reply_to,
                     id,
                     from,
-                    function,
-                    args,
+                    call.function,
+                    call.args,
                     frame.tensors,
-                    this,
+                    call.this,
                     Completion::Reply(Kind::Result),
                 );
             }
             Kind::RemoteCall => {
-                let mut rest = &frame.payload[..];
-                let rref = RRefId(get_id(&mut rest).ok_or("malformed remote call")?);
-                let fork = ForkId(get_id(&mut rest).ok_or("malformed remote call")?);
-                let this = if method {
-                    Some(RRefId(
-                        get_id(&mut rest).ok_or("malformed remote method call")?,
-                    ))
-                } else {
-                    None
-                };
+                let call = parse_call(&frame.payload, 2, method).ok_or("malformed remote call")?;
+                let (rref, fork) = (RRefId(call.ids[0]), ForkId(call.ids[1]));
                 if rref.0.created_on != from || fork.0.created_on != from {
                     return Err("remote call with ids its sender did not create".into());
                 }
-                let head = frame.payload.slice(frame.payload.len() - rest.len()..);
-                let (function, args) = parse_call_head(&head).ok_or("malformed call head")?;
                 let effects = self.rrefs.ledger(|l| l.owner_created(rref, Some(fork)));
                 self.rrefs.expect_value(rref);
                 self.run_effects(effects);
@@ -774,10 +757,10 @@ impl Agent {
                     reply_to,
                     id,
                     from,
-                    function,
-                    args,
+                    call.function,
+                    call.args,
                     frame.tensors,
-                    this,
+                    call.this,
                     Completion::Store(rref),
                 );
             }
@@ -1225,6 +1208,35 @@ pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
     payload.extend_from_slice(&len.to_le_bytes());
     payload.extend_from_slice(function.as_bytes());
     Ok(payload)
+}
+
+/// A call payload taken apart: leading ids (a remote call's new reference and fork), the value
+/// a method is called on, the function, and the encoded arguments.
+struct CallParts {
+    ids: Vec<crate::rref::GlobalId>,
+    this: Option<RRefId>,
+    function: String,
+    args: Bytes,
+}
+
+fn parse_call(payload: &Bytes, ids: usize, method: bool) -> Option<CallParts> {
+    let mut rest = &payload[..];
+    let ids = (0..ids)
+        .map(|_| get_id(&mut rest))
+        .collect::<Option<Vec<_>>>()?;
+    let this = if method {
+        Some(RRefId(get_id(&mut rest)?))
+    } else {
+        None
+    };
+    let head = payload.slice(payload.len() - rest.len()..);
+    let (function, args) = parse_call_head(&head)?;
+    Some(CallParts {
+        ids,
+        this,
+        function,
+        args,
+    })
 }
 
 fn parse_call_head(payload: &Bytes) -> Option<(String, Bytes)> {
