@@ -348,6 +348,10 @@ fn metrics_use_torch_keys() {
         "agent.client_active_calls",
         "agent.server_active_calls",
         "agent.server_active_async_calls",
+        "num_owner_rrefs",
+        "num_pending_users",
+        "num_forks",
+        "num_pending_futures",
     ] {
         assert!(m.contains_key(key), "missing {key}");
     }

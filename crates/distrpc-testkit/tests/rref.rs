@@ -454,7 +454,7 @@ fn stress(seed: u64, faults: impl Fn() -> FaultInjection) {
             .get(name)
             .and_then(|v| v.get(i % v.len().max(1)).cloned())
     };
-    for step in 0..2000 {
+    for step in 0..3000 {
         let w = rng.next(4);
         let held = HELD.lock().unwrap().get(&names[w]).map_or(0, Vec::len);
         match rng.next(10) {
