@@ -1,12 +1,17 @@
 //! `distrpc bench`: distrpc's figures next to the raw limits of this machine, measured in the
 //! same run, because this machine is shared and noisy and only ratios within one run mean much.
+//!
+//! Every workload that needs two processes starts them with the launcher (`__bench-worker`);
+//! rank 1 measures and prints one JSON line per figure. The raw baselines use plain blocking
+//! sockets between this process and a child (`__raw-echo`), with no async runtime.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use distrpc::launch::Launch;
 use distrpc::{RRef, Rpc, RpcOptions, Tensor};
 
@@ -16,11 +21,27 @@ pub(crate) struct BenchArgs {
     /// Run every workload briefly (a smoke test, not a measurement).
     #[arg(long)]
     quick: bool,
-    /// Workloads to run (default: all): latency, echo, remote, raw.
+    /// Workloads to run (default: all): latency, latency_busy, echo, throughput, bandwidth,
+    /// remote, scaling, memory, raw.
     workloads: Vec<String>,
 }
 
-const WORKLOADS: &[&str] = &["latency", "echo", "remote", "raw"];
+const WORKLOADS: &[&str] = &[
+    "latency",
+    "latency_busy",
+    "echo",
+    "throughput",
+    "bandwidth",
+    "remote",
+    "scaling",
+    "memory",
+    "raw",
+];
+
+/// How long the latency option spins before parking, in `latency_busy`.
+const BUSY_POLL: Duration = Duration::from_micros(200);
+const WINDOWS: [usize; 3] = [1, 16, 128];
+const SIZES: [usize; 4] = [4 << 10, 1 << 20, 16 << 20, 128 << 20];
 
 #[distrpc::function]
 fn noop() {}
@@ -35,6 +56,37 @@ fn small_tensor() -> Tensor {
     Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
 }
 
+#[distrpc::function]
+fn numel(t: Tensor) -> u64 {
+    t.numel() as u64
+}
+
+/// How much each workload does.
+#[derive(Clone, Copy, Debug)]
+struct Scale {
+    calls: usize,
+    seconds: f64,
+    quick: bool,
+}
+
+impl Scale {
+    fn arg(self) -> String {
+        format!("{}:{}:{}", self.calls, self.seconds, self.quick)
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        let mut it = s.split(':');
+        let (Some(c), Some(sec), Some(q)) = (it.next(), it.next(), it.next()) else {
+            bail!("bad scale {s:?}");
+        };
+        Ok(Self {
+            calls: c.parse()?,
+            seconds: sec.parse()?,
+            quick: q.parse()?,
+        })
+    }
+}
+
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let chosen: Vec<&str> = if args.workloads.is_empty() {
         WORKLOADS.to_vec()
@@ -46,11 +98,30 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
         }
     }
-    let calls = if args.quick { 200 } else { 20_000 };
+    raise_fd_limit();
+    let scale = if args.quick {
+        Scale {
+            calls: 300,
+            seconds: 0.2,
+            quick: true,
+        }
+    } else {
+        Scale {
+            calls: 20_000,
+            seconds: 3.0,
+            quick: false,
+        }
+    };
     for w in chosen {
         match w {
-            "raw" => raw_pingpong(calls)?,
-            two_process => two_processes(two_process, calls)?,
+            "raw" => raw(scale)?,
+            "scaling" => scaling(scale)?,
+            two_process => {
+                Launch::new(2, exe()?)
+                    .args(["__bench-worker", two_process, &scale.arg()])
+                    .prefix_output(false)
+                    .run()?;
+            }
         }
     }
     Ok(())
@@ -60,14 +131,19 @@ fn exe() -> anyhow::Result<std::path::PathBuf> {
     std::env::current_exe().context("cannot find the distrpc executable")
 }
 
-/// Two worker processes; rank 1 times `calls` operations against rank 0 after a warm-up and
-/// prints the JSON line.
-fn two_processes(workload: &str, calls: usize) -> anyhow::Result<()> {
-    Launch::new(2, exe()?)
-        .args(["__bench-worker", workload, &calls.to_string()])
-        .prefix_output(false)
-        .run()?;
-    Ok(())
+/// Many in-process workers need many sockets: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit get a valid pointer to an rlimit they fill or read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Times `op` `calls` times after a warm-up of a tenth as many (at least 100).
@@ -87,50 +163,377 @@ fn time_calls(
     Ok(samples)
 }
 
-pub(crate) fn worker(workload: &str, calls: usize) -> anyhow::Result<()> {
-    let rank: usize = std::env::var("RANK").context("RANK")?.parse()?;
-    let rpc = Rpc::init(&format!("bench{rank}"), None, None, RpcOptions::default())?;
-    if rank == 1 {
-        let mut samples = match workload {
-            "latency" => time_calls(calls, || Ok(rpc.rpc_sync(0, noop, ())?))?,
-            "echo" => {
-                let t = Tensor::from_slice(&[1.0f32]);
-                time_calls(calls, || {
-                    rpc.rpc_sync(0, echo, (t.clone(),))?;
-                    Ok(())
-                })?
-            }
-            "remote" => time_calls(calls, || {
-                let r: RRef<Tensor> = rpc.remote(0, small_tensor, ());
-                r.to_here()?;
-                Ok(())
-            })?,
-            other => bail!("unknown bench workload {other:?}"),
-        };
-        println!("{}", percentiles_json(workload, calls, &mut samples));
-    }
-    rpc.shutdown()?;
-    Ok(())
-}
-
-fn percentiles_json(workload: &str, n: usize, samples: &mut [Duration]) -> String {
+fn percentiles_json(workload: &str, samples: &mut [Duration]) -> String {
     samples.sort_unstable();
     let pct = |p: f64| {
         let i = ((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1));
         samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
     format!(
-        "{{\"workload\": \"{workload}\", \"calls\": {n}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}}}",
+        "{{\"workload\": \"{workload}\", \"calls\": {}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}}}",
+        samples.len(),
         pct(0.50),
         pct(0.90),
         pct(0.99)
     )
 }
 
-/// The raw limit: an 8-byte ping-pong over blocking TCP between this process and a child.
-fn raw_pingpong(calls: usize) -> anyhow::Result<()> {
+/// Resident set size of this process, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A worker process of a two-process workload: rank 0 serves, rank 1 measures.
+pub(crate) fn worker(workload: &str, scale: &str) -> anyhow::Result<()> {
+    let scale = Scale::parse(scale)?;
+    let rank: usize = std::env::var("RANK").context("RANK")?.parse()?;
+    let mut options = RpcOptions::default();
+    if workload == "latency_busy" {
+        options = options.busy_poll(BUSY_POLL);
+    }
+    let rpc = Rpc::init(&format!("bench{rank}"), None, None, options)?;
+    if rank == 1 {
+        measure(&rpc, workload, scale)?;
+    }
+    rpc.shutdown()?;
+    Ok(())
+}
+
+fn measure(rpc: &Rpc, workload: &str, scale: Scale) -> anyhow::Result<()> {
+    match workload {
+        "latency" | "latency_busy" => {
+            let mut s = time_calls(scale.calls, || Ok(rpc.rpc_sync(0, noop, ())?))?;
+            println!("{}", percentiles_json(workload, &mut s));
+        }
+        "echo" => {
+            let t = Tensor::from_slice(&[1.0f32]);
+            let mut s = time_calls(scale.calls, || {
+                rpc.rpc_sync(0, echo, (t.clone(),))?;
+                Ok(())
+            })?;
+            println!("{}", percentiles_json(workload, &mut s));
+        }
+        "remote" => {
+            let mut s = time_calls(scale.calls, || {
+                let r: RRef<Tensor> = rpc.remote(0, small_tensor, ());
+                r.to_here()?;
+                Ok(())
+            })?;
+            println!("{}", percentiles_json(workload, &mut s));
+        }
+        "throughput" => {
+            for window in WINDOWS {
+                let rate = throughput(rpc, window, scale.seconds)?;
+                println!(
+                    "{{\"workload\": \"throughput\", \"window\": {window}, \"calls_per_s\": {rate:.0}}}"
+                );
+            }
+        }
+        "bandwidth" => {
+            for bytes in SIZES {
+                let gbps = bandwidth(rpc, bytes, scale)?;
+                println!(
+                    "{{\"workload\": \"bandwidth\", \"bytes\": {bytes}, \"gb_per_s\": {gbps:.3}}}"
+                );
+            }
+        }
+        "memory" => {
+            let after_init = rss_mib();
+            time_calls(scale.calls, || Ok(rpc.rpc_sync(0, noop, ())?))?;
+            throughput(rpc, 128, scale.seconds)?;
+            bandwidth(rpc, 16 << 20, scale)?;
+            println!(
+                "{{\"workload\": \"memory\", \"rss_mib_after_init\": {after_init:.1}, \"rss_mib_after_workloads\": {:.1}}}",
+                rss_mib()
+            );
+        }
+        other => bail!("unknown bench workload {other:?}"),
+    }
+    Ok(())
+}
+
+/// No-op `rpc_async` calls with `window` in flight for `seconds`: calls per second.
+fn throughput(rpc: &Rpc, window: usize, seconds: f64) -> anyhow::Result<f64> {
+    let mut inflight = VecDeque::with_capacity(window);
+    let run = |inflight: &mut VecDeque<_>, until: Instant| -> anyhow::Result<u64> {
+        let mut done = 0u64;
+        while Instant::now() < until {
+            while inflight.len() < window {
+                inflight.push_back(rpc.rpc_async(0, noop, ()));
+            }
+            if let Some(f) = inflight.pop_front() {
+                distrpc::RpcFuture::wait(f)?;
+                done += 1;
+            }
+        }
+        while let Some(f) = inflight.pop_front() {
+            f.wait()?;
+            done += 1;
+        }
+        Ok(done)
+    };
+    run(
+        &mut inflight,
+        Instant::now() + Duration::from_secs_f64(seconds / 10.0),
+    )?;
+    let started = Instant::now();
+    let done = run(&mut inflight, started + Duration::from_secs_f64(seconds))?;
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One f32 tensor of `bytes` sent to a function that returns its element count: GB/s.
+fn bandwidth(rpc: &Rpc, bytes: usize, scale: Scale) -> anyhow::Result<f64> {
+    let t = Tensor::from_vec(vec![bytes / 4], vec![1.0f32; bytes / 4])?;
+    let reps = ((if scale.quick { 64 << 20 } else { 2usize << 30 }) / bytes).clamp(2, 20_000);
+    rpc.rpc_sync(0, numel, (t.clone(),))?;
+    let started = Instant::now();
+    for _ in 0..reps {
+        let n = rpc.rpc_sync(0, numel, (t.clone(),))?;
+        ensure!(n as usize == bytes / 4, "the callee saw {n} elements");
+    }
+    Ok((bytes * reps) as f64 / started.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Groups of 2, 4 and 8 processes (init, all-to-all, shutdown), and of 8, 64 and 256 workers in
+/// this process (init, barrier, shutdown).
+fn scaling(scale: Scale) -> anyhow::Result<()> {
+    for n in [2, 4, 8] {
+        Launch::new(n, exe()?)
+            .args(["__bench-worker", "scaling", &scale.arg()])
+            .prefix_output(false)
+            .run()?;
+    }
+    let sizes: &[usize] = if scale.quick {
+        &[8, 32, 64]
+    } else {
+        &[8, 64, 256]
+    };
+    for &n in sizes {
+        let (init, barrier, shutdown) = in_process_group(n)?;
+        println!(
+            "{{\"workload\": \"scaling\", \"workers\": {n}, \"in_process\": true, \"init_ms\": {:.1}, \"barrier_ms\": {:.1}, \"shutdown_ms\": {:.1}}}",
+            init.as_secs_f64() * 1e3,
+            barrier.as_secs_f64() * 1e3,
+            shutdown.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// A scaling run in one of `WORLD_SIZE` processes; rank 0 prints the figures.
+pub(crate) fn scaling_worker(scale: &str) -> anyhow::Result<()> {
+    let scale = Scale::parse(scale)?;
+    let rank: usize = std::env::var("RANK").context("RANK")?.parse()?;
+    let started = Instant::now();
+    let rpc = Rpc::init(&format!("bench{rank}"), None, None, RpcOptions::default())?;
+    let init = started.elapsed().as_secs_f64() * 1e3;
+    let slowest_init = rpc.all_gather(&init)?.values().copied().fold(0.0, f64::max);
+    let names: Vec<String> = rpc.worker_infos().iter().map(|w| w.name.clone()).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let calls = if scale.quick { 20 } else { 200 };
+    rpc.barrier(&all)?;
+    let t = Instant::now();
+    let futs: Vec<_> = (0..calls)
+        .flat_map(|_| {
+            rpc.worker_infos()
+                .iter()
+                .filter(|w| w.id != rpc.rank())
+                .map(|w| rpc.rpc_async(w, noop, ()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    distrpc::wait_all(futs)?;
+    rpc.barrier(&all)?;
+    let all_to_all = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    rpc.shutdown()?;
+    let shutdown = t.elapsed().as_secs_f64() * 1e3;
+    if rank == 0 {
+        println!(
+            "{{\"workload\": \"scaling\", \"workers\": {}, \"in_process\": false, \"init_ms\": {slowest_init:.1}, \"all_to_all_ms\": {all_to_all:.1}, \"shutdown_ms\": {shutdown:.1}}}",
+            names.len()
+        );
+    }
+    Ok(())
+}
+
+/// `n` workers in this process: wall time of init, of one barrier, and of graceful shutdown.
+fn in_process_group(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let started = Instant::now();
+    let first = Rpc::bind(
+        "w0",
+        0,
+        n,
+        RpcOptions::default().init_method("tcp://127.0.0.1:0"),
+    )?;
+    let method = format!("tcp://{}", first.store_addr().context("no store")?);
+    let joins: Vec<_> = (1..n)
+        .map(|r| {
+            let m = method.clone();
+            std::thread::spawn(move || {
+                Rpc::init(&format!("w{r}"), r, n, RpcOptions::default().init_method(m))
+            })
+        })
+        .collect();
+    let mut rpcs = vec![first.join()?];
+    for j in joins {
+        rpcs.push(
+            j.join()
+                .map_err(|_| anyhow::anyhow!("init thread panicked"))??,
+        );
+    }
+    let init = started.elapsed();
+    let names: Vec<String> = rpcs.iter().map(|r| r.name().to_string()).collect();
+    let t = Instant::now();
+    let barriers: Vec<_> = rpcs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let names = names.clone();
+            std::thread::spawn(move || {
+                let all: Vec<&str> = names.iter().map(String::as_str).collect();
+                r.barrier(&all)
+            })
+        })
+        .collect();
+    for b in barriers {
+        b.join()
+            .map_err(|_| anyhow::anyhow!("barrier thread panicked"))??;
+    }
+    let barrier = t.elapsed();
+    let t = Instant::now();
+    let downs: Vec<_> = rpcs
+        .into_iter()
+        .map(|r| std::thread::spawn(move || r.shutdown()))
+        .collect();
+    for d in downs {
+        d.join()
+            .map_err(|_| anyhow::anyhow!("shutdown thread panicked"))??;
+    }
+    Ok((init, barrier, t.elapsed()))
+}
+
+/// The raw limits, with plain blocking sockets and no async runtime.
+fn raw(scale: Scale) -> anyhow::Result<()> {
+    // 8-byte ping-pong, blocking.
+    let (mut child, mut s) = raw_peer("echo", 8)?;
+    let mut samples = time_calls(scale.calls, || pingpong(&mut s, false))?;
+    println!("{}", percentiles_json("raw_pingpong", &mut samples));
+    finish(&mut child, s)?;
+    // 8-byte ping-pong, both sides busy-polling non-blocking sockets.
+    let (mut child, mut s) = raw_peer("echo-busy", 8)?;
+    s.set_nonblocking(true)?;
+    let mut samples = time_calls(scale.calls, || pingpong(&mut s, true))?;
+    println!("{}", percentiles_json("raw_pingpong_busy", &mut samples));
+    s.set_nonblocking(false)?;
+    finish(&mut child, s)?;
+    // Pipelined 16-byte echo with a window of messages in flight.
+    for window in WINDOWS {
+        let (mut child, mut s) = raw_peer("echo", 16)?;
+        let rate = raw_echo(&mut s, window, scale.seconds)?;
+        println!("{{\"workload\": \"raw_echo\", \"window\": {window}, \"msgs_per_s\": {rate:.0}}}");
+        finish(&mut child, s)?;
+    }
+    // One stream, as fast as it goes.
+    let (mut child, mut s) = raw_peer("sink", 0)?;
+    let total: usize = if scale.quick { 256 << 20 } else { 8 << 30 };
+    let chunk = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&chunk)?;
+        sent += chunk.len();
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack)?;
+    ensure!(
+        u64::from_le_bytes(ack) as usize == total,
+        "the sink did not get every byte"
+    );
+    let gbps = total as f64 / started.elapsed().as_secs_f64() / 1e9;
+    println!("{{\"workload\": \"raw_bandwidth\", \"bytes\": {total}, \"gb_per_s\": {gbps:.3}}}");
+    child.wait()?;
+    Ok(())
+}
+
+fn pingpong(s: &mut TcpStream, busy: bool) -> anyhow::Result<()> {
+    let msg = [1u8; 8];
+    let mut buf = [0u8; 8];
+    if busy {
+        spin_write(s, &msg)?;
+        spin_read(s, &mut buf)?;
+    } else {
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+    }
+    Ok(())
+}
+
+fn spin_read(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn spin_write(s: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match s.write(&buf[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn raw_echo(s: &mut TcpStream, window: usize, seconds: f64) -> anyhow::Result<f64> {
+    let msg = [3u8; 16];
+    let mut buf = [0u8; 16];
+    for _ in 0..window {
+        s.write_all(&msg)?;
+    }
+    let warm = Instant::now() + Duration::from_secs_f64(seconds / 10.0);
+    while Instant::now() < warm {
+        s.read_exact(&mut buf)?;
+        s.write_all(&msg)?;
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(seconds);
+    let mut done = 0u64;
+    while Instant::now() < until {
+        s.read_exact(&mut buf)?;
+        s.write_all(&msg)?;
+        done += 1;
+    }
+    let rate = done as f64 / started.elapsed().as_secs_f64();
+    for _ in 0..window {
+        s.read_exact(&mut buf)?;
+    }
+    Ok(rate)
+}
+
+/// Starts `distrpc __raw-echo MODE SIZE` and connects to it.
+fn raw_peer(mode: &str, size: usize) -> anyhow::Result<(Child, TcpStream)> {
     let mut child = Command::new(exe()?)
-        .args(["__raw-echo", "8"])
+        .args(["__raw-echo", mode, &size.to_string()])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut out = BufReader::new(child.stdout.take().context("no stdout")?);
@@ -139,35 +542,53 @@ fn raw_pingpong(calls: usize) -> anyhow::Result<()> {
     let port: u16 = line
         .trim()
         .strip_prefix("PORT ")
-        .context("no port from the echo server")?
+        .context("no port from the raw peer")?
         .parse()?;
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
-    let mut buf = [0u8; 8];
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..(calls + (calls / 10).max(100)) {
-        let t = Instant::now();
-        s.write_all(&(i as u64).to_le_bytes())?;
-        s.read_exact(&mut buf)?;
-        if i >= (calls / 10).max(100) {
-            samples.push(t.elapsed());
-        }
-    }
+    Ok((child, s))
+}
+
+fn finish(child: &mut Child, s: TcpStream) -> anyhow::Result<()> {
     drop(s);
     child.wait()?;
-    println!("{}", percentiles_json("raw_pingpong", calls, &mut samples));
     Ok(())
 }
 
-pub(crate) fn raw_echo_server(size: usize) -> anyhow::Result<()> {
+/// The other end of the raw baselines: echoes fixed-size messages (blocking, or busy-polling a
+/// non-blocking socket), or swallows a stream and answers with its length.
+pub(crate) fn raw_echo_server(mode: &str, size: usize) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("PORT {}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
     let (mut s, _) = listener.accept()?;
     s.set_nodelay(true)?;
-    let mut buf = vec![0u8; size];
-    while s.read_exact(&mut buf).is_ok() {
-        s.write_all(&buf)?;
+    match mode {
+        "echo" => {
+            let mut buf = vec![0u8; size];
+            while s.read_exact(&mut buf).is_ok() {
+                s.write_all(&buf)?;
+            }
+        }
+        "echo-busy" => {
+            s.set_nonblocking(true)?;
+            let mut buf = vec![0u8; size];
+            while spin_read(&mut s, &mut buf).is_ok() {
+                spin_write(&mut s, &buf)?;
+            }
+        }
+        "sink" => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf)? {
+                    0 => break,
+                    n => total += n as u64,
+                }
+            }
+            s.write_all(&total.to_le_bytes())?;
+        }
+        other => bail!("unknown raw mode {other:?}"),
     }
     Ok(())
 }

@@ -47,10 +47,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Internal: a worker process of `distrpc bench`.
     #[command(hide = true, name = "__bench-worker")]
-    BenchWorker { workload: String, calls: usize },
-    /// Internal: the echo server of the raw TCP baseline.
+    BenchWorker { workload: String, scale: String },
+    /// Internal: the other end of the raw TCP baselines.
     #[command(hide = true, name = "__raw-echo")]
-    RawEcho { size: usize },
+    RawEcho { mode: String, size: usize },
 }
 
 fn main() -> ExitCode {
@@ -63,8 +63,11 @@ fn main() -> ExitCode {
             command,
         } => launch(nproc, master_addr, master_port, command),
         Command::Bench(args) => bench::run(args),
-        Command::BenchWorker { workload, calls } => bench::worker(&workload, calls),
-        Command::RawEcho { size } => bench::raw_echo_server(size),
+        Command::BenchWorker { workload, scale } if workload == "scaling" => {
+            bench::scaling_worker(&scale)
+        }
+        Command::BenchWorker { workload, scale } => bench::worker(&workload, &scale),
+        Command::RawEcho { mode, size } => bench::raw_echo_server(&mode, size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

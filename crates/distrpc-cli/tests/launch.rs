@@ -50,7 +50,7 @@ fn one_failure_stops_the_others_and_fails_the_launch() {
 }
 
 #[test]
-fn bench_quick_prints_json_lines() {
+fn bench_quick_prints_every_workload_as_json() {
     let out = Command::new(DISTRPC)
         .args(["bench", "--quick"])
         .output()
@@ -61,14 +61,71 @@ fn bench_quick_prints_json_lines() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for workload in ["latency", "echo", "remote", "raw_pingpong"] {
-        let line = stdout
-            .lines()
-            .find(|l| l.contains(&format!("\"workload\": \"{workload}\"")))
-            .unwrap_or_else(|| panic!("no {workload} line in {stdout}"));
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    let has = |workload: &str, field: &str| {
+        lines.iter().any(|l| {
+            l.contains(&format!("\"workload\": \"{workload}\""))
+                && l.contains(&format!("\"{field}\": "))
+        })
+    };
+    for (workload, field) in [
+        ("latency", "p50_us"),
+        ("latency_busy", "p99_us"),
+        ("echo", "p90_us"),
+        ("remote", "p50_us"),
+        ("throughput", "calls_per_s"),
+        ("bandwidth", "gb_per_s"),
+        ("scaling", "shutdown_ms"),
+        ("scaling", "all_to_all_ms"),
+        ("memory", "rss_mib_after_init"),
+        ("raw_pingpong", "p50_us"),
+        ("raw_pingpong_busy", "p50_us"),
+        ("raw_echo", "msgs_per_s"),
+        ("raw_bandwidth", "gb_per_s"),
+    ] {
         assert!(
-            line.contains("\"p50_us\": ") && line.starts_with('{') && line.ends_with('}'),
-            "{line}"
+            has(workload, field),
+            "no {workload} line with {field} in:\n{stdout}"
         );
     }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"throughput\""))
+            .count(),
+        3,
+        "one line per window"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("\"bandwidth\"")).count(),
+        4,
+        "one line per size"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("\"scaling\"")).count(),
+        6,
+        "3 process and 3 in-process groups"
+    );
+}
+
+#[test]
+fn bench_runs_only_the_workloads_named() {
+    let out = Command::new(DISTRPC)
+        .args(["bench", "--quick", "latency", "raw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("\"workload\": \"latency\""));
+    assert!(!stdout.contains("\"workload\": \"echo\""));
+    let bad = Command::new(DISTRPC)
+        .args(["bench", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown workload"));
 }

@@ -102,6 +102,7 @@ pub(crate) struct AgentConfig {
     pub(crate) rpc_timeout: Duration,
     pub(crate) limits: Limits,
     pub(crate) faults: FaultInjection,
+    pub(crate) busy_poll: Duration,
     pub(crate) gather: Arc<crate::gather::Gather>,
 }
 
@@ -118,6 +119,8 @@ pub(crate) struct Agent {
     pool: Pool,
     limits: Limits,
     faults: FaultInjection,
+    /// How long blocking waits on this worker's calls spin before parking.
+    pub(crate) busy_poll: Duration,
     default_timeout_us: AtomicU64,
     next_id: AtomicU64,
     next_conn: AtomicU64,
@@ -168,6 +171,7 @@ impl Agent {
             registry: config.registry,
             limits: config.limits,
             faults: config.faults,
+            busy_poll: config.busy_poll,
             default_timeout_us: AtomicU64::new(duration_us(config.rpc_timeout)),
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(LOCAL + 1),

@@ -8,8 +8,10 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use crate::error::Error;
 
@@ -27,6 +29,10 @@ enum State<T> {
 struct Slot<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    /// Set once the state is no longer pending, so that a spinning waiter need not lock.
+    done: AtomicBool,
+    /// How long a blocking wait spins before it parks (the busy-poll latency option).
+    spin: Duration,
 }
 
 impl<T> Slot<T> {
@@ -53,6 +59,7 @@ impl<T> Completer<T> {
                     return;
                 }
                 *state = State::Ready(result);
+                self.slot.done.store(true, Ordering::Release);
                 drop(state);
                 self.slot.ready.notify_all();
                 if let Some(w) = waker {
@@ -100,12 +107,19 @@ impl<T> RpcFuture<T> {
 impl<T: Send + 'static> RpcFuture<T> {
     /// A pending future and the handle that completes it.
     pub(crate) fn pending() -> (Self, Completer<T>) {
+        Self::pending_spinning(Duration::ZERO)
+    }
+
+    /// A pending future whose blocking wait spins for up to `spin` before parking.
+    pub(crate) fn pending_spinning(spin: Duration) -> (Self, Completer<T>) {
         let slot = Arc::new(Slot {
             state: Mutex::new(State::Pending {
                 waker: None,
                 callback: None,
             }),
             ready: Condvar::new(),
+            done: AtomicBool::new(false),
+            spin,
         });
         (Self { slot: slot.clone() }, Completer { slot })
     }
@@ -125,6 +139,13 @@ impl<T: Send + 'static> RpcFuture<T> {
     pub fn wait(self) -> Result<T, Error> {
         if crate::runtime::on_runtime_thread() {
             return Err(Error::WouldBlock);
+        }
+        if !self.slot.spin.is_zero() {
+            // Trade a core for latency: poll the flag instead of sleeping for a wake-up.
+            let until = std::time::Instant::now() + self.slot.spin;
+            while !self.slot.done.load(Ordering::Acquire) && std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
         }
         let mut state = self.slot.lock();
         if matches!(*state, State::Pending { .. }) {

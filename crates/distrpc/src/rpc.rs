@@ -135,6 +135,7 @@ impl PendingRpc {
                     ..Default::default()
                 },
                 faults: options.faults,
+                busy_poll: options.busy_poll,
                 gather: gather.clone(),
             },
             rt.clone(),
@@ -237,7 +238,7 @@ where
     A: Serialize + ?Sized,
     R: DeserializeOwned + Send + 'static,
 {
-    let (fut, done) = RpcFuture::pending();
+    let (fut, done) = RpcFuture::pending_spinning(agent.busy_poll);
     let mut payload = Vec::with_capacity(64);
     if let Some(this) = this {
         crate::rref::put_id(&mut payload, this.0);
