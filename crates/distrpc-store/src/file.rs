@@ -91,6 +91,10 @@ impl FileStore {
         self.locked(|_, mut map| Ok(map.remove(key)))
     }
 
+    pub(crate) fn multi_get(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.locked(|_, mut map| Ok(keys.iter().map(|k| map.remove(k)).collect()))
+    }
+
     pub(crate) fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         self.locked(|file, map| {
             let current = map.get(key).map(|v| parse_counter(key, v)).transpose()?;

@@ -73,6 +73,14 @@ impl Store {
         }
     }
 
+    /// The values of `keys`, in order, in one round trip (`None` for a key that is not set).
+    pub async fn multi_get(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        match self {
+            Store::Tcp(c) => c.multi_get(keys).await,
+            Store::File(f) => f.multi_get(keys),
+        }
+    }
+
     /// Adds `delta` to the counter at `key` (missing counts as 0) and returns the new value.
     pub async fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         match self {

@@ -25,6 +25,7 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 enum Request {
     Set(String, #[serde(with = "serde_bytes")] Vec<u8>),
     Get(String),
+    MultiGet(Vec<String>),
     Add(String, i64),
     Wait(Vec<String>, u64),
 }
@@ -33,6 +34,7 @@ enum Request {
 enum Response {
     Ok,
     Value(Option<serde_bytes::ByteBuf>),
+    Values(Vec<Option<serde_bytes::ByteBuf>>),
     Counter(i64),
     Missing(Vec<String>),
     Error(String),
@@ -59,6 +61,14 @@ impl State {
                 Response::Ok
             }
             Request::Get(k) => Response::Value(self.lock().get(&k).cloned().map(Into::into)),
+            Request::MultiGet(keys) => {
+                let map = self.lock();
+                Response::Values(
+                    keys.iter()
+                        .map(|k| map.get(k).cloned().map(Into::into))
+                        .collect(),
+                )
+            }
             Request::Add(k, delta) => {
                 let result = {
                     let mut map = self.lock();
@@ -249,6 +259,18 @@ impl TcpStoreClient {
         }
     }
 
+    pub(crate) async fn multi_get(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        match self.call(Request::MultiGet(keys.to_vec())).await? {
+            Response::Values(v) if v.len() == keys.len() => {
+                Ok(v.into_iter().map(|b| b.map(|b| b.into_vec())).collect())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub(crate) async fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         match self.call(Request::Add(key.into(), delta)).await? {
             Response::Counter(n) => Ok(n),
@@ -290,6 +312,10 @@ mod tests {
         assert_eq!(store.get("a").await.unwrap(), None);
         store.set("a", b"1").await.unwrap();
         assert_eq!(store.get("a").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            store.multi_get(&["a".into(), "zz".into()]).await.unwrap(),
+            vec![Some(b"1".to_vec()), None]
+        );
         assert_eq!(store.add("n", 2).await.unwrap(), 2);
         assert_eq!(store.add("n", 3).await.unwrap(), 5);
         store.set("x", b"not a number").await.unwrap();

@@ -5,8 +5,9 @@
 //!  every rank: bind a listener on port 0
 //!              add  distrpc/rank/{r}/claims   (a second claimant of a rank fails)
 //!              set  distrpc/worker/{r} = (name, address)
-//!              wait distrpc/worker/0 .. distrpc/worker/{world-1}   (bounded by rpc_timeout)
-//!              read them all; a name used twice fails on every rank
+//!              add  distrpc/joined; the last to join sets distrpc/all_joined
+//!              wait distrpc/all_joined   (bounded by rpc_timeout; a timeout names the ranks missing)
+//!              read every record in one round trip; a name used twice fails on every rank
 //! ```
 //!
 //! `init_method` is torch's: `env://` reads `MASTER_ADDR` and `MASTER_PORT`; `tcp://host:port`;
@@ -273,12 +274,27 @@ pub(crate) async fn join(
         .await
         .map_err(store_err)?;
     let keys: Vec<String> = (0..world).map(key_worker).collect();
-    if let Err(e) = store.wait(&keys, timeout).await {
+    // Everyone waits on one key, set by the last to join: each join then wakes each waiter
+    // for one key check, not a check of the whole group.
+    let joined = store.add("distrpc/joined", 1).await.map_err(store_err)?;
+    if joined == i64::from(world) {
+        store
+            .set("distrpc/all_joined", b"")
+            .await
+            .map_err(store_err)?;
+    }
+    if let Err(e) = store
+        .wait(&["distrpc/all_joined".to_string()], timeout)
+        .await
+    {
         return Err(match e {
-            StoreError::Timeout { missing, .. } => {
-                let ranks: Vec<&str> = missing
+            StoreError::Timeout { .. } => {
+                let present = store.multi_get(&keys).await.map_err(store_err)?;
+                let ranks: Vec<String> = present
                     .iter()
-                    .filter_map(|k| k.rsplit('/').next())
+                    .enumerate()
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(r, _)| r.to_string())
                     .collect();
                 Error::Rendezvous(format!(
                     "{me:?} waited {timeout:?} for ranks {ranks:?} of world size {world} to join; they never did"
@@ -287,15 +303,15 @@ pub(crate) async fn join(
             other => store_err(other),
         });
     }
-    let mut records = Vec::with_capacity(world as usize);
-    for r in 0..world {
-        let raw = store
-            .get(&key_worker(r))
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Error::Rendezvous(format!("rank {r} vanished from the store")))?;
-        records.push(raw);
-    }
+    // One round trip for the whole group, so that init stays linear in the world size.
+    let records = store.multi_get(&keys).await.map_err(store_err)?;
+    let records = records
+        .into_iter()
+        .enumerate()
+        .map(|(r, raw)| {
+            raw.ok_or_else(|| Error::Rendezvous(format!("rank {r} vanished from the store")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     // Rank 0 hosts the store: it must not return (and maybe exit) before every worker has read
     // it, whether the group turns out valid or not.
     let read = store.add("distrpc/read", 1).await.map_err(store_err)?;
