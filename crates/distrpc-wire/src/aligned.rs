@@ -19,10 +19,12 @@ unsafe impl bytemuck::Zeroable for Block {}
 // SAFETY: as above.
 unsafe impl bytemuck::Pod for Block {}
 
-/// A zeroed byte buffer whose start is aligned to [`ALIGN`] bytes.
+/// A byte buffer whose start is aligned to [`ALIGN`] bytes.
 pub struct AlignedBuf {
     blocks: Vec<Block>,
     len: usize,
+    /// Where the buffer goes back to when the last `Bytes` made from it is dropped.
+    pool: Option<BufPool>,
 }
 
 impl std::fmt::Debug for AlignedBuf {
@@ -37,7 +39,16 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
         let blocks = vec![Block([0; ALIGN]); len.div_ceil(ALIGN)];
-        Self { blocks, len }
+        Self {
+            blocks,
+            len,
+            pool: None,
+        }
+    }
+
+    /// Bytes this buffer can hold.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * ALIGN
     }
 
     /// The buffer as bytes.
@@ -62,6 +73,72 @@ impl AsRef<[u8]> for AlignedBuf {
     }
 }
 
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give_back(std::mem::take(&mut self.blocks));
+        }
+    }
+}
+
+/// Large receive buffers kept for reuse, so that a stream of big frames does not map, fault in
+/// and unmap fresh pages for every frame. A buffer comes back when the last `Bytes` made from
+/// it (say, a tensor the user kept) is dropped. Small buffers are not pooled: the allocator
+/// already serves them fast.
+#[derive(Clone, Default)]
+pub struct BufPool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<Vec<Block>>>>,
+}
+
+impl std::fmt::Debug for BufPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufPool")
+            .field("free", &self.lock().len())
+            .finish()
+    }
+}
+
+impl BufPool {
+    /// Buffers smaller than this are not pooled.
+    pub const MIN_POOLED: usize = 64 << 10;
+    /// At most this many buffers wait for reuse.
+    const MAX_FREE: usize = 4;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+        // A push or a pop: a poisoned lock holds a valid list.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer of `len` bytes, reused when one of the right size is free. Its contents are
+    /// whatever the last user left: the caller must fill all of it.
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        if len < Self::MIN_POOLED {
+            return AlignedBuf::zeroed(len);
+        }
+        let need = len.div_ceil(ALIGN);
+        let reused = {
+            let mut free = self.lock();
+            // Fits, and wastes at most half of itself.
+            free.iter()
+                .position(|b| b.len() >= need && b.len() <= 2 * need)
+                .map(|i| free.swap_remove(i))
+        };
+        let blocks = reused.unwrap_or_else(|| vec![Block([0; ALIGN]); need]);
+        AlignedBuf {
+            blocks,
+            len,
+            pool: Some(self.clone()),
+        }
+    }
+
+    fn give_back(&self, blocks: Vec<Block>) {
+        let mut free = self.lock();
+        if free.len() < Self::MAX_FREE {
+            free.push(blocks);
+        }
+    }
+}
+
 /// Rounds `n` up to a multiple of [`ALIGN`].
 pub const fn align_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
@@ -80,5 +157,23 @@ mod tests {
         assert_eq!(bytes.as_ptr() as usize % ALIGN, 0);
         assert_eq!(bytes[999], 7);
         assert_eq!(bytes.slice(128..).as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_when_their_last_slice_goes() {
+        let pool = BufPool::default();
+        let first = pool.take(1 << 20).freeze();
+        let ptr = first.as_ptr();
+        let kept = first.slice(100..200);
+        drop(first);
+        assert_eq!(pool.lock().len(), 0, "a slice still uses it");
+        drop(kept);
+        assert_eq!(pool.lock().len(), 1);
+        let again = pool.take((1 << 20) - 10);
+        assert_eq!(again.as_slice().as_ptr(), ptr, "reused");
+        assert_eq!(again.as_slice().len(), (1 << 20) - 10);
+        // Too small to pool, or too big for the free one: fresh buffers.
+        assert!(pool.take(100).pool.is_none());
+        assert_ne!(pool.take(4 << 20).as_slice().as_ptr(), ptr);
     }
 }

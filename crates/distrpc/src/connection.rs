@@ -13,7 +13,7 @@
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use distrpc_wire::aligned::AlignedBuf;
+use distrpc_wire::aligned::BufPool;
 use distrpc_wire::frame::HEADER_LEN;
 use distrpc_wire::{Frame, Header, Limits, OutFrame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -172,6 +172,7 @@ impl std::fmt::Display for ReadEnd {
 pub(crate) struct FrameReader<R> {
     r: BufReader<R>,
     limits: Limits,
+    buffers: BufPool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -179,6 +180,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             r: BufReader::with_capacity(64 * 1024, r),
             limits,
+            buffers: BufPool::default(),
         }
     }
 
@@ -203,7 +205,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         // `parse` bounded body_len by `limits.max_body`, which the caller chose to fit memory.
         let len = usize::try_from(header.body_len)
             .map_err(|_| ReadEnd::Malformed("frame body larger than memory".into()))?;
-        let mut body = AlignedBuf::zeroed(len);
+        let mut body = self.buffers.take(len);
         self.r.read_exact(body.as_mut_slice()).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 ReadEnd::Malformed("connection closed inside a frame body".into())
