@@ -311,6 +311,27 @@ impl Agent {
         internal: bool,
         done: Done,
     ) {
+        self.call_with(
+            dest, kind, flags, function, payload, tensors, timeout, internal, false, done,
+        );
+    }
+
+    /// [`Agent::call`]; `blocking` says the caller will block on the reply at once, so the
+    /// request is written from this thread rather than batched by the writer task.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn call_with(
+        self: &Arc<Self>,
+        dest: u32,
+        kind: Kind,
+        flags: u16,
+        function: &str,
+        payload: Vec<u8>,
+        tensors: Vec<Tensor>,
+        timeout: Option<Duration>,
+        internal: bool,
+        blocking: bool,
+        done: Done,
+    ) {
         let state = self.state.load(Ordering::Acquire);
         if state != RUNNING && !(internal && state != SHUT_DOWN) {
             return done(Err(self.shut_down_error()));
@@ -361,7 +382,7 @@ impl Agent {
             let agent = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(reason) = conn.send(frame) {
+                    if let Err(reason) = conn.send(frame, blocking) {
                         agent.fail(id, |p| Error::PeerGone {
                             worker: agent.name_of(p.peer).into(),
                             reason,
@@ -510,7 +531,7 @@ impl Agent {
                 OutFrame::new(Kind::Hello, 0, &p, &[])
                     .map_err(|e| Error::InvalidArgument(e.to_string()))
             })?;
-        let _ = conn.send(hello);
+        let _ = conn.send(hello, false);
         peer.conn = Some(conn.clone());
         drop(peers);
         lock(&self.conns).insert(conn.id, conn.clone());
@@ -1093,7 +1114,7 @@ impl Agent {
                 });
                 match frame {
                     Ok(frame) => {
-                        if conn.send(frame).is_err() {
+                        if conn.send(frame, true).is_err() {
                             tracing::debug!(id, "reply dropped: connection closed");
                         }
                     }

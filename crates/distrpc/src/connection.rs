@@ -16,12 +16,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use distrpc_wire::aligned::BufPool;
 use distrpc_wire::frame::HEADER_LEN;
 use distrpc_wire::{Frame, Header, Limits, OutFrame};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 #[derive(Default)]
 struct Queue {
     frames: Vec<OutFrame>,
+    /// Bytes of `frames[0]` already written (by a direct write that could not finish).
+    skip: usize,
+    /// Someone (a direct sender or the writer task) is writing: only one may.
+    writing: bool,
     closed: Option<String>,
 }
 
@@ -33,6 +38,8 @@ pub(crate) struct Connection {
     pub(crate) peer: u32,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// The socket, once connected: senders write to it directly when it is idle.
+    sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -51,25 +58,58 @@ impl Connection {
             peer,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            sink: Mutex::new(None),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        // Updates are single pushes and swaps: a poisoned queue is still consistent.
+        // Updates are single pushes, swaps and flag changes: a poisoned queue is consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame; fails with the close reason if the connection is closed.
-    pub(crate) fn send(&self, frame: OutFrame) -> Result<(), String> {
+    fn sink(&self) -> Option<Arc<OwnedWriteHalf>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends a frame. With `direct`, it is written at once from this thread when the socket is
+    /// idle (no thread hand-off, no wake-up: for a caller about to block on the reply, or a
+    /// handler's reply); otherwise it is queued for the writer task, which batches whatever
+    /// accumulates into one `writev` (for callers that pipeline). Fails with the close reason if
+    /// the connection is closed.
+    pub(crate) fn send(&self, frame: OutFrame, direct: bool) -> Result<(), String> {
         let mut q = self.lock();
         if let Some(reason) = &q.closed {
             return Err(reason.clone());
         }
-        let was_empty = q.frames.is_empty();
-        q.frames.push(frame);
+        let sink = if !direct || q.writing || !q.frames.is_empty() {
+            None
+        } else {
+            self.sink()
+        };
+        let Some(sink) = sink else {
+            let wake = q.frames.is_empty() && !q.writing;
+            q.frames.push(frame);
+            drop(q);
+            if wake {
+                // The writer drains the whole queue per wake-up, so one wake per batch is enough.
+                self.wake.notify_one();
+            }
+            return Ok(());
+        };
+        q.writing = true;
         drop(q);
-        if was_empty {
-            // The writer drains the whole queue per wake-up, so one wake per batch is enough.
+        let written = write_now(&sink, &frame);
+        let mut q = self.lock();
+        q.writing = false;
+        if written < frame.len() {
+            // The socket is full (or failed): the writer task finishes the frame, or meets the
+            // error and closes the connection.
+            q.frames.insert(0, frame);
+            q.skip = written;
+        }
+        let wake = !q.frames.is_empty() || q.closed.is_some();
+        drop(q);
+        if wake {
             self.wake.notify_one();
         }
         Ok(())
@@ -84,67 +124,110 @@ impl Connection {
         }
         q.closed = Some(reason.to_string());
         drop(q);
+        // Without our handle, the writer task holds the last one: the socket's write side shuts
+        // down when it ends.
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.wake.notify_one();
         true
     }
 
     /// Writes queued frames until the connection is closed and its queue drained.
-    pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(&self, mut w: W) -> std::io::Result<()> {
-        let mut batch = Vec::new();
+    pub(crate) async fn write_loop(&self, w: OwnedWriteHalf) -> std::io::Result<()> {
+        let w = Arc::new(w);
+        {
+            let q = self.lock();
+            if q.closed.is_none() {
+                *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
+            }
+        }
         loop {
-            {
+            let work = {
                 let mut q = self.lock();
-                if q.frames.is_empty() {
+                if q.writing {
+                    None
+                } else if q.frames.is_empty() {
                     if q.closed.is_some() {
                         break;
                     }
+                    None
                 } else {
-                    std::mem::swap(&mut batch, &mut q.frames);
+                    q.writing = true;
+                    Some((std::mem::take(&mut q.frames), std::mem::take(&mut q.skip)))
                 }
-            }
-            if batch.is_empty() {
+            };
+            let Some((batch, skip)) = work else {
                 self.wake.notified().await;
                 continue;
-            }
+            };
             let mut slices: Vec<&[u8]> = batch.iter().flat_map(OutFrame::slices).collect();
-            write_all_slices(&mut w, &mut slices).await?;
-            batch.clear();
+            advance(&mut slices, skip);
+            let result = write_all_slices(&w, &mut slices).await;
+            self.lock().writing = false;
+            result?;
         }
-        w.shutdown().await
+        Ok(())
     }
 }
 
-/// Writes every slice, in as few `writev` calls as the kernel allows.
-async fn write_all_slices<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    slices: &mut [&[u8]],
-) -> std::io::Result<()> {
-    // Linux's IOV_MAX is 1024.
-    const MAX_IOV: usize = 1024;
-    let mut start = 0;
-    while start < slices.len() {
-        if slices[start].is_empty() {
-            start += 1;
-            continue;
-        }
-        let end = (start + MAX_IOV).min(slices.len());
-        let iov: Vec<IoSlice<'_>> = slices[start..end].iter().map(|s| IoSlice::new(s)).collect();
-        let mut n = w.write_vectored(&iov).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && start < slices.len() {
-            let len = slices[start].len();
-            if n >= len {
-                n -= len;
-                start += 1;
-            } else {
-                slices[start] = &slices[start][n..];
-                n = 0;
-            }
+/// Drops the first `n` bytes of `slices`.
+fn advance(slices: &mut Vec<&[u8]>, mut n: usize) {
+    let mut first = 0;
+    while n > 0 && first < slices.len() {
+        let len = slices[first].len();
+        if n >= len {
+            n -= len;
+            first += 1;
+        } else {
+            slices[first] = &slices[first][n..];
+            n = 0;
         }
     }
-    w.flush().await
+    slices.drain(..first);
+    slices.retain(|s| !s.is_empty());
+}
+
+/// Linux's IOV_MAX.
+const MAX_IOV: usize = 1024;
+
+/// Writes as much of `frame` as the socket takes right now, without waiting; returns the bytes
+/// written.
+fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
+    let mut slices: Vec<&[u8]> = frame.slices().filter(|s| !s.is_empty()).collect();
+    let mut written = 0;
+    while !slices.is_empty() {
+        let iov: Vec<IoSlice<'_>> = slices
+            .iter()
+            .take(MAX_IOV)
+            .map(|s| IoSlice::new(s))
+            .collect();
+        match w.try_write_vectored(&iov) {
+            Ok(n) if n > 0 => {
+                written += n;
+                advance(&mut slices, n);
+            }
+            _ => break,
+        }
+    }
+    written
+}
+
+/// Writes every slice, in as few `writev` calls as the kernel allows.
+async fn write_all_slices(w: &OwnedWriteHalf, slices: &mut Vec<&[u8]>) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        w.writable().await?;
+        let iov: Vec<IoSlice<'_>> = slices
+            .iter()
+            .take(MAX_IOV)
+            .map(|s| IoSlice::new(s))
+            .collect();
+        match w.try_write_vectored(&iov) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => advance(slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why a reader stopped.

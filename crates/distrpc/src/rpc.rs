@@ -206,7 +206,7 @@ where
     A: Serialize + ?Sized,
     R: DeserializeOwned + Send + 'static,
 {
-    send_call(agent, dest, None, function, args, timeout, internal)
+    send_call(agent, dest, None, function, args, timeout, internal, false)
 }
 
 /// Calls `method` on the value of `this`, owned by `owner`.
@@ -222,9 +222,19 @@ where
     A: Serialize + ?Sized,
     R: DeserializeOwned + Send + 'static,
 {
-    send_call(agent, owner, Some(this), method, args, timeout, false)
+    send_call(
+        agent,
+        owner,
+        Some(this),
+        method,
+        args,
+        timeout,
+        false,
+        false,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_call<A, R>(
     agent: &Arc<Agent>,
     dest: u32,
@@ -233,6 +243,7 @@ fn send_call<A, R>(
     args: &A,
     timeout: Option<Duration>,
     internal: bool,
+    blocking: bool,
 ) -> RpcFuture<R>
 where
     A: Serialize + ?Sized,
@@ -269,7 +280,7 @@ where
     } else {
         0
     };
-    agent.call(
+    agent.call_with(
         dest,
         distrpc_wire::Kind::Call,
         flags,
@@ -278,6 +289,7 @@ where
         tensors,
         timeout,
         internal,
+        blocking,
         Box::new(move |result| {
             done.complete(result.and_then(|frame| {
                 crate::rref::decoding(&a, dest, || {
@@ -413,7 +425,8 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.rpc_async(to, f, args).wait()
+        self.call(to.into(), f.borrow().name(), &args, None, true)
+            .wait()
     }
 
     /// [`Rpc::rpc_sync`] with its own timeout (zero: none).
@@ -428,7 +441,8 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.rpc_async_timeout(to, f, args, timeout).wait()
+        self.call(to.into(), f.borrow().name(), &args, Some(timeout), true)
+            .wait()
     }
 
     /// Calls `f` on `to` without waiting; the future completes with the result or the error.
@@ -443,7 +457,7 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, None)
+        self.call(to.into(), f.borrow().name(), &args, None, false)
     }
 
     /// [`Rpc::rpc_async`] with its own timeout (zero: none).
@@ -458,7 +472,7 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, Some(timeout))
+        self.call(to.into(), f.borrow().name(), &args, Some(timeout), false)
     }
 
     fn call<A: Serialize, R: DeserializeOwned + Send + 'static>(
@@ -467,9 +481,19 @@ impl Rpc {
         function: &str,
         args: &A,
         timeout: Option<Duration>,
+        blocking: bool,
     ) -> RpcFuture<R> {
         match self.agent().resolve(&to) {
-            Ok(dest) => call_typed(self.agent(), dest, function, args, timeout, false),
+            Ok(dest) => send_call(
+                self.agent(),
+                dest,
+                None,
+                function,
+                args,
+                timeout,
+                false,
+                blocking,
+            ),
             Err(e) => RpcFuture::ready(Err(e)),
         }
     }

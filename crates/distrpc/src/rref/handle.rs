@@ -270,15 +270,15 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
 
     /// [`RRef::to_here`] with its own timeout (zero: none).
     pub fn to_here_timeout(&self, timeout: Duration) -> Result<T, Error> {
-        self.fetch(timeout).wait()
+        self.fetch(timeout, true).wait()
     }
 
     /// [`RRef::to_here`] without blocking: a future of the copy.
     pub fn to_here_async(&self) -> RpcFuture<T> {
-        self.fetch(self.inner.agent.default_timeout())
+        self.fetch(self.inner.agent.default_timeout(), false)
     }
 
-    fn fetch(&self, timeout: Duration) -> RpcFuture<T> {
+    fn fetch(&self, timeout: Duration, blocking: bool) -> RpcFuture<T> {
         if let Some(e) = self.creation_error() {
             return RpcFuture::ready(Err(e));
         }
@@ -287,6 +287,7 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
             self.inner.owner,
             self.inner.id,
             timeout,
+            blocking,
         ))
     }
 }

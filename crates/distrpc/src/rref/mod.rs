@@ -302,6 +302,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     owner: u32,
     id: RRefId,
     timeout: Duration,
+    blocking: bool,
 ) -> RpcFuture<T> {
     let (fut, done) = RpcFuture::pending();
     if owner == agent.me.id {
@@ -329,7 +330,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     let mut payload = Vec::with_capacity(12);
     put_id(&mut payload, id.0);
     let a = agent.clone();
-    agent.call(
+    agent.call_with(
         owner,
         distrpc_wire::Kind::RRefFetch,
         0,
@@ -338,6 +339,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
         Vec::new(),
         Some(timeout),
         false,
+        blocking,
         Box::new(move |result| {
             let worker = a.name_of(owner).to_string();
             done.complete(result.and_then(|frame| {
