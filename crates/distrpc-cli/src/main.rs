@@ -6,8 +6,10 @@
 //!   and exits non-zero.
 //! - `distrpc bench [--quick] [WORKLOAD...]` measures distrpc against the machine's raw limits
 //!   and prints one JSON line per workload.
+//! - `distrpc plot RUN.jsonl OUT.png` draws the latency and bandwidth picture of a saved run.
 
 mod bench;
+mod plot;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -45,6 +47,13 @@ enum Command {
     },
     /// Measure distrpc and the raw limits of this machine; one JSON line per workload.
     Bench(bench::BenchArgs),
+    /// Draw the latency and bandwidth picture of one saved `distrpc bench` run.
+    Plot {
+        /// The run's JSON lines (`distrpc bench > run.jsonl`).
+        input: std::path::PathBuf,
+        /// The PNG to write.
+        output: std::path::PathBuf,
+    },
     /// Internal: a worker process of `distrpc bench`.
     #[command(hide = true, name = "__bench-worker")]
     BenchWorker { workload: String, scale: String },
@@ -63,6 +72,7 @@ fn main() -> ExitCode {
             command,
         } => launch(nproc, master_addr, master_port, command),
         Command::Bench(args) => bench::run(args),
+        Command::Plot { input, output } => plot::run(&input, &output),
         Command::BenchWorker { workload, scale } if workload == "scaling" => {
             bench::scaling_worker(&scale)
         }

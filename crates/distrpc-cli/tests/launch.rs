@@ -129,3 +129,31 @@ fn bench_runs_only_the_workloads_named() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown workload"));
 }
+
+#[test]
+fn plot_draws_a_png_from_a_run_and_rejects_junk() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run.jsonl");
+    std::fs::write(
+        &run,
+        concat!(
+            "{\"workload\": \"latency\", \"calls\": 10, \"p50_us\": 90.0, \"p90_us\": 120.0, \"p99_us\": 200.0}\n",
+            "{\"workload\": \"raw_pingpong\", \"calls\": 10, \"p50_us\": 70.0, \"p90_us\": 80.0, \"p99_us\": 100.0}\n",
+            "{\"workload\": \"bandwidth\", \"bytes\": 4096, \"gb_per_s\": 0.03}\n",
+            "{\"workload\": \"bandwidth\", \"bytes\": 16777216, \"gb_per_s\": 3.0}\n",
+            "{\"workload\": \"raw_bandwidth\", \"bytes\": 1073741824, \"gb_per_s\": 4.0}\n",
+        ),
+    )
+    .unwrap();
+    let png = dir.path().join("out.png");
+    let out = Command::new(DISTRPC).arg("plot").arg(&run).arg(&png).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+
+    let junk = dir.path().join("junk.jsonl");
+    std::fs::write(&junk, "not json at all\n{\"workload\": \"nothing we draw\"}\n").unwrap();
+    let out = Command::new(DISTRPC).arg("plot").arg(&junk).arg(&png).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no latency or bandwidth"));
+}
