@@ -23,7 +23,8 @@ const LATENCY: &[(&str, &str)] = &[
 ];
 
 pub(crate) fn run(input: &Path, output: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let lines: Vec<Value> = text
         .lines()
         .filter(|l| l.trim_start().starts_with('{'))
@@ -31,19 +32,32 @@ pub(crate) fn run(input: &Path, output: &Path) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("a line is not JSON")?;
     let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
-    let of = |w: &'static str| lines.iter().filter(move |v| v.get("workload").and_then(Value::as_str) == Some(w));
+    let of = |w: &'static str| {
+        lines
+            .iter()
+            .filter(move |v| v.get("workload").and_then(Value::as_str) == Some(w))
+    };
     let latency: Vec<(&str, [f64; 3])> = LATENCY
         .iter()
         .filter_map(|(w, label)| {
             let v = of(w).next()?;
-            Some((*label, [field(v, "p50_us")?, field(v, "p90_us")?, field(v, "p99_us")?]))
+            Some((
+                *label,
+                [
+                    field(v, "p50_us")?,
+                    field(v, "p90_us")?,
+                    field(v, "p99_us")?,
+                ],
+            ))
         })
         .collect();
     const MIB: f64 = (1 << 20) as f64;
     let bandwidth: Vec<(f64, f64)> = of("bandwidth")
         .filter_map(|v| Some((field(v, "bytes")? / MIB, field(v, "gb_per_s")?)))
         .collect();
-    let raw_bw = of("raw_bandwidth").next().and_then(|v| field(v, "gb_per_s"));
+    let raw_bw = of("raw_bandwidth")
+        .next()
+        .and_then(|v| field(v, "gb_per_s"));
     if latency.is_empty() && bandwidth.is_empty() {
         bail!("{} has no latency or bandwidth lines", input.display());
     }
@@ -76,7 +90,11 @@ pub(crate) fn run(input: &Path, output: &Path) -> anyhow::Result<()> {
             ("sans-serif", 12).into_font(),
         )
     }))?;
-    let colors = [RGBColor(70, 130, 180), RGBColor(240, 150, 40), RGBColor(200, 60, 60)];
+    let colors = [
+        RGBColor(70, 130, 180),
+        RGBColor(240, 150, 40),
+        RGBColor(200, 60, 60),
+    ];
     for (k, (name, color)) in ["p50", "p90", "p99"].iter().zip(colors).enumerate() {
         chart
             .draw_series(latency.iter().enumerate().map(|(i, (_, p))| {
@@ -95,7 +113,12 @@ pub(crate) fn run(input: &Path, output: &Path) -> anyhow::Result<()> {
 
     // Bandwidth against size, log-log, with the raw single-stream limit.
     if !bandwidth.is_empty() {
-        let max_bw = bandwidth.iter().map(|b| b.1).chain(raw_bw).fold(0.1, f64::max) * 1.3;
+        let max_bw = bandwidth
+            .iter()
+            .map(|b| b.1)
+            .chain(raw_bw)
+            .fold(0.1, f64::max)
+            * 1.3;
         let (lo, hi) = (bandwidth[0].0 / 2.0, bandwidth[bandwidth.len() - 1].0 * 2.0);
         let mut chart = ChartBuilder::on(&right)
             .caption("bandwidth (GB/s) by tensor size (MiB)", ("sans-serif", 20))
@@ -109,13 +132,23 @@ pub(crate) fn run(input: &Path, output: &Path) -> anyhow::Result<()> {
             .y_desc("GB/s")
             .draw()?;
         chart
-            .draw_series(LineSeries::new(bandwidth.iter().copied(), RGBColor(70, 130, 180).stroke_width(3)))?
+            .draw_series(LineSeries::new(
+                bandwidth.iter().copied(),
+                RGBColor(70, 130, 180).stroke_width(3),
+            ))?
             .label("distrpc rpc_sync with one tensor")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(70, 130, 180)));
-        chart.draw_series(bandwidth.iter().map(|&p| Circle::new(p, 4, RGBColor(70, 130, 180).filled())))?;
+        chart.draw_series(
+            bandwidth
+                .iter()
+                .map(|&p| Circle::new(p, 4, RGBColor(70, 130, 180).filled())),
+        )?;
         if let Some(raw) = raw_bw {
             chart
-                .draw_series(LineSeries::new([(lo, raw), (hi, raw)], RGBColor(120, 120, 120).stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    [(lo, raw), (hi, raw)],
+                    RGBColor(120, 120, 120).stroke_width(2),
+                ))?
                 .label("raw single TCP stream")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(120, 120, 120)));
         }

@@ -146,14 +146,32 @@ fn plot_draws_a_png_from_a_run_and_rejects_junk() {
     )
     .unwrap();
     let png = dir.path().join("out.png");
-    let out = Command::new(DISTRPC).arg("plot").arg(&run).arg(&png).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(DISTRPC)
+        .arg("plot")
+        .arg(&run)
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
 
     let junk = dir.path().join("junk.jsonl");
-    std::fs::write(&junk, "not json at all\n{\"workload\": \"nothing we draw\"}\n").unwrap();
-    let out = Command::new(DISTRPC).arg("plot").arg(&junk).arg(&png).output().unwrap();
+    std::fs::write(
+        &junk,
+        "not json at all\n{\"workload\": \"nothing we draw\"}\n",
+    )
+    .unwrap();
+    let out = Command::new(DISTRPC)
+        .arg("plot")
+        .arg(&junk)
+        .arg(&png)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no latency or bandwidth"));
 }
