@@ -26,7 +26,9 @@
 //!
 //! # Layout
 //! - [`rpc`]: [`Rpc`], the user's handle: init, calls, gather, barrier, shutdown.
-//! - [`function`]: [`Function`] handles and the registry; `#[distrpc::function]` fills it.
+//! - [`mod@function`]: [`Function`] and [`Method`] handles and the registry; `#[distrpc::function]`
+//!   fills it.
+//! - [`mod@rref`]: remote references ([`RRef`]) and their bookkeeping.
 //! - [`future`]: [`RpcFuture`] and [`wait_all`].
 //! - `agent` (private): connections, pending calls, timeouts, dispatch, failure detection.
 //! - `rendezvous`, `gather`, `pool`, `runtime` (private): init, all_gather, the handler pool,
