@@ -21,6 +21,11 @@ pub(crate) struct BenchArgs {
     /// Run every workload briefly (a smoke test, not a measurement).
     #[arg(long)]
     quick: bool,
+    /// Timed calls per latency workload (default 20 000; 300 with --quick). Two runs under
+    /// `valgrind --tool=callgrind --trace-children=yes` with different counts give the
+    /// instructions per call.
+    #[arg(long)]
+    calls: Option<usize>,
     /// Workloads to run (default: all): latency, latency_busy, echo, throughput, bandwidth,
     /// remote, scaling, memory, raw.
     workloads: Vec<String>,
@@ -111,6 +116,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             seconds: 3.0,
             quick: false,
         }
+    };
+    let scale = Scale {
+        calls: args.calls.unwrap_or(scale.calls),
+        ..scale
     };
     for w in chosen {
         match w {
