@@ -13,10 +13,11 @@
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use distrpc_wire::aligned::BufPool;
+use bytes::{Buf, BytesMut};
+use distrpc_wire::aligned::{ALIGN, AlignedBuf, BufPool};
 use distrpc_wire::frame::HEADER_LEN;
 use distrpc_wire::{Frame, Header, Limits, OutFrame};
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
@@ -252,50 +253,90 @@ impl std::fmt::Display for ReadEnd {
 }
 
 /// Reads frames from a socket, checking each against the limits before allocating for it.
+///
+/// Small frames are read in bulk into one growing buffer and handed out as slices of it (one
+/// `read` serves many frames, no allocation per frame); a body of [`BufPool::MIN_POOLED`] bytes
+/// or more is read straight into a reused 64-byte aligned buffer. Either way the tensors of a
+/// frame start on a 64-byte boundary: a small body that lands unaligned and carries tensors is
+/// copied once into an aligned buffer.
 pub(crate) struct FrameReader<R> {
-    r: BufReader<R>,
+    r: R,
+    buf: BytesMut,
     limits: Limits,
     buffers: BufPool,
 }
 
+/// How much the bulk buffer grows by per read.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(r: R, limits: Limits) -> Self {
         Self {
-            r: BufReader::with_capacity(64 * 1024, r),
+            r,
+            buf: BytesMut::with_capacity(READ_CHUNK),
             limits,
             buffers: BufPool::default(),
         }
     }
 
+    /// Reads more bytes into the bulk buffer; `Ok(0)` at the end of the stream.
+    async fn fill(&mut self) -> Result<usize, ReadEnd> {
+        self.buf.reserve(READ_CHUNK);
+        self.r.read_buf(&mut self.buf).await.map_err(ReadEnd::Io)
+    }
+
     /// The next frame.
     pub(crate) async fn next(&mut self) -> Result<Frame, ReadEnd> {
-        let mut head = [0u8; HEADER_LEN];
-        let mut got = 0;
-        while got < HEADER_LEN {
-            match self.r.read(&mut head[got..]).await {
-                Ok(0) if got == 0 => return Err(ReadEnd::Closed),
-                Ok(0) => {
-                    return Err(ReadEnd::Malformed(
-                        "connection closed inside a frame header".into(),
-                    ));
-                }
-                Ok(n) => got += n,
-                Err(e) => return Err(ReadEnd::Io(e)),
+        while self.buf.len() < HEADER_LEN {
+            if self.fill().await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    ReadEnd::Closed
+                } else {
+                    ReadEnd::Malformed("connection closed inside a frame header".into())
+                });
             }
         }
+        let head: [u8; HEADER_LEN] = self.buf[..HEADER_LEN]
+            .try_into()
+            .map_err(|_| ReadEnd::Malformed("short header".into()))?;
         let header =
             Header::parse(&head, &self.limits).map_err(|e| ReadEnd::Malformed(e.to_string()))?;
+        self.buf.advance(HEADER_LEN);
         // `parse` bounded body_len by `limits.max_body`, which the caller chose to fit memory.
         let len = usize::try_from(header.body_len)
             .map_err(|_| ReadEnd::Malformed("frame body larger than memory".into()))?;
-        let mut body = self.buffers.take(len);
-        self.r.read_exact(body.as_mut_slice()).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ReadEnd::Malformed("connection closed inside a frame body".into())
-            } else {
-                ReadEnd::Io(e)
+        let truncated = || ReadEnd::Malformed("connection closed inside a frame body".into());
+        let body = if len >= BufPool::MIN_POOLED {
+            let mut body = self.buffers.take(len);
+            let have = self.buf.len().min(len);
+            body.as_mut_slice()[..have].copy_from_slice(&self.buf[..have]);
+            self.buf.advance(have);
+            self.r
+                .read_exact(&mut body.as_mut_slice()[have..])
+                .await
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        truncated()
+                    } else {
+                        ReadEnd::Io(e)
+                    }
+                })?;
+            body.freeze()
+        } else {
+            while self.buf.len() < len {
+                if self.fill().await? == 0 {
+                    return Err(truncated());
+                }
             }
-        })?;
-        Frame::decode(&header, body.freeze()).map_err(|e| ReadEnd::Malformed(e.to_string()))
+            let body = self.buf.split_to(len).freeze();
+            if header.tensor_count > 0 && !(body.as_ptr() as usize).is_multiple_of(ALIGN) {
+                let mut aligned = AlignedBuf::zeroed(len);
+                aligned.as_mut_slice().copy_from_slice(&body);
+                aligned.freeze()
+            } else {
+                body
+            }
+        };
+        Frame::decode(&header, body).map_err(|e| ReadEnd::Malformed(e.to_string()))
     }
 }
