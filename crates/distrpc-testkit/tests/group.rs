@@ -6,18 +6,22 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use distrpc::{Error, FaultInjection, MessageKind, Rpc, RpcOptions};
-use distrpc_testkit::{in_process, shutdown_all};
+use distrpc_testkit::{in_process, shutdown_all, wait_until};
 use distrpc_wire::{Kind, OutFrame};
 
-/// A call that takes a while, so that callers still have it in flight when they shut down.
+static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Answers only once the test opens the gate (bounded, so that a broken test cannot hang), so
+/// that its callers certainly still have it in flight when they shut down.
 #[distrpc::function]
-fn slow_echo(i: u64) -> u64 {
-    // Simulated work, not a wait for a condition.
-    thread::sleep(Duration::from_millis(20));
+fn gated_echo(i: u64) -> u64 {
+    let (open, cv) = &GATE;
+    let _ = cv.wait_timeout_while(open.lock().unwrap(), Duration::from_secs(30), |o| !*o);
     i
 }
 
@@ -73,6 +77,7 @@ fn all_gather_and_barriers() {
 #[test]
 fn graceful_shutdown_loses_no_call_in_flight() {
     let rpcs = in_process(3, |_| opts()).unwrap();
+    let server_view = rpcs[0].clone();
     let mut it = rpcs.into_iter();
     let (w0, w1, w2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     // worker0 shuts down first, while the others still have calls in flight to it.
@@ -85,7 +90,7 @@ fn graceful_shutdown_loses_no_call_in_flight() {
         .map(|rpc| {
             thread::spawn(move || {
                 let futs: Vec<_> = (0..20u64)
-                    .map(|i| rpc.rpc_async("worker0", slow_echo, (i,)))
+                    .map(|i| rpc.rpc_async("worker0", gated_echo, (i,)))
                     .collect();
                 // Shut down without waiting on the futures: shutdown must wait for them.
                 rpc.shutdown().unwrap();
@@ -95,6 +100,17 @@ fn graceful_shutdown_loses_no_call_in_flight() {
             })
         })
         .collect();
+    // Every call has reached worker0 and waits there while everyone is shutting down; only now
+    // may the calls finish.
+    assert!(wait_until(Duration::from_secs(20), || {
+        server_view.metrics()["agent.server_active_calls"] == 40
+    }));
+    assert!(
+        !server.is_finished(),
+        "worker0's shutdown must wait for the calls in flight"
+    );
+    *GATE.0.lock().unwrap() = true;
+    GATE.1.notify_all();
     for c in callers {
         let (done, values, rpc) = c.join().unwrap();
         assert!(
