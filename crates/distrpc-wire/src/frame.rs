@@ -409,6 +409,11 @@ impl OutFrame {
         })
     }
 
+    /// The whole frame as one buffer, when it has no tensors.
+    pub fn as_contiguous(&self) -> Option<&[u8]> {
+        self.tensors.is_empty().then_some(&self.head[..])
+    }
+
     /// Total bytes on the wire.
     pub fn len(&self) -> usize {
         self.len

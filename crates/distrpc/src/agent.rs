@@ -834,19 +834,21 @@ impl Agent {
         reply_to: ReplyTo,
         id: u64,
         from: u32,
-        function: String,
+        name: Bytes,
         args: Bytes,
         tensors: Vec<Tensor>,
         this: Option<RRefId>,
         completion: Completion,
     ) {
+        let name = name_str(&name);
         if self.state.load(Ordering::Acquire) == SHUT_DOWN {
-            return self.deliver(&reply_to, id, &function, Err(Failure::ShutDown), completion);
+            return self.deliver(&reply_to, id, name, Err(Failure::ShutDown), completion);
         }
-        let Some(handler) = self.registry.get(&function).cloned() else {
-            let failure = Failure::UnknownFunction(function.clone());
-            return self.deliver(&reply_to, id, &function, Err(failure), completion);
+        let Some((function, handler)) = self.registry.get(name) else {
+            let failure = Failure::UnknownFunction(name.to_string());
+            return self.deliver(&reply_to, id, name, Err(failure), completion);
         };
+        let (function, handler) = (function.clone(), handler.clone());
         let request = Request {
             payload: args,
             tensors,
@@ -878,7 +880,7 @@ impl Agent {
         request: Request,
         reply_to: ReplyTo,
         id: u64,
-        function: String,
+        function: Arc<str>,
         completion: Completion,
     ) {
         let rpc = self.rpc.get().cloned().unwrap_or_default();
@@ -1223,16 +1225,22 @@ fn duration_us(d: Duration) -> u64 {
 
 /// The start of a call payload: the function name, length-prefixed (`u16` little-endian).
 pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
+    let mut payload = Vec::with_capacity(64 + function.len());
+    put_call_head(&mut payload, function)?;
+    Ok(payload)
+}
+
+/// Appends the call head (the function name, length-prefixed) to `out`.
+pub(crate) fn put_call_head(out: &mut Vec<u8>, function: &str) -> Result<(), Error> {
     let len = u16::try_from(function.len()).map_err(|_| {
         Error::InvalidArgument(format!(
             "function name of {} bytes is too long",
             function.len()
         ))
     })?;
-    let mut payload = Vec::with_capacity(64 + function.len());
-    payload.extend_from_slice(&len.to_le_bytes());
-    payload.extend_from_slice(function.as_bytes());
-    Ok(payload)
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(function.as_bytes());
+    Ok(())
 }
 
 /// A call payload taken apart: leading ids (a remote call's new reference and fork), the value
@@ -1240,7 +1248,8 @@ pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
 struct CallParts {
     ids: Vec<crate::rref::GlobalId>,
     this: Option<RRefId>,
-    function: String,
+    /// The function's name (checked to be UTF-8).
+    function: Bytes,
     args: Bytes,
 }
 
@@ -1264,9 +1273,14 @@ fn parse_call(payload: &Bytes, ids: usize, method: bool) -> Option<CallParts> {
     })
 }
 
-fn parse_call_head(payload: &Bytes) -> Option<(String, Bytes)> {
+fn parse_call_head(payload: &Bytes) -> Option<(Bytes, Bytes)> {
     let (len, rest) = payload.split_first_chunk::<2>()?;
     let len = u16::from_le_bytes(*len) as usize;
-    let name = std::str::from_utf8(rest.get(..len)?).ok()?.to_string();
-    Some((name, payload.slice(2 + len..)))
+    std::str::from_utf8(rest.get(..len)?).ok()?;
+    Some((payload.slice(2..2 + len), payload.slice(2 + len..)))
+}
+
+/// A name `parse_call_head` checked.
+fn name_str(name: &[u8]) -> &str {
+    std::str::from_utf8(name).unwrap_or("<invalid>")
 }

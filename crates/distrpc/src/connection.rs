@@ -193,6 +193,17 @@ const MAX_IOV: usize = 1024;
 /// Writes as much of `frame` as the socket takes right now, without waiting; returns the bytes
 /// written.
 fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
+    if let Some(bytes) = frame.as_contiguous() {
+        // The common small frame: one buffer, no slice list to build.
+        let mut written = 0;
+        while written < bytes.len() {
+            match w.try_write(&bytes[written..]) {
+                Ok(n) if n > 0 => written += n,
+                _ => break,
+            }
+        }
+        return written;
+    }
     let mut slices: Vec<&[u8]> = frame.slices().filter(|s| !s.is_empty()).collect();
     let mut written = 0;
     while !slices.is_empty() {

@@ -367,7 +367,8 @@ where
 /// at init.
 #[derive(Default, Clone, Debug)]
 pub(crate) struct Registry {
-    handlers: HashMap<Cow<'static, str>, Handler>,
+    /// Keyed by `Arc<str>`: a call clones its function's name by reference count, not by copy.
+    handlers: HashMap<Arc<str>, Handler>,
 }
 
 impl Registry {
@@ -375,17 +376,18 @@ impl Registry {
     pub(crate) fn with_registered() -> Self {
         let mut handlers = HashMap::new();
         for r in inventory::iter::<Registration> {
-            handlers.insert(Cow::Borrowed(r.name), (r.handler)());
+            handlers.insert(Arc::from(r.name), (r.handler)());
         }
         Self { handlers }
     }
 
-    pub(crate) fn insert(&mut self, name: impl Into<Cow<'static, str>>, handler: Handler) {
-        self.handlers.insert(name.into(), handler);
+    pub(crate) fn insert(&mut self, name: impl AsRef<str>, handler: Handler) {
+        self.handlers.insert(Arc::from(name.as_ref()), handler);
     }
 
-    pub(crate) fn get(&self, name: &str) -> Option<&Handler> {
-        self.handlers.get(name)
+    /// The handler of `name`, and the registered name (shared, not copied).
+    pub(crate) fn get(&self, name: &str) -> Option<(&Arc<str>, &Handler)> {
+        self.handlers.get_key_value(name)
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Agent, AgentConfig, call_payload};
+use crate::agent::{Agent, AgentConfig};
 use crate::error::Error;
 use crate::function::{Function, Registry};
 use crate::future::RpcFuture;
@@ -254,12 +254,9 @@ where
     if let Some(this) = this {
         crate::rref::put_id(&mut payload, this.0);
     }
-    match call_payload(function) {
-        Ok(head) => payload.extend_from_slice(&head),
-        Err(e) => {
-            done.complete(Err(e));
-            return fut;
-        }
+    if let Err(e) = crate::agent::put_call_head(&mut payload, function) {
+        done.complete(Err(e));
+        return fut;
     }
     let tensors = match crate::rref::encoding(agent, || crate::codec::encode(args, &mut payload)) {
         Ok(t) => t,
