@@ -118,7 +118,7 @@ impl PendingRpc {
         let gather = Arc::new(Gather::default());
         let mut registry = Registry::with_registered();
         for (fname, handler) in options.functions {
-            registry.insert(fname.to_string(), handler);
+            registry.insert(&fname, handler);
         }
         gather.register(&mut registry);
         let me = workers[rank as usize].clone();
