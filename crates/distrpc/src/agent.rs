@@ -12,10 +12,11 @@
 //! Every pending call leaves the table exactly once, through `take_pending`: by its reply, its
 //! timeout, the loss of its connection, a failed send, or shutdown. So every future completes.
 
+use crate::sync::lock;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,12 +54,6 @@ const CONTROL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const RUNNING: u8 = 0;
 const SHUT_DOWN: u8 = 2;
-
-/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
-/// section here is a few map or counter updates).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 type Done = Box<dyn FnOnce(Result<Frame, Error>) + Send>;
 
@@ -107,8 +102,6 @@ pub(crate) struct AgentConfig {
 }
 
 pub(crate) struct Agent {
-    /// This agent, for the encode contexts of handlers that only have `&self`.
-    this: Weak<Agent>,
     pub(crate) me: WorkerInfo,
     /// Remote references owned or used here.
     pub(crate) rrefs: RRefs,
@@ -157,8 +150,7 @@ impl Agent {
             .map(|w| (w.name.clone(), w.id))
             .collect();
         let peers = config.workers.iter().map(|_| Peer::default()).collect();
-        let agent = Arc::new_cyclic(|this| Self {
-            this: this.clone(),
+        let agent = Arc::new(Self {
             rrefs: RRefs::new(config.me.id),
             pool: Pool::new(
                 config.num_worker_threads,
@@ -296,42 +288,19 @@ impl Agent {
         true
     }
 
-    /// Sends a call of `function` to `dest`; `done` receives the reply frame or the error.
-    /// `payload` must start with the call head ([`call_payload`]).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn call(
-        self: &Arc<Self>,
-        dest: u32,
-        kind: Kind,
-        flags: u16,
-        function: &str,
-        payload: Vec<u8>,
-        tensors: Vec<Tensor>,
-        timeout: Option<Duration>,
-        internal: bool,
-        done: Done,
-    ) {
-        self.call_with(
-            dest, kind, flags, function, payload, tensors, timeout, internal, false, done,
-        );
-    }
-
-    /// [`Agent::call`]; `blocking` says the caller will block on the reply at once, so the
-    /// request is written from this thread rather than batched by the writer task.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn call_with(
-        self: &Arc<Self>,
-        dest: u32,
-        kind: Kind,
-        flags: u16,
-        function: &str,
-        payload: Vec<u8>,
-        tensors: Vec<Tensor>,
-        timeout: Option<Duration>,
-        internal: bool,
-        blocking: bool,
-        done: Done,
-    ) {
+    /// Sends `out`; `done` receives the reply frame or the error.
+    pub(crate) fn call(self: &Arc<Self>, out: Outgoing<'_>, done: Done) {
+        let Outgoing {
+            dest,
+            kind,
+            flags,
+            function,
+            payload,
+            tensors,
+            timeout,
+            internal,
+            blocking,
+        } = out;
         let state = self.state.load(Ordering::Acquire);
         if state != RUNNING && !(internal && state != SHUT_DOWN) {
             return done(Err(self.shut_down_error()));
@@ -928,7 +897,7 @@ impl Agent {
     /// A started handler ended: deliver its value, then count it out (only then, so that
     /// shutdown cannot close the connection between the handler's end and its reply).
     fn finish(
-        &self,
+        self: &Arc<Self>,
         reply_to: &ReplyTo,
         id: u64,
         function: &str,
@@ -943,7 +912,7 @@ impl Agent {
     /// Delivers a value: encoded as the reply, or kept as a reference's value with an
     /// acknowledgement as the reply.
     fn deliver(
-        &self,
+        self: &Arc<Self>,
         reply_to: &ReplyTo,
         id: u64,
         function: &str,
@@ -953,11 +922,7 @@ impl Agent {
         match completion {
             Completion::Reply(kind) => {
                 let outcome = out.and_then(|value| {
-                    let encoded = match self.this.upgrade() {
-                        Some(agent) => crate::rref::encoding(&agent, || value.encode()),
-                        None => value.encode(),
-                    };
-                    encoded.map_err(|m| {
+                    crate::rref::encoding(self, || value.encode()).map_err(|m| {
                         crate::function::remote_error(
                             function,
                             "distrpc::EncodeError",
@@ -1041,7 +1006,12 @@ impl Agent {
                 let mut backoff = Duration::from_millis(10);
                 loop {
                     let (fut, done) = RpcFuture::<Frame>::pending();
-                    agent.call(to, kind, 0, "rref control", payload.clone(), Vec::new(), Some(CONTROL_ATTEMPT_TIMEOUT), true, Box::new(move |r| done.complete(r)));
+                    let out = Outgoing {
+                        timeout: Some(CONTROL_ATTEMPT_TIMEOUT),
+                        internal: true,
+                        ..Outgoing::new(to, kind, "rref control", payload.clone())
+                    };
+                    agent.call(out, Box::new(move |r| done.complete(r)));
                     match fut.await {
                         Ok(_) => {
                             if let Control::ForkRequest { fork, .. } = msg {
@@ -1200,6 +1170,43 @@ impl Agent {
     }
 }
 
+/// A request to send: to whom, what, and how.
+pub(crate) struct Outgoing<'a> {
+    pub(crate) dest: u32,
+    pub(crate) kind: Kind,
+    /// Frame flags ([`FLAG_METHOD`]).
+    pub(crate) flags: u16,
+    /// The function called, for errors and timeouts.
+    pub(crate) function: &'a str,
+    /// For calls, starts with the call head ([`put_call_head`]).
+    pub(crate) payload: Vec<u8>,
+    pub(crate) tensors: Vec<Tensor>,
+    /// `None`: the default timeout; zero: none.
+    pub(crate) timeout: Option<Duration>,
+    /// distrpc's own gather and barrier calls, which shutdown does not wait for.
+    pub(crate) internal: bool,
+    /// The caller blocks on the reply at once: the request is written from its thread rather
+    /// than batched by the writer task.
+    pub(crate) blocking: bool,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A request of `kind` to `dest` with no tensors, no flags and the default timeout.
+    pub(crate) fn new(dest: u32, kind: Kind, function: &'a str, payload: Vec<u8>) -> Self {
+        Self {
+            dest,
+            kind,
+            flags: 0,
+            function,
+            payload,
+            tensors: Vec::new(),
+            timeout: None,
+            internal: false,
+            blocking: false,
+        }
+    }
+}
+
 /// Where the reply to a call goes.
 #[derive(Clone)]
 enum ReplyTo {
@@ -1223,7 +1230,7 @@ fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The start of a call payload: the function name, length-prefixed (`u16` little-endian).
+/// A call payload that so far holds only the call head.
 pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
     let mut payload = Vec::with_capacity(64 + function.len());
     put_call_head(&mut payload, function)?;

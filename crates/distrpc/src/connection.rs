@@ -10,6 +10,7 @@
 //! A connection closes when either task fails, when the peer closes it, or when the agent closes
 //! it; the agent then fails every call waiting on it.
 
+use crate::sync::lock;
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -64,12 +65,11 @@ impl Connection {
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        // Updates are single pushes, swaps and flag changes: a poisoned queue is consistent.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.queue)
     }
 
     fn sink(&self) -> Option<Arc<OwnedWriteHalf>> {
-        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.sink).clone()
     }
 
     /// Sends a frame. With `direct`, it is written at once from this thread when the socket is
@@ -127,7 +127,7 @@ impl Connection {
         drop(q);
         // Without our handle, the writer task holds the last one: the socket's write side shuts
         // down when it ends.
-        self.sink.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lock(&self.sink).take();
         self.wake.notify_one();
         true
     }
@@ -138,7 +138,7 @@ impl Connection {
         {
             let q = self.lock();
             if q.closed.is_none() {
-                *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
+                *lock(&self.sink) = Some(w.clone());
             }
         }
         loop {
@@ -190,6 +190,15 @@ fn advance(slices: &mut Vec<&[u8]>, mut n: usize) {
 /// Linux's IOV_MAX.
 const MAX_IOV: usize = 1024;
 
+/// The first `MAX_IOV` slices, as one `writev`'s worth.
+fn iov<'a>(slices: &[&'a [u8]]) -> Vec<IoSlice<'a>> {
+    slices
+        .iter()
+        .take(MAX_IOV)
+        .map(|s| IoSlice::new(s))
+        .collect()
+}
+
 /// Writes as much of `frame` as the socket takes right now, without waiting; returns the bytes
 /// written.
 fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
@@ -207,12 +216,7 @@ fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
     let mut slices: Vec<&[u8]> = frame.slices().filter(|s| !s.is_empty()).collect();
     let mut written = 0;
     while !slices.is_empty() {
-        let iov: Vec<IoSlice<'_>> = slices
-            .iter()
-            .take(MAX_IOV)
-            .map(|s| IoSlice::new(s))
-            .collect();
-        match w.try_write_vectored(&iov) {
+        match w.try_write_vectored(&iov(&slices)) {
             Ok(n) if n > 0 => {
                 written += n;
                 advance(&mut slices, n);
@@ -227,12 +231,7 @@ fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
 async fn write_all_slices(w: &OwnedWriteHalf, slices: &mut Vec<&[u8]>) -> std::io::Result<()> {
     while !slices.is_empty() {
         w.writable().await?;
-        let iov: Vec<IoSlice<'_>> = slices
-            .iter()
-            .take(MAX_IOV)
-            .map(|s| IoSlice::new(s))
-            .collect();
-        match w.try_write_vectored(&iov) {
+        match w.try_write_vectored(&iov(slices)) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => advance(slices, n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

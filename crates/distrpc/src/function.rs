@@ -278,7 +278,7 @@ where
 
 /// A blocking handler under any name (a `&'static str` from the macro, an `Arc<str>` from a
 /// closure registered at init).
-fn named_sync_handler<N, A, R, E, F>(name: N, f: F) -> Handler
+pub(crate) fn named_sync_handler<N, A, R, E, F>(name: N, f: F) -> Handler
 where
     N: AsRef<str> + Send + Sync + 'static,
     A: DeserializeOwned,
@@ -393,17 +393,6 @@ impl Registry {
     pub(crate) fn len(&self) -> usize {
         self.handlers.len()
     }
-}
-
-/// A closure registered at init, before it is given its name.
-pub(crate) fn closure_handler<A, R, E, F>(name: Arc<str>, f: F) -> Handler
-where
-    A: DeserializeOwned,
-    R: Serialize + Send + Sync + 'static,
-    E: fmt::Display,
-    F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
-{
-    named_sync_handler(name, f)
 }
 
 /// An inline handler for distrpc's own control functions.

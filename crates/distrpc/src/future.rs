@@ -5,6 +5,7 @@
 //! the value, the remote error, a timeout, or the loss of the peer; the agent guarantees one of
 //! these happens, so a wait always ends.
 
+use crate::sync::lock;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -37,8 +38,7 @@ struct Slot<T> {
 
 impl<T> Slot<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
-        // Every transition is a single assignment, so a poisoned lock holds a valid state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 

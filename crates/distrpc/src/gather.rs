@@ -11,6 +11,7 @@
 //! Unlike torch, a member that is lost while the others wait fails the round at once with
 //! [`Error::PeerGone`] instead of hanging until a timeout.
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -54,8 +55,7 @@ impl std::fmt::Debug for Gather {
 
 impl Gather {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Each update is one map insert: a poisoned lock still holds a consistent state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Adds the gather functions to a worker's registry.

@@ -52,6 +52,7 @@ mod rendezvous;
 pub mod rpc;
 pub mod rref;
 mod runtime;
+mod sync;
 pub mod worker;
 
 pub(crate) use distrpc_wire::{codec, tensor};

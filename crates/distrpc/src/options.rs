@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 pub use distrpc_wire::Kind as MessageKind;
 
-use crate::function::{Handler, closure_handler};
+use crate::function::{Handler, named_sync_handler};
 
 /// torch's default RPC timeout.
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,7 +171,7 @@ impl RpcOptions {
         F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
     {
         let name: Arc<str> = name.into();
-        let handler = closure_handler(name.clone(), f);
+        let handler = named_sync_handler(name.clone(), f);
         self.functions.push((name, handler));
         self
     }
@@ -214,7 +214,7 @@ impl FaultInjection {
         let Some(&limit) = self.fail.get(&kind) else {
             return false;
         };
-        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = crate::sync::lock(&self.sent);
         let n = sent.entry(kind).or_default();
         *n += 1;
         *n <= limit

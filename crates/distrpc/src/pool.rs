@@ -7,6 +7,7 @@
 //! starve the pool, however deep, and CPU-bound handlers are still bounded by `size`. Threads
 //! start lazily; surplus threads exit once the blocked ones resume.
 
+use crate::sync::lock;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -31,9 +32,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Jobs run outside the lock and every update is a few counter changes, so a poisoned lock
-        // still holds consistent counters.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Threads that are not blocked in a nested wait.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, Outgoing};
 use crate::error::Error;
 use crate::function::{Function, Registry};
 use crate::future::RpcFuture;
@@ -30,14 +30,18 @@ pub(crate) struct Shared {
     check_rref_leaks: bool,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
+impl Shared {
+    /// Stops this worker locally and, on rank 0, the store.
+    fn stop(&self) {
         self.agent.shutdown_local();
         // Dropping the server aborts its tasks; it needs no runtime context.
-        self.store_server
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        crate::sync::lock(&self.store_server).take();
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -269,7 +273,6 @@ where
             return fut;
         }
     };
-    let worker = agent.name_of(dest).to_string();
     let fname = function.to_string();
     let a = agent.clone();
     let flags = if this.is_some() {
@@ -277,23 +280,23 @@ where
     } else {
         0
     };
-    agent.call_with(
-        dest,
-        distrpc_wire::Kind::Call,
+    let out = Outgoing {
         flags,
-        function,
-        payload,
         tensors,
         timeout,
         internal,
         blocking,
+        ..Outgoing::new(dest, distrpc_wire::Kind::Call, function, payload)
+    };
+    agent.call(
+        out,
         Box::new(move |result| {
             done.complete(result.and_then(|frame| {
                 crate::rref::decoding(&a, dest, || {
                     crate::codec::decode::<R>(&frame.payload, frame.tensors)
                 })
                 .map_err(|e| Error::Decode {
-                    worker,
+                    worker: a.name_of(dest).to_string(),
                     function: fname,
                     what: "result",
                     message: e.to_string(),
@@ -607,29 +610,27 @@ impl Rpc {
             }
         };
         let gather = &self.shared.gather;
-        let mut held = Vec::new();
-        let leaked = &mut held;
-        let result = (|| -> Result<(), Error> {
+        // Returns the user references the application still held.
+        let result = (|| {
             crate::gather::all_gather(agent, gather, &(), None, Some(left()?))?;
             // Every user reference still held is deleted now; the loop below waits for the
             // deletes (and their confirmations) like any other call in flight.
             let (held, effects) = agent
                 .rrefs
                 .ledger(|l| (l.held_users(), l.delete_all_users()));
-            *leaked = held;
             agent.run_effects(effects);
             loop {
                 let counts = agent.counts();
                 let active = (counts.client + counts.control) as u64;
                 let all = crate::gather::all_gather(agent, gather, &active, None, Some(left()?))?;
                 if all.values().all(|&n| n == 0) {
-                    return Ok(());
+                    return Ok::<_, Error>(held);
                 }
                 agent.wait_no_client_calls(deadline);
             }
         })();
         self.shutdown_local();
-        result?;
+        let held = result?;
         if self.shared.check_rref_leaks && !held.is_empty() {
             return Err(Error::RRefLeak {
                 worker: agent.me.name.clone(),
@@ -645,12 +646,7 @@ impl Rpc {
     /// Stops this worker at once, without waiting for the others (torch's
     /// `shutdown(graceful=False)`). Calls in flight fail with [`Error::ShutDown`].
     pub fn shutdown_local(&self) {
-        self.agent().shutdown_local();
-        self.shared
-            .store_server
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.shared.stop();
     }
 
     /// Whether this worker still makes and serves calls.

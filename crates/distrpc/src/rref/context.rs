@@ -1,8 +1,9 @@
 //! The live side of remote references on one worker: the owner's values, the ledger behind a
 //! lock, and waiting for confirmations. The agent drives it and carries out the ledger's effects.
 
+use crate::sync::lock;
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -36,11 +37,6 @@ impl std::fmt::Debug for Context {
             .field("info", &self.info())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections are single map updates: a poisoned lock still holds consistent data.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Context {

@@ -15,6 +15,7 @@ use crate::agent::Agent;
 use crate::error::{Error, RemoteError};
 use crate::function::Method;
 use crate::future::RpcFuture;
+use crate::sync::lock;
 use crate::worker::WorkerInfo;
 
 /// How the `remote()` call that created a user reference ended.
@@ -57,7 +58,7 @@ impl Creation {
     /// Records the outcome (the first one counts) and tells everyone waiting for it.
     pub(crate) fn set(&self, outcome: Created) {
         let waiting = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(&self.state);
             if s.0.is_some() {
                 return;
             }
@@ -70,16 +71,12 @@ impl Creation {
     }
 
     fn get(&self) -> Option<Created> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        lock(&self.state).0.clone()
     }
 
     /// Calls `f` with the outcome, now or once it is known.
     fn on_outcome(&self, f: OnOutcome) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         match &s.0 {
             Some(outcome) => {
                 let outcome = outcome.clone();
@@ -219,14 +216,14 @@ impl<T> RRef<T> {
         let owner = self.owner_name().to_string();
         creation.on_outcome(Box::new(move |outcome| {
             if let Some(e) = creation_error(outcome.clone(), owner)
-                && let Some(d) = first.lock().unwrap_or_else(|e| e.into_inner()).take()
+                && let Some(d) = lock(&first).take()
             {
                 d.complete(Err(e));
             }
         }));
         // The use's own result, unless the creation failed first (then it is dropped).
         fut.on_complete(move |result| {
-            if let Some(d) = done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(d) = lock(&done).take() {
                 d.complete(result);
             }
         });

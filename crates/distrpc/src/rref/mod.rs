@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 pub use handle::RRef;
 pub use ledger::{Control, Effect, ForkId, GlobalId, Ledger, LedgerError, LedgerInfo, RRefId};
 
-use crate::agent::{Agent, call_payload};
+use crate::agent::{Agent, Outgoing, call_payload};
 use crate::error::{Error, Failure};
 use crate::future::RpcFuture;
 use handle::{Created, Creation, Inner};
@@ -86,11 +86,21 @@ fn take_received() -> Vec<ForkId> {
     RECEIVED.with(|r| std::mem::take(&mut *r.borrow_mut()))
 }
 
-fn unconfirmed(function: &str, missing: &[ForkId]) -> Failure {
-    Failure::Other(format!(
+/// The references the decode that just ran on this thread received and that must be confirmed
+/// before the handler runs, with the agent to wait on (`None`: nothing to wait for).
+fn to_confirm(agent: Option<&Arc<Agent>>) -> Option<(&Arc<Agent>, Vec<ForkId>)> {
+    let forks = take_received();
+    agent.filter(|_| !forks.is_empty()).map(|a| (a, forks))
+}
+
+fn all_confirmed(function: &str, missing: &[ForkId]) -> Result<(), Failure> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Other(format!(
         "{} reference(s) in the arguments of {function} were not confirmed by their owners in time",
         missing.len()
-    ))
+    )))
 }
 
 /// Before a handler runs: waits until every reference its arguments carried is confirmed.
@@ -98,17 +108,14 @@ pub(crate) fn wait_for_received_rrefs(
     function: &str,
     agent: Option<&Arc<Agent>>,
 ) -> Result<(), Failure> {
-    let forks = take_received();
-    let Some(agent) = agent.filter(|_| !forks.is_empty()) else {
+    let Some((agent, forks)) = to_confirm(agent) else {
         return Ok(());
     };
     let _blocked = crate::pool::enter_blocking();
-    let missing = agent.rrefs.wait_confirmed(&forks, agent.default_timeout());
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(unconfirmed(function, &missing))
-    }
+    all_confirmed(
+        function,
+        &agent.rrefs.wait_confirmed(&forks, agent.default_timeout()),
+    )
 }
 
 /// [`wait_for_received_rrefs`] for async handlers.
@@ -116,19 +123,14 @@ pub(crate) async fn wait_for_received_rrefs_async(
     function: &str,
     agent: Option<&Arc<Agent>>,
 ) -> Result<(), Failure> {
-    let forks = take_received();
-    let Some(agent) = agent.filter(|_| !forks.is_empty()) else {
+    let Some((agent, forks)) = to_confirm(agent) else {
         return Ok(());
     };
     let missing = agent
         .rrefs
         .wait_confirmed_async(&forks, agent.default_timeout())
         .await;
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(unconfirmed(function, &missing))
-    }
+    all_confirmed(function, &missing)
 }
 
 /// Writes a global id (12 bytes: rank, counter).
@@ -228,15 +230,14 @@ where
     } else {
         0
     };
-    agent.call(
-        to,
-        distrpc_wire::Kind::RemoteCall,
+    let out = Outgoing {
         flags,
-        function,
-        head,
         tensors,
         timeout,
-        false,
+        ..Outgoing::new(to, distrpc_wire::Kind::RemoteCall, function, head)
+    };
+    agent.call(
+        out,
         Box::new(move |result| {
             let outcome = match result {
                 Ok(_) => Created::Ok,
@@ -330,23 +331,19 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     let mut payload = Vec::with_capacity(12);
     put_id(&mut payload, id.0);
     let a = agent.clone();
-    agent.call_with(
-        owner,
-        distrpc_wire::Kind::RRefFetch,
-        0,
-        "to_here",
-        payload,
-        Vec::new(),
-        Some(timeout),
-        false,
+    let out = Outgoing {
+        timeout: Some(timeout),
         blocking,
+        ..Outgoing::new(owner, distrpc_wire::Kind::RRefFetch, "to_here", payload)
+    };
+    agent.call(
+        out,
         Box::new(move |result| {
-            let worker = a.name_of(owner).to_string();
             done.complete(result.and_then(|frame| {
                 decoding(&a, owner, || {
                     crate::codec::decode::<T>(&frame.payload, frame.tensors)
                 })
-                .map_err(|e| decode_error(&worker, e))
+                .map_err(|e| decode_error(a.name_of(owner), e))
             }));
         }),
     );
