@@ -336,7 +336,7 @@ fn injected_send_failures_and_delays() {
     for _ in 0..2 {
         let err = rpcs[0].rpc_sync("worker1", echo, (1,)).unwrap_err();
         assert!(
-            matches!(&err, Error::SendFailed { worker, reason } if worker == "worker1" && reason.contains("injected")),
+            matches!(&err, Error::Injected { worker, kind: MessageKind::Call } if worker == "worker1"),
             "{err}"
         );
     }

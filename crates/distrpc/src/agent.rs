@@ -341,10 +341,9 @@ impl Agent {
             },
         );
         if self.faults.should_fail(kind) {
-            let reason = format!("injected failure of a {kind:?} send");
-            return self.fail(id, |p| Error::SendFailed {
+            return self.fail(id, |p| Error::Injected {
                 worker: self.name_of(p.peer).into(),
-                reason,
+                kind,
             });
         }
         let send = {

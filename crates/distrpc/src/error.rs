@@ -90,7 +90,17 @@ pub enum Error {
     /// The user function failed on the callee.
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    /// A message could not be sent (an injected fault, or a frame the wire cannot carry).
+    /// A send failed on purpose: [`FaultInjection`](crate::FaultInjection) dropped it (torch's
+    /// `INTENTIONAL_FAILURE`). A dropped `remote()` makes its reference report a creation
+    /// timeout, as in torch.
+    #[error("injected failure of a {kind:?} send to {worker}")]
+    Injected {
+        /// The peer.
+        worker: String,
+        /// The kind of message dropped.
+        kind: distrpc_wire::Kind,
+    },
+    /// A message could not be sent (a frame the wire cannot carry, an undecodable reply).
     #[error("send to {worker} failed: {reason}")]
     SendFailed {
         /// The peer.

@@ -27,6 +27,9 @@ pub(crate) enum Created {
     /// The creation failed otherwise (unknown function, bad arguments, ...).
     Failed(String),
     TimedOut(Duration),
+    /// The remote call was dropped by an injected fault: reported as a creation timeout, as
+    /// torch does (the value may or may not exist).
+    Dropped,
     OwnerGone(String),
     /// `remote()` named no worker of the group.
     UnknownWorker(String),
@@ -242,6 +245,12 @@ fn creation_error(created: Created, owner: String) -> Option<Error> {
             reason: format!(
                 "RRef creation via remote() timed out after {timeout:?}; the value may not exist on the owner"
             ),
+        }),
+        Created::Dropped => Some(Error::RRefCreation {
+            owner,
+            reason:
+                "RRef creation via remote() timed out: its message was dropped (an injected fault)"
+                    .into(),
         }),
         Created::OwnerGone(reason) => Some(Error::PeerGone {
             worker: owner,

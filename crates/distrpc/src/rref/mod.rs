@@ -243,9 +243,7 @@ where
                 Ok(_) => Created::Ok,
                 Err(Error::Remote(e)) => Created::Remote(e),
                 Err(Error::Timeout { timeout, .. }) => Created::TimedOut(timeout),
-                Err(Error::SendFailed { reason, .. }) if reason.contains("injected") => {
-                    Created::TimedOut(Duration::ZERO)
-                }
+                Err(Error::Injected { .. }) => Created::Dropped,
                 Err(Error::PeerGone { reason, .. }) => Created::OwnerGone(reason),
                 Err(Error::ShutDown { .. }) => Created::OwnerGone("this worker shut down".into()),
                 Err(e) => Created::Failed(e.to_string()),
