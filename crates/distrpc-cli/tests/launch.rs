@@ -7,6 +7,17 @@ use std::time::Instant;
 
 const DISTRPC: &str = env!("CARGO_BIN_EXE_distrpc");
 
+/// Runs `distrpc ARGS`, requires success, and returns its standard output.
+fn distrpc_ok(args: &[&str]) -> String {
+    let out = Command::new(DISTRPC).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn sets_the_environment_and_prefixes_output() {
     let out = Command::new(DISTRPC)
@@ -51,16 +62,7 @@ fn one_failure_stops_the_others_and_fails_the_launch() {
 
 #[test]
 fn bench_quick_prints_every_workload_as_json() {
-    let out = Command::new(DISTRPC)
-        .args(["bench", "--quick"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = distrpc_ok(&["bench", "--quick"]);
     let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
     let has = |workload: &str, field: &str| {
         lines.iter().any(|l| {
@@ -110,16 +112,7 @@ fn bench_quick_prints_every_workload_as_json() {
 
 #[test]
 fn bench_runs_only_the_workloads_named() {
-    let out = Command::new(DISTRPC)
-        .args(["bench", "--quick", "latency", "raw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = distrpc_ok(&["bench", "--quick", "latency", "raw"]);
     assert!(stdout.contains("\"workload\": \"latency\""));
     assert!(!stdout.contains("\"workload\": \"echo\""));
     let bad = Command::new(DISTRPC)

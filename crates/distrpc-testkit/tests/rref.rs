@@ -103,6 +103,15 @@ fn opts() -> RpcOptions {
     RpcOptions::default().rpc_timeout(Duration::from_secs(20))
 }
 
+/// Waits (bounded) until no reference and no value is left on any worker; fails listing them.
+fn assert_freed_within(rpcs: &[Rpc], bound: Duration) {
+    assert!(
+        wait_until(bound, || rref_leaks(rpcs).is_empty()),
+        "references left behind: {:?}",
+        rref_leaks(rpcs)
+    );
+}
+
 fn assert_no_leaks(rpcs: &[Rpc]) {
     let leaks = rref_leaks(rpcs);
     assert!(leaks.is_empty(), "references left behind: {leaks:?}");
@@ -269,11 +278,7 @@ fn dropping_the_last_reference_frees_the_value_on_the_owner() {
     assert_eq!(rpcs[1].metrics()["num_owner_values"], 1);
     drop(r);
     // The owner learns of the delete (sent without blocking) and drops the value.
-    assert!(
-        wait_until(Duration::from_secs(10), || rref_leaks(&rpcs).is_empty()),
-        "{:?}",
-        rref_leaks(&rpcs)
-    );
+    assert_freed_within(&rpcs, Duration::from_secs(10));
     shutdown_all(rpcs).unwrap();
 }
 
@@ -345,11 +350,7 @@ fn dropped_and_delayed_messages_still_free_everything() {
         4
     );
     drop(r);
-    assert!(
-        wait_until(Duration::from_secs(20), || rref_leaks(&rpcs).is_empty()),
-        "{:?}",
-        rref_leaks(&rpcs)
-    );
+    assert_freed_within(&rpcs, Duration::from_secs(20));
     shutdown_all(rpcs).unwrap();
 }
 
@@ -379,11 +380,7 @@ fn a_dropped_or_delayed_remote_is_a_creation_timeout() {
     );
     drop((dropped, delayed));
     // The delayed creation still arrives later; its value is freed when it does.
-    assert!(
-        wait_until(Duration::from_secs(10), || rref_leaks(&rpcs).is_empty()),
-        "{:?}",
-        rref_leaks(&rpcs)
-    );
+    assert_freed_within(&rpcs, Duration::from_secs(10));
     shutdown_all(rpcs).unwrap();
 }
 
@@ -498,11 +495,7 @@ fn stress(seed: u64, faults: impl Fn() -> FaultInjection) {
     for name in &names {
         HELD.lock().unwrap().remove(name);
     }
-    assert!(
-        wait_until(Duration::from_secs(30), || rref_leaks(&rpcs).is_empty()),
-        "seed {seed}: {:?}",
-        rref_leaks(&rpcs)
-    );
+    assert_freed_within(&rpcs, Duration::from_secs(30));
     shutdown_all(rpcs).unwrap();
 }
 
