@@ -724,8 +724,22 @@ impl Agent {
         let id = frame.id;
         let method = frame.flags & FLAG_METHOD != 0;
         match frame.kind {
-            Kind::Call => {
-                let call = parse_call(&frame.payload, 0, method).ok_or("malformed call")?;
+            Kind::Call | Kind::RemoteCall => {
+                let remote = frame.kind == Kind::RemoteCall;
+                let call = parse_call(&frame.payload, if remote { 2 } else { 0 }, method)
+                    .ok_or("malformed call")?;
+                let completion = if remote {
+                    let (rref, fork) = (RRefId(call.ids[0]), ForkId(call.ids[1]));
+                    if rref.0.created_on != from || fork.0.created_on != from {
+                        return Err("remote call with ids its sender did not create".into());
+                    }
+                    let effects = self.rrefs.ledger(|l| l.owner_created(rref, Some(fork)));
+                    self.rrefs.expect_value(rref);
+                    self.run_effects(effects);
+                    Completion::Store(rref)
+                } else {
+                    Completion::Reply(Kind::Result)
+                };
                 self.dispatch(
                     reply_to,
                     id,
@@ -734,27 +748,7 @@ impl Agent {
                     call.args,
                     frame.tensors,
                     call.this,
-                    Completion::Reply(Kind::Result),
-                );
-            }
-            Kind::RemoteCall => {
-                let call = parse_call(&frame.payload, 2, method).ok_or("malformed remote call")?;
-                let (rref, fork) = (RRefId(call.ids[0]), ForkId(call.ids[1]));
-                if rref.0.created_on != from || fork.0.created_on != from {
-                    return Err("remote call with ids its sender did not create".into());
-                }
-                let effects = self.rrefs.ledger(|l| l.owner_created(rref, Some(fork)));
-                self.rrefs.expect_value(rref);
-                self.run_effects(effects);
-                self.dispatch(
-                    reply_to,
-                    id,
-                    from,
-                    call.function,
-                    call.args,
-                    frame.tensors,
-                    call.this,
-                    Completion::Store(rref),
+                    completion,
                 );
             }
             Kind::RRefFetch => {
@@ -1177,7 +1171,7 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) flags: u16,
     /// The function called, for errors and timeouts.
     pub(crate) function: &'a str,
-    /// For calls, starts with the call head ([`put_call_head`]).
+    /// For calls, made by [`encode_call`].
     pub(crate) payload: Vec<u8>,
     pub(crate) tensors: Vec<Tensor>,
     /// `None`: the default timeout; zero: none.
@@ -1229,15 +1223,8 @@ fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// A call payload that so far holds only the call head.
-pub(crate) fn call_payload(function: &str) -> Result<Vec<u8>, Error> {
-    let mut payload = Vec::with_capacity(64 + function.len());
-    put_call_head(&mut payload, function)?;
-    Ok(payload)
-}
-
 /// Appends the call head (the function name, length-prefixed) to `out`.
-pub(crate) fn put_call_head(out: &mut Vec<u8>, function: &str) -> Result<(), Error> {
+fn put_call_head(out: &mut Vec<u8>, function: &str) -> Result<(), Error> {
     let len = u16::try_from(function.len()).map_err(|_| {
         Error::InvalidArgument(format!(
             "function name of {} bytes is too long",
@@ -1247,6 +1234,31 @@ pub(crate) fn put_call_head(out: &mut Vec<u8>, function: &str) -> Result<(), Err
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(function.as_bytes());
     Ok(())
+}
+
+/// Encodes a call payload in one pass: `ids` (a remote call's new reference and fork), the
+/// value a method is called on, the call head, then the arguments (their tensors go to the
+/// table). Returns the payload, the tensors and the frame flags. The inverse of [`parse_call`].
+pub(crate) fn encode_call<A: serde::Serialize + ?Sized>(
+    agent: &Arc<Agent>,
+    ids: &[crate::rref::GlobalId],
+    this: Option<RRefId>,
+    function: &str,
+    args: &A,
+) -> Result<(Vec<u8>, Vec<Tensor>, u16), Error> {
+    let mut payload = Vec::with_capacity(64 + 12 * ids.len() + function.len());
+    for id in ids.iter().chain(this.as_ref().map(|t| &t.0)) {
+        crate::rref::put_id(&mut payload, *id);
+    }
+    put_call_head(&mut payload, function)?;
+    let tensors = crate::rref::encoding(agent, || crate::codec::encode(args, &mut payload))
+        .map_err(|e| Error::Encode {
+            function: function.to_string(),
+            what: "arguments",
+            message: e.to_string(),
+        })?;
+    let flags = if this.is_some() { FLAG_METHOD } else { 0 };
+    Ok((payload, tensors, flags))
 }
 
 /// A call payload taken apart: leading ids (a remote call's new reference and fork), the value

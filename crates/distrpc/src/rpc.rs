@@ -254,32 +254,16 @@ where
     R: DeserializeOwned + Send + 'static,
 {
     let (fut, done) = RpcFuture::pending_spinning(agent.busy_poll);
-    let mut payload = Vec::with_capacity(64);
-    if let Some(this) = this {
-        crate::rref::put_id(&mut payload, this.0);
-    }
-    if let Err(e) = crate::agent::put_call_head(&mut payload, function) {
-        done.complete(Err(e));
-        return fut;
-    }
-    let tensors = match crate::rref::encoding(agent, || crate::codec::encode(args, &mut payload)) {
-        Ok(t) => t,
-        Err(e) => {
-            done.complete(Err(Error::Encode {
-                function: function.to_string(),
-                what: "arguments",
-                message: e.to_string(),
-            }));
-            return fut;
-        }
-    };
+    let (payload, tensors, flags) =
+        match crate::agent::encode_call(agent, &[], this, function, args) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                done.complete(Err(e));
+                return fut;
+            }
+        };
     let fname = function.to_string();
     let a = agent.clone();
-    let flags = if this.is_some() {
-        crate::agent::FLAG_METHOD
-    } else {
-        0
-    };
     let out = Outgoing {
         flags,
         tensors,

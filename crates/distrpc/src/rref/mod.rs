@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 pub use handle::RRef;
 pub use ledger::{Control, Effect, ForkId, GlobalId, Ledger, LedgerError, LedgerInfo, RRefId};
 
-use crate::agent::{Agent, Outgoing, call_payload};
+use crate::agent::{Agent, Outgoing, encode_call};
 use crate::error::{Error, Failure};
 use crate::future::RpcFuture;
 use handle::{Created, Creation, Inner};
@@ -165,24 +165,15 @@ where
     R: Send + Sync + 'static,
 {
     let id = RRefId(agent.rrefs.next_id());
-    let encoded = call_payload(function).and_then(|mut payload| {
-        let tensors =
-            encoding(agent, || crate::codec::encode(args, &mut payload)).map_err(|e| {
-                Error::Encode {
-                    function: function.to_string(),
-                    what: "arguments",
-                    message: e.to_string(),
-                }
-            })?;
-        Ok((payload, tensors))
-    });
     if to == agent.me.id {
         // The self case makes an owner reference directly (torch's `pyRemoteBuiltin`).
         let effects = agent.rrefs.ledger(|l| l.owner_created(id, None));
         agent.run_effects(effects);
         agent.rrefs.expect_value(id);
-        match encoded {
-            Ok((payload, tensors)) => agent.create_locally(id, function, payload, tensors, target),
+        match encode_call(agent, &[], None, function, args) {
+            Ok((payload, tensors, _)) => {
+                agent.create_locally(id, function, payload, tensors, target)
+            }
             Err(e) => agent
                 .rrefs
                 .set_value(id, Err(Failure::Other(e.to_string()))),
@@ -205,36 +196,25 @@ where
         fork: Some(fork),
         creation: Some(creation.clone()),
     });
-    let (payload, tensors) = match encoded {
-        Ok(p) => p,
-        Err(e) => {
-            creation.set(Created::Failed(e.to_string()));
-            let effects = agent.rrefs.ledger(|l| {
-                l.user_abandoned(fork);
-                Vec::new()
-            });
-            agent.run_effects(effects);
-            return rref;
-        }
-    };
-    let mut head = Vec::with_capacity(36 + payload.len());
-    put_id(&mut head, id.0);
-    put_id(&mut head, fork.0);
-    if let Some(t) = target {
-        put_id(&mut head, t.0);
-    }
-    head.extend_from_slice(&payload);
+    let (payload, tensors, flags) =
+        match encode_call(agent, &[id.0, fork.0], target, function, args) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                creation.set(Created::Failed(e.to_string()));
+                let effects = agent.rrefs.ledger(|l| {
+                    l.user_abandoned(fork);
+                    Vec::new()
+                });
+                agent.run_effects(effects);
+                return rref;
+            }
+        };
     let a = agent.clone();
-    let flags = if target.is_some() {
-        crate::agent::FLAG_METHOD
-    } else {
-        0
-    };
     let out = Outgoing {
         flags,
         tensors,
         timeout,
-        ..Outgoing::new(to, distrpc_wire::Kind::RemoteCall, function, head)
+        ..Outgoing::new(to, distrpc_wire::Kind::RemoteCall, function, payload)
     };
     agent.call(
         out,
