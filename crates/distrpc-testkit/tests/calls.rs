@@ -447,6 +447,46 @@ fn many_threads_share_one_rpc() {
     shutdown_all(rpcs).unwrap();
 }
 
+/// A blocked caller reads the connection itself while it waits (its claim), then hands it back
+/// to the reader task: replies to other callers, pipelined replies and requests from the other
+/// side that arrive meanwhile must all be handled, in both the default and the busy-poll mode.
+#[test]
+fn callers_reading_their_own_replies_lose_nothing() {
+    for busy in [Duration::ZERO, Duration::from_micros(50)] {
+        let rpcs = in_process(2, |_| {
+            RpcOptions::default()
+                .busy_poll(busy)
+                .rpc_timeout(Duration::from_secs(30))
+        })
+        .unwrap();
+        let mut handles = Vec::new();
+        for (me, other) in [(0usize, 1u32), (1, 0)] {
+            for t in 0..3i64 {
+                let rpc = rpcs[me].clone();
+                handles.push(thread::spawn(move || {
+                    for i in 0..300i64 {
+                        assert_eq!(rpc.rpc_sync(other, add_i64, (t, i)).unwrap(), t + i);
+                    }
+                }));
+            }
+            let rpc = rpcs[me].clone();
+            handles.push(thread::spawn(move || {
+                for round in 0..20i64 {
+                    let futs: Vec<_> = (0..64i64)
+                        .map(|i| rpc.rpc_async(other, add_i64, (round, i)))
+                        .collect();
+                    let want: Vec<i64> = (0..64).map(|i| round + i).collect();
+                    assert_eq!(wait_all(futs).unwrap(), want);
+                }
+            }));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        shutdown_all(rpcs).unwrap();
+    }
+}
+
 #[test]
 fn closures_registered_at_init() {
     let rpcs = in_process(2, |rank| {

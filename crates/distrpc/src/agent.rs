@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{Connection, FrameReader, ReadEnd};
+use crate::connection::{Connection, FrameReader, ReadEnd, ReadSide, Step};
 use crate::error::{Error, Failure};
 use crate::function::{Handler, HandlerKind, Outcome, Produced, Registry, Reply, Request};
 use crate::future::RpcFuture;
@@ -288,8 +288,10 @@ impl Agent {
         true
     }
 
-    /// Sends `out`; `done` receives the reply frame or the error.
-    pub(crate) fn call(self: &Arc<Self>, out: Outgoing<'_>, done: Done) {
+    /// Sends `out`; `done` receives the reply frame or the error. For a `blocking` call made
+    /// from a plain thread, returns the caller's [`Claim`] on the connection when it could
+    /// take it: waiting through it reads the reply on the caller's own thread.
+    pub(crate) fn call(self: &Arc<Self>, out: Outgoing<'_>, done: Done) -> Option<Claim> {
         let Outgoing {
             dest,
             kind,
@@ -303,7 +305,8 @@ impl Agent {
         } = out;
         let state = self.state.load(Ordering::Acquire);
         if state != RUNNING && !(internal && state != SHUT_DOWN) {
-            return done(Err(self.shut_down_error()));
+            done(Err(self.shut_down_error()));
+            return None;
         }
         let timeout = timeout.unwrap_or_else(|| self.default_timeout());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -312,17 +315,21 @@ impl Agent {
         } else {
             match self.connection(dest) {
                 Ok(c) => Some(c),
-                Err(e) => return done(Err(e)),
+                Err(e) => {
+                    done(Err(e));
+                    return None;
+                }
             }
         };
         let frame = match &conn {
             Some(_) => match OutFrame::with_flags(kind, flags, id, &payload, &tensors) {
                 Ok(f) => Some(f),
                 Err(e) => {
-                    return done(Err(Error::SendFailed {
+                    done(Err(Error::SendFailed {
                         worker: self.name_of(dest).to_string(),
                         reason: e.to_string(),
                     }));
+                    return None;
                 }
             },
             None => None,
@@ -341,11 +348,24 @@ impl Agent {
             },
         );
         if self.faults.should_fail(kind) {
-            return self.fail(id, |p| Error::Injected {
+            self.fail(id, |p| Error::Injected {
                 worker: self.name_of(p.peer).into(),
                 kind,
             });
+            return None;
         }
+        // Claimed before the request leaves, so that the reply cannot reach the reader task.
+        let claim = match &conn {
+            Some(c) if blocking && !crate::runtime::on_runtime_thread() => {
+                c.read.get().filter(|r| r.claim()).map(|read| Claim {
+                    agent: self.clone(),
+                    conn: c.clone(),
+                    read: read.clone(),
+                    deadline: deadline.map(|(at, _)| at.into_std()),
+                })
+            }
+            _ => None,
+        };
         let send = {
             let agent = self.clone();
             move || match (conn, frame) {
@@ -383,6 +403,7 @@ impl Agent {
             }
             None => send(),
         }
+        claim
     }
 
     fn register(&self, id: u64, pending: Pending) {
@@ -509,7 +530,7 @@ impl Agent {
         self.tasks.spawn_on(
             async move {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                    Ok(Ok(stream)) => agent.start_io(c, stream, None),
+                    Ok(Ok(stream)) => agent.start_io(c, stream),
                     Ok(Err(e)) => agent.on_closed(&c, ReadEnd::Io(e)),
                     Err(_) => agent.on_closed(
                         &c,
@@ -528,10 +549,10 @@ impl Agent {
     /// An accepted connection: it must introduce itself with a Hello before anything else.
     async fn handshake(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
         let (r, w) = stream.into_split();
-        let mut reader = FrameReader::new(r, self.limits);
+        let mut reader = FrameReader::new(self.limits);
         let hello = tokio::select! {
             _ = self.cancel.cancelled() => return,
-            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => h,
+            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&r)) => h,
         };
         let rank = match hello {
             Ok(Ok(frame)) if frame.kind == Kind::Hello => {
@@ -579,30 +600,26 @@ impl Agent {
             }
         }
         lock(&self.conns).insert(conn.id, conn.clone());
-        self.spawn_halves(conn, reader, w);
+        self.spawn_halves(conn, r, reader, w);
     }
 
-    fn start_io(
-        self: &Arc<Self>,
-        conn: Arc<Connection>,
-        stream: TcpStream,
-        reader: Option<FrameReader<tokio::net::tcp::OwnedReadHalf>>,
-    ) {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
+    fn start_io(self: &Arc<Self>, conn: Arc<Connection>, stream: TcpStream) {
         let (r, w) = stream.into_split();
-        let reader = reader.unwrap_or_else(|| FrameReader::new(r, self.limits));
-        self.spawn_halves(conn, reader, w);
+        self.spawn_halves(conn, r, FrameReader::new(self.limits), w);
     }
 
     fn spawn_halves(
         self: &Arc<Self>,
         conn: Arc<Connection>,
-        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        r: tokio::net::tcp::OwnedReadHalf,
+        frames: FrameReader,
         w: tokio::net::tcp::OwnedWriteHalf,
     ) {
-        let _ = w.as_ref().set_nodelay(true);
+        if let Err(e) = w.as_ref().set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let read = ReadSide::new(r, frames);
+        let _ = conn.read.set(read.clone());
         let (agent, c) = (self.clone(), conn.clone());
         self.writers.spawn_on(
             async move {
@@ -615,18 +632,41 @@ impl Agent {
         let agent = self.clone();
         self.tasks.spawn_on(
             async move {
+                let spin = agent.busy_poll;
+                let mut idle_since: Option<std::time::Instant> = None;
                 let end = loop {
-                    let frame = tokio::select! {
-                        _ = agent.cancel.cancelled() => break ReadEnd::Closed,
-                        f = reader.next() => f,
-                    };
-                    match frame {
-                        Ok(frame) => {
+                    match read.step(false) {
+                        Step::Frame(frame) => {
+                            idle_since = None;
                             if let Err(e) = agent.on_frame(&conn, frame) {
+                                read.end();
                                 break ReadEnd::Malformed(e);
                             }
                         }
-                        Err(end) => break end,
+                        Step::Ended(Some(end)) => break end,
+                        Step::Ended(None) => return,
+                        Step::Idle
+                            if !spin.is_zero()
+                                && idle_since
+                                    .get_or_insert_with(std::time::Instant::now)
+                                    .elapsed()
+                                    < spin =>
+                        {
+                            // The latency option: look again instead of sleeping until woken
+                            // (letting this thread's other tasks run in between).
+                            tokio::task::yield_now().await;
+                        }
+                        step @ (Step::Idle | Step::Claimed) => {
+                            idle_since = None;
+                            let claimed = matches!(step, Step::Claimed);
+                            tokio::select! {
+                                _ = agent.cancel.cancelled() => break ReadEnd::Closed,
+                                r = read.wait(claimed) => if let Err(e) = r {
+                                    read.end();
+                                    break ReadEnd::Io(e);
+                                },
+                            }
+                        }
                     }
                 };
                 agent.on_closed(&conn, end);
@@ -650,6 +690,9 @@ impl Agent {
         }
         let reason = end.to_string();
         conn.close(&reason);
+        if let Some(read) = conn.read.get() {
+            read.end();
+        }
         lock(&self.conns).remove(&conn.id);
         {
             let mut peers = lock(&self.peers);
@@ -1160,6 +1203,74 @@ impl Agent {
             ("num_user_rrefs", info.num_users as i64),
             ("num_owner_values", self.rrefs.num_values() as i64),
         ]
+    }
+}
+
+/// How long a claimant sleeps in `poll` before it looks whether its call ended some other way
+/// (a shutdown, a failure seen by the writer): the bound on noticing those late.
+const CLAIM_SLICE: Duration = Duration::from_millis(10);
+
+/// A blocked caller's hold on reading one connection (see [`ReadSide`]): while it waits for its
+/// reply, its own thread reads the connection and handles whatever arrives, so the reply needs
+/// no hand-off from the reader task's thread. Dropping it hands reading back.
+pub(crate) struct Claim {
+    agent: Arc<Agent>,
+    conn: Arc<Connection>,
+    read: Arc<ReadSide>,
+    deadline: Option<std::time::Instant>,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("conn", &self.conn.id)
+            .finish()
+    }
+}
+
+impl Claim {
+    /// Reads the connection until `done` is set, the call's deadline passes or the connection
+    /// ends; spins for up to `spin` before sleeping in `poll`.
+    pub(crate) fn drive(&self, done: &std::sync::atomic::AtomicBool, spin: Duration) {
+        let is_done = || done.load(Ordering::Acquire);
+        let spin_until = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
+        loop {
+            match self.read.step(true) {
+                Step::Frame(frame) => {
+                    if let Err(e) = self.agent.on_frame(&self.conn, frame) {
+                        self.read.end();
+                        return self.agent.on_closed(&self.conn, ReadEnd::Malformed(e));
+                    }
+                }
+                Step::Ended(Some(end)) => return self.agent.on_closed(&self.conn, end),
+                Step::Ended(None) | Step::Claimed => return,
+                Step::Idle => {
+                    if is_done() {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    if spin_until.is_some_and(|t| now < t) {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    let left = match self.deadline {
+                        Some(at) if at <= now => return,
+                        Some(at) => at - now,
+                        None => CLAIM_SLICE,
+                    };
+                    self.read.poll_readable(left.min(CLAIM_SLICE));
+                }
+            }
+            if is_done() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.read.release();
     }
 }
 

@@ -1,13 +1,15 @@
 //! One TCP connection to a peer: a queue that any thread can push frames into, a writer task
-//! that drains the whole queue into vectored writes, and a reader task that checks and decodes
+//! that drains the whole queue into vectored writes, and a read side that checks and decodes
 //! frames before handing them to the agent.
 //!
 //! ```text
 //!  callers ──send()──► queue ──(wake)──► writer task ──write_vectored──► socket
-//!  socket ──► reader task: header → Limits check → aligned body → Frame::decode ──► agent
+//!  socket ──► reader task ─┐
+//!                          ├─ header → Limits check → aligned body → Frame::decode ──► agent
+//!  socket ──► claimant ────┘   (a blocked caller reading its own reply; the task then waits)
 //! ```
 //!
-//! A connection closes when either task fails, when the peer closes it, or when the agent closes
+//! A connection closes when either side fails, when the peer closes it, or when the agent closes
 //! it; the agent then fails every call waiting on it.
 
 use crate::sync::lock;
@@ -18,8 +20,7 @@ use bytes::{Buf, BytesMut};
 use distrpc_wire::aligned::{ALIGN, AlignedBuf, BufPool};
 use distrpc_wire::frame::HEADER_LEN;
 use distrpc_wire::{Frame, Header, Limits, OutFrame};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
 #[derive(Default)]
@@ -42,6 +43,8 @@ pub(crate) struct Connection {
     wake: Notify,
     /// The socket, once connected: senders write to it directly when it is idle.
     sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    /// The receiving side, once connected.
+    pub(crate) read: std::sync::OnceLock<Arc<ReadSide>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -61,6 +64,7 @@ impl Connection {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             sink: Mutex::new(None),
+            read: std::sync::OnceLock::new(),
         })
     }
 
@@ -262,91 +266,285 @@ impl std::fmt::Display for ReadEnd {
     }
 }
 
-/// Reads frames from a socket, checking each against the limits before allocating for it.
+/// Turns the bytes of a socket into frames, checking each against the limits before allocating
+/// for it. It never waits: [`FrameReader::try_next`] takes what the socket has right now, so any
+/// thread may drive it (the connection's reader task, or a caller waiting for its reply).
 ///
 /// Small frames are read in bulk into one growing buffer and handed out as slices of it (one
 /// `read` serves many frames, no allocation per frame); a body of [`BufPool::MIN_POOLED`] bytes
-/// or more is read straight into a reused 64-byte aligned buffer. Either way the tensors of a
-/// frame start on a 64-byte boundary: a small body that lands unaligned and carries tensors is
-/// copied once into an aligned buffer.
-pub(crate) struct FrameReader<R> {
-    r: R,
+/// or more is read straight into a reused 64-byte aligned buffer, across as many reads as it
+/// takes. Either way the tensors of a frame start on a 64-byte boundary: a small body that lands
+/// unaligned and carries tensors is copied once into an aligned buffer.
+pub(crate) struct FrameReader {
     buf: BytesMut,
     limits: Limits,
     buffers: BufPool,
+    /// A large body being read into its own buffer, and how much of it has arrived.
+    large: Option<(Header, AlignedBuf, usize)>,
 }
 
 /// How much the bulk buffer grows by per read.
 const READ_CHUNK: usize = 64 * 1024;
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(r: R, limits: Limits) -> Self {
+impl FrameReader {
+    pub(crate) fn new(limits: Limits) -> Self {
         Self {
-            r,
             buf: BytesMut::with_capacity(READ_CHUNK),
             limits,
             buffers: BufPool::default(),
+            large: None,
         }
     }
 
-    /// Reads more bytes into the bulk buffer; `Ok(0)` at the end of the stream.
-    async fn fill(&mut self) -> Result<usize, ReadEnd> {
-        self.buf.reserve(READ_CHUNK);
-        self.r.read_buf(&mut self.buf).await.map_err(ReadEnd::Io)
+    /// Whether bytes of a frame not yet handed out are held here.
+    fn holds_bytes(&self) -> bool {
+        !self.buf.is_empty() || self.large.is_some()
     }
 
-    /// The next frame.
-    pub(crate) async fn next(&mut self) -> Result<Frame, ReadEnd> {
-        while self.buf.len() < HEADER_LEN {
-            if self.fill().await? == 0 {
-                return Err(if self.buf.is_empty() {
-                    ReadEnd::Closed
-                } else {
-                    ReadEnd::Malformed("connection closed inside a frame header".into())
-                });
+    /// The next frame, reading from `src` without waiting. `Ok(None)` means `src` has nothing
+    /// more right now, and said so (the socket's readiness is cleared: its next wake-up means
+    /// new bytes).
+    ///
+    /// With `direct`, reads with plain `recv` calls instead of through tokio, which skips the
+    /// read while its reactor has not yet seen the socket become readable: a thread woken by
+    /// its own `poll` must not wait for the reactor's thread to wake up too.
+    pub(crate) fn try_next(
+        &mut self,
+        src: &OwnedReadHalf,
+        direct: bool,
+    ) -> Result<Option<Frame>, ReadEnd> {
+        loop {
+            if let Some(frame) = self.parse()? {
+                return Ok(Some(frame));
+            }
+            let read = match &mut self.large {
+                Some((_, body, filled)) => {
+                    let dst = &mut body.as_mut_slice()[*filled..];
+                    if direct {
+                        recv(src, dst)
+                    } else {
+                        src.try_read(dst)
+                    }
+                    .inspect(|n| *filled += n)
+                }
+                None if direct => {
+                    self.buf.reserve(READ_CHUNK);
+                    let len = self.buf.len();
+                    let spare = self.buf.spare_capacity_mut();
+                    // SAFETY: `recv` only writes; u8 has no invalid bit patterns.
+                    let dst =
+                        unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+                    recv(src, dst).inspect(|n| {
+                        // SAFETY: the kernel initialised the first `n` spare bytes.
+                        unsafe { self.buf.set_len(len + n) }
+                    })
+                }
+                None => {
+                    self.buf.reserve(READ_CHUNK);
+                    src.try_read_buf(&mut self.buf)
+                }
+            };
+            match read {
+                Ok(0) if self.holds_bytes() => {
+                    return Err(ReadEnd::Malformed(
+                        "connection closed inside a frame".into(),
+                    ));
+                }
+                Ok(0) => return Err(ReadEnd::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadEnd::Io(e)),
             }
         }
-        let head: [u8; HEADER_LEN] = self.buf[..HEADER_LEN]
+    }
+
+    /// The next frame, waiting for its bytes.
+    pub(crate) async fn next(&mut self, src: &OwnedReadHalf) -> Result<Frame, ReadEnd> {
+        loop {
+            if let Some(frame) = self.try_next(src, false)? {
+                return Ok(frame);
+            }
+            src.readable().await.map_err(ReadEnd::Io)?;
+        }
+    }
+
+    /// A frame out of the bytes already read, if they hold a whole one.
+    fn parse(&mut self) -> Result<Option<Frame>, ReadEnd> {
+        let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
+        if let Some((_, body, filled)) = &self.large {
+            if *filled < body.as_slice().len() {
+                return Ok(None);
+            }
+            return match self.large.take() {
+                Some((header, body, _)) => Frame::decode(&header, body.freeze())
+                    .map(Some)
+                    .map_err(malformed),
+                None => Ok(None),
+            };
+        }
+        let Some(head) = self.buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let head: &[u8; HEADER_LEN] = head
             .try_into()
             .map_err(|_| ReadEnd::Malformed("short header".into()))?;
-        let header =
-            Header::parse(&head, &self.limits).map_err(|e| ReadEnd::Malformed(e.to_string()))?;
-        self.buf.advance(HEADER_LEN);
+        let header = Header::parse(head, &self.limits).map_err(malformed)?;
         // `parse` bounded body_len by `limits.max_body`, which the caller chose to fit memory.
         let len = usize::try_from(header.body_len)
             .map_err(|_| ReadEnd::Malformed("frame body larger than memory".into()))?;
-        let truncated = || ReadEnd::Malformed("connection closed inside a frame body".into());
-        let body = if len >= BufPool::MIN_POOLED {
+        if len >= BufPool::MIN_POOLED {
+            self.buf.advance(HEADER_LEN);
             let mut body = self.buffers.take(len);
             let have = self.buf.len().min(len);
             body.as_mut_slice()[..have].copy_from_slice(&self.buf[..have]);
             self.buf.advance(have);
-            self.r
-                .read_exact(&mut body.as_mut_slice()[have..])
-                .await
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        truncated()
-                    } else {
-                        ReadEnd::Io(e)
-                    }
-                })?;
-            body.freeze()
+            self.large = Some((header, body, have));
+            return self.parse();
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        self.buf.advance(HEADER_LEN);
+        let body = self.buf.split_to(len).freeze();
+        let body = if header.tensor_count > 0 && !(body.as_ptr() as usize).is_multiple_of(ALIGN) {
+            let mut aligned = AlignedBuf::zeroed(len);
+            aligned.as_mut_slice().copy_from_slice(&body);
+            aligned.freeze()
         } else {
-            while self.buf.len() < len {
-                if self.fill().await? == 0 {
-                    return Err(truncated());
-                }
-            }
-            let body = self.buf.split_to(len).freeze();
-            if header.tensor_count > 0 && !(body.as_ptr() as usize).is_multiple_of(ALIGN) {
-                let mut aligned = AlignedBuf::zeroed(len);
-                aligned.as_mut_slice().copy_from_slice(&body);
-                aligned.freeze()
-            } else {
-                body
-            }
+            body
         };
-        Frame::decode(&header, body).map_err(|e| ReadEnd::Malformed(e.to_string()))
+        Frame::decode(&header, body).map(Some).map_err(malformed)
     }
+}
+
+/// The receiving side of a connection: the socket and its [`FrameReader`], which the
+/// connection's reader task drives, except while a blocked caller has claimed it to read its
+/// own reply (saving the hand-off from the reader's thread to the caller's: one wake-up per
+/// call).
+pub(crate) struct ReadSide {
+    half: OwnedReadHalf,
+    state: Mutex<ReadState>,
+    /// Wakes the reader task when a claim ends or the connection ends.
+    nudge: Notify,
+}
+
+struct ReadState {
+    frames: FrameReader,
+    claimed: bool,
+    /// The reader task found the side claimed and waits for the claim to end.
+    task_waiting: bool,
+    /// Someone met the end of the stream (or closed the connection): nobody reads any more.
+    ended: bool,
+}
+
+/// One step of reading a connection.
+pub(crate) enum Step {
+    /// A frame.
+    Frame(Frame),
+    /// Nothing more to read right now.
+    Idle,
+    /// A caller has claimed the side: the reader task waits.
+    Claimed,
+    /// The connection ended; `Some` for the one who saw it end, who must report it.
+    Ended(Option<ReadEnd>),
+}
+
+impl ReadSide {
+    pub(crate) fn new(half: OwnedReadHalf, frames: FrameReader) -> Arc<Self> {
+        Arc::new(Self {
+            half,
+            state: Mutex::new(ReadState {
+                frames,
+                claimed: false,
+                task_waiting: false,
+                ended: false,
+            }),
+            nudge: Notify::new(),
+        })
+    }
+
+    /// The next step for the reader task (`claimant == false`) or the claim's holder.
+    pub(crate) fn step(&self, claimant: bool) -> Step {
+        let mut st = lock(&self.state);
+        if st.ended {
+            return Step::Ended(None);
+        }
+        if st.claimed && !claimant {
+            st.task_waiting = true;
+            return Step::Claimed;
+        }
+        match st.frames.try_next(&self.half, claimant) {
+            Ok(Some(frame)) => Step::Frame(frame),
+            Ok(None) => Step::Idle,
+            Err(end) => {
+                st.ended = true;
+                Step::Ended(Some(end))
+            }
+        }
+    }
+
+    /// Waits until the socket may have bytes or a nudge comes; after [`Step::Claimed`], only
+    /// for the nudge (the claim's holder reads the bytes).
+    pub(crate) async fn wait(&self, claimed: bool) -> std::io::Result<()> {
+        if claimed {
+            self.nudge.notified().await;
+            return Ok(());
+        }
+        tokio::select! {
+            r = self.half.readable() => r,
+            _ = self.nudge.notified() => Ok(()),
+        }
+    }
+
+    /// Claims the side for the calling thread, unless someone already has.
+    pub(crate) fn claim(&self) -> bool {
+        let mut st = lock(&self.state);
+        if st.claimed || st.ended {
+            return false;
+        }
+        st.claimed = true;
+        true
+    }
+
+    /// Ends a claim, handing reading back to the reader task.
+    pub(crate) fn release(&self) {
+        let mut st = lock(&self.state);
+        st.claimed = false;
+        // The task must look again if it waited for us, or if bytes we read are still here
+        // (no socket wake-up will announce them).
+        let nudge = std::mem::take(&mut st.task_waiting) || st.frames.holds_bytes();
+        drop(st);
+        if nudge {
+            self.nudge.notify_one();
+        }
+    }
+
+    /// Stops reading: the reader task ends at its next step.
+    pub(crate) fn end(&self) {
+        lock(&self.state).ended = true;
+        self.nudge.notify_one();
+    }
+
+    /// Blocks the calling thread until the socket is readable or `timeout` passes.
+    pub(crate) fn poll_readable(&self, timeout: std::time::Duration) {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: self.half.as_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd; the descriptor stays open while `self.half` lives.
+        unsafe { libc::poll(&mut fd, 1, ms) };
+    }
+}
+
+/// One `recv` on the socket, bypassing tokio's readiness tracking.
+fn recv(src: &OwnedReadHalf, dst: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = src.as_ref().as_raw_fd();
+    // SAFETY: `dst` is valid for writes of its length; the descriptor is open while `src` is.
+    let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }

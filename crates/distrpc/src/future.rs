@@ -87,6 +87,8 @@ impl<T> Completer<T> {
 #[must_use = "a future does nothing unless waited on; dropping it does not cancel the call"]
 pub struct RpcFuture<T> {
     slot: Arc<Slot<T>>,
+    /// For a blocking call: the caller's hold on the connection its reply comes on.
+    claim: Option<crate::agent::Claim>,
 }
 
 impl<T> fmt::Debug for RpcFuture<T> {
@@ -121,7 +123,13 @@ impl<T: Send + 'static> RpcFuture<T> {
             done: AtomicBool::new(false),
             spin,
         });
-        (Self { slot: slot.clone() }, Completer { slot })
+        (
+            Self {
+                slot: slot.clone(),
+                claim: None,
+            },
+            Completer { slot },
+        )
     }
 
     /// A future that is already complete.
@@ -136,9 +144,13 @@ impl<T: Send + 'static> RpcFuture<T> {
     /// Called on one of distrpc's runtime threads it returns [`Error::WouldBlock`] instead of
     /// deadlocking. Called inside a sync handler it lets the handler pool start another thread
     /// while it waits, so nested calls cannot starve the pool.
-    pub fn wait(self) -> Result<T, Error> {
+    pub fn wait(mut self) -> Result<T, Error> {
         if crate::runtime::on_runtime_thread() {
             return Err(Error::WouldBlock);
+        }
+        if let Some(claim) = self.claim.take() {
+            // Read the reply on this thread (spinning first with the latency option).
+            claim.drive(&self.slot.done, self.slot.spin);
         }
         if !self.slot.spin.is_zero() {
             // Trade a core for latency: poll the flag instead of sleeping for a wake-up.
@@ -163,6 +175,17 @@ impl<T: Send + 'static> RpcFuture<T> {
             // `wait` and `poll` take the result only once, and `wait` consumes the future.
             _ => Err(Error::InvalidArgument("future result already taken".into())),
         }
+    }
+
+    /// Lets [`RpcFuture::wait`] read the reply through `claim`.
+    pub(crate) fn with_claim(mut self, claim: Option<crate::agent::Claim>) -> Self {
+        self.claim = claim;
+        self
+    }
+
+    /// The claim [`RpcFuture::with_claim`] gave, to move onto a future derived from this one.
+    pub(crate) fn take_claim(&mut self) -> Option<crate::agent::Claim> {
+        self.claim.take()
     }
 
     /// Calls `f` with the result, on the thread that completes this future (at once if it is
@@ -203,7 +226,9 @@ impl<T: Send + 'static> RpcFuture<T> {
 impl<T> Future for RpcFuture<T> {
     type Output = Result<T, Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Awaited, the reply comes through the reader task.
+        self.claim = None;
         let mut state = self.slot.lock();
         match &mut *state {
             State::Pending { waker, .. } => {

@@ -272,7 +272,7 @@ where
         blocking,
         ..Outgoing::new(dest, distrpc_wire::Kind::Call, function, payload)
     };
-    agent.call(
+    let claim = agent.call(
         out,
         Box::new(move |result| {
             done.complete(result.and_then(|frame| {
@@ -288,7 +288,7 @@ where
             }))
         }),
     );
-    fut
+    fut.with_claim(claim)
 }
 
 impl Rpc {

@@ -209,10 +209,11 @@ impl<T> RRef<T> {
 
     /// `fut` (a use of this reference), failed early if the creation fails first: a use issued
     /// right after `remote()` cannot know yet whether the value will ever exist.
-    fn guarded<R: Send + 'static>(&self, fut: RpcFuture<R>) -> RpcFuture<R> {
+    fn guarded<R: Send + 'static>(&self, mut fut: RpcFuture<R>) -> RpcFuture<R> {
         let Some(creation) = &self.inner.creation else {
             return fut;
         };
+        let claim = fut.take_claim();
         let (out, done) = RpcFuture::pending();
         let done = Arc::new(Mutex::new(Some(done)));
         let first = done.clone();
@@ -230,7 +231,7 @@ impl<T> RRef<T> {
                 d.complete(result);
             }
         });
-        out
+        out.with_claim(claim)
     }
 }
 

@@ -314,7 +314,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
         blocking,
         ..Outgoing::new(owner, distrpc_wire::Kind::RRefFetch, "to_here", payload)
     };
-    agent.call(
+    let claim = agent.call(
         out,
         Box::new(move |result| {
             done.complete(result.and_then(|frame| {
@@ -325,7 +325,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
             }));
         }),
     );
-    fut
+    fut.with_claim(claim)
 }
 
 fn decode_error(worker: &str, e: crate::codec::CodecError) -> Error {
