@@ -401,6 +401,45 @@ fn nested_calls_deeper_than_the_pool_do_not_deadlock() {
     shutdown_all(rpcs).unwrap();
 }
 
+/// A function quick enough to run inline on the connection's reader may still block: here it
+/// turns into a chain of nested calls over the same connection, which needs the reader it runs
+/// on. The reader hands off to a new task and the chain completes.
+#[test]
+fn a_quick_function_that_blocks_hands_its_reader_off() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default().rpc_timeout(Duration::from_secs(30))
+    })
+    .unwrap();
+    let inline_runs = |r: &Rpc| r.metrics()["agent.inline_handler_runs"];
+    // Depth 0 returns at once: after a few runs it is trusted to run inline on both sides.
+    for _ in 0..40 {
+        assert_eq!(rpcs[0].rpc_sync("worker1", ping_pong, (0,)).unwrap(), 0);
+        assert_eq!(rpcs[1].rpc_sync("worker0", ping_pong, (0,)).unwrap(), 0);
+    }
+    assert!(
+        inline_runs(&rpcs[1]) > 0,
+        "the quick function never ran inline"
+    );
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let rpc = rpcs[0].clone();
+            thread::spawn(move || rpc.rpc_sync("worker1", ping_pong, (5,)))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), 5);
+    }
+    let hand_offs: i64 = rpcs
+        .iter()
+        .map(|r| r.metrics()["agent.reader_hand_offs"])
+        .sum();
+    assert!(
+        hand_offs > 0,
+        "no inline run blocked: the test did not test the hand-off"
+    );
+    shutdown_all(rpcs).unwrap();
+}
+
 #[test]
 fn async_functions_hold_no_thread_while_they_wait() {
     let rpcs = in_process(2, |_| {

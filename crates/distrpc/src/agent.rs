@@ -117,6 +117,10 @@ pub(crate) struct Agent {
     default_timeout_us: AtomicU64,
     next_id: AtomicU64,
     next_conn: AtomicU64,
+    /// Sync handlers run inline on a reader task, and reader hand-offs (inline handlers that
+    /// blocked): metrics that show the fast path at work.
+    inline_runs: AtomicU64,
+    hand_offs: AtomicU64,
     peers: Mutex<Vec<Peer>>,
     conns: Mutex<HashMap<u64, Arc<Connection>>>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -167,6 +171,8 @@ impl Agent {
             default_timeout_us: AtomicU64::new(duration_us(config.rpc_timeout)),
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(LOCAL + 1),
+            inline_runs: AtomicU64::new(0),
+            hand_offs: AtomicU64::new(0),
             peers: Mutex::new(peers),
             conns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -629,18 +635,39 @@ impl Agent {
             },
             &self.rt,
         );
+        self.spawn_reader(conn, read);
+    }
+
+    /// Starts the task that reads `conn` whenever no blocked caller has claimed it.
+    fn spawn_reader(self: &Arc<Self>, conn: Arc<Connection>, read: Arc<ReadSide>) {
         let agent = self.clone();
         self.tasks.spawn_on(
             async move {
+                // If a handler run inline blocks, a new task takes over reading (and this one
+                // stops once the handler is done).
+                let hand_off: crate::runtime::HandOff = {
+                    let (agent, conn, read) = (agent.clone(), conn.clone(), read.clone());
+                    Arc::new(move || {
+                        agent.hand_offs.fetch_add(1, Ordering::Relaxed);
+                        agent.spawn_reader(conn.clone(), read.clone());
+                    })
+                };
                 let spin = agent.busy_poll;
                 let mut idle_since: Option<std::time::Instant> = None;
                 let end = loop {
                     match read.step(false) {
                         Step::Frame(frame) => {
                             idle_since = None;
-                            if let Err(e) = agent.on_frame(&conn, frame) {
+                            let (handled, handed_off) =
+                                crate::runtime::as_reader(&hand_off, || {
+                                    agent.on_frame(&conn, frame)
+                                });
+                            if let Err(e) = handled {
                                 read.end();
                                 break ReadEnd::Malformed(e);
+                            }
+                            if handed_off {
+                                return;
                             }
                         }
                         Step::Ended(Some(end)) => break end,
@@ -895,12 +922,22 @@ impl Agent {
                 let out = crate::rpc::with_current(&rpc, || h(request));
                 self.finish(&reply_to, id, &function, out, completion, false);
             }
-            HandlerKind::Sync(h) => {
+            HandlerKind::Sync(h, speed) => {
                 self.count_server(false, 1);
+                if crate::runtime::reading_inline() && speed.trusted() {
+                    // Quick until now: run it here, sparing the hand-off to the pool.
+                    self.inline_runs.fetch_add(1, Ordering::Relaxed);
+                    let started = std::time::Instant::now();
+                    let out = crate::rpc::with_current(&rpc, || h(request));
+                    speed.record(started.elapsed(), crate::runtime::handed_off());
+                    return self.finish(&reply_to, id, &function, out, completion, false);
+                }
                 let agent = self.clone();
                 let (reply_copy, function_copy) = (reply_to.clone(), function.clone());
                 let job = Box::new(move || {
+                    let started = std::time::Instant::now();
                     let out = crate::rpc::with_current(&rpc, || h(request));
+                    speed.record(started.elapsed(), false);
                     agent.finish(&reply_to, id, &function, out, completion, false);
                 });
                 if self.pool.execute(job).is_err() {
@@ -1202,6 +1239,14 @@ impl Agent {
             ("num_pending_futures", c.control as i64),
             ("num_user_rrefs", info.num_users as i64),
             ("num_owner_values", self.rrefs.num_values() as i64),
+            (
+                "agent.inline_handler_runs",
+                self.inline_runs.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "agent.reader_hand_offs",
+                self.hand_offs.load(Ordering::Relaxed) as i64,
+            ),
         ]
     }
 }

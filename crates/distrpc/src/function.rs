@@ -17,6 +17,8 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -186,8 +188,9 @@ pub struct Handler(pub(crate) HandlerKind);
 
 #[derive(Clone)]
 pub(crate) enum HandlerKind {
-    /// On the worker thread pool; may block.
-    Sync(Arc<dyn Fn(Request) -> Produced + Send + Sync>),
+    /// On the worker thread pool; may block. Once it has shown itself quick (see [`Speed`]), it
+    /// runs inline on the connection's reader instead.
+    Sync(Arc<dyn Fn(Request) -> Produced + Send + Sync>, Arc<Speed>),
     /// As a task on the runtime; holds no thread while it waits (torch's `@async_execution`).
     Async(Arc<dyn Fn(Request) -> BoxFuture + Send + Sync>),
     /// Inline on the connection's reader; must never block (distrpc's own control functions).
@@ -197,10 +200,39 @@ pub(crate) enum HandlerKind {
 impl fmt::Debug for HandlerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            HandlerKind::Sync(_) => "Sync",
+            HandlerKind::Sync(..) => "Sync",
             HandlerKind::Async(_) => "Async",
             HandlerKind::Inline(_) => "Inline",
         })
+    }
+}
+
+/// How quick a sync function has been: it runs inline on the connection's reader (no hand-off
+/// to the pool, one wake-up less per call) only after its last [`Speed::TRUSTED`] runs each took
+/// less than [`Speed::QUICK`] and never blocked. One slow or blocking run sends it back to the
+/// pool until it has shown itself quick again, so a function that computes or waits holds up
+/// the reader at most once in a while.
+#[derive(Debug, Default)]
+pub(crate) struct Speed {
+    quick_runs: AtomicU32,
+}
+
+impl Speed {
+    const QUICK: Duration = Duration::from_micros(50);
+    const TRUSTED: u32 = 16;
+
+    /// Whether the function may run inline.
+    pub(crate) fn trusted(&self) -> bool {
+        self.quick_runs.load(Ordering::Relaxed) >= Self::TRUSTED
+    }
+
+    /// Records one run.
+    pub(crate) fn record(&self, took: Duration, blocked: bool) {
+        if blocked || took >= Self::QUICK {
+            self.quick_runs.store(0, Ordering::Relaxed);
+        } else if self.quick_runs.load(Ordering::Relaxed) < Self::TRUSTED {
+            self.quick_runs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -286,9 +318,10 @@ where
     E: fmt::Display,
     F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
 {
-    Handler(HandlerKind::Sync(Arc::new(move |req| {
-        run_sync(name.as_ref(), &f, req)
-    })))
+    Handler(HandlerKind::Sync(
+        Arc::new(move |req| run_sync(name.as_ref(), &f, req)),
+        Arc::default(),
+    ))
 }
 
 fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request) -> Produced
@@ -317,7 +350,7 @@ where
     E: fmt::Display,
     F: Fn(&T, A) -> Result<R, E> + Send + Sync + 'static,
 {
-    Handler(HandlerKind::Sync(Arc::new(move |mut req| {
+    let run = move |mut req: Request| {
         let this = req.this.take().ok_or_else(|| {
             Failure::Other(format!(
                 "{name} is a method: call it through a remote reference"
@@ -335,7 +368,8 @@ where
                 ),
             })?;
         run_sync(name, &|args| f(value, args), req)
-    })))
+    };
+    Handler(HandlerKind::Sync(Arc::new(run), Arc::default()))
 }
 
 /// Wraps an async function as a handler that runs as a task.

@@ -144,10 +144,11 @@ impl<T: Send + 'static> RpcFuture<T> {
     /// Called on one of distrpc's runtime threads it returns [`Error::WouldBlock`] instead of
     /// deadlocking. Called inside a sync handler it lets the handler pool start another thread
     /// while it waits, so nested calls cannot starve the pool.
-    pub fn wait(mut self) -> Result<T, Error> {
-        if crate::runtime::on_runtime_thread() {
-            return Err(Error::WouldBlock);
-        }
+    pub fn wait(self) -> Result<T, Error> {
+        crate::runtime::blocking(|| self.wait_here()).unwrap_or(Err(Error::WouldBlock))
+    }
+
+    fn wait_here(mut self) -> Result<T, Error> {
         if let Some(claim) = self.claim.take() {
             // Read the reply on this thread (spinning first with the latency option).
             claim.drive(&self.slot.done, self.slot.spin);

@@ -640,7 +640,12 @@ impl Rpc {
 
     /// torch's agent metrics: `agent.thread_pool_size`, `agent.num_idle_threads`,
     /// `agent.client_active_calls`, `agent.server_active_calls`,
-    /// `agent.server_active_async_calls`.
+    /// `agent.server_active_async_calls`; torch's reference counts `num_owner_rrefs`,
+    /// `num_pending_users`, `num_forks`, `num_pending_futures`; and distrpc's own:
+    /// `num_user_rrefs`, `num_owner_values`, `agent.inline_handler_runs` (sync functions that,
+    /// being quick so far, ran on the connection's reader instead of the pool) and
+    /// `agent.reader_hand_offs` (such runs that blocked, so that another task took over
+    /// reading).
     pub fn metrics(&self) -> BTreeMap<String, i64> {
         self.agent()
             .metrics()

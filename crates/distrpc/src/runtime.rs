@@ -4,15 +4,76 @@
 //! one process (tests, scale simulations) cost a handful of threads, not hundreds. Sync handlers
 //! never run here: they run on each agent's handler pool.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 use tokio::runtime::{Handle, Runtime};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
+/// Starts another reader task for a connection.
+pub(crate) type HandOff = Arc<dyn Fn() + Send + Sync>;
+
+/// What a connection's reader task is doing on this thread.
+enum Reading {
+    /// Handling a frame; a blocking wait inside may hand reading off with this.
+    Frame(HandOff),
+    /// A blocking wait inside handed reading off: the task must stop reading.
+    HandedOff,
+}
+
 thread_local! {
     static ON_RUNTIME: Cell<bool> = const { Cell::new(false) };
+    static READING: RefCell<Option<Reading>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` for a connection's reader task handling one frame, during which a sync handler may
+/// run inline (see [`reading_inline`]). Returns `f`'s output, and whether a blocking wait inside
+/// handed reading off to a new task (started with `hand_off`): the calling task must then stop.
+pub(crate) fn as_reader<R>(hand_off: &HandOff, f: impl FnOnce() -> R) -> (R, bool) {
+    READING.with(|r| *r.borrow_mut() = Some(Reading::Frame(hand_off.clone())));
+    let out = f();
+    let handed_off = READING.with(|r| matches!(r.borrow_mut().take(), Some(Reading::HandedOff)));
+    (out, handed_off)
+}
+
+/// Whether this thread is a reader task handling a frame, where a quick sync handler may run.
+pub(crate) fn reading_inline() -> bool {
+    READING.with(|r| matches!(*r.borrow(), Some(Reading::Frame(_))))
+}
+
+/// Whether a blocking wait on this thread handed its reader task's reading off.
+pub(crate) fn handed_off() -> bool {
+    READING.with(|r| matches!(*r.borrow(), Some(Reading::HandedOff)))
+}
+
+/// Runs a blocking wait on this thread. Off the runtime it simply runs. On a runtime thread it
+/// runs only inside a reader task's frame (a handler that was quick until now, a future's
+/// callback): reading is handed to a new task, the runtime's other work moves to another thread
+/// for the wait (tokio's `block_in_place`), and the frame's task stops reading when it is done.
+/// Anywhere else on the runtime it returns `None`: blocking there could deadlock.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> Option<R> {
+    if !on_runtime_thread() {
+        return Some(f());
+    }
+    let allowed = READING.with(|r| {
+        let mut r = r.borrow_mut();
+        match r.take() {
+            Some(Reading::Frame(hand_off)) => {
+                *r = Some(Reading::HandedOff);
+                drop(r);
+                hand_off();
+                true
+            }
+            other => {
+                let handed = matches!(other, Some(Reading::HandedOff));
+                *r = other;
+                handed
+            }
+        }
+    });
+    allowed.then(|| tokio::task::block_in_place(f))
 }
 
 /// Starts the runtime if it is not running yet.

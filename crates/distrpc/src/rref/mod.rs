@@ -111,11 +111,13 @@ pub(crate) fn wait_for_received_rrefs(
     let Some((agent, forks)) = to_confirm(agent) else {
         return Ok(());
     };
-    let _blocked = crate::pool::enter_blocking();
-    all_confirmed(
-        function,
-        &agent.rrefs.wait_confirmed(&forks, agent.default_timeout()),
-    )
+    let wait = || {
+        let _blocked = crate::pool::enter_blocking();
+        agent.rrefs.wait_confirmed(&forks, agent.default_timeout())
+    };
+    // Elsewhere on the runtime (distrpc's own inline functions) the wait is short: it runs here.
+    let missing = crate::runtime::blocking(wait).unwrap_or_else(wait);
+    all_confirmed(function, &missing)
 }
 
 /// [`wait_for_received_rrefs`] for async handlers.
