@@ -526,6 +526,19 @@ fn callers_reading_their_own_replies_lose_nothing() {
     }
 }
 
+/// A reply that lands while another caller holds the claim, after that caller's last read, must
+/// still be read: here no later traffic would rescue it.
+#[test]
+fn a_reply_landing_during_a_claim_is_not_stranded() {
+    let rpcs = in_process(2, |_| RpcOptions::default()).unwrap();
+    for round in 0..2000i64 {
+        let later = rpcs[0].rpc_async_timeout(1, add_i64, (round, 1), Duration::from_secs(5));
+        assert_eq!(rpcs[0].rpc_sync(1, add_i64, (round, 2)).unwrap(), round + 2);
+        assert_eq!(later.wait().unwrap(), round + 1, "round {round}");
+    }
+    shutdown_all(rpcs).unwrap();
+}
+
 #[test]
 fn closures_registered_at_init() {
     let rpcs = in_process(2, |rank| {

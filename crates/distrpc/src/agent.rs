@@ -124,7 +124,7 @@ pub(crate) struct Agent {
     peers: Mutex<Vec<Peer>>,
     conns: Mutex<HashMap<u64, Arc<Connection>>>,
     pending: Mutex<HashMap<u64, Pending>>,
-    deadlines: Mutex<BTreeSet<(Instant, u64)>>,
+    deadlines: Mutex<Deadlines>,
     deadline_changed: Notify,
     counts: Mutex<Counts>,
     counts_changed: Condvar,
@@ -176,7 +176,7 @@ impl Agent {
             peers: Mutex::new(peers),
             conns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            deadlines: Mutex::new(BTreeSet::new()),
+            deadlines: Mutex::new(Deadlines::default()),
             deadline_changed: Notify::new(),
             counts: Mutex::new(Counts::default()),
             counts_changed: Condvar::new(),
@@ -308,6 +308,7 @@ impl Agent {
             timeout,
             internal,
             blocking,
+            direct,
         } = out;
         let state = self.state.load(Ordering::Acquire);
         if state != RUNNING && !(internal && state != SHUT_DOWN) {
@@ -376,7 +377,7 @@ impl Agent {
             let agent = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(reason) = conn.send(frame, blocking) {
+                    if let Err(reason) = conn.send(frame, blocking || direct) {
                         agent.fail(id, |p| Error::PeerGone {
                             worker: agent.name_of(p.peer).into(),
                             reason,
@@ -423,10 +424,15 @@ impl Agent {
         }
         if let Some((at, _)) = pending.deadline {
             let mut deadlines = lock(&self.deadlines);
-            let earliest = deadlines.first().is_none_or(|(t, _)| at < *t);
-            deadlines.insert((at, id));
+            deadlines.set.insert((at, id));
+            // Wake the timer only if it would sleep past this deadline: not for the common
+            // call whose deadline comes after that of the call before it.
+            let sooner = deadlines.armed.is_none_or(|armed| at < armed);
+            if sooner {
+                deadlines.armed = Some(at);
+            }
             drop(deadlines);
-            if earliest {
+            if sooner {
                 self.deadline_changed.notify_one();
             }
         }
@@ -443,7 +449,7 @@ impl Agent {
             }
         }?;
         if let Some((at, _)) = p.deadline {
-            lock(&self.deadlines).remove(&(at, id));
+            lock(&self.deadlines).set.remove(&(at, id));
         }
         let mut counts = lock(&self.counts);
         if p.internal {
@@ -466,7 +472,11 @@ impl Agent {
 
     async fn run_timer(self: Arc<Self>) {
         loop {
-            let next = lock(&self.deadlines).first().map(|(t, _)| *t);
+            let next = {
+                let mut deadlines = lock(&self.deadlines);
+                deadlines.armed = deadlines.set.first().map(|(t, _)| *t);
+                deadlines.armed
+            };
             let changed = self.deadline_changed.notified();
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -482,11 +492,11 @@ impl Agent {
             let expired: Vec<u64> = {
                 let mut deadlines = lock(&self.deadlines);
                 let mut ids = Vec::new();
-                while let Some(&(t, id)) = deadlines.first() {
+                while let Some(&(t, id)) = deadlines.set.first() {
                     if t > now {
                         break;
                     }
-                    deadlines.pop_first();
+                    deadlines.set.pop_first();
                     ids.push(id);
                 }
                 ids
@@ -683,12 +693,11 @@ impl Agent {
                             // (letting this thread's other tasks run in between).
                             tokio::task::yield_now().await;
                         }
-                        step @ (Step::Idle | Step::Claimed) => {
+                        Step::Idle | Step::Claimed => {
                             idle_since = None;
-                            let claimed = matches!(step, Step::Claimed);
                             tokio::select! {
                                 _ = agent.cancel.cancelled() => break ReadEnd::Closed,
-                                r = read.wait(claimed) => if let Err(e) = r {
+                                r = read.wait() => if let Err(e) = r {
                                     read.end();
                                     break ReadEnd::Io(e);
                                 },
@@ -1280,16 +1289,9 @@ impl Claim {
         let is_done = || done.load(Ordering::Acquire);
         let spin_until = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
         loop {
-            match self.read.step(true) {
-                Step::Frame(frame) => {
-                    if let Err(e) = self.agent.on_frame(&self.conn, frame) {
-                        self.read.end();
-                        return self.agent.on_closed(&self.conn, ReadEnd::Malformed(e));
-                    }
-                }
-                Step::Ended(Some(end)) => return self.agent.on_closed(&self.conn, end),
-                Step::Ended(None) | Step::Claimed => return,
-                Step::Idle => {
+            match self.step() {
+                None => return,
+                Some(false) => {
                     if is_done() {
                         return;
                     }
@@ -1305,10 +1307,32 @@ impl Claim {
                     };
                     self.read.poll_readable(left.min(CLAIM_SLICE));
                 }
+                Some(true) => {}
             }
             if is_done() {
                 return;
             }
+        }
+    }
+
+    /// Reads and handles one frame: `Some(true)` if there was one, `Some(false)` if the socket
+    /// is empty, `None` once the connection has ended.
+    fn step(&self) -> Option<bool> {
+        match self.read.step(true) {
+            Step::Frame(frame) => {
+                if let Err(e) = self.agent.on_frame(&self.conn, frame) {
+                    self.read.end();
+                    self.agent.on_closed(&self.conn, ReadEnd::Malformed(e));
+                    return None;
+                }
+                Some(true)
+            }
+            Step::Idle => Some(false),
+            Step::Ended(Some(end)) => {
+                self.agent.on_closed(&self.conn, end);
+                None
+            }
+            Step::Ended(None) | Step::Claimed => None,
         }
     }
 }
@@ -1316,7 +1340,18 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.read.release();
+        // What came after our last read: the reader task let its wake-up go while we held
+        // the claim.
+        while self.step() == Some(true) {}
     }
+}
+
+/// The deadlines of pending calls, and when the timer task will next wake up.
+#[derive(Debug, Default)]
+struct Deadlines {
+    set: BTreeSet<(Instant, u64)>,
+    /// The deadline the timer sleeps until (`None`: it sleeps until woken).
+    armed: Option<Instant>,
 }
 
 /// A request to send: to whom, what, and how.
@@ -1335,8 +1370,11 @@ pub(crate) struct Outgoing<'a> {
     /// distrpc's own gather and barrier calls, which shutdown does not wait for.
     pub(crate) internal: bool,
     /// The caller blocks on the reply at once: the request is written from its thread rather
-    /// than batched by the writer task.
+    /// than batched by the writer task, and the caller reads the reply itself ([`Claim`]).
     pub(crate) blocking: bool,
+    /// Written from the caller's thread when the socket is idle, though the caller does not
+    /// wait (`remote()`, whose use usually follows at once).
+    pub(crate) direct: bool,
 }
 
 impl<'a> Outgoing<'a> {
@@ -1352,6 +1390,7 @@ impl<'a> Outgoing<'a> {
             timeout: None,
             internal: false,
             blocking: false,
+            direct: false,
         }
     }
 }

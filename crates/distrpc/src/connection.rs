@@ -422,18 +422,22 @@ impl FrameReader {
 /// connection's reader task drives, except while a blocked caller has claimed it to read its
 /// own reply (saving the hand-off from the reader's thread to the caller's: one wake-up per
 /// call).
+///
+/// The hand-over needs no wake-up either way. While the side is claimed, the reader task clears
+/// the socket's readiness each time it is woken (under the lock, so never after the claim
+/// ended) and waits for the next wake-up; the claimant, after ending its claim, reads once more
+/// until the socket is empty. Bytes that came before that last read are the claimant's; bytes
+/// that come after it wake the reader task.
 pub(crate) struct ReadSide {
     half: OwnedReadHalf,
     state: Mutex<ReadState>,
-    /// Wakes the reader task when a claim ends or the connection ends.
+    /// Wakes the reader task when the connection ends.
     nudge: Notify,
 }
 
 struct ReadState {
     frames: FrameReader,
     claimed: bool,
-    /// The reader task found the side claimed and waits for the claim to end.
-    task_waiting: bool,
     /// Someone met the end of the stream (or closed the connection): nobody reads any more.
     ended: bool,
 }
@@ -457,21 +461,27 @@ impl ReadSide {
             state: Mutex::new(ReadState {
                 frames,
                 claimed: false,
-                task_waiting: false,
                 ended: false,
             }),
             nudge: Notify::new(),
         })
     }
 
-    /// The next step for the reader task (`claimant == false`) or the claim's holder.
+    /// The next step for the reader task (`claimant == false`), or for the claim's holder
+    /// (during its claim, and for the last read after it).
     pub(crate) fn step(&self, claimant: bool) -> Step {
         let mut st = lock(&self.state);
         if st.ended {
             return Step::Ended(None);
         }
         if st.claimed && !claimant {
-            st.task_waiting = true;
+            // Forget this wake-up: the claimant reads what caused it.
+            let _ = self
+                .half
+                .as_ref()
+                .try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
             return Step::Claimed;
         }
         match st.frames.try_next(&self.half, claimant) {
@@ -484,13 +494,8 @@ impl ReadSide {
         }
     }
 
-    /// Waits until the socket may have bytes or a nudge comes; after [`Step::Claimed`], only
-    /// for the nudge (the claim's holder reads the bytes).
-    pub(crate) async fn wait(&self, claimed: bool) -> std::io::Result<()> {
-        if claimed {
-            self.nudge.notified().await;
-            return Ok(());
-        }
+    /// Waits until the socket may have new bytes, or the connection ends.
+    pub(crate) async fn wait(&self) -> std::io::Result<()> {
         tokio::select! {
             r = self.half.readable() => r,
             _ = self.nudge.notified() => Ok(()),
@@ -507,17 +512,9 @@ impl ReadSide {
         true
     }
 
-    /// Ends a claim, handing reading back to the reader task.
+    /// Ends a claim. The claimant must then read until [`Step::Idle`] (see the type's docs).
     pub(crate) fn release(&self) {
-        let mut st = lock(&self.state);
-        st.claimed = false;
-        // The task must look again if it waited for us, or if bytes we read are still here
-        // (no socket wake-up will announce them).
-        let nudge = std::mem::take(&mut st.task_waiting) || st.frames.holds_bytes();
-        drop(st);
-        if nudge {
-            self.nudge.notify_one();
-        }
+        lock(&self.state).claimed = false;
     }
 
     /// Stops reading: the reader task ends at its next step.

@@ -32,6 +32,9 @@ struct Slot<T> {
     ready: Condvar,
     /// Set once the state is no longer pending, so that a spinning waiter need not lock.
     done: AtomicBool,
+    /// A thread sleeps on `ready` (set under the lock): only then is it notified, sparing the
+    /// system call otherwise.
+    sleeping: AtomicBool,
     /// How long a blocking wait spins before it parks (the busy-poll latency option).
     spin: Duration,
 }
@@ -60,8 +63,11 @@ impl<T> Completer<T> {
                 }
                 *state = State::Ready(result);
                 self.slot.done.store(true, Ordering::Release);
+                let sleeping = self.slot.sleeping.load(Ordering::Relaxed);
                 drop(state);
-                self.slot.ready.notify_all();
+                if sleeping {
+                    self.slot.ready.notify_all();
+                }
                 if let Some(w) = waker {
                     w.wake();
                 }
@@ -121,6 +127,7 @@ impl<T: Send + 'static> RpcFuture<T> {
             }),
             ready: Condvar::new(),
             done: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
             spin,
         });
         (
@@ -163,6 +170,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         let mut state = self.slot.lock();
         if matches!(*state, State::Pending { .. }) {
             let _blocked = crate::pool::enter_blocking();
+            self.slot.sleeping.store(true, Ordering::Relaxed);
             while matches!(*state, State::Pending { .. }) {
                 state = self
                     .slot

@@ -216,6 +216,7 @@ where
         flags,
         tensors,
         timeout,
+        direct: true,
         ..Outgoing::new(to, distrpc_wire::Kind::RemoteCall, function, payload)
     };
     agent.call(
