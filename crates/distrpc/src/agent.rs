@@ -682,6 +682,7 @@ impl Agent {
                         }
                         Step::Ended(Some(end)) => break end,
                         Step::Ended(None) => return,
+                        Step::Busy => tokio::task::yield_now().await,
                         Step::Idle
                             if !spin.is_zero()
                                 && idle_since
@@ -1332,7 +1333,7 @@ impl Claim {
                 self.agent.on_closed(&self.conn, end);
                 None
             }
-            Step::Ended(None) | Step::Claimed => None,
+            Step::Ended(None) | Step::Claimed | Step::Busy => None,
         }
     }
 }

@@ -450,6 +450,8 @@ pub(crate) enum Step {
     Idle,
     /// A caller has claimed the side: the reader task waits.
     Claimed,
+    /// Someone else holds the side for a moment: the reader task looks again.
+    Busy,
     /// The connection ended; `Some` for the one who saw it end, who must report it.
     Ended(Option<ReadEnd>),
 }
@@ -470,7 +472,17 @@ impl ReadSide {
     /// The next step for the reader task (`claimant == false`), or for the claim's holder
     /// (during its claim, and for the last read after it).
     pub(crate) fn step(&self, claimant: bool) -> Step {
-        let mut st = lock(&self.state);
+        let mut st = if claimant {
+            lock(&self.state)
+        } else {
+            // The reader task never sleeps on the lock: its holder (most often a claimant,
+            // reading for a few microseconds) is let be, and the task looks again.
+            match self.state.try_lock() {
+                Ok(st) => st,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Step::Busy,
+            }
+        };
         if st.ended {
             return Step::Ended(None);
         }
