@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -401,7 +402,8 @@ fn in_process_group(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> 
         );
     }
     let init = started.elapsed();
-    let names: Vec<String> = rpcs.iter().map(|r| r.name().to_string()).collect();
+    // Shared, not copied per thread: the harness itself must not do quadratic work.
+    let names: Arc<Vec<String>> = Arc::new(rpcs.iter().map(|r| r.name().to_string()).collect());
     let t = Instant::now();
     let barriers: Vec<_> = rpcs
         .iter()

@@ -41,67 +41,95 @@ enum Response {
 }
 
 #[derive(Default)]
+struct Keys {
+    map: HashMap<String, Vec<u8>>,
+    /// Who waits for a key that does not exist yet. A key is only ever added, so its waiters
+    /// are woken once, when it appears: a group of hundreds joining does not wake every waiter
+    /// at every write.
+    waiters: HashMap<String, Arc<Notify>>,
+}
+
+impl Keys {
+    /// Inserts `k`, waking whoever waited for it to appear.
+    fn insert(&mut self, k: String, v: Vec<u8>) {
+        if let Some(appeared) = self.waiters.remove(&k) {
+            appeared.notify_waiters();
+        }
+        self.map.insert(k, v);
+    }
+}
+
+#[derive(Default)]
 struct State {
-    map: Mutex<HashMap<String, Vec<u8>>>,
-    changed: Notify,
+    keys: Mutex<Keys>,
 }
 
 impl State {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
         // A panic while holding this lock leaves the map consistent (every update is one insert),
         // so a poisoned lock is still safe to use.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Set(k, v) => {
                 self.lock().insert(k, v);
-                self.changed.notify_waiters();
                 Response::Ok
             }
-            Request::Get(k) => Response::Value(self.lock().get(&k).cloned().map(Into::into)),
+            Request::Get(k) => Response::Value(self.lock().map.get(&k).cloned().map(Into::into)),
             Request::MultiGet(keys) => {
-                let map = self.lock();
+                let state = self.lock();
                 Response::Values(
                     keys.iter()
-                        .map(|k| map.get(k).cloned().map(Into::into))
+                        .map(|k| state.map.get(k).cloned().map(Into::into))
                         .collect(),
                 )
             }
             Request::Add(k, delta) => {
-                let result = {
-                    let mut map = self.lock();
-                    let current = map.get(&k).map(|v| parse_counter(&k, v)).transpose();
-                    current.map(|c| {
+                let mut state = self.lock();
+                let current = state.map.get(&k).map(|v| parse_counter(&k, v)).transpose();
+                match current {
+                    Ok(c) => {
                         let n = c.unwrap_or(0).saturating_add(delta);
-                        map.insert(k, n.to_string().into_bytes());
-                        n
-                    })
-                };
-                self.changed.notify_waiters();
-                match result {
-                    Ok(n) => Response::Counter(n),
+                        state.insert(k, n.to_string().into_bytes());
+                        Response::Counter(n)
+                    }
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
             Request::Wait(keys, timeout_ms) => {
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms);
                 loop {
-                    // Register for the wake-up before checking, so a set between the check and the
-                    // wait is not missed.
-                    let notified = self.changed.notified();
-                    let missing: Vec<String> = {
-                        let map = self.lock();
-                        keys.iter()
-                            .filter(|k| !map.contains_key(*k))
-                            .cloned()
-                            .collect()
+                    // Wait for the first missing key to appear, registered before the lock is
+                    // let go, so that its insert cannot slip in between.
+                    let appeared = {
+                        let mut state = self.lock();
+                        let Some(missing) = keys.iter().find(|k| !state.map.contains_key(*k))
+                        else {
+                            return Response::Ok;
+                        };
+                        state.waiters.entry(missing.clone()).or_default().clone()
                     };
-                    if missing.is_empty() {
+                    let notified = appeared.notified();
+                    tokio::pin!(notified);
+                    // A notified future created now still hears a notify_waiters that ran
+                    // after the lock was let go: check once more before sleeping.
+                    notified.as_mut().enable();
+                    let present = {
+                        let state = self.lock();
+                        keys.iter().all(|k| state.map.contains_key(k))
+                    };
+                    if present {
                         return Response::Ok;
                     }
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        let state = self.lock();
+                        let missing = keys
+                            .iter()
+                            .filter(|k| !state.map.contains_key(*k))
+                            .cloned()
+                            .collect();
                         return Response::Missing(missing);
                     }
                 }
@@ -338,6 +366,34 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Timeout { ref missing, .. } if missing == &["never"]));
+    }
+
+    /// Waiters are woken per key: each must still wake once all of its keys exist, whichever
+    /// order they appear in and whether a set or an add made them.
+    #[tokio::test]
+    async fn many_waiters_wake_when_their_keys_appear() {
+        let (server, _store) = server_and_client().await;
+        let mut waiters = Vec::new();
+        for i in 0..40 {
+            let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            let keys = vec![format!("a{}", i % 4), "counter".to_string()];
+            waiters.push(tokio::spawn(async move {
+                client.wait(&keys, Duration::from_secs(30)).await
+            }));
+        }
+        let writer = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        writer.set("unrelated", b"").await.unwrap();
+        for k in ["a3", "a1", "a0", "a2"] {
+            writer.set(k, b"").await.unwrap();
+        }
+        writer.add("counter", 1).await.unwrap();
+        for w in waiters {
+            w.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]

@@ -90,8 +90,7 @@ pub(crate) struct Counts {
 /// Everything the agent needs that rendezvous produced.
 pub(crate) struct AgentConfig {
     pub(crate) me: WorkerInfo,
-    pub(crate) workers: Vec<WorkerInfo>,
-    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) group: Arc<crate::rendezvous::Group>,
     pub(crate) registry: Registry,
     pub(crate) num_worker_threads: usize,
     pub(crate) rpc_timeout: Duration,
@@ -105,9 +104,8 @@ pub(crate) struct Agent {
     pub(crate) me: WorkerInfo,
     /// Remote references owned or used here.
     pub(crate) rrefs: RRefs,
-    pub(crate) workers: Vec<WorkerInfo>,
-    by_name: HashMap<String, u32>,
-    addrs: Vec<SocketAddr>,
+    /// Every worker of the group (shared with the other workers of this process in it).
+    pub(crate) group: Arc<crate::rendezvous::Group>,
     registry: Registry,
     pool: Pool,
     limits: Limits,
@@ -148,12 +146,12 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     pub(crate) fn new(config: AgentConfig, rt: Handle) -> Arc<Self> {
-        let by_name = config
+        let peers = config
+            .group
             .workers
             .iter()
-            .map(|w| (w.name.clone(), w.id))
+            .map(|_| Peer::default())
             .collect();
-        let peers = config.workers.iter().map(|_| Peer::default()).collect();
         let agent = Arc::new(Self {
             rrefs: RRefs::new(config.me.id),
             pool: Pool::new(
@@ -161,9 +159,7 @@ impl Agent {
                 format!("distrpc-{}", config.me.name),
             ),
             me: config.me,
-            workers: config.workers,
-            by_name,
-            addrs: config.addrs,
+            group: config.group,
             registry: config.registry,
             limits: config.limits,
             faults: config.faults,
@@ -237,23 +233,27 @@ impl Agent {
     }
 
     /// The rank of a destination.
+    /// The rank of the worker named `name`.
+    pub(crate) fn rank_of(&self, name: &str) -> Option<u32> {
+        self.group.by_name.get(name).copied()
+    }
+
     pub(crate) fn resolve(&self, to: &To) -> Result<u32, Error> {
         match to {
             To::Name(name) => self
-                .by_name
-                .get(name)
-                .copied()
+                .rank_of(name)
                 .ok_or_else(|| Error::UnknownWorker(format!("{name:?}"))),
-            To::Rank(r) if (*r as usize) < self.workers.len() => Ok(*r),
+            To::Rank(r) if (*r as usize) < self.group.workers.len() => Ok(*r),
             To::Rank(r) => Err(Error::UnknownWorker(format!(
                 "rank {r} (world size is {})",
-                self.workers.len()
+                self.group.workers.len()
             ))),
         }
     }
 
     pub(crate) fn name_of(&self, rank: u32) -> &str {
-        self.workers
+        self.group
+            .workers
             .get(rank as usize)
             .map_or("<unknown>", |w| w.name.as_str())
     }
@@ -541,7 +541,7 @@ impl Agent {
         drop(peers);
         lock(&self.conns).insert(conn.id, conn.clone());
         let agent = self.clone();
-        let addr = self.addrs[rank as usize];
+        let addr = self.group.addrs[rank as usize];
         let c = conn.clone();
         self.tasks.spawn_on(
             async move {
@@ -575,6 +575,7 @@ impl Agent {
                 match crate::codec::decode_inline::<(u32, String)>(&frame.payload) {
                     Ok((rank, name))
                         if self
+                            .group
                             .workers
                             .get(rank as usize)
                             .is_some_and(|w| w.name == name) =>

@@ -1,7 +1,7 @@
 //! `all_gather` and `barrier`, as in torch's `api.py`.
 //!
 //! ```text
-//!  leader = smallest name of the group; round id = "names#n" (n counts rounds per group)
+//!  leader = lowest rank of the group; round id = "<hash of the ranks>#n" (n counts rounds)
 //!  follower ── gather_to_leader(round, name, value) ──► leader   (inline handler)
 //!  leader waits for every member, then
 //!  leader ── broadcast_to_followers(round, all values) ──► each follower
@@ -12,7 +12,7 @@
 //! [`Error::PeerGone`] instead of hanging until a timeout.
 
 use crate::sync::lock;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,6 @@ use serde_bytes::ByteBuf;
 use crate::agent::Agent;
 use crate::error::Error;
 use crate::function::{Registry, inline_handler};
-use crate::worker::To;
 
 const GATHER_FN: &str = "distrpc::gather_to_leader";
 const BROADCAST_FN: &str = "distrpc::broadcast_to_followers";
@@ -38,6 +37,8 @@ struct Round {
 struct State {
     sequence: HashMap<String, u64>,
     rounds: HashMap<String, Round>,
+    /// Counts reported peer losses, so that waiters look for lost members only after one.
+    losses: u64,
 }
 
 /// The gather state of one worker.
@@ -71,18 +72,17 @@ impl Gather {
         let g = self.clone();
         registry.insert(
             BROADCAST_FN,
-            inline_handler(
-                BROADCAST_FN,
-                move |(round, objects): (String, BTreeMap<String, ByteBuf>)| {
-                    let mut state = g.lock();
-                    let r = state.rounds.entry(round).or_default();
-                    r.objects = objects;
-                    r.done = true;
-                    drop(state);
-                    g.changed.notify_all();
-                    Ok(())
-                },
-            ),
+            inline_handler(BROADCAST_FN, move |(round, encoded): (String, ByteBuf)| {
+                let objects: BTreeMap<String, ByteBuf> =
+                    crate::codec::decode_inline(&encoded).map_err(|e| e.to_string())?;
+                let mut state = g.lock();
+                let r = state.rounds.entry(round).or_default();
+                r.objects = objects;
+                r.done = true;
+                drop(state);
+                g.changed.notify_all();
+                Ok(())
+            }),
         );
     }
 
@@ -100,9 +100,35 @@ impl Gather {
 
     /// Wakes waiters so they re-check their peers (called when a peer is lost).
     pub(crate) fn wake(&self) {
-        let _state = self.lock();
+        self.lock().losses += 1;
         self.changed.notify_all();
     }
+}
+
+/// What the leader sends back once every member has reported.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Answer {
+    /// Every member's value (all_gather).
+    All,
+    /// Nothing: the round is a barrier, and each member gets an empty map.
+    Nothing,
+    /// The sum of the members' `u64` values, under the key `"sum"` (shutdown's count of calls
+    /// still in flight): one number per member instead of the whole table.
+    Sum,
+}
+
+/// A short, stable name for a group: FNV-1a over its members' ranks. Rounds of different
+/// groups must not mix, and the key travels in every message of a round, so it must not grow
+/// with the group.
+pub(crate) fn group_key(ranks: &[u32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for rank in ranks {
+        for b in rank.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// Gathers `value` from every worker in `names` (all workers if `None`) and returns them by
@@ -111,25 +137,112 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
     agent: &Arc<Agent>,
     gather: &Gather,
     value: &T,
-    names: Option<&[String]>,
+    names: Option<&[&str]>,
     timeout: Option<Duration>,
 ) -> Result<BTreeMap<String, T>, Error> {
-    let names: BTreeSet<String> = match names {
-        Some(n) => n.iter().cloned().collect(),
-        None => agent.workers.iter().map(|w| w.name.clone()).collect(),
-    };
-    let mut ranks = BTreeMap::new();
-    for n in &names {
-        ranks.insert(n.clone(), agent.resolve(&To::Name(n.clone()))?);
+    let obj = crate::codec::encode_inline(value).map_err(|e| Error::Encode {
+        function: "all_gather".into(),
+        what: "arguments",
+        message: e.to_string(),
+    })?;
+    gather_round(agent, gather, obj, names, timeout, Answer::All)?
+        .into_iter()
+        .map(|(name, bytes)| {
+            let v = crate::codec::decode_inline(&bytes).map_err(|e| Error::Decode {
+                worker: name.clone(),
+                function: "all_gather".into(),
+                what: "result",
+                message: e.to_string(),
+            })?;
+            Ok((name, v))
+        })
+        .collect()
+}
+
+/// Blocks until every worker in `names` (all if `None`) has called it.
+pub(crate) fn barrier(
+    agent: &Arc<Agent>,
+    gather: &Gather,
+    names: Option<&[&str]>,
+    timeout: Option<Duration>,
+) -> Result<(), Error> {
+    gather_round(agent, gather, Vec::new(), names, timeout, Answer::Nothing).map(|_| ())
+}
+
+/// The sum of `value` over every worker.
+pub(crate) fn sum(
+    agent: &Arc<Agent>,
+    gather: &Gather,
+    value: u64,
+    timeout: Option<Duration>,
+) -> Result<u64, Error> {
+    let obj = crate::codec::encode_inline(&value).map_err(|e| Error::Encode {
+        function: "all_gather".into(),
+        what: "arguments",
+        message: e.to_string(),
+    })?;
+    let answer = gather_round(agent, gather, obj, None, timeout, Answer::Sum)?;
+    let sum = answer
+        .get("sum")
+        .map(|b| crate::codec::decode_inline::<u64>(b));
+    match sum {
+        Some(Ok(n)) => Ok(n),
+        _ => Err(Error::Decode {
+            worker: "the leader".into(),
+            function: "all_gather".into(),
+            what: "result",
+            message: "no sum in the leader's answer".into(),
+        }),
     }
-    let me = agent.me.name.clone();
-    if !names.contains(&me) {
+}
+
+/// One round: every member sends its encoded value to the leader, which answers each with
+/// what `answer` asks for.
+fn gather_round(
+    agent: &Arc<Agent>,
+    gather: &Gather,
+    obj: Vec<u8>,
+    names: Option<&[&str]>,
+    timeout: Option<Duration>,
+    answer: Answer,
+) -> Result<BTreeMap<String, ByteBuf>, Error> {
+    // The members in rank order (the leader is the first): found with one look-up per name and
+    // a bitmap, no sort, so that a barrier of hundreds costs each of them little.
+    let world = &agent.group.workers;
+    let ranks: Vec<u32> = match names {
+        None => (0..world.len() as u32).collect(),
+        Some(n) => {
+            let mut member = vec![false; world.len()];
+            for name in n {
+                let rank = agent
+                    .rank_of(name)
+                    .ok_or_else(|| Error::UnknownWorker(format!("{name:?}")))?;
+                member[rank as usize] = true;
+            }
+            (0u32..)
+                .zip(member)
+                .filter(|(_, m)| *m)
+                .map(|(r, _)| r)
+                .collect()
+        }
+    };
+    let members: Vec<&str> = ranks
+        .iter()
+        .map(|&r| world[r as usize].name.as_str())
+        .collect();
+    let me = agent.me.name.as_str();
+    if ranks.binary_search(&agent.me.id).is_err() {
         return Err(Error::InvalidArgument(format!(
-            "all_gather among {names:?} called by {me}, who is not one of them"
+            "all_gather among {members:?} called by {me}, who is not one of them"
         )));
     }
-    let leader = names.first().cloned().unwrap_or_default();
-    let key = names.iter().cloned().collect::<Vec<_>>().join(",");
+    // The same group has the same rounds however it was named.
+    let key = if ranks.len() == world.len() {
+        agent.group.world_key.clone()
+    } else {
+        group_key(&ranks)
+    };
+    let (leader, leader_rank) = (members[0], ranks[0]);
     let round = {
         let mut state = gather.lock();
         let n = state.sequence.entry(key.clone()).or_default();
@@ -140,63 +253,63 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
     let timeout = timeout.unwrap_or_else(|| agent.default_timeout());
     let started = Instant::now();
     let deadline = (!timeout.is_zero()).then(|| started + timeout);
-    let obj = ByteBuf::from(
-        crate::codec::encode_inline(value).map_err(|e| Error::Encode {
-            function: "all_gather".into(),
-            what: "arguments",
-            message: e.to_string(),
-        })?,
-    );
+    let obj = ByteBuf::from(obj);
 
     if me == leader {
         gather
-            .gathered(&round, me.clone(), obj)
+            .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
     } else {
         crate::rpc::call_typed::<_, ()>(
             agent,
-            ranks[&leader],
+            leader_rank,
             GATHER_FN,
-            &(&round, &me, obj),
+            &(&round, me, obj),
             Some(timeout),
             true,
         )
         .wait()?;
     }
 
-    // Wait for the round to fill (leader) or for the broadcast (followers).
+    // Wait for the round to fill (leader) or for the answer (followers). Whether a member was
+    // lost is looked at only when a loss was reported: each arrival costs O(1).
+    let missing = |r: &Round| -> Vec<usize> {
+        if me == leader {
+            (0..members.len())
+                .filter(|&i| !r.objects.contains_key(members[i]))
+                .collect()
+        } else {
+            vec![0]
+        }
+    };
     let mut state = gather.lock();
+    let mut losses_seen = None;
     loop {
         let r = state.rounds.entry(round.clone()).or_default();
         let complete = if me == leader {
-            r.objects.len() == names.len()
+            r.objects.len() >= members.len()
         } else {
             r.done
         };
         if complete {
             break;
         }
-        let waiting_on: Vec<String> = if me == leader {
-            names
-                .iter()
-                .filter(|n| !r.objects.contains_key(*n))
-                .cloned()
-                .collect()
-        } else {
-            vec![leader.clone()]
-        };
         if !agent.is_running() {
             return Err(agent.shut_down_error());
         }
-        if let Some((name, reason)) = waiting_on
-            .iter()
-            .find_map(|n| agent.gone(ranks[n]).map(|r| (n.clone(), r)))
-        {
-            state.rounds.remove(&round);
-            return Err(Error::PeerGone {
-                worker: name,
-                reason,
-            });
+        if losses_seen != Some(state.losses) {
+            losses_seen = Some(state.losses);
+            let r = state.rounds.entry(round.clone()).or_default();
+            let lost = missing(r)
+                .into_iter()
+                .find_map(|i| agent.gone(ranks[i]).map(|reason| (members[i], reason)));
+            if let Some((name, reason)) = lost {
+                state.rounds.remove(&round);
+                return Err(Error::PeerGone {
+                    worker: name.to_string(),
+                    reason,
+                });
+            }
         }
         state = match deadline {
             None => gather
@@ -206,7 +319,9 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    state.rounds.remove(&round);
+                    let r = state.rounds.remove(&round).unwrap_or_default();
+                    let waiting_on: Vec<&str> =
+                        missing(&r).into_iter().map(|i| members[i]).collect();
                     return Err(Error::Timeout {
                         worker: waiting_on.join(", "),
                         function: format!("all_gather round {round}"),
@@ -228,52 +343,70 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
         .map(|r| r.objects)
         .unwrap_or_default();
     drop(state);
-
-    if me == leader {
-        let futures: Vec<_> = names
-            .iter()
-            .filter(|n| **n != leader)
-            .map(|n| {
-                let f = crate::rpc::call_typed::<_, ()>(
-                    agent,
-                    ranks[n],
-                    BROADCAST_FN,
-                    &(&round, &objects),
-                    Some(timeout),
-                    true,
-                );
-                (n.clone(), f)
-            })
-            .collect();
-        let mut failed = Vec::new();
-        for (name, f) in futures {
-            if let Err(e) = f.wait() {
-                failed.push((name, e));
-            }
-        }
-        if !failed.is_empty() {
-            tracing::error!(round = %round, followers = ?failed.iter().map(|(n, _)| n).collect::<Vec<_>>(), "all_gather broadcast failed");
-            let (name, first) = failed.swap_remove(0);
-            return Err(match first {
-                e @ (Error::PeerGone { .. } | Error::Timeout { .. }) => e,
-                other => Error::PeerGone {
-                    worker: name,
-                    reason: format!("all_gather broadcast failed: {other}"),
-                },
-            });
-        }
+    if me != leader {
+        return Ok(objects);
     }
 
-    objects
-        .into_iter()
-        .map(|(name, bytes)| {
-            let v = crate::codec::decode_inline(&bytes).map_err(|e| Error::Decode {
-                worker: name.clone(),
+    let objects = match answer {
+        Answer::All => objects,
+        Answer::Nothing => BTreeMap::new(),
+        Answer::Sum => {
+            let mut sum = 0u64;
+            for (name, bytes) in &objects {
+                let n: u64 = crate::codec::decode_inline(bytes).map_err(|e| Error::Decode {
+                    worker: name.clone(),
+                    function: "all_gather".into(),
+                    what: "arguments",
+                    message: e.to_string(),
+                })?;
+                sum = sum.saturating_add(n);
+            }
+            let bytes = crate::codec::encode_inline(&sum).map_err(|e| Error::Encode {
                 function: "all_gather".into(),
                 what: "result",
                 message: e.to_string(),
             })?;
-            Ok((name, v))
+            BTreeMap::from([("sum".to_string(), ByteBuf::from(bytes))])
+        }
+    };
+    // Encoded once, sent to every follower.
+    let encoded =
+        ByteBuf::from(
+            crate::codec::encode_inline(&objects).map_err(|e| Error::Encode {
+                function: "all_gather".into(),
+                what: "result",
+                message: e.to_string(),
+            })?,
+        );
+    let futures: Vec<_> = (1..members.len())
+        .map(|i| {
+            let f = crate::rpc::call_typed::<_, ()>(
+                agent,
+                ranks[i],
+                BROADCAST_FN,
+                &(&round, &encoded),
+                Some(timeout),
+                true,
+            );
+            (members[i], f)
         })
-        .collect()
+        .collect();
+    let mut failed = Vec::new();
+    for (name, f) in futures {
+        if let Err(e) = f.wait() {
+            failed.push((name, e));
+        }
+    }
+    if !failed.is_empty() {
+        tracing::error!(round = %round, followers = ?failed.iter().map(|(n, _)| n).collect::<Vec<_>>(), "all_gather broadcast failed");
+        let (name, first) = failed.swap_remove(0);
+        return Err(match first {
+            e @ (Error::PeerGone { .. } | Error::Timeout { .. }) => e,
+            other => Error::PeerGone {
+                worker: name.to_string(),
+                reason: format!("all_gather broadcast failed: {other}"),
+            },
+        });
+    }
+    Ok(objects)
 }

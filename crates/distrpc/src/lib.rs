@@ -46,6 +46,7 @@ pub mod function;
 pub mod future;
 mod gather;
 pub mod launch;
+mod net;
 pub mod options;
 mod pool;
 mod rendezvous;

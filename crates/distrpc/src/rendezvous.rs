@@ -5,19 +5,27 @@
 //!  every rank: bind a listener on port 0
 //!              add  distrpc/rank/{r}/claims   (a second claimant of a rank fails)
 //!              set  distrpc/worker/{r} = (name, address)
-//!              add  distrpc/joined; the last to join sets distrpc/all_joined
-//!              wait distrpc/all_joined   (bounded by rpc_timeout; a timeout names the ranks missing)
-//!              read every record in one round trip; a name used twice fails on every rank
+//!              add  distrpc/joined; the last to join reads every record, checks them (a name
+//!                   used twice, a bad address) and sets distrpc/table = the group, or the error
+//!              wait distrpc/table   (bounded by rpc_timeout; a timeout names the ranks missing)
+//!              get  distrpc/table   (one value: each worker reads O(world), and the workers of
+//!                                    one process share one decoded copy)
+//!              add  distrpc/read; rank 0, host of the store, waits until all have read
 //! ```
+//!
+//! The store wakes a waiter only when a key it waits for appears, so the group's joining costs
+//! O(world) wake-ups, not one per waiter per write.
 //!
 //! `init_method` is torch's: `env://` reads `MASTER_ADDR` and `MASTER_PORT`; `tcp://host:port`;
 //! `file:///path` (the file must not hold an earlier group's keys). When the launcher
 //! (`distrpc launch`) started this process as rank 0, it hands over the store's listening socket
 //! in `DISTRPC_STORE_FD`, so that no port is ever guessed.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use distrpc_store::{FileStore, Store, StoreError, TcpStoreClient, TcpStoreServer};
@@ -161,6 +169,8 @@ fn inherited_store_listener() -> Result<Option<std::net::TcpListener>, Error> {
     }
     // SAFETY: as above; from here on the listener owns the descriptor.
     let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // The launcher listened with std's short queue: deepen it (listen again is allowed).
+    socket2::SockRef::from(&listener).listen(crate::net::BACKLOG)?;
     Ok(Some(listener))
 }
 
@@ -199,7 +209,7 @@ pub(crate) async fn bind(
                         l.set_nonblocking(true)?;
                         TcpListener::from_std(l)?
                     }
-                    None => TcpListener::bind(addr).await.map_err(|e| {
+                    None => crate::net::listen_async(addr).map_err(|e| {
                         Error::Rendezvous(format!("rank 0 cannot host the store on {addr}: {e}"))
                     })?,
                 };
@@ -221,7 +231,7 @@ pub(crate) async fn bind(
             local_ip_towards(s).unwrap_or(Ipv4Addr::LOCALHOST.into()),
         ),
     };
-    let listener = TcpListener::bind(SocketAddr::new(bind_ip, 0)).await?;
+    let listener = crate::net::listen_async(SocketAddr::new(bind_ip, 0))?;
     let advertise = SocketAddr::new(advertise_ip, listener.local_addr()?.port());
     Ok(Bound {
         server,
@@ -243,7 +253,7 @@ pub(crate) async fn join(
     world: u32,
     advertise: SocketAddr,
     timeout: Duration,
-) -> Result<(Vec<WorkerInfo>, Vec<SocketAddr>), Error> {
+) -> Result<Arc<Group>, Error> {
     let timeout = if timeout.is_zero() {
         Duration::from_secs(365 * 86400)
     } else {
@@ -273,23 +283,23 @@ pub(crate) async fn join(
         .set(&key_worker(rank), &record)
         .await
         .map_err(store_err)?;
-    let keys: Vec<String> = (0..world).map(key_worker).collect();
-    // Everyone waits on one key, set by the last to join: each join then wakes each waiter
-    // for one key check, not a check of the whole group.
+    // Only the last to join, or one that waited in vain, reads every record.
+    let keys = || (0..world).map(key_worker).collect::<Vec<String>>();
+    // The last to join checks the group and publishes it as one table (or what is wrong with
+    // it); everyone waits on that one key and reads it with one get. Each worker then reads
+    // O(world) bytes, and the records are checked once, not once per worker.
     let joined = store.add("distrpc/joined", 1).await.map_err(store_err)?;
     if joined == i64::from(world) {
-        store
-            .set("distrpc/all_joined", b"")
-            .await
-            .map_err(store_err)?;
+        let records = store.multi_get(&keys()).await.map_err(store_err)?;
+        let table: Table = check_group(records);
+        let blob =
+            crate::codec::encode_inline(&table).map_err(|e| Error::Rendezvous(e.to_string()))?;
+        store.set(TABLE_KEY, &blob).await.map_err(store_err)?;
     }
-    if let Err(e) = store
-        .wait(&["distrpc/all_joined".to_string()], timeout)
-        .await
-    {
+    if let Err(e) = store.wait(&[TABLE_KEY.to_string()], timeout).await {
         return Err(match e {
             StoreError::Timeout { .. } => {
-                let present = store.multi_get(&keys).await.map_err(store_err)?;
+                let present = store.multi_get(&keys()).await.map_err(store_err)?;
                 let ranks: Vec<String> = present
                     .iter()
                     .enumerate()
@@ -303,15 +313,11 @@ pub(crate) async fn join(
             other => store_err(other),
         });
     }
-    // One round trip for the whole group, so that init stays linear in the world size.
-    let records = store.multi_get(&keys).await.map_err(store_err)?;
-    let records = records
-        .into_iter()
-        .enumerate()
-        .map(|(r, raw)| {
-            raw.ok_or_else(|| Error::Rendezvous(format!("rank {r} vanished from the store")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let blob = store
+        .get(TABLE_KEY)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| Error::Rendezvous("the group's table vanished from the store".into()))?;
     // Rank 0 hosts the store: it must not return (and maybe exit) before every worker has read
     // it, whether the group turns out valid or not.
     let read = store.add("distrpc/read", 1).await.map_err(store_err)?;
@@ -327,24 +333,94 @@ pub(crate) async fn join(
             .await
             .map_err(store_err)?;
     }
-    let mut workers = Vec::with_capacity(world as usize);
-    let mut addrs = Vec::with_capacity(world as usize);
-    for (r, raw) in (0..world).zip(records) {
-        let (name, addr): (String, String) = crate::codec::decode_inline(&raw)
-            .map_err(|e| Error::Rendezvous(format!("bad record for rank {r}: {e}")))?;
-        let addr = addr
-            .parse()
-            .map_err(|_| Error::Rendezvous(format!("rank {r} published a bad address {addr:?}")))?;
-        if let Some(first) = workers.iter().find(|w: &&WorkerInfo| w.name == name) {
-            return Err(Error::Rendezvous(format!(
-                "worker name {name:?} is not unique: ranks {} and {r} both use it",
-                first.id
-            )));
-        }
+    let group = shared_group(blob)?;
+    if group.workers.len() != world as usize {
+        return Err(Error::Rendezvous(format!(
+            "the group's table has {} workers, not {world}",
+            group.workers.len()
+        )));
+    }
+    Ok(group)
+}
+
+/// The group as rendezvous found it: every worker's name and address. Immutable, so the
+/// workers of one process that joined the same group share one copy (hundreds of in-process
+/// workers then decode and hold one table, not one each).
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) workers: Vec<WorkerInfo>,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) by_name: HashMap<String, u32>,
+    /// The key of rounds of `all_gather` among all of them.
+    pub(crate) world_key: String,
+    /// The table as published, which identifies the group.
+    blob: Vec<u8>,
+}
+
+/// The groups this process has joined and still uses.
+static GROUPS: Mutex<Vec<Weak<Group>>> = Mutex::new(Vec::new());
+
+/// The group published as `blob`: decoded once per process.
+fn shared_group(blob: Vec<u8>) -> Result<Arc<Group>, Error> {
+    let mut groups = crate::sync::lock(&GROUPS);
+    groups.retain(|g| g.strong_count() > 0);
+    if let Some(group) = groups
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|g| g.blob == blob)
+    {
+        return Ok(group);
+    }
+    let table: Table = crate::codec::decode_inline(&blob)
+        .map_err(|e| Error::Rendezvous(format!("bad group table: {e}")))?;
+    let entries = table.map_err(Error::Rendezvous)?;
+    let mut workers = Vec::with_capacity(entries.len());
+    let mut addrs = Vec::with_capacity(entries.len());
+    let mut by_name = HashMap::with_capacity(entries.len());
+    for (r, (name, addr)) in (0u32..).zip(entries) {
+        by_name.insert(name.clone(), r);
         workers.push(WorkerInfo { id: r, name });
         addrs.push(addr);
     }
-    Ok((workers, addrs))
+    let ranks: Vec<u32> = (0..workers.len() as u32).collect();
+    let group = Arc::new(Group {
+        world_key: crate::gather::group_key(&ranks),
+        workers,
+        addrs,
+        by_name,
+        blob,
+    });
+    groups.push(Arc::downgrade(&group));
+    Ok(group)
+}
+
+/// The store key of the group's table.
+const TABLE_KEY: &str = "distrpc/table";
+
+/// The group as the last worker to join found it: each rank's name and address, or why the
+/// group is not valid.
+type Table = Result<Vec<(String, SocketAddr)>, String>;
+
+/// Checks the records of every rank (present, well-formed, names unique) and makes the table.
+fn check_group(records: Vec<Option<Vec<u8>>>) -> Table {
+    let mut entries = Vec::with_capacity(records.len());
+    // Name → rank, to find a duplicate in one look-up (not a scan of all before it).
+    let mut ranks_by_name = HashMap::with_capacity(records.len());
+    for (r, raw) in records.into_iter().enumerate() {
+        let raw = raw.ok_or_else(|| format!("rank {r} vanished from the store"))?;
+        let (name, addr): (String, String) = crate::codec::decode_inline(&raw)
+            .map_err(|e| format!("bad record for rank {r}: {e}"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("rank {r} published a bad address {addr:?}"))?;
+        if let Some(first) = ranks_by_name.insert(name.clone(), r) {
+            return Err(format!(
+                "worker name {name:?} is not unique: ranks {first} and {r} both use it"
+            ));
+        }
+        entries.push((name, addr));
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ impl PendingRpc {
             options,
             bound,
         } = self;
-        let (workers, addrs) = crate::runtime::block_on(rendezvous::join(
+        let group = crate::runtime::block_on(rendezvous::join(
             &bound.target,
             &name,
             rank,
@@ -125,12 +125,11 @@ impl PendingRpc {
             registry.insert(&fname, handler);
         }
         gather.register(&mut registry);
-        let me = workers[rank as usize].clone();
+        let me = group.workers[rank as usize].clone();
         let agent = Agent::new(
             AgentConfig {
                 me,
-                workers,
-                addrs,
+                group,
                 registry,
                 num_worker_threads: options.num_worker_threads,
                 rpc_timeout: options.rpc_timeout,
@@ -356,12 +355,12 @@ impl Rpc {
     /// Another worker, by name or rank (torch's `get_worker_info(name)`).
     pub fn worker_info_of(&self, to: impl Into<To>) -> Result<WorkerInfo, Error> {
         let rank = self.agent().resolve(&to.into())?;
-        Ok(self.agent().workers[rank as usize].clone())
+        Ok(self.agent().group.workers[rank as usize].clone())
     }
 
     /// Every worker of the group, by rank.
     pub fn worker_infos(&self) -> &[WorkerInfo] {
-        &self.agent().workers
+        &self.agent().group.workers
     }
 
     /// This worker's name.
@@ -376,7 +375,7 @@ impl Rpc {
 
     /// Number of workers in the group.
     pub fn world_size(&self) -> usize {
-        self.agent().workers.len()
+        self.agent().group.workers.len()
     }
 
     /// The address this worker accepts peers on.
@@ -541,20 +540,23 @@ impl Rpc {
         names: &[&str],
         timeout: Duration,
     ) -> Result<BTreeMap<String, T>, Error> {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         crate::gather::all_gather(
             self.agent(),
             &self.shared.gather,
             value,
-            Some(&names),
+            Some(names),
             Some(timeout),
         )
     }
 
     /// Blocks until every worker named in `names` has reached this barrier (torch's `_barrier`).
     pub fn barrier(&self, names: &[&str]) -> Result<(), Error> {
-        self.all_gather_among(&(), names, self.rpc_timeout())
-            .map(|_| ())
+        crate::gather::barrier(
+            self.agent(),
+            &self.shared.gather,
+            Some(names),
+            Some(self.rpc_timeout()),
+        )
     }
 
     /// Graceful shutdown with no time limit (torch's `shutdown()`): see [`Rpc::shutdown_timeout`].
@@ -596,7 +598,7 @@ impl Rpc {
         let gather = &self.shared.gather;
         // Returns the user references the application still held.
         let result = (|| {
-            crate::gather::all_gather(agent, gather, &(), None, Some(left()?))?;
+            crate::gather::barrier(agent, gather, None, Some(left()?))?;
             // Every user reference still held is deleted now; the loop below waits for the
             // deletes (and their confirmations) like any other call in flight.
             let (held, effects) = agent
@@ -606,8 +608,7 @@ impl Rpc {
             loop {
                 let counts = agent.counts();
                 let active = (counts.client + counts.control) as u64;
-                let all = crate::gather::all_gather(agent, gather, &active, None, Some(left()?))?;
-                if all.values().all(|&n| n == 0) {
+                if crate::gather::sum(agent, gather, active, Some(left()?))? == 0 {
                     return Ok::<_, Error>(held);
                 }
                 agent.wait_no_client_calls(deadline);

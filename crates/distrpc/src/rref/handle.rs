@@ -180,7 +180,7 @@ impl<T> RRef<T> {
 
     /// The owner of the value.
     pub fn owner(&self) -> WorkerInfo {
-        self.inner.agent.workers[self.inner.owner as usize].clone()
+        self.inner.agent.group.workers[self.inner.owner as usize].clone()
     }
 
     /// The owner's name.
@@ -414,7 +414,7 @@ impl<'de, T> Deserialize<'de> for RRef<T> {
             D::Error::custom("an RRef can be deserialized only as part of an RPC call or result")
         })?;
         let data = ForkData::deserialize(deserializer)?;
-        if data.parent != from || agent.workers.get(data.owner as usize).is_none() {
+        if data.parent != from || agent.group.workers.get(data.owner as usize).is_none() {
             return Err(D::Error::custom(
                 "an RRef with an unknown owner or a forged parent",
             ));
