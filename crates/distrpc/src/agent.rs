@@ -307,8 +307,7 @@ impl Agent {
             tensors,
             timeout,
             internal,
-            blocking,
-            direct,
+            delivery,
         } = out;
         let state = self.state.load(Ordering::Acquire);
         if state != RUNNING && !(internal && state != SHUT_DOWN) {
@@ -363,7 +362,7 @@ impl Agent {
         }
         // Claimed before the request leaves, so that the reply cannot reach the reader task.
         let claim = match &conn {
-            Some(c) if blocking && !crate::runtime::on_runtime_thread() => {
+            Some(c) if delivery == Delivery::Blocking && !crate::runtime::on_runtime_thread() => {
                 c.read.get().filter(|r| r.claim()).map(|read| Claim {
                     agent: self.clone(),
                     conn: c.clone(),
@@ -377,7 +376,7 @@ impl Agent {
             let agent = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(reason) = conn.send(frame, blocking || direct) {
+                    if let Err(reason) = conn.send(frame, delivery != Delivery::Queued) {
                         agent.fail(id, |p| Error::PeerGone {
                             worker: agent.name_of(p.peer).into(),
                             reason,
@@ -1371,12 +1370,21 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) timeout: Option<Duration>,
     /// distrpc's own gather and barrier calls, which shutdown does not wait for.
     pub(crate) internal: bool,
-    /// The caller blocks on the reply at once: the request is written from its thread rather
-    /// than batched by the writer task, and the caller reads the reply itself ([`Claim`]).
-    pub(crate) blocking: bool,
-    /// Written from the caller's thread when the socket is idle, though the caller does not
-    /// wait (`remote()`, whose use usually follows at once).
-    pub(crate) direct: bool,
+    pub(crate) delivery: Delivery,
+}
+
+/// How a request leaves, and how its reply comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Queued for the connection's writer task, which batches whatever accumulates into one
+    /// `writev` (callers that pipeline: `rpc_async`).
+    Queued,
+    /// Written from the caller's thread when the socket is idle, sparing the writer's wake-up,
+    /// though the caller does not wait (`remote()`, whose use usually follows at once).
+    Direct,
+    /// Written from the caller's thread, which blocks on the reply at once and reads it itself
+    /// ([`Claim`]).
+    Blocking,
 }
 
 impl<'a> Outgoing<'a> {
@@ -1391,8 +1399,7 @@ impl<'a> Outgoing<'a> {
             tensors: Vec::new(),
             timeout: None,
             internal: false,
-            blocking: false,
-            direct: false,
+            delivery: Delivery::Queued,
         }
     }
 }

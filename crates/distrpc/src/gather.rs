@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_bytes::ByteBuf;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Delivery};
 use crate::error::Error;
 use crate::function::{Registry, inline_handler};
 
@@ -260,13 +260,13 @@ fn gather_round(
             .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
     } else {
-        crate::rpc::call_typed::<_, ()>(
+        crate::rpc::call_internal::<_, ()>(
             agent,
             leader_rank,
             GATHER_FN,
             &(&round, me, obj),
             Some(timeout),
-            true,
+            Delivery::Queued,
         )
         .wait()?;
     }
@@ -380,13 +380,14 @@ fn gather_round(
         );
     let futures: Vec<_> = (1..members.len())
         .map(|i| {
-            let f = crate::rpc::call_typed::<_, ()>(
+            // Queued: hundreds of followers are written by their writer tasks, in parallel.
+            let f = crate::rpc::call_internal::<_, ()>(
                 agent,
                 ranks[i],
                 BROADCAST_FN,
                 &(&round, &encoded),
                 Some(timeout),
-                true,
+                Delivery::Queued,
             );
             (members[i], f)
         })

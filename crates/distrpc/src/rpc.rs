@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Agent, AgentConfig, Outgoing};
+use crate::agent::{Agent, AgentConfig, Delivery, Outgoing};
 use crate::error::Error;
 use crate::function::{Function, Registry};
 use crate::future::RpcFuture;
@@ -196,20 +196,21 @@ pub(crate) fn current_worker_name() -> Option<String> {
     Rpc::current().map(|r| r.name().to_string())
 }
 
-/// Sends a call (of a method of `this`, if given) and returns a future of its decoded result.
-pub(crate) fn call_typed<A, R>(
+/// Sends one of distrpc's own calls (which shutdown does not wait for) and returns a future of
+/// its decoded result.
+pub(crate) fn call_internal<A, R>(
     agent: &Arc<Agent>,
     dest: u32,
     function: &str,
     args: &A,
     timeout: Option<Duration>,
-    internal: bool,
+    delivery: Delivery,
 ) -> RpcFuture<R>
 where
     A: Serialize + ?Sized,
     R: DeserializeOwned + Send + 'static,
 {
-    send_call(agent, dest, None, function, args, timeout, internal, false)
+    send_call(agent, dest, None, function, args, timeout, true, delivery)
 }
 
 /// Calls `method` on the value of `this`, owned by `owner`.
@@ -220,6 +221,7 @@ pub(crate) fn call_method<A, R>(
     method: &str,
     args: &A,
     timeout: Option<Duration>,
+    delivery: Delivery,
 ) -> RpcFuture<R>
 where
     A: Serialize + ?Sized,
@@ -233,7 +235,7 @@ where
         args,
         timeout,
         false,
-        false,
+        delivery,
     )
 }
 
@@ -246,7 +248,7 @@ fn send_call<A, R>(
     args: &A,
     timeout: Option<Duration>,
     internal: bool,
-    blocking: bool,
+    delivery: Delivery,
 ) -> RpcFuture<R>
 where
     A: Serialize + ?Sized,
@@ -268,7 +270,7 @@ where
         tensors,
         timeout,
         internal,
-        blocking,
+        delivery,
         ..Outgoing::new(dest, distrpc_wire::Kind::Call, function, payload)
     };
     let claim = agent.call(
@@ -475,7 +477,11 @@ impl Rpc {
                 args,
                 timeout,
                 false,
-                blocking,
+                if blocking {
+                    Delivery::Blocking
+                } else {
+                    Delivery::Queued
+                },
             ),
             Err(e) => RpcFuture::ready(Err(e)),
         }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ledger::{ForkId, RRefId};
 use crate::agent::Agent;
+use crate::agent::Delivery;
 use crate::error::{Error, RemoteError};
 use crate::function::Method;
 use crate::future::RpcFuture;
@@ -277,15 +278,15 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
 
     /// [`RRef::to_here`] with its own timeout (zero: none).
     pub fn to_here_timeout(&self, timeout: Duration) -> Result<T, Error> {
-        self.fetch(timeout, true).wait()
+        self.fetch(timeout, Delivery::Blocking).wait()
     }
 
     /// [`RRef::to_here`] without blocking: a future of the copy.
     pub fn to_here_async(&self) -> RpcFuture<T> {
-        self.fetch(self.inner.agent.default_timeout(), false)
+        self.fetch(self.inner.agent.default_timeout(), Delivery::Queued)
     }
 
-    fn fetch(&self, timeout: Duration, blocking: bool) -> RpcFuture<T> {
+    fn fetch(&self, timeout: Duration, delivery: Delivery) -> RpcFuture<T> {
         if let Some(e) = self.creation_error() {
             return RpcFuture::ready(Err(e));
         }
@@ -294,7 +295,7 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
             self.inner.owner,
             self.inner.id,
             timeout,
-            blocking,
+            delivery,
         ))
     }
 }
@@ -335,11 +336,24 @@ impl<T> RRef<T> {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.rpc_async(method, args).wait()
+        self.call_method(method, args, Delivery::Blocking).wait()
     }
 
     /// [`RRef::rpc_sync`] without waiting.
     pub fn rpc_async<A, R>(&self, method: Method<T, A, R>, args: A) -> RpcFuture<R>
+    where
+        A: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        self.call_method(method, args, Delivery::Queued)
+    }
+
+    fn call_method<A, R>(
+        &self,
+        method: Method<T, A, R>,
+        args: A,
+        delivery: Delivery,
+    ) -> RpcFuture<R>
     where
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
@@ -354,6 +368,7 @@ impl<T> RRef<T> {
             method.name(),
             &args,
             None,
+            delivery,
         ))
     }
 

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 pub use handle::RRef;
 pub use ledger::{Control, Effect, ForkId, GlobalId, Ledger, LedgerError, LedgerInfo, RRefId};
 
-use crate::agent::{Agent, Outgoing, encode_call};
+use crate::agent::{Agent, Delivery, Outgoing, encode_call};
 use crate::error::{Error, Failure};
 use crate::future::RpcFuture;
 use handle::{Created, Creation, Inner};
@@ -216,7 +216,7 @@ where
         flags,
         tensors,
         timeout,
-        direct: true,
+        delivery: Delivery::Direct,
         ..Outgoing::new(to, distrpc_wire::Kind::RemoteCall, function, payload)
     };
     agent.call(
@@ -284,7 +284,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     owner: u32,
     id: RRefId,
     timeout: Duration,
-    blocking: bool,
+    delivery: Delivery,
 ) -> RpcFuture<T> {
     let (fut, done) = RpcFuture::pending();
     if owner == agent.me.id {
@@ -314,7 +314,7 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     let a = agent.clone();
     let out = Outgoing {
         timeout: Some(timeout),
-        blocking,
+        delivery,
         ..Outgoing::new(owner, distrpc_wire::Kind::RRefFetch, "to_here", payload)
     };
     let claim = agent.call(
