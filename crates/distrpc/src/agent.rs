@@ -682,7 +682,6 @@ impl Agent {
                         }
                         Step::Ended(Some(end)) => break end,
                         Step::Ended(None) => return,
-                        Step::Busy => tokio::task::yield_now().await,
                         Step::Idle
                             if !spin.is_zero()
                                 && idle_since
@@ -1333,7 +1332,7 @@ impl Claim {
                 self.agent.on_closed(&self.conn, end);
                 None
             }
-            Step::Ended(None) | Step::Claimed | Step::Busy => None,
+            Step::Ended(None) | Step::Claimed => None,
         }
     }
 }

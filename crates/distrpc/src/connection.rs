@@ -283,6 +283,9 @@ pub(crate) struct FrameReader {
     large: Option<(Header, AlignedBuf, usize)>,
 }
 
+/// How many times the reader task tries the read side's lock before sleeping on it.
+const SPINS: u32 = 200;
+
 /// How much the bulk buffer grows by per read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -450,8 +453,6 @@ pub(crate) enum Step {
     Idle,
     /// A caller has claimed the side: the reader task waits.
     Claimed,
-    /// Someone else holds the side for a moment: the reader task looks again.
-    Busy,
     /// The connection ended; `Some` for the one who saw it end, who must report it.
     Ended(Option<ReadEnd>),
 }
@@ -475,13 +476,7 @@ impl ReadSide {
         let mut st = if claimant {
             lock(&self.state)
         } else {
-            // The reader task never sleeps on the lock: its holder (most often a claimant,
-            // reading for a few microseconds) is let be, and the task looks again.
-            match self.state.try_lock() {
-                Ok(st) => st,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return Step::Busy,
-            }
+            self.lock_briefly()
         };
         if st.ended {
             return Step::Ended(None);
@@ -504,6 +499,21 @@ impl ReadSide {
                 Step::Ended(Some(end))
             }
         }
+    }
+
+    /// The lock, for the reader task. Its holder is most often a claimant reading for a
+    /// microsecond: spinning a little spares the futex sleep and wake-up (which cost the
+    /// busy-poll mode a third of its latency); a holder that takes longer (preempted) is
+    /// waited for by sleeping, so that the spin cannot starve it of its CPU.
+    fn lock_briefly(&self) -> MutexGuard<'_, ReadState> {
+        for _ in 0..SPINS {
+            match self.state.try_lock() {
+                Ok(st) => return st,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
+        }
+        lock(&self.state)
     }
 
     /// Waits until the socket may have new bytes, or the connection ends.
