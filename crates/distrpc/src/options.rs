@@ -134,9 +134,11 @@ impl RpcOptions {
         self
     }
 
-    /// The latency option: a thread blocked on a call (`rpc_sync`, `wait`) polls for the result
-    /// for up to `spin` before it sleeps, which saves the wake-up of a sleeping thread (tens of
-    /// microseconds on an idle core) at the price of a busy core. Off (zero) by default.
+    /// The latency option: a thread blocked on a call (`rpc_sync`, `to_here`, `wait`) polls its
+    /// socket for the reply for up to `spin` before it sleeps, and each connection's reader
+    /// keeps polling for up to `spin` after its last frame, which saves the wake-up of a
+    /// sleeping thread (tens of microseconds on an idle core) at the price of busy cores. Off
+    /// (zero) by default.
     pub fn busy_poll(mut self, spin: Duration) -> Self {
         self.busy_poll = spin;
         self
