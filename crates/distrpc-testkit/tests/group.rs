@@ -320,6 +320,76 @@ fn malformed_frames_close_that_connection_and_the_worker_keeps_serving() {
     shutdown_all(rpcs).unwrap();
 }
 
+/// Reads one whole frame (header, then body) from a raw socket.
+fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 32];
+    s.read_exact(&mut head).expect("a frame header");
+    let body_len = u64::from_le_bytes(head[24..32].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; body_len];
+    s.read_exact(&mut body).expect("a frame body");
+    [head.to_vec(), body].concat()
+}
+
+/// A caller blocked in `rpc_sync` reads its reply itself; when what comes back is not a frame,
+/// the call fails at once (no timeout is set) naming the peer, the connection closes, and the
+/// worker keeps serving.
+#[test]
+fn a_malformed_reply_read_by_the_waiting_caller_fails_the_call_at_once() {
+    let rpcs = in_process(2, |_| opts()).unwrap();
+    // A fake "worker0" connects to worker1 first, so that worker1's calls to worker0 go to it.
+    let mut fake = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    let hello = {
+        let payload = distrpc_wire::codec::encode_inline(&(0u32, "worker0")).unwrap();
+        OutFrame::new(Kind::Hello, 0, &payload, &[])
+            .unwrap()
+            .to_vec()
+    };
+    // A call of an unknown function: its answer shows that worker1 took the connection in.
+    let call = OutFrame::new(Kind::Call, 1, b"\x04\x00nope", &[])
+        .unwrap()
+        .to_vec();
+    fake.write_all(&[hello, call].concat()).unwrap();
+    let answer = read_frame(&mut fake);
+    assert_eq!(
+        answer[5],
+        Kind::Exception as u8,
+        "worker1 answers the unknown call"
+    );
+
+    let caller = {
+        let rpc = rpcs[1].clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let r = rpc.rpc_sync_timeout("worker0", echo, (1,), Duration::ZERO);
+            (r, started.elapsed())
+        })
+    };
+    let request = read_frame(&mut fake);
+    assert_eq!(
+        request[5],
+        Kind::Call as u8,
+        "worker1's call came to the fake"
+    );
+    fake.write_all(&[b'X'; 64]).unwrap();
+    let (result, took) = caller.join().unwrap();
+    let err = result.expect_err("a malformed reply cannot be a result");
+    assert!(
+        matches!(&err, Error::PeerGone { worker, reason } if worker == "worker0" && reason.contains("malformed")),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the call failed only after {took:?}"
+    );
+    assert!(closed_by_peer(fake), "worker1 must close the connection");
+    // worker1 still serves worker0 (which opens its own connection).
+    assert_eq!(rpcs[0].rpc_sync("worker1", echo, (7,)).unwrap(), 7);
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}
+
 #[test]
 fn injected_send_failures_and_delays() {
     let rpcs = in_process(2, |rank| {
