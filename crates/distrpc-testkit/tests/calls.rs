@@ -550,6 +550,38 @@ fn a_reply_landing_during_a_claim_is_not_stranded() {
     shutdown_all(rpcs).unwrap();
 }
 
+/// While a large body arrives, the reader asks the socket to wake it only for big pieces
+/// (`SO_RCVLOWAT`); once the body is in, small frames must wake it again at once. Large and
+/// small calls alternate, both ways, from blocked callers and pipelines.
+#[test]
+fn small_calls_after_large_tensors_are_not_held_back() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default().rpc_timeout(Duration::from_secs(30))
+    })
+    .unwrap();
+    let big = Tensor::from_vec(vec![3 << 18], vec![1.5f32; 3 << 18]).unwrap(); // 3 MiB
+    for round in 0..3i64 {
+        for (me, other) in [(0usize, 1u32), (1, 0)] {
+            let neg = rpcs[me]
+                .rpc_sync(other, builtin::neg, (big.clone(),))
+                .unwrap();
+            assert_eq!(neg.as_slice::<f32>().unwrap()[(3 << 18) - 1], -1.5);
+            for i in 0..20i64 {
+                assert_eq!(
+                    rpcs[me].rpc_sync(other, add_i64, (round, i)).unwrap(),
+                    round + i
+                );
+            }
+            let futs: Vec<_> = (0..20i64)
+                .map(|i| rpcs[me].rpc_async(other, add_i64, (round, i)))
+                .collect();
+            let want: Vec<i64> = (0..20).map(|i| round + i).collect();
+            assert_eq!(wait_all(futs).unwrap(), want);
+        }
+    }
+    shutdown_all(rpcs).unwrap();
+}
+
 #[test]
 fn closures_registered_at_init() {
     let rpcs = in_process(2, |rank| {

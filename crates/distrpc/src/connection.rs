@@ -273,7 +273,9 @@ impl std::fmt::Display for ReadEnd {
 /// Small frames are read in bulk into one growing buffer and handed out as slices of it (one
 /// `read` serves many frames, no allocation per frame); a body of [`BufPool::MIN_POOLED`] bytes
 /// or more is read straight into a reused 64-byte aligned buffer, across as many reads as it
-/// takes. Either way the tensors of a frame start on a 64-byte boundary: a small body that lands
+/// takes — with the socket's low-water mark raised meanwhile, so that the reader is woken for
+/// pieces of up to [`LOWAT_MAX`] bytes rather than for every segment. Either way the tensors of
+/// a frame start on a 64-byte boundary: a small body that lands
 /// unaligned and carries tensors is copied once into an aligned buffer.
 pub(crate) struct FrameReader {
     buf: BytesMut,
@@ -281,6 +283,8 @@ pub(crate) struct FrameReader {
     buffers: BufPool,
     /// A large body being read into its own buffer, and how much of it has arrived.
     large: Option<(Header, AlignedBuf, usize)>,
+    /// The socket's receive low-water mark as last set (1: the kernel's default).
+    lowat: usize,
 }
 
 /// How many times the reader task tries the read side's lock before sleeping on it.
@@ -296,6 +300,7 @@ impl FrameReader {
             limits,
             buffers: BufPool::default(),
             large: None,
+            lowat: 1,
         }
     }
 
@@ -318,6 +323,10 @@ impl FrameReader {
     ) -> Result<Option<Frame>, ReadEnd> {
         loop {
             if let Some(frame) = self.parse()? {
+                if self.lowat != 1 && self.large.is_none() {
+                    set_lowat(src, 1);
+                    self.lowat = 1;
+                }
                 return Ok(Some(frame));
             }
             let read = match &mut self.large {
@@ -355,7 +364,19 @@ impl FrameReader {
                 }
                 Ok(0) => return Err(ReadEnd::Closed),
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // While a large body arrives, wake up for big pieces of it, not for every
+                    // segment; back to one byte once it is in.
+                    let want = match &self.large {
+                        Some((_, body, filled)) => (body.as_slice().len() - filled).min(LOWAT_MAX),
+                        None => 1,
+                    };
+                    if want != self.lowat {
+                        set_lowat(src, want);
+                        self.lowat = want;
+                    }
+                    return Ok(None);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ReadEnd::Io(e)),
             }
@@ -566,4 +587,25 @@ fn recv(src: &OwnedReadHalf, dst: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: `dst` is valid for writes of its length; the descriptor is open while `src` is.
     let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// The most a reader asks to be woken for at once.
+const LOWAT_MAX: usize = 1 << 20;
+
+/// Sets the socket's receive low-water mark: `poll`, epoll and so the reader's wake-ups wait
+/// until that many bytes are there (or the stream ends). Best effort: if the kernel refuses it,
+/// the reader is only woken more often.
+fn set_lowat(src: &OwnedReadHalf, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid descriptor and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            src.as_ref().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
