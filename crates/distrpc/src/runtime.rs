@@ -2,7 +2,8 @@
 //!
 //! One runtime serves all the [`Rpc`](crate::Rpc)s of a process, so that hundreds of workers in
 //! one process (tests, scale simulations) cost a handful of threads, not hundreds. Sync handlers
-//! never run here: they run on each agent's handler pool.
+//! run on each agent's handler pool, except quick ones, which run inline on the reader task that
+//! received their call ([`as_reader`]); a blocking wait inside one is allowed by [`blocking`].
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
