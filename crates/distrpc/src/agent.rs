@@ -12,7 +12,7 @@
 //! Every pending call leaves the table exactly once, through `take_pending`: by its reply, its
 //! timeout, the loss of its connection, a failed send, or shutdown. So every future completes.
 
-use crate::sync::lock;
+use crate::sync::{lock, wait_until};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -271,24 +271,9 @@ impl Agent {
     pub(crate) fn wait_no_client_calls(&self, deadline: Option<std::time::Instant>) -> bool {
         let mut counts = lock(&self.counts);
         while counts.client + counts.control > 0 {
-            match deadline {
-                None => {
-                    counts = self
-                        .counts_changed
-                        .wait(counts)
-                        .unwrap_or_else(|e| e.into_inner())
-                }
-                Some(d) => {
-                    let left = d.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
-                    counts = self
-                        .counts_changed
-                        .wait_timeout(counts, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
+            match wait_until(&self.counts_changed, counts, deadline) {
+                Ok(c) => counts = c,
+                Err(_) => return false,
             }
         }
         true
@@ -1187,19 +1172,16 @@ impl Agent {
         if !crate::runtime::on_runtime_thread() {
             // Handlers that already started (say, the last barrier's broadcast) still reply: wait
             // for them, bounded, before the connections close under their replies.
-            let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+            let deadline = Some(std::time::Instant::now() + FLUSH_TIMEOUT);
             let mut counts = lock(&self.counts);
             while counts.server + counts.server_async > 0 {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    tracing::warn!(worker = %self.me.name, handlers = counts.server + counts.server_async, "shutting down with handlers still running");
-                    break;
+                match wait_until(&self.counts_changed, counts, deadline) {
+                    Ok(c) => counts = c,
+                    Err(c) => {
+                        tracing::warn!(worker = %self.me.name, handlers = c.server + c.server_async, "shutting down with handlers still running");
+                        break;
+                    }
                 }
-                counts = self
-                    .counts_changed
-                    .wait_timeout(counts, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
             }
         }
         let conns: Vec<_> = lock(&self.conns).values().cloned().collect();

@@ -11,7 +11,7 @@
 //! Unlike torch, a member that is lost while the others wait fails the round at once with
 //! [`Error::PeerGone`] instead of hanging until a timeout.
 
-use crate::sync::lock;
+use crate::sync::{lock, wait_until};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -311,29 +311,17 @@ fn gather_round(
                 });
             }
         }
-        state = match deadline {
-            None => gather
-                .changed
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner()),
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let r = state.rounds.remove(&round).unwrap_or_default();
-                    let waiting_on: Vec<&str> =
-                        missing(&r).into_iter().map(|i| members[i]).collect();
-                    return Err(Error::Timeout {
-                        worker: waiting_on.join(", "),
-                        function: format!("all_gather round {round}"),
-                        timeout,
-                        elapsed: started.elapsed(),
-                    });
-                }
-                gather
-                    .changed
-                    .wait_timeout(state, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
+        state = match wait_until(&gather.changed, state, deadline) {
+            Ok(s) => s,
+            Err(mut state) => {
+                let r = state.rounds.remove(&round).unwrap_or_default();
+                let waiting_on: Vec<&str> = missing(&r).into_iter().map(|i| members[i]).collect();
+                return Err(Error::Timeout {
+                    worker: waiting_on.join(", "),
+                    function: format!("all_gather round {round}"),
+                    timeout,
+                    elapsed: started.elapsed(),
+                });
             }
         };
     }

@@ -1,6 +1,7 @@
 //! Locking, the one way distrpc does it.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Locks `m`, even if a thread panicked while holding it.
 ///
@@ -10,4 +11,25 @@ use std::sync::{Mutex, MutexGuard};
 /// would only turn one panic (already reported as a remote error) into many.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sleeps on `cv` until woken or until `deadline` (`None`: no deadline), tolerating poison as
+/// [`lock`] does. `Err` hands the guard back without sleeping once the deadline has passed: the
+/// caller gives up. Callers loop, re-checking their condition after every wake-up.
+pub(crate) fn wait_until<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    deadline: Option<Instant>,
+) -> Result<MutexGuard<'a, T>, MutexGuard<'a, T>> {
+    let Some(deadline) = deadline else {
+        return Ok(cv.wait(guard).unwrap_or_else(|e| e.into_inner()));
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(guard);
+    }
+    Ok(cv
+        .wait_timeout(guard, left)
+        .unwrap_or_else(|e| e.into_inner())
+        .0)
 }

@@ -1,7 +1,7 @@
 //! The live side of remote references on one worker: the owner's values, the ledger behind a
 //! lock, and waiting for confirmations. The agent drives it and carries out the ledger's effects.
 
-use crate::sync::lock;
+use crate::sync::{lock, wait_until};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -159,21 +159,9 @@ impl Context {
             if missing.is_empty() {
                 return missing;
             }
-            ledger = match deadline {
-                None => self
-                    .confirmed
-                    .wait(ledger)
-                    .unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return missing;
-                    }
-                    self.confirmed
-                        .wait_timeout(ledger, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
+            ledger = match wait_until(&self.confirmed, ledger, deadline) {
+                Ok(l) => l,
+                Err(_) => return missing,
             };
         }
     }
