@@ -410,8 +410,14 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, None, true)
-            .wait()
+        self.call(
+            to.into(),
+            f.borrow().name(),
+            &args,
+            None,
+            Delivery::Blocking,
+        )
+        .wait()
     }
 
     /// [`Rpc::rpc_sync`] with its own timeout (zero: none).
@@ -426,8 +432,14 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, Some(timeout), true)
-            .wait()
+        self.call(
+            to.into(),
+            f.borrow().name(),
+            &args,
+            Some(timeout),
+            Delivery::Blocking,
+        )
+        .wait()
     }
 
     /// Calls `f` on `to` without waiting; the future completes with the result or the error.
@@ -442,7 +454,7 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, None, false)
+        self.call(to.into(), f.borrow().name(), &args, None, Delivery::Queued)
     }
 
     /// [`Rpc::rpc_async`] with its own timeout (zero: none).
@@ -457,7 +469,13 @@ impl Rpc {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        self.call(to.into(), f.borrow().name(), &args, Some(timeout), false)
+        self.call(
+            to.into(),
+            f.borrow().name(),
+            &args,
+            Some(timeout),
+            Delivery::Queued,
+        )
     }
 
     fn call<A: Serialize, R: DeserializeOwned + Send + 'static>(
@@ -466,7 +484,7 @@ impl Rpc {
         function: &str,
         args: &A,
         timeout: Option<Duration>,
-        blocking: bool,
+        delivery: Delivery,
     ) -> RpcFuture<R> {
         match self.agent().resolve(&to) {
             Ok(dest) => send_call(
@@ -477,11 +495,7 @@ impl Rpc {
                 args,
                 timeout,
                 false,
-                if blocking {
-                    Delivery::Blocking
-                } else {
-                    Delivery::Queued
-                },
+                delivery,
             ),
             Err(e) => RpcFuture::ready(Err(e)),
         }

@@ -208,9 +208,14 @@ impl<T> RRef<T> {
         creation_error(created, self.owner_name().to_string())
     }
 
-    /// `fut` (a use of this reference), failed early if the creation fails first: a use issued
-    /// right after `remote()` cannot know yet whether the value will ever exist.
-    fn guarded<R: Send + 'static>(&self, mut fut: RpcFuture<R>) -> RpcFuture<R> {
+    /// A use of this reference, issued by `issue`: not issued at all if the creation already
+    /// failed, and failed early if the creation fails first (a use issued right after `remote()`
+    /// cannot know yet whether the value will ever exist).
+    fn guarded<R: Send + 'static>(&self, issue: impl FnOnce() -> RpcFuture<R>) -> RpcFuture<R> {
+        if let Some(e) = self.creation_error() {
+            return RpcFuture::ready(Err(e));
+        }
+        let mut fut = issue();
         let Some(creation) = &self.inner.creation else {
             return fut;
         };
@@ -287,16 +292,15 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
     }
 
     fn fetch(&self, timeout: Duration, delivery: Delivery) -> RpcFuture<T> {
-        if let Some(e) = self.creation_error() {
-            return RpcFuture::ready(Err(e));
-        }
-        self.guarded(crate::rref::fetch(
-            &self.inner.agent,
-            self.inner.owner,
-            self.inner.id,
-            timeout,
-            delivery,
-        ))
+        self.guarded(|| {
+            crate::rref::fetch(
+                &self.inner.agent,
+                self.inner.owner,
+                self.inner.id,
+                timeout,
+                delivery,
+            )
+        })
     }
 }
 
@@ -358,18 +362,17 @@ impl<T> RRef<T> {
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
     {
-        if let Some(e) = self.creation_error() {
-            return RpcFuture::ready(Err(e));
-        }
-        self.guarded(crate::rpc::call_method(
-            &self.inner.agent,
-            self.inner.owner,
-            self.inner.id,
-            method.name(),
-            &args,
-            None,
-            delivery,
-        ))
+        self.guarded(|| {
+            crate::rpc::call_method(
+                &self.inner.agent,
+                self.inner.owner,
+                self.inner.id,
+                method.name(),
+                &args,
+                None,
+                delivery,
+            )
+        })
     }
 
     /// Runs `method` on the owner and keeps its result there, behind a new reference.
