@@ -658,7 +658,6 @@ impl Agent {
                                     agent.on_frame(&conn, frame)
                                 });
                             if let Err(e) = handled {
-                                read.end();
                                 break ReadEnd::Malformed(e);
                             }
                             if handed_off {
@@ -683,7 +682,6 @@ impl Agent {
                             tokio::select! {
                                 _ = agent.cancel.cancelled() => break ReadEnd::Closed,
                                 r = read.wait() => if let Err(e) = r {
-                                    read.end();
                                     break ReadEnd::Io(e);
                                 },
                             }
@@ -711,6 +709,7 @@ impl Agent {
         }
         let reason = end.to_string();
         conn.close(&reason);
+        // Whoever reads next (the reader task, a claimant) stops.
         if let Some(read) = conn.read.get() {
             read.end();
         }
@@ -1303,7 +1302,6 @@ impl Claim {
         match self.read.step(true) {
             Step::Frame(frame) => {
                 if let Err(e) = self.agent.on_frame(&self.conn, frame) {
-                    self.read.end();
                     self.agent.on_closed(&self.conn, ReadEnd::Malformed(e));
                     return None;
                 }
