@@ -140,21 +140,12 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
     names: Option<&[&str]>,
     timeout: Option<Duration>,
 ) -> Result<BTreeMap<String, T>, Error> {
-    let obj = crate::codec::encode_inline(value).map_err(|e| Error::Encode {
-        function: "all_gather".into(),
-        what: "arguments",
-        message: e.to_string(),
-    })?;
+    let obj = encode(value, "arguments")?;
     gather_round(agent, gather, obj, names, timeout, Answer::All)?
         .into_iter()
         .map(|(name, bytes)| {
-            let v = crate::codec::decode_inline(&bytes).map_err(|e| Error::Decode {
-                worker: name.clone(),
-                function: "all_gather".into(),
-                what: "result",
-                message: e.to_string(),
-            })?;
-            Ok((name, v))
+            let value = decode(&name, &bytes, "result")?;
+            Ok((name, value))
         })
         .collect()
 }
@@ -176,24 +167,29 @@ pub(crate) fn sum(
     value: u64,
     timeout: Option<Duration>,
 ) -> Result<u64, Error> {
-    let obj = crate::codec::encode_inline(&value).map_err(|e| Error::Encode {
-        function: "all_gather".into(),
-        what: "arguments",
-        message: e.to_string(),
-    })?;
+    let obj = encode(&value, "arguments")?;
     let answer = gather_round(agent, gather, obj, None, timeout, Answer::Sum)?;
-    let sum = answer
-        .get("sum")
-        .map(|b| crate::codec::decode_inline::<u64>(b));
-    match sum {
-        Some(Ok(n)) => Ok(n),
-        _ => Err(Error::Decode {
-            worker: "the leader".into(),
-            function: "all_gather".into(),
-            what: "result",
-            message: "no sum in the leader's answer".into(),
-        }),
-    }
+    let sum = answer.get("sum").map_or(&[][..], |b| &b[..]);
+    decode("the leader", sum, "result")
+}
+
+/// Encodes a value of a round (`what`: "arguments" or "result", for the error).
+fn encode<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Result<Vec<u8>, Error> {
+    crate::codec::encode_inline(value).map_err(|e| Error::Encode {
+        function: "all_gather".into(),
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// Decodes a value of a round that `worker` sent.
+fn decode<T: DeserializeOwned>(worker: &str, bytes: &[u8], what: &'static str) -> Result<T, Error> {
+    crate::codec::decode_inline(bytes).map_err(|e| Error::Decode {
+        worker: worker.to_string(),
+        function: "all_gather".into(),
+        what,
+        message: e.to_string(),
+    })
 }
 
 /// One round: every member sends its encoded value to the leader, which answers each with
@@ -341,31 +337,13 @@ fn gather_round(
         Answer::Sum => {
             let mut sum = 0u64;
             for (name, bytes) in &objects {
-                let n: u64 = crate::codec::decode_inline(bytes).map_err(|e| Error::Decode {
-                    worker: name.clone(),
-                    function: "all_gather".into(),
-                    what: "arguments",
-                    message: e.to_string(),
-                })?;
-                sum = sum.saturating_add(n);
+                sum = sum.saturating_add(decode::<u64>(name, bytes, "arguments")?);
             }
-            let bytes = crate::codec::encode_inline(&sum).map_err(|e| Error::Encode {
-                function: "all_gather".into(),
-                what: "result",
-                message: e.to_string(),
-            })?;
-            BTreeMap::from([("sum".to_string(), ByteBuf::from(bytes))])
+            BTreeMap::from([("sum".to_string(), ByteBuf::from(encode(&sum, "result")?))])
         }
     };
     // Encoded once, sent to every follower.
-    let encoded =
-        ByteBuf::from(
-            crate::codec::encode_inline(&objects).map_err(|e| Error::Encode {
-                function: "all_gather".into(),
-                what: "result",
-                message: e.to_string(),
-            })?,
-        );
+    let encoded = ByteBuf::from(encode(&objects, "result")?);
     let futures: Vec<_> = (1..members.len())
         .map(|i| {
             // Queued: hundreds of followers are written by their writer tasks, in parallel.
