@@ -120,7 +120,7 @@ pub(crate) enum Answer {
 /// A short, stable name for a group: FNV-1a over its members' ranks. Rounds of different
 /// groups must not mix, and the key travels in every message of a round, so it must not grow
 /// with the group.
-pub(crate) fn group_key(ranks: &[u32]) -> String {
+fn group_key(ranks: &[u32]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for rank in ranks {
         for b in rank.to_le_bytes() {
@@ -233,11 +233,7 @@ fn gather_round(
         )));
     }
     // The same group has the same rounds however it was named.
-    let key = if ranks.len() == world.len() {
-        agent.group.world_key.clone()
-    } else {
-        group_key(&ranks)
-    };
+    let key = group_key(&ranks);
     let (leader, leader_rank) = (members[0], ranks[0]);
     let round = {
         let mut state = gather.lock();

@@ -351,8 +351,6 @@ pub(crate) struct Group {
     pub(crate) workers: Vec<WorkerInfo>,
     pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) by_name: HashMap<String, u32>,
-    /// The key of rounds of `all_gather` among all of them.
-    pub(crate) world_key: String,
     /// The table as published, which identifies the group.
     blob: Vec<u8>,
 }
@@ -382,9 +380,7 @@ fn shared_group(blob: Vec<u8>) -> Result<Arc<Group>, Error> {
         workers.push(WorkerInfo { id: r, name });
         addrs.push(addr);
     }
-    let ranks: Vec<u32> = (0..workers.len() as u32).collect();
     let group = Arc::new(Group {
-        world_key: crate::gather::group_key(&ranks),
         workers,
         addrs,
         by_name,
