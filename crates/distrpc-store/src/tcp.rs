@@ -101,28 +101,19 @@ impl State {
             Request::Wait(keys, timeout_ms) => {
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms);
                 loop {
-                    // Wait for the first missing key to appear, registered before the lock is
-                    // let go, so that its insert cannot slip in between.
-                    let appeared = {
+                    // Wait for the first missing key to appear. The wait is registered under the
+                    // lock that its insert takes to notify, so the insert cannot slip in between
+                    // (a `Notified` hears `notify_waiters` from its creation on).
+                    let appeared: Arc<Notify>;
+                    let notified = {
                         let mut state = self.lock();
                         let Some(missing) = keys.iter().find(|k| !state.map.contains_key(*k))
                         else {
                             return Response::Ok;
                         };
-                        state.waiters.entry(missing.clone()).or_default().clone()
+                        appeared = state.waiters.entry(missing.clone()).or_default().clone();
+                        appeared.notified()
                     };
-                    let notified = appeared.notified();
-                    tokio::pin!(notified);
-                    // A notified future created now still hears a notify_waiters that ran
-                    // after the lock was let go: check once more before sleeping.
-                    notified.as_mut().enable();
-                    let present = {
-                        let state = self.lock();
-                        keys.iter().all(|k| state.map.contains_key(k))
-                    };
-                    if present {
-                        return Response::Ok;
-                    }
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
                         let state = self.lock();
                         let missing = keys
