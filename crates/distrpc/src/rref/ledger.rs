@@ -928,14 +928,19 @@ mod tests {
         assert_eq!(c.info(), LedgerInfo::default());
     }
 
-    #[test]
-    fn a_fork_request_that_overtakes_the_creation() {
-        let mut c = Ledger::new(C);
+    /// A reference made on A by `remote()`, its creator's fork, and a child forked from it.
+    fn made_on_a() -> (RRefId, ForkId, ForkId) {
         let id = |n| GlobalId {
             created_on: A,
             local_id: n,
         };
-        let (rref, creator, child) = (RRefId(id(1)), ForkId(id(2)), ForkId(id(3)));
+        (RRefId(id(1)), ForkId(id(2)), ForkId(id(3)))
+    }
+
+    #[test]
+    fn a_fork_request_that_overtakes_the_creation() {
+        let mut c = Ledger::new(C);
+        let (rref, creator, child) = made_on_a();
         c.fork_request(rref, child);
         // The child is done before the creation arrives: the entry must wait for the creator.
         assert_eq!(c.user_delete(rref, child), vec![]);
@@ -947,11 +952,7 @@ mod tests {
     #[test]
     fn a_creator_that_gives_up_before_its_creation_arrives() {
         let mut c = Ledger::new(C);
-        let id = |n| GlobalId {
-            created_on: A,
-            local_id: n,
-        };
-        let (rref, creator, child) = (RRefId(id(1)), ForkId(id(2)), ForkId(id(3)));
+        let (rref, creator, child) = made_on_a();
         c.fork_request(rref, child);
         assert_eq!(c.user_delete(rref, child), vec![]);
         // The creator's remote() timed out and it deleted its user: nothing waits any more.
