@@ -24,46 +24,69 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # Layout
-//! - [`rpc`]: [`Rpc`], the user's handle: init, calls, gather, barrier, shutdown.
-//! - [`mod@function`]: [`Function`] and [`Method`] handles and the registry; `#[distrpc::function]`
-//!   fills it.
-//! - [`mod@rref`]: remote references ([`RRef`]) and their bookkeeping.
-//! - [`future`]: [`RpcFuture`] and [`wait_all`].
-//! - `agent` (private): connections, pending calls, timeouts, dispatch, failure detection.
-//! - `rendezvous`, `gather`, `pool`, `runtime` (private): init, all_gather, the handler pool,
-//!   the shared tokio runtime.
-//! - [`builtin`]: `aten::` tensor functions; [`launch`]: the process launcher.
-//! - Frames, tensors and the codec live in the `distrpc-wire` crate, re-exported here.
+//! # Layers
+//!
+//! ```text
+//!  api          rpc (Rpc), function (typed handles), options, builtin, launch
+//!    │
+//!  node         the layers of one worker wired together; shutdown, metrics
+//!    │
+//!  rref/        ledger (no I/O), context, service (a router service), RRef
+//!  collective/  gather, barrier (registry entries, calls through the client)
+//!    │
+//!  server/      registry, handlers, execution (inline / pool / task), router, replies
+//!    │
+//!  call/        client send path, pending calls and deadlines, RpcFuture, fault injection
+//!    │
+//!  transport/   connections, reader/writer, the blocked caller's claim, dial/accept/hello
+//!    │
+//!  support      rendezvous (+ distrpc-store), worker, error, runtime, pool, sync, net
+//!  distrpc-wire frames, tensors, codec (no I/O)
+//! ```
+//!
+//! Every dependency points down. What a lower layer must call above it is a trait it defines
+//! and the upper layer implements and registers: the transport hands frames to an
+//! `Inbound` (the server's router) and tells `LossListener`s of lost peers (the client, gather);
+//! the client encodes and decodes values inside a `ValueScope` (the reference service, so that
+//! references fork); the router hands message kinds to a `Service` (the reference service).
+//! Each folder's `mod.rs` says what it owns and what it may not touch.
 
 extern crate self as distrpc;
 
-mod agent;
 pub mod builtin;
-mod connection;
+pub mod call;
+mod collective;
 pub mod error;
 pub mod function;
-pub mod future;
-mod gather;
 pub mod launch;
+mod metrics;
 mod net;
+mod node;
 pub mod options;
 mod pool;
 mod rendezvous;
 pub mod rpc;
 pub mod rref;
 mod runtime;
+pub mod server;
+mod shutdown;
 mod sync;
+mod transport;
 pub mod worker;
+
+/// [`RpcFuture`] and [`wait_all`], where they always were.
+pub mod future {
+    pub use crate::call::future::{RpcFuture, wait_all};
+}
 
 pub(crate) use distrpc_wire::{codec, tensor};
 
+pub use call::{RpcFuture, wait_all};
 pub use distrpc_macros::function;
 pub use distrpc_wire::ops;
 pub use distrpc_wire::{DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};
 pub use function::{Function, Method};
-pub use future::{RpcFuture, wait_all};
 pub use options::{FaultInjection, MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{PendingRpc, Rpc};
@@ -77,6 +100,7 @@ pub struct ReadmeDoctests;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::function::{Registration, Value, async_handler, method_handler, sync_handler};
+    pub use crate::server::handler::{Value, async_handler, method_handler, sync_handler};
+    pub use crate::server::registry::Registration;
     pub use inventory;
 }

@@ -1,19 +1,18 @@
 //! [`RpcOptions`]: how a worker joins the group and runs calls (torch's
 //! `TensorPipeRpcBackendOptions`), and [`FaultInjection`] (torch's faulty agent options).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use distrpc_wire::Kind as MessageKind;
+pub use crate::call::fault::{FaultInjection, MessageKind};
 
-use crate::function::{Handler, named_sync_handler};
+use crate::server::handler::{Handler, named_sync_handler};
 
 /// torch's default RPC timeout.
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,54 +175,5 @@ impl RpcOptions {
         let handler = named_sync_handler(name.clone(), f);
         self.functions.push((name, handler));
         self
-    }
-}
-
-/// Faults to inject into a worker's outgoing messages, like torch's faulty agent: fail the
-/// first `num_fail_sends` sends of each kind in `fail`, and delay every send of the kinds in
-/// `delay`.
-///
-/// ```
-/// use std::time::Duration;
-/// use distrpc::{FaultInjection, MessageKind};
-///
-/// let faults = FaultInjection::default()
-///     .fail(MessageKind::Call, 2)
-///     .delay(MessageKind::Call, Duration::from_millis(50));
-/// ```
-#[derive(Clone, Debug, Default)]
-pub struct FaultInjection {
-    fail: HashMap<MessageKind, u32>,
-    delay: HashMap<MessageKind, Duration>,
-    sent: Arc<Mutex<HashMap<MessageKind, u32>>>,
-}
-
-impl FaultInjection {
-    /// Fails the first `count` sends of `kind`.
-    pub fn fail(mut self, kind: MessageKind, count: u32) -> Self {
-        self.fail.insert(kind, count);
-        self
-    }
-
-    /// Delays every send of `kind` by `by`.
-    pub fn delay(mut self, kind: MessageKind, by: Duration) -> Self {
-        self.delay.insert(kind, by);
-        self
-    }
-
-    /// Whether this send of `kind` should fail; counts it.
-    pub(crate) fn should_fail(&self, kind: MessageKind) -> bool {
-        let Some(&limit) = self.fail.get(&kind) else {
-            return false;
-        };
-        let mut sent = crate::sync::lock(&self.sent);
-        let n = sent.entry(kind).or_default();
-        *n += 1;
-        *n <= limit
-    }
-
-    /// How long to delay a send of `kind`.
-    pub(crate) fn delay_of(&self, kind: MessageKind) -> Option<Duration> {
-        self.delay.get(&kind).copied()
     }
 }

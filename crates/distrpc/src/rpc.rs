@@ -1,30 +1,27 @@
 //! [`Rpc`]: one worker of a group, and everything a user does with it.
 
 use std::borrow::Borrow;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::agent::{Agent, AgentConfig, Delivery, Outgoing};
+use crate::call::{Delivery, RpcFuture, TypedCall};
 use crate::error::Error;
-use crate::function::{Function, Registry};
-use crate::future::RpcFuture;
-use crate::gather::Gather;
+use crate::function::Function;
+use crate::node::{Node, NodeConfig};
 use crate::options::RpcOptions;
 use crate::rendezvous::{self, Bound};
 use crate::rref::RRef;
+use crate::server::registry::Registry;
 use crate::worker::{To, WorkerInfo, check_name};
 
 /// State shared by every clone of an [`Rpc`]; dropping the last clone stops the worker.
 pub(crate) struct Shared {
-    agent: Arc<Agent>,
-    gather: Arc<Gather>,
+    node: Node,
     store_server: Mutex<Option<distrpc_store::TcpStoreServer>>,
     listen_addr: SocketAddr,
     check_rref_leaks: bool,
@@ -33,7 +30,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Stops this worker locally and, on rank 0, the store.
     fn stop(&self) {
-        self.agent.shutdown_local();
+        self.node.shutdown_local();
         // Dropping the server aborts its tasks; it needs no runtime context.
         crate::sync::lock(&self.store_server).take();
     }
@@ -70,7 +67,7 @@ pub struct Rpc {
 impl std::fmt::Debug for Rpc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rpc")
-            .field("worker", &self.shared.agent.me)
+            .field("worker", &self.shared.node.transport.me)
             .finish()
     }
 }
@@ -119,16 +116,13 @@ impl PendingRpc {
             options.rpc_timeout,
         ))?;
         let check_rref_leaks = options.check_rref_leaks;
-        let gather = Arc::new(Gather::default());
         let mut registry = Registry::with_registered();
         for (fname, handler) in options.functions {
             registry.insert(&fname, handler);
         }
-        gather.register(&mut registry);
-        let me = group.workers[rank as usize].clone();
-        let agent = Agent::new(
-            AgentConfig {
-                me,
+        let node = Node::new(
+            NodeConfig {
+                rank,
                 group,
                 registry,
                 num_worker_threads: options.num_worker_threads,
@@ -139,157 +133,26 @@ impl PendingRpc {
                 },
                 faults: options.faults,
                 busy_poll: options.busy_poll,
-                gather: gather.clone(),
             },
             rt.clone(),
         );
         let listen_addr = bound.listener.local_addr()?;
         {
             let _guard = rt.enter();
-            agent.serve(bound.listener);
+            node.transport.serve(bound.listener);
         }
         let shared = Arc::new(Shared {
-            agent: agent.clone(),
-            gather,
+            node,
             store_server: Mutex::new(bound.server),
             listen_addr,
             check_rref_leaks,
         });
-        let _ = agent.rpc.set(Arc::downgrade(&shared));
+        let weak = Arc::downgrade(&shared);
+        let api: std::sync::Weak<dyn std::any::Any + Send + Sync> = weak;
+        shared.node.server.set_current(api);
         tracing::debug!(worker = %name, rank, world, %listen_addr, "rpc initialized");
         Ok(Rpc { shared })
     }
-}
-
-thread_local! {
-    static CURRENT: RefCell<Option<Weak<Shared>>> = const { RefCell::new(None) };
-}
-
-tokio::task_local! {
-    static CURRENT_TASK: Weak<Shared>;
-}
-
-/// Runs `f` with `rpc` as [`Rpc::current`] on this thread.
-pub(crate) fn with_current<R>(rpc: &Weak<Shared>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Weak<Shared>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            CURRENT.with(|c| *c.borrow_mut() = previous);
-        }
-    }
-    let previous = CURRENT.with(|c| c.borrow_mut().replace(rpc.clone()));
-    let _restore = Restore(previous);
-    f()
-}
-
-/// `fut` with `rpc` as [`Rpc::current`] while it runs.
-pub(crate) fn scope_current<F: Future>(
-    rpc: Weak<Shared>,
-    fut: F,
-) -> impl Future<Output = F::Output> {
-    CURRENT_TASK.scope(rpc, fut)
-}
-
-/// The name of the worker whose handler is running on this thread or task.
-pub(crate) fn current_worker_name() -> Option<String> {
-    Rpc::current().map(|r| r.name().to_string())
-}
-
-/// Sends one of distrpc's own calls (which shutdown does not wait for) and returns a future of
-/// its decoded result.
-pub(crate) fn call_internal<A, R>(
-    agent: &Arc<Agent>,
-    dest: u32,
-    function: &str,
-    args: &A,
-    timeout: Option<Duration>,
-    delivery: Delivery,
-) -> RpcFuture<R>
-where
-    A: Serialize + ?Sized,
-    R: DeserializeOwned + Send + 'static,
-{
-    send_call(agent, dest, None, function, args, timeout, true, delivery)
-}
-
-/// Calls `method` on the value of `this`, owned by `owner`.
-pub(crate) fn call_method<A, R>(
-    agent: &Arc<Agent>,
-    owner: u32,
-    this: crate::rref::RRefId,
-    method: &str,
-    args: &A,
-    timeout: Option<Duration>,
-    delivery: Delivery,
-) -> RpcFuture<R>
-where
-    A: Serialize + ?Sized,
-    R: DeserializeOwned + Send + 'static,
-{
-    send_call(
-        agent,
-        owner,
-        Some(this),
-        method,
-        args,
-        timeout,
-        false,
-        delivery,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn send_call<A, R>(
-    agent: &Arc<Agent>,
-    dest: u32,
-    this: Option<crate::rref::RRefId>,
-    function: &str,
-    args: &A,
-    timeout: Option<Duration>,
-    internal: bool,
-    delivery: Delivery,
-) -> RpcFuture<R>
-where
-    A: Serialize + ?Sized,
-    R: DeserializeOwned + Send + 'static,
-{
-    let (fut, done) = RpcFuture::pending_spinning(agent.busy_poll);
-    let (payload, tensors, flags) =
-        match crate::agent::encode_call(agent, &[], this, function, args) {
-            Ok(encoded) => encoded,
-            Err(e) => {
-                done.complete(Err(e));
-                return fut;
-            }
-        };
-    let fname = function.to_string();
-    let a = agent.clone();
-    let out = Outgoing {
-        flags,
-        tensors,
-        timeout,
-        internal,
-        delivery,
-        ..Outgoing::new(dest, distrpc_wire::Kind::Call, function, payload)
-    };
-    let claim = agent.call(
-        out,
-        Box::new(move |result| {
-            done.complete(result.and_then(|frame| {
-                crate::rref::decoding(&a, dest, || {
-                    crate::codec::decode::<R>(&frame.payload, frame.tensors)
-                })
-                .map_err(|e| Error::Decode {
-                    worker: a.name_of(dest).to_string(),
-                    function: fname,
-                    what: "result",
-                    message: e.to_string(),
-                })
-            }))
-        }),
-    );
-    fut.with_claim(claim)
 }
 
 impl Rpc {
@@ -339,45 +202,45 @@ impl Rpc {
     /// The worker whose function is running on this thread or task, inside a handler; `None`
     /// elsewhere. Handlers use it to make nested calls.
     pub fn current() -> Option<Rpc> {
-        let weak = CURRENT
-            .with(|c| c.borrow().clone())
-            .or_else(|| CURRENT_TASK.try_with(Weak::clone).ok())?;
-        weak.upgrade().map(|shared| Rpc { shared })
+        let current = crate::server::current::current()?;
+        let shared = current.api.upgrade()?.downcast::<Shared>().ok()?;
+        Some(Rpc { shared })
     }
 
-    fn agent(&self) -> &Arc<Agent> {
-        &self.shared.agent
+    fn node(&self) -> &Node {
+        &self.shared.node
     }
 
     /// This worker (torch's `get_worker_info()`).
     pub fn worker_info(&self) -> &WorkerInfo {
-        &self.agent().me
+        &self.node().transport.me
     }
 
     /// Another worker, by name or rank (torch's `get_worker_info(name)`).
     pub fn worker_info_of(&self, to: impl Into<To>) -> Result<WorkerInfo, Error> {
-        let rank = self.agent().resolve(&to.into())?;
-        Ok(self.agent().group.workers[rank as usize].clone())
+        let transport = &self.node().transport;
+        let rank = transport.resolve(&to.into())?;
+        Ok(transport.group.workers[rank as usize].clone())
     }
 
     /// Every worker of the group, by rank.
     pub fn worker_infos(&self) -> &[WorkerInfo] {
-        &self.agent().group.workers
+        &self.node().transport.group.workers
     }
 
     /// This worker's name.
     pub fn name(&self) -> &str {
-        &self.agent().me.name
+        &self.node().transport.me.name
     }
 
     /// This worker's rank.
     pub fn rank(&self) -> u32 {
-        self.agent().me.id
+        self.node().transport.me.id
     }
 
     /// Number of workers in the group.
     pub fn world_size(&self) -> usize {
-        self.agent().group.workers.len()
+        self.node().transport.group.workers.len()
     }
 
     /// The address this worker accepts peers on.
@@ -387,12 +250,12 @@ impl Rpc {
 
     /// The default timeout of calls (torch's `get_rpc_timeout`).
     pub fn rpc_timeout(&self) -> Duration {
-        self.agent().default_timeout()
+        self.node().client.default_timeout()
     }
 
     /// Sets the default timeout of calls; zero means none (torch's `_set_rpc_timeout`).
     pub fn set_rpc_timeout(&self, timeout: Duration) {
-        self.agent().set_default_timeout(timeout);
+        self.node().client.set_default_timeout(timeout);
     }
 
     /// Calls `f` on `to` and waits for its result, within the default timeout.
@@ -486,17 +349,19 @@ impl Rpc {
         timeout: Option<Duration>,
         delivery: Delivery,
     ) -> RpcFuture<R> {
-        match self.agent().resolve(&to) {
-            Ok(dest) => send_call(
-                self.agent(),
-                dest,
-                None,
-                function,
-                args,
-                timeout,
-                false,
-                delivery,
-            ),
+        match self.node().transport.resolve(&to) {
+            Ok(dest) => {
+                let call = TypedCall {
+                    dest,
+                    prefix: &[],
+                    flags: 0,
+                    function,
+                    timeout,
+                    internal: false,
+                    delivery,
+                };
+                self.node().client.call_typed(call, args)
+            }
             Err(e) => RpcFuture::ready(Err(e)),
         }
     }
@@ -530,18 +395,19 @@ impl Rpc {
         A: Serialize,
         R: Send + Sync + 'static,
     {
-        let agent = self.agent();
-        let dest = match agent.resolve(&to.into()) {
+        let rrefs = &self.node().rrefs;
+        let dest = match self.node().transport.resolve(&to.into()) {
             Ok(d) => d,
             // An unknown worker cannot own anything: every use of the reference says so.
-            Err(e) => return crate::rref::invalid(agent, e),
+            Err(e) => return RRef::invalid(rrefs, e),
         };
-        crate::rref::remote(agent, dest, f.borrow().name(), &args, None, Some(timeout))
+        let name = f.borrow().name();
+        RRef::create(rrefs, dest, name, &args, None, Some(timeout))
     }
 
     /// A reference to `value`, owned by this worker (torch's `RRef(value)`).
     pub fn rref<T: Serialize + Send + Sync + 'static>(&self, value: T) -> RRef<T> {
-        crate::rref::local(self.agent(), value)
+        RRef::from_inner(crate::rref::remote::local(&self.node().rrefs, value))
     }
 
     /// Gathers `value` from every worker; each gets the same map from name to value (torch's
@@ -550,7 +416,7 @@ impl Rpc {
         &self,
         value: &T,
     ) -> Result<BTreeMap<String, T>, Error> {
-        crate::gather::all_gather(self.agent(), &self.shared.gather, value, None, None)
+        crate::collective::all_gather(&self.node().gather, value, None, None)
     }
 
     /// [`Rpc::all_gather`] among the workers named in `names` only, with a timeout (zero: none).
@@ -560,23 +426,12 @@ impl Rpc {
         names: &[&str],
         timeout: Duration,
     ) -> Result<BTreeMap<String, T>, Error> {
-        crate::gather::all_gather(
-            self.agent(),
-            &self.shared.gather,
-            value,
-            Some(names),
-            Some(timeout),
-        )
+        crate::collective::all_gather(&self.node().gather, value, Some(names), Some(timeout))
     }
 
     /// Blocks until every worker named in `names` has reached this barrier (torch's `_barrier`).
     pub fn barrier(&self, names: &[&str]) -> Result<(), Error> {
-        crate::gather::barrier(
-            self.agent(),
-            &self.shared.gather,
-            Some(names),
-            Some(self.rpc_timeout()),
-        )
+        crate::collective::barrier(&self.node().gather, Some(names), Some(self.rpc_timeout()))
     }
 
     /// Graceful shutdown with no time limit (torch's `shutdown()`): see [`Rpc::shutdown_timeout`].
@@ -589,56 +444,19 @@ impl Rpc {
     /// no call accepted before the barrier is lost. With a non-zero `timeout`, fails (and stops
     /// locally) when that runs out. Afterwards every call fails with [`Error::ShutDown`].
     pub fn shutdown_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        let agent = self.agent();
-        if !agent.is_running() {
-            return Err(agent.shut_down_error());
+        let node = self.node();
+        if !node.client.is_running() {
+            return Err(node.client.shut_down_error());
         }
         if crate::runtime::on_runtime_thread() {
             return Err(Error::WouldBlock);
         }
-        let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
-        let left = || -> Result<Duration, Error> {
-            match deadline {
-                None => Ok(Duration::ZERO),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        Err(Error::Timeout {
-                            worker: "the group".into(),
-                            function: "shutdown".into(),
-                            timeout,
-                            elapsed: timeout,
-                        })
-                    } else {
-                        Ok(left)
-                    }
-                }
-            }
-        };
-        let gather = &self.shared.gather;
-        // Returns the user references the application still held.
-        let result = (|| {
-            crate::gather::barrier(agent, gather, None, Some(left()?))?;
-            // Every user reference still held is deleted now; the loop below waits for the
-            // deletes (and their confirmations) like any other call in flight.
-            let (held, effects) = agent
-                .rrefs
-                .ledger(|l| (l.held_users(), l.delete_all_users()));
-            agent.run_effects(effects);
-            loop {
-                let counts = agent.counts();
-                let active = (counts.client + counts.control) as u64;
-                if crate::gather::sum(agent, gather, active, Some(left()?))? == 0 {
-                    return Ok::<_, Error>(held);
-                }
-                agent.wait_no_client_calls(deadline);
-            }
-        })();
+        let result = node.shutdown_graceful(timeout);
         self.shutdown_local();
         let held = result?;
         if self.shared.check_rref_leaks && !held.is_empty() {
             return Err(Error::RRefLeak {
-                worker: agent.me.name.clone(),
+                worker: node.transport.me.name.clone(),
                 references: held
                     .iter()
                     .map(|(r, f)| format!("UserRRef(rref_id={}, fork_id={})", r.0, f.0))
@@ -656,7 +474,7 @@ impl Rpc {
 
     /// Whether this worker still makes and serves calls.
     pub fn is_running(&self) -> bool {
-        self.agent().is_running()
+        self.node().client.is_running()
     }
 
     /// torch's agent metrics: `agent.thread_pool_size`, `agent.num_idle_threads`,
@@ -668,7 +486,7 @@ impl Rpc {
     /// `agent.reader_hand_offs` (such runs that blocked, so that another task took over
     /// reading).
     pub fn metrics(&self) -> BTreeMap<String, i64> {
-        self.agent()
+        self.node()
             .metrics()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))

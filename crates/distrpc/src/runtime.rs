@@ -123,3 +123,56 @@ where
         Err(panic) => std::panic::resume_unwind(panic),
     })
 }
+
+/// The tasks of one worker on the shared runtime: spawned there, tracked so that shutdown can
+/// wait for them, and cancelled together (signal, then wait: the two steps of a shutdown).
+#[derive(Clone, Debug)]
+pub(crate) struct Tasks {
+    rt: Handle,
+    tracker: tokio_util::task::TaskTracker,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Tasks {
+    pub(crate) fn new(rt: Handle) -> Self {
+        Self {
+            rt,
+            tracker: tokio_util::task::TaskTracker::new(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Runs `fut` as a tracked task.
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn_on(fut, &self.rt);
+    }
+
+    /// Resolves once [`Tasks::cancel`] was called: every task's loop selects on it.
+    pub(crate) fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// The runtime the tasks run on.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.rt
+    }
+
+    /// No more tasks are expected: [`Tasks::wait`] ends once the running ones have.
+    pub(crate) fn close(&self) {
+        self.tracker.close();
+    }
+
+    /// Signals every task to stop.
+    pub(crate) fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits (bounded by `timeout`) until every task has ended; only off the runtime.
+    pub(crate) fn wait(&self, timeout: std::time::Duration) {
+        let tracker = self.tracker.clone();
+        let _ = block_on(async { tokio::time::timeout(timeout, tracker.wait()).await });
+    }
+}

@@ -1,6 +1,6 @@
 //! Locking, the one way distrpc does it.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 /// Locks `m`, even if a thread panicked while holding it.
@@ -32,4 +32,14 @@ pub(crate) fn wait_until<'a, T>(
         .wait_timeout(guard, left)
         .unwrap_or_else(|e| e.into_inner())
         .0)
+}
+
+/// Locks `l` for reading, tolerating poison as [`lock`] does.
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locks `l` for writing, tolerating poison as [`lock`] does.
+pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,5 +1,5 @@
 //! The live side of remote references on one worker: the owner's values, the ledger behind a
-//! lock, and waiting for confirmations. The agent drives it and carries out the ledger's effects.
+//! lock, and waiting for confirmations. The service drives it and carries out the ledger's effects.
 
 use crate::sync::{lock, wait_until};
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::ledger::{Effect, ForkId, GlobalId, Ledger, LedgerInfo, RRefId};
 use crate::error::Failure;
-use crate::function::Value;
+use crate::server::handler::Value;
 
 /// Called with the owner's value once it exists (or with why it never will).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<Arc<dyn Value>, Failure>) + Send>;

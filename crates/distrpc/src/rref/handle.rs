@@ -10,108 +10,14 @@ use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::RRefService;
+use super::creation::{Created, Inner};
 use super::ledger::{ForkId, RRefId};
-use crate::agent::Agent;
-use crate::agent::Delivery;
-use crate::error::{Error, RemoteError};
+use crate::call::{Delivery, RpcFuture, TypedCall};
+use crate::error::Error;
 use crate::function::Method;
-use crate::future::RpcFuture;
 use crate::sync::lock;
 use crate::worker::WorkerInfo;
-
-/// How the `remote()` call that created a user reference ended.
-#[derive(Debug, Clone)]
-pub(crate) enum Created {
-    Ok,
-    /// The function failed on the owner: every use reports its error.
-    Remote(RemoteError),
-    /// The creation failed otherwise (unknown function, bad arguments, ...).
-    Failed(String),
-    TimedOut(Duration),
-    /// The remote call was dropped by an injected fault: reported as a creation timeout, as
-    /// torch does (the value may or may not exist).
-    Dropped,
-    OwnerGone(String),
-    /// `remote()` named no worker of the group.
-    UnknownWorker(String),
-}
-
-type OnOutcome = Box<dyn FnOnce(&Created) + Send>;
-
-/// The outcome of the creating `remote()` call, once known, and who waits for it.
-#[derive(Default)]
-pub(crate) struct Creation {
-    state: Mutex<(Option<Created>, Vec<OnOutcome>)>,
-}
-
-impl fmt::Debug for Creation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Creation")
-            .field("outcome", &self.get())
-            .finish()
-    }
-}
-
-impl Creation {
-    pub(crate) fn done(outcome: Created) -> Arc<Self> {
-        let c = Arc::new(Self::default());
-        c.set(outcome);
-        c
-    }
-
-    /// Records the outcome (the first one counts) and tells everyone waiting for it.
-    pub(crate) fn set(&self, outcome: Created) {
-        let waiting = {
-            let mut s = lock(&self.state);
-            if s.0.is_some() {
-                return;
-            }
-            s.0 = Some(outcome.clone());
-            std::mem::take(&mut s.1)
-        };
-        for w in waiting {
-            w(&outcome);
-        }
-    }
-
-    fn get(&self) -> Option<Created> {
-        lock(&self.state).0.clone()
-    }
-
-    /// Calls `f` with the outcome, now or once it is known.
-    fn on_outcome(&self, f: OnOutcome) {
-        let mut s = lock(&self.state);
-        match &s.0 {
-            Some(outcome) => {
-                let outcome = outcome.clone();
-                drop(s);
-                f(&outcome);
-            }
-            None => s.1.push(f),
-        }
-    }
-}
-
-/// One local handle on a reference: dropping the last clone tells the ledger.
-pub(crate) struct Inner {
-    pub(crate) agent: Arc<Agent>,
-    pub(crate) id: RRefId,
-    pub(crate) owner: u32,
-    /// `None` for the owner's own handle.
-    pub(crate) fork: Option<ForkId>,
-    pub(crate) creation: Option<Arc<Creation>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Never blocks: the delete is sent by a task, retried until the owner acknowledges it.
-        let effects = self.agent.rrefs.ledger(|l| match self.fork {
-            Some(fork) => l.user_dropped(fork),
-            None => l.owner_handle_dropped(self.id),
-        });
-        self.agent.run_effects(effects);
-    }
-}
 
 /// A remote reference to a `T` owned by one worker (torch's `RRef`): made by
 /// [`Rpc::remote`](crate::Rpc::remote) or [`RRef::new`], passed in the arguments and results of
@@ -179,14 +85,36 @@ impl<T> RRef<T> {
         }
     }
 
+    /// `remote()`: the value `function` (a method of `target`, if given) makes on `to`.
+    pub(crate) fn create<A: Serialize + ?Sized>(
+        service: &Arc<RRefService>,
+        to: u32,
+        function: &str,
+        args: &A,
+        target: Option<RRefId>,
+        timeout: Option<Duration>,
+    ) -> Self
+    where
+        T: Send + Sync + 'static,
+    {
+        Self::from_inner(super::remote::remote(
+            service, to, function, args, target, timeout,
+        ))
+    }
+
+    /// A reference that never had a value: every use reports `error`.
+    pub(crate) fn invalid(service: &Arc<RRefService>, error: Error) -> Self {
+        Self::from_inner(super::remote::invalid(service, error))
+    }
+
     /// The owner of the value.
     pub fn owner(&self) -> WorkerInfo {
-        self.inner.agent.group.workers[self.inner.owner as usize].clone()
+        self.inner.service.client.transport.group.workers[self.inner.owner as usize].clone()
     }
 
     /// The owner's name.
     pub fn owner_name(&self) -> &str {
-        self.inner.agent.name_of(self.inner.owner)
+        self.inner.service.name_of(self.inner.owner)
     }
 
     /// Whether this worker owns the value.
@@ -198,7 +126,7 @@ impl<T> RRef<T> {
     pub fn confirmed_by_owner(&self) -> bool {
         match self.inner.fork {
             None => true,
-            Some(fork) => self.inner.agent.rrefs.ledger(|l| l.is_confirmed(fork)),
+            Some(fork) => self.inner.service.ctx.ledger(|l| l.is_confirmed(fork)),
         }
     }
 
@@ -278,7 +206,7 @@ impl<T: Serialize + Send + Sync + 'static> RRef<T> {
 impl<T: DeserializeOwned + Send + 'static> RRef<T> {
     /// A copy of the value, fetched from the owner, within the default RPC timeout.
     pub fn to_here(&self) -> Result<T, Error> {
-        self.to_here_timeout(self.inner.agent.default_timeout())
+        self.to_here_timeout(self.inner.service.client.default_timeout())
     }
 
     /// [`RRef::to_here`] with its own timeout (zero: none).
@@ -288,13 +216,16 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
 
     /// [`RRef::to_here`] without blocking: a future of the copy.
     pub fn to_here_async(&self) -> RpcFuture<T> {
-        self.fetch(self.inner.agent.default_timeout(), Delivery::Queued)
+        self.fetch(
+            self.inner.service.client.default_timeout(),
+            Delivery::Queued,
+        )
     }
 
     fn fetch(&self, timeout: Duration, delivery: Delivery) -> RpcFuture<T> {
         self.guarded(|| {
-            crate::rref::fetch(
-                &self.inner.agent,
+            super::remote::fetch(
+                &self.inner.service,
                 self.inner.owner,
                 self.inner.id,
                 timeout,
@@ -314,10 +245,10 @@ impl<T: Any + Send + Sync> RRef<T> {
                 operation: "local_value()",
             });
         }
-        let agent = &self.inner.agent;
+        let service = &self.inner.service;
         let (fut, done) = RpcFuture::pending();
-        let owner = agent.me.name.clone();
-        agent.rrefs.with_value(
+        let owner = service.name_of(service.me()).to_string();
+        service.ctx.with_value(
             self.inner.id,
             Box::new(move |v| done.complete(v.map_err(|f| f.into_error(&owner)))),
         );
@@ -363,15 +294,17 @@ impl<T> RRef<T> {
         R: DeserializeOwned + Send + 'static,
     {
         self.guarded(|| {
-            crate::rpc::call_method(
-                &self.inner.agent,
-                self.inner.owner,
-                self.inner.id,
-                method.name(),
-                &args,
-                None,
+            let prefix = RRefService::method_prefix(self.inner.id);
+            let call = TypedCall {
+                dest: self.inner.owner,
+                prefix: &prefix,
+                flags: crate::server::FLAG_METHOD,
+                function: method.name(),
+                timeout: None,
+                internal: false,
                 delivery,
-            )
+            };
+            self.inner.service.client.call_typed(call, &args)
         })
     }
 
@@ -381,8 +314,8 @@ impl<T> RRef<T> {
         A: Serialize,
         R: Send + Sync + 'static,
     {
-        crate::rref::remote(
-            &self.inner.agent,
+        RRef::create(
+            &self.inner.service,
             self.inner.owner,
             method.name(),
             &args,
@@ -404,23 +337,23 @@ struct ForkData {
 impl<T> Serialize for RRef<T> {
     /// Serializing an `RRef` forks it, so it is allowed only inside an RPC encode.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let agent = crate::rref::encoding_agent().ok_or_else(|| {
+        let service = super::service::encoding_service().ok_or_else(|| {
             S::Error::custom("an RRef can be serialized only as part of an RPC call or result")
         })?;
-        if !Arc::ptr_eq(&agent, &self.inner.agent) {
+        if !Arc::ptr_eq(&service, &self.inner.service) {
             return Err(S::Error::custom(
                 "an RRef can be sent only by a worker of its own group",
             ));
         }
-        let fork = agent
-            .rrefs
+        let fork = service
+            .ctx
             .ledger(|l| l.fork_sent(self.inner.id, self.inner.owner, self.inner.fork))
             .map_err(S::Error::custom)?;
         ForkData {
             owner: self.inner.owner,
             rref: self.inner.id,
             fork,
-            parent: agent.me.id,
+            parent: service.me(),
         }
         .serialize(serializer)
     }
@@ -428,25 +361,26 @@ impl<T> Serialize for RRef<T> {
 
 impl<'de, T> Deserialize<'de> for RRef<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let (agent, from) = crate::rref::decoding_context().ok_or_else(|| {
+        let (service, from) = super::service::decoding_context().ok_or_else(|| {
             D::Error::custom("an RRef can be deserialized only as part of an RPC call or result")
         })?;
         let data = ForkData::deserialize(deserializer)?;
-        if data.parent != from || agent.group.workers.get(data.owner as usize).is_none() {
+        let group = &service.client.transport.group;
+        if data.parent != from || group.workers.get(data.owner as usize).is_none() {
             return Err(D::Error::custom(
                 "an RRef with an unknown owner or a forged parent",
             ));
         }
-        let effects = agent
-            .rrefs
+        let effects = service
+            .ctx
             .ledger(|l| l.fork_received(data.rref, data.owner, data.fork, data.parent));
-        let is_owner = data.owner == agent.me.id;
+        let is_owner = data.owner == service.me();
         if !is_owner {
-            crate::rref::note_received(data.fork);
+            super::service::note_received(data.fork);
         }
-        agent.run_effects(effects);
+        service.run_effects(effects);
         Ok(RRef::from_inner(Inner {
-            agent,
+            service,
             id: data.rref,
             owner: data.owner,
             fork: (!is_owner).then_some(data.fork),

@@ -20,9 +20,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_bytes::ByteBuf;
 
-use crate::agent::{Agent, Delivery};
+use crate::call::{Client, Delivery, RpcFuture, TypedCall};
 use crate::error::Error;
-use crate::function::{Registry, inline_handler};
+use crate::server::handler::inline_handler;
+use crate::server::registry::Registry;
 
 const GATHER_FN: &str = "distrpc::gather_to_leader";
 const BROADCAST_FN: &str = "distrpc::broadcast_to_followers";
@@ -42,8 +43,8 @@ struct State {
 }
 
 /// The gather state of one worker.
-#[derive(Default)]
 pub(crate) struct Gather {
+    client: Arc<Client>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -55,6 +56,44 @@ impl std::fmt::Debug for Gather {
 }
 
 impl Gather {
+    /// The gather state of `client`'s worker; rounds waiting on a member wake when the
+    /// transport loses a peer.
+    pub(crate) fn new(client: Arc<Client>) -> Arc<Self> {
+        let gather = Arc::new(Self {
+            client,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&gather);
+        gather.client.transport.on_loss(Box::new(move |_| {
+            if let Some(g) = weak.upgrade() {
+                g.wake();
+            }
+        }));
+        gather
+    }
+
+    /// One of distrpc's own calls to `dest`, which shutdown does not wait for.
+    fn call<A: Serialize + ?Sized>(
+        &self,
+        dest: u32,
+        function: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> RpcFuture<()> {
+        let call = TypedCall {
+            dest,
+            prefix: &[],
+            flags: 0,
+            function,
+            timeout: Some(timeout),
+            internal: true,
+            // Queued: hundreds of followers are written by their writer tasks, in parallel.
+            delivery: Delivery::Queued,
+        };
+        self.client.call_typed(call, args)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -98,7 +137,7 @@ impl Gather {
         Ok(())
     }
 
-    /// Wakes waiters so they re-check their peers (called when a peer is lost).
+    /// Wakes waiters so they re-check their peers (when a peer is lost, and at shutdown).
     pub(crate) fn wake(&self) {
         self.lock().losses += 1;
         self.changed.notify_all();
@@ -134,14 +173,13 @@ fn group_key(ranks: &[u32]) -> String {
 /// Gathers `value` from every worker in `names` (all workers if `None`) and returns them by
 /// name. A zero `timeout` waits without limit; `None` uses the default RPC timeout.
 pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
-    agent: &Arc<Agent>,
     gather: &Gather,
     value: &T,
     names: Option<&[&str]>,
     timeout: Option<Duration>,
 ) -> Result<BTreeMap<String, T>, Error> {
     let obj = encode(value, "arguments")?;
-    gather_round(agent, gather, obj, names, timeout, Answer::All)?
+    gather_round(gather, obj, names, timeout, Answer::All)?
         .into_iter()
         .map(|(name, bytes)| {
             let value = decode(&name, &bytes, "result")?;
@@ -152,23 +190,17 @@ pub(crate) fn all_gather<T: Serialize + DeserializeOwned>(
 
 /// Blocks until every worker in `names` (all if `None`) has called it.
 pub(crate) fn barrier(
-    agent: &Arc<Agent>,
     gather: &Gather,
     names: Option<&[&str]>,
     timeout: Option<Duration>,
 ) -> Result<(), Error> {
-    gather_round(agent, gather, Vec::new(), names, timeout, Answer::Nothing).map(|_| ())
+    gather_round(gather, Vec::new(), names, timeout, Answer::Nothing).map(|_| ())
 }
 
 /// The sum of `value` over every worker.
-pub(crate) fn sum(
-    agent: &Arc<Agent>,
-    gather: &Gather,
-    value: u64,
-    timeout: Option<Duration>,
-) -> Result<u64, Error> {
+pub(crate) fn sum(gather: &Gather, value: u64, timeout: Option<Duration>) -> Result<u64, Error> {
     let obj = encode(&value, "arguments")?;
-    let answer = gather_round(agent, gather, obj, None, timeout, Answer::Sum)?;
+    let answer = gather_round(gather, obj, None, timeout, Answer::Sum)?;
     let sum = answer.get("sum").map_or(&[][..], |b| &b[..]);
     decode("the leader", sum, "result")
 }
@@ -195,7 +227,6 @@ fn decode<T: DeserializeOwned>(worker: &str, bytes: &[u8], what: &'static str) -
 /// One round: every member sends its encoded value to the leader, which answers each with
 /// what `answer` asks for.
 fn gather_round(
-    agent: &Arc<Agent>,
     gather: &Gather,
     obj: Vec<u8>,
     names: Option<&[&str]>,
@@ -204,13 +235,15 @@ fn gather_round(
 ) -> Result<BTreeMap<String, ByteBuf>, Error> {
     // The members in rank order (the leader is the first): found with one look-up per name and
     // a bitmap, no sort, so that a barrier of hundreds costs each of them little.
-    let world = &agent.group.workers;
+    let client = &gather.client;
+    let transport = &client.transport;
+    let world = &transport.group.workers;
     let ranks: Vec<u32> = match names {
         None => (0..world.len() as u32).collect(),
         Some(n) => {
             let mut member = vec![false; world.len()];
             for name in n {
-                let rank = agent
+                let rank = transport
                     .rank_of(name)
                     .ok_or_else(|| Error::UnknownWorker(format!("{name:?}")))?;
                 member[rank as usize] = true;
@@ -226,8 +259,8 @@ fn gather_round(
         .iter()
         .map(|&r| world[r as usize].name.as_str())
         .collect();
-    let me = agent.me.name.as_str();
-    if ranks.binary_search(&agent.me.id).is_err() {
+    let me = transport.me.name.as_str();
+    if ranks.binary_search(&transport.me.id).is_err() {
         return Err(Error::InvalidArgument(format!(
             "all_gather among {members:?} called by {me}, who is not one of them"
         )));
@@ -242,7 +275,7 @@ fn gather_round(
         *n += 1;
         round
     };
-    let timeout = timeout.unwrap_or_else(|| agent.default_timeout());
+    let timeout = timeout.unwrap_or_else(|| client.default_timeout());
     let started = Instant::now();
     let deadline = (!timeout.is_zero()).then(|| started + timeout);
     let obj = ByteBuf::from(obj);
@@ -252,15 +285,9 @@ fn gather_round(
             .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
     } else {
-        crate::rpc::call_internal::<_, ()>(
-            agent,
-            leader_rank,
-            GATHER_FN,
-            &(&round, me, obj),
-            Some(timeout),
-            Delivery::Queued,
-        )
-        .wait()?;
+        gather
+            .call(leader_rank, GATHER_FN, &(&round, me, obj), timeout)
+            .wait()?;
     }
 
     // Wait for the round to fill (leader) or for the answer (followers). Whether a member was
@@ -286,15 +313,15 @@ fn gather_round(
         if complete {
             break;
         }
-        if !agent.is_running() {
-            return Err(agent.shut_down_error());
+        if !client.is_running() {
+            return Err(client.shut_down_error());
         }
         if losses_seen != Some(state.losses) {
             losses_seen = Some(state.losses);
             let r = state.rounds.entry(round.clone()).or_default();
             let lost = missing(r)
                 .into_iter()
-                .find_map(|i| agent.gone(ranks[i]).map(|reason| (members[i], reason)));
+                .find_map(|i| transport.gone(ranks[i]).map(|reason| (members[i], reason)));
             if let Some((name, reason)) = lost {
                 state.rounds.remove(&round);
                 return Err(Error::PeerGone {
@@ -342,15 +369,7 @@ fn gather_round(
     let encoded = ByteBuf::from(encode(&objects, "result")?);
     let futures: Vec<_> = (1..members.len())
         .map(|i| {
-            // Queued: hundreds of followers are written by their writer tasks, in parallel.
-            let f = crate::rpc::call_internal::<_, ()>(
-                agent,
-                ranks[i],
-                BROADCAST_FN,
-                &(&round, &encoded),
-                Some(timeout),
-                Delivery::Queued,
-            );
+            let f = gather.call(ranks[i], BROADCAST_FN, &(&round, &encoded), timeout);
             (members[i], f)
         })
         .collect();

@@ -94,7 +94,7 @@ impl<T> Completer<T> {
 pub struct RpcFuture<T> {
     slot: Arc<Slot<T>>,
     /// For a blocking call: the caller's hold on the connection its reply comes on.
-    claim: Option<crate::agent::Claim>,
+    claim: Option<crate::transport::Claim>,
 }
 
 impl<T> fmt::Debug for RpcFuture<T> {
@@ -187,13 +187,13 @@ impl<T: Send + 'static> RpcFuture<T> {
     }
 
     /// Lets [`RpcFuture::wait`] read the reply through `claim`.
-    pub(crate) fn with_claim(mut self, claim: Option<crate::agent::Claim>) -> Self {
+    pub(crate) fn with_claim(mut self, claim: Option<crate::transport::Claim>) -> Self {
         self.claim = claim;
         self
     }
 
     /// The claim [`RpcFuture::with_claim`] gave, to move onto a future derived from this one.
-    pub(crate) fn take_claim(&mut self) -> Option<crate::agent::Claim> {
+    pub(crate) fn take_claim(&mut self) -> Option<crate::transport::Claim> {
         self.claim.take()
     }
 

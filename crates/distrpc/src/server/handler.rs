@@ -1,0 +1,307 @@
+//! Handlers: how the callee runs a function. A typed Rust function becomes a [`Handler`] that
+//! decodes its arguments (inside the value scope, so references in them fork), waits until
+//! those references are confirmed, runs the function catching panics, and keeps its value.
+//! `#[distrpc::function]` and `RpcOptions::register` make them; the registry holds them.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::call::scope::{self, ValueScope};
+use crate::error::{Failure, RemoteError};
+use crate::tensor::Tensor;
+
+/// A value a function produced: encoded as the reply of a call, or kept by the owner behind a
+/// remote reference. Every `Serialize + Send + Sync + 'static` type is one.
+#[doc(hidden)]
+pub trait Value: Any + Send + Sync {
+    /// The value as a reply: MessagePack payload and tensor table.
+    fn encode(&self) -> Result<Reply, String>;
+    /// For downcasting to the concrete type.
+    fn as_any(&self) -> &dyn Any;
+    /// The concrete type's name, for error messages.
+    fn type_name(&self) -> &'static str;
+}
+
+impl<T: Serialize + Send + Sync + 'static> Value for T {
+    fn encode(&self) -> Result<Reply, String> {
+        let mut payload = Vec::new();
+        let tensors = crate::codec::encode(self, &mut payload).map_err(|e| e.to_string())?;
+        Ok(Reply { payload, tensors })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+/// What a handler receives: the encoded arguments and the tensors beside them, and for a method
+/// the referenced value.
+#[doc(hidden)]
+pub struct Request {
+    pub(crate) payload: Bytes,
+    pub(crate) tensors: Vec<Tensor>,
+    pub(crate) this: Option<Arc<dyn Value>>,
+    /// The scope the arguments are decoded in, and the worker that sent them: remote
+    /// references in the arguments become forks of theirs.
+    pub(crate) scope: Option<(Arc<dyn ValueScope>, u32)>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("payload_len", &self.payload.len())
+            .field("tensors", &self.tensors.len())
+            .field("method", &self.this.is_some())
+            .finish()
+    }
+}
+
+/// An encoded value: payload and tensor table.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) tensors: Vec<Tensor>,
+}
+
+pub(crate) type Outcome = Result<Reply, Failure>;
+/// What a handler produces: the value, or why there is none.
+pub(crate) type Produced = Result<Arc<dyn Value>, Failure>;
+type BoxFuture = Pin<Box<dyn Future<Output = Produced> + Send>>;
+
+/// How the callee runs a function (opaque outside distrpc).
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct Handler(pub(crate) HandlerKind);
+
+#[derive(Clone)]
+pub(crate) enum HandlerKind {
+    /// On the worker thread pool; may block. Once it has shown itself quick (see [`Speed`]), it
+    /// runs inline on the connection's reader instead.
+    Sync(Arc<dyn Fn(Request) -> Produced + Send + Sync>, Arc<Speed>),
+    /// As a task on the runtime; holds no thread while it waits (torch's `@async_execution`).
+    Async(Arc<dyn Fn(Request) -> BoxFuture + Send + Sync>),
+    /// Inline on the connection's reader; must never block (distrpc's own control functions).
+    Inline(Arc<dyn Fn(Request) -> Produced + Send + Sync>),
+}
+
+impl fmt::Debug for HandlerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HandlerKind::Sync(..) => "Sync",
+            HandlerKind::Async(_) => "Async",
+            HandlerKind::Inline(_) => "Inline",
+        })
+    }
+}
+
+/// How quick a sync function has been: it runs inline on the connection's reader (no hand-off
+/// to the pool, one wake-up less per call) only after its last [`Speed::TRUSTED`] runs each took
+/// less than [`Speed::QUICK`] and never blocked. One slow or blocking run sends it back to the
+/// pool until it has shown itself quick again, so a function that computes or waits holds up
+/// the reader at most once in a while.
+#[derive(Debug, Default)]
+pub(crate) struct Speed {
+    quick_runs: AtomicU32,
+}
+
+impl Speed {
+    const QUICK: Duration = Duration::from_micros(50);
+    const TRUSTED: u32 = 16;
+
+    /// Whether the function may run inline.
+    pub(crate) fn trusted(&self) -> bool {
+        self.quick_runs.load(Ordering::Relaxed) >= Self::TRUSTED
+    }
+
+    /// Records one run.
+    pub(crate) fn record(&self, took: Duration, blocked: bool) {
+        if blocked || took >= Self::QUICK {
+            self.quick_runs.store(0, Ordering::Relaxed);
+        } else if self.quick_runs.load(Ordering::Relaxed) < Self::TRUSTED {
+            self.quick_runs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_string())
+}
+
+pub(crate) fn remote_error(function: &str, type_name: &str, message: String) -> Failure {
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    Failure::Remote(RemoteError {
+        worker: super::current::worker_name().unwrap_or_default(),
+        function: function.to_string(),
+        type_name: type_name.to_string(),
+        message,
+        backtrace,
+    })
+}
+
+fn decode_args<A: DeserializeOwned>(function: &str, req: Request) -> Result<A, Failure> {
+    let (scope, from) = match &req.scope {
+        Some((scope, from)) => (Some(&**scope), *from),
+        None => (None, 0),
+    };
+    let decoded = scope::decoding(scope, from, || {
+        crate::codec::decode(&req.payload, req.tensors)
+    });
+    decoded.map_err(|e| Failure::Decode {
+        function: function.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn produce<R, E>(function: &str, result: Result<R, E>) -> Produced
+where
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+{
+    match result {
+        Ok(value) => Ok(Arc::new(value)),
+        Err(e) => Err(remote_error(
+            function,
+            std::any::type_name::<E>(),
+            e.to_string(),
+        )),
+    }
+}
+
+/// Wraps a blocking function as a handler: decode, run (catching panics), keep the value.
+#[doc(hidden)]
+pub fn sync_handler<A, R, E, F>(name: &'static str, f: F) -> Handler
+where
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+{
+    named_sync_handler(name, f)
+}
+
+/// A blocking handler under any name (a `&'static str` from the macro, an `Arc<str>` from a
+/// closure registered at init).
+pub(crate) fn named_sync_handler<N, A, R, E, F>(name: N, f: F) -> Handler
+where
+    N: AsRef<str> + Send + Sync + 'static,
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+{
+    Handler(HandlerKind::Sync(
+        Arc::new(move |req| run_sync(name.as_ref(), &f, req)),
+        Arc::default(),
+    ))
+}
+
+fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request) -> Produced
+where
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(A) -> Result<R, E>,
+{
+    let scope = req.scope.as_ref().map(|(s, _)| s.clone());
+    let args = decode_args::<A>(name, req)?;
+    if let Some(scope) = scope {
+        scope.settle(name)?;
+    }
+    match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
+        Ok(result) => produce(name, result),
+        Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
+    }
+}
+
+/// Wraps a blocking method (first parameter `&T`) as a handler.
+#[doc(hidden)]
+pub fn method_handler<T, A, R, E, F>(name: &'static str, f: F) -> Handler
+where
+    T: Any,
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(&T, A) -> Result<R, E> + Send + Sync + 'static,
+{
+    let run = move |mut req: Request| {
+        let this = req.this.take().ok_or_else(|| {
+            Failure::Other(format!(
+                "{name} is a method: call it through a remote reference"
+            ))
+        })?;
+        let value = this
+            .as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| Failure::Decode {
+                function: name.to_string(),
+                message: format!(
+                    "the referenced value is a {}, the method takes a {}",
+                    this.type_name(),
+                    std::any::type_name::<T>()
+                ),
+            })?;
+        run_sync(name, &|args| f(value, args), req)
+    };
+    Handler(HandlerKind::Sync(Arc::new(run), Arc::default()))
+}
+
+/// Wraps an async function as a handler that runs as a task.
+#[doc(hidden)]
+pub fn async_handler<A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
+where
+    A: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Handler(HandlerKind::Async(Arc::new(move |req| {
+        let f = f.clone();
+        Box::pin(async move {
+            let scope = req.scope.as_ref().map(|(s, _)| s.clone());
+            let args = decode_args::<A>(name, req)?;
+            if let Some(scope) = scope {
+                scope.settle_async(name).await?;
+            }
+            match AssertUnwindSafe(f(args)).catch_unwind().await {
+                Ok(result) => produce(name, result),
+                Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
+            }
+        })
+    })))
+}
+
+/// An inline handler for distrpc's own control functions.
+pub(crate) fn inline_handler<A, R, F>(name: &'static str, f: F) -> Handler
+where
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    F: Fn(A) -> Result<R, String> + Send + Sync + 'static,
+{
+    Handler(HandlerKind::Inline(Arc::new(move |req| {
+        run_sync(name, &f, req)
+    })))
+}

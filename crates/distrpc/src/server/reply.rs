@@ -1,0 +1,132 @@
+//! Replies: where a handler's value goes ([`ReplyTo`], [`Completion`]) and how it is sent.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use distrpc_wire::{Frame, Kind, OutFrame};
+
+use super::Server;
+use super::handler::{Outcome, Produced, Reply};
+use crate::call::scope;
+use crate::error::Failure;
+use crate::transport::{Connection, LOCAL, Source};
+
+/// Where the reply to a call goes.
+#[derive(Clone, Debug)]
+pub(crate) enum ReplyTo {
+    /// A call to self: complete the pending call directly.
+    Local,
+    Remote(Arc<Connection>),
+    /// No one waits (the value of a `remote()` to self).
+    Nobody,
+}
+
+impl From<Source> for ReplyTo {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::Peer(conn) => ReplyTo::Remote(conn),
+            Source::Local => ReplyTo::Local,
+        }
+    }
+}
+
+/// Keeps a handler's value (a remote reference's, on its owner).
+pub(crate) type Keep = Arc<dyn Fn(Produced) + Send + Sync>;
+
+/// What becomes of a handler's value.
+#[derive(Clone)]
+pub(crate) enum Completion {
+    /// Encoded and sent back in a frame of this kind.
+    Reply(Kind),
+    /// Kept by the given function; the caller gets an acknowledgement (`RemoteResult`).
+    Keep(Keep),
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::Reply(kind) => write!(f, "Reply({kind:?})"),
+            Completion::Keep(_) => f.write_str("Keep"),
+        }
+    }
+}
+
+impl Server {
+    /// Delivers a value: encoded as the reply, or kept with an acknowledgement as the reply.
+    pub(crate) fn deliver(
+        &self,
+        reply_to: &ReplyTo,
+        id: u64,
+        function: &str,
+        out: Produced,
+        completion: Completion,
+    ) {
+        match completion {
+            Completion::Reply(kind) => {
+                let scope = self.client.scope();
+                let outcome = out.and_then(|value| {
+                    scope::encoding(scope.as_deref(), || value.encode()).map_err(|m| {
+                        super::handler::remote_error(
+                            function,
+                            "distrpc::EncodeError",
+                            format!("cannot encode the result: {m}"),
+                        )
+                    })
+                });
+                self.send_reply(reply_to, id, kind, outcome);
+            }
+            Completion::Keep(keep) => {
+                // Acknowledge first: whoever then fetches the value finds its reference
+                // confirmed (a fetch that comes in between waits for the value).
+                let ack = match &out {
+                    Ok(_) => Ok(Reply::default()),
+                    Err(f) => Err(f.clone()),
+                };
+                self.send_reply(reply_to, id, Kind::RemoteResult, ack);
+                keep(out);
+            }
+        }
+    }
+
+    /// Sends an encoded reply (or the failure) of kind `ok_kind` to call `id`.
+    pub(crate) fn send_reply(&self, reply_to: &ReplyTo, id: u64, ok_kind: Kind, outcome: Outcome) {
+        let (kind, payload, tensors) = match outcome {
+            Ok(reply) => (ok_kind, reply.payload, reply.tensors),
+            Err(failure) => match crate::codec::encode_inline(&failure) {
+                Ok(p) => (Kind::Exception, p, Vec::new()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a failure reply");
+                    return;
+                }
+            },
+        };
+        match reply_to {
+            ReplyTo::Nobody => {}
+            ReplyTo::Local => self.client.on_response(
+                LOCAL,
+                Frame {
+                    kind,
+                    flags: 0,
+                    id,
+                    payload: Bytes::from(payload),
+                    tensors,
+                },
+            ),
+            ReplyTo::Remote(conn) => {
+                let frame = OutFrame::new(kind, id, &payload, &tensors).or_else(|e| {
+                    let failure = Failure::Other(format!("result cannot be sent: {e}"));
+                    let p = crate::codec::encode_inline(&failure).unwrap_or_default();
+                    OutFrame::new(Kind::Exception, id, &p, &[])
+                });
+                match frame {
+                    Ok(frame) => {
+                        if conn.send(frame, true).is_err() {
+                            tracing::debug!(id, "reply dropped: connection closed");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build a reply frame"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The router: every frame the transport reads comes here. Replies go to the client; plain
+//! calls to the call service; every other request to the [`Service`] registered for its kind.
+
+use std::sync::Arc;
+
+use distrpc_wire::{Frame, Kind};
+
+use super::{ReplyTo, Server};
+use crate::transport::{Inbound, LOCAL, Source};
+
+/// Frame flag of a call (or remote call) on the value of a remote reference.
+pub(crate) const FLAG_METHOD: u16 = 1;
+
+/// A request as a service receives it.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    /// Where its reply goes.
+    pub(crate) reply_to: ReplyTo,
+    /// The worker that sent it (this worker's own rank for calls to self).
+    pub(crate) from: u32,
+    pub(crate) frame: Frame,
+}
+
+/// Handles the requests of the message kinds it registered for.
+pub(crate) trait Service: Send + Sync {
+    /// Handles one request. An `Err` is a protocol violation: the connection closes.
+    fn on_request(&self, incoming: Incoming) -> Result<(), String>;
+}
+
+impl Inbound for Server {
+    fn on_frame(self: Arc<Self>, source: Source, from: u32, frame: Frame) -> Result<(), String> {
+        match frame.kind {
+            Kind::Result
+            | Kind::RemoteResult
+            | Kind::RRefFetchResult
+            | Kind::RRefAck
+            | Kind::Exception => {
+                let conn = match &source {
+                    Source::Peer(conn) => conn.id,
+                    Source::Local => LOCAL,
+                };
+                self.client.on_response(conn, frame);
+                Ok(())
+            }
+            Kind::Heartbeat => Ok(()),
+            kind => {
+                let incoming = Incoming {
+                    reply_to: source.into(),
+                    from,
+                    frame,
+                };
+                let method = incoming.frame.flags & FLAG_METHOD != 0;
+                if kind == Kind::Call && !method {
+                    return self.on_call(incoming);
+                }
+                let service = crate::sync::read(&self.services)
+                    .iter()
+                    .find(|(k, m, _)| *k == kind && *m == method)
+                    .and_then(|(_, _, s)| s.upgrade());
+                match service {
+                    Some(service) => service.on_request(incoming),
+                    None => Err(format!("unexpected {kind:?} frame")),
+                }
+            }
+        }
+    }
+}

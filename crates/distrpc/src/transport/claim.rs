@@ -1,0 +1,107 @@
+//! [`Claim`]: a blocked caller's hold on reading one connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::reader::{ReadEnd, ReadSide, Step};
+use super::{Connection, Transport};
+
+/// How long a claimant sleeps in `poll` before it looks whether its call ended some other way
+/// (a shutdown, a failure seen by the writer): the bound on noticing those late.
+const CLAIM_SLICE: Duration = Duration::from_millis(10);
+
+/// A blocked caller's hold on reading one connection (see [`ReadSide`]): while it waits for its
+/// reply, its own thread reads the connection and handles whatever arrives, so the reply needs
+/// no hand-off from the reader task's thread. Dropping it hands reading back.
+pub(crate) struct Claim {
+    transport: Arc<Transport>,
+    conn: Arc<Connection>,
+    read: Arc<ReadSide>,
+    deadline: Option<std::time::Instant>,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("conn", &self.conn.id)
+            .finish()
+    }
+}
+
+impl Claim {
+    pub(super) fn new(
+        transport: Arc<Transport>,
+        conn: Arc<Connection>,
+        read: Arc<ReadSide>,
+        deadline: Option<std::time::Instant>,
+    ) -> Self {
+        Self {
+            transport,
+            conn,
+            read,
+            deadline,
+        }
+    }
+
+    /// Reads the connection until `done` is set, the call's deadline passes or the connection
+    /// ends; spins for up to `spin` before sleeping in `poll`.
+    pub(crate) fn drive(&self, done: &AtomicBool, spin: Duration) {
+        let is_done = || done.load(Ordering::Acquire);
+        let spin_until = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
+        loop {
+            match self.step() {
+                None => return,
+                Some(false) => {
+                    if is_done() {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    if spin_until.is_some_and(|t| now < t) {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    let left = match self.deadline {
+                        Some(at) if at <= now => return,
+                        Some(at) => at - now,
+                        None => CLAIM_SLICE,
+                    };
+                    self.read.poll_readable(left.min(CLAIM_SLICE));
+                }
+                Some(true) => {}
+            }
+            if is_done() {
+                return;
+            }
+        }
+    }
+
+    /// Reads and handles one frame: `Some(true)` if there was one, `Some(false)` if the socket
+    /// is empty, `None` once the connection has ended.
+    fn step(&self) -> Option<bool> {
+        match self.read.step(true) {
+            Step::Frame(frame) => {
+                if let Err(e) = self.transport.on_frame(&self.conn, frame) {
+                    self.transport.on_closed(&self.conn, ReadEnd::Malformed(e));
+                    return None;
+                }
+                Some(true)
+            }
+            Step::Idle => Some(false),
+            Step::Ended(Some(end)) => {
+                self.transport.on_closed(&self.conn, end);
+                None
+            }
+            Step::Ended(None) | Step::Claimed => None,
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.read.release();
+        // What came after our last read: the reader task let its wake-up go while we held
+        // the claim.
+        while self.step() == Some(true) {}
+    }
+}

@@ -1,0 +1,486 @@
+//! The transport: one connection per pair of workers, opened lazily, both directions multiplexed
+//! by message id. It dials and accepts peers (every connection first says who it is, with a
+//! hello), runs each connection's reader and writer tasks, lets a blocked caller read its own
+//! reply ([`Claim`]), and reports lost peers.
+//!
+//! ```text
+//!  send(rank, frame) ─► connection(rank) ─► Connection queue / direct write ─► socket
+//!  socket ─► reader task or claimant ─► Inbound::on_frame (the router, one layer up)
+//!  reader/writer ends ─► peer marked gone ─► every LossListener (fail calls, wake gathers)
+//! ```
+//!
+//! Owns: connections, the peer table, reader/writer tasks, the hello. Knows frames and ranks,
+//! nothing of calls, references or gather: what a frame means is the [`Inbound`]'s business,
+//! which the layer above registers with [`Transport::set_inbound`].
+
+mod claim;
+mod connection;
+mod reader;
+
+pub(crate) use claim::Claim;
+pub(crate) use connection::Connection;
+pub(crate) use reader::{FrameReader, ReadEnd};
+
+use crate::sync::lock;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use distrpc_wire::{Frame, Kind, Limits, OutFrame};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+use crate::error::Error;
+use crate::rendezvous::Group;
+use crate::runtime::Tasks;
+use crate::worker::{To, WorkerInfo};
+use reader::{ReadSide, Step};
+
+/// How long an accepted connection may take to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a frame came from.
+#[derive(Clone, Debug)]
+pub(crate) enum Source {
+    /// A peer, over this connection.
+    Peer(Arc<Connection>),
+    /// This worker itself (a call to self, which never touches a socket).
+    Local,
+}
+
+/// What the layer above does with what arrives.
+pub(crate) trait Inbound: Send + Sync {
+    /// Handles one frame from `from` (a peer's rank, or this worker's own for local frames).
+    /// An `Err` is a protocol violation: the connection closes with that reason logged.
+    fn on_frame(self: Arc<Self>, source: Source, from: u32, frame: Frame) -> Result<(), String>;
+}
+
+/// A connection that ended, as told to each [`LossListener`].
+#[derive(Debug)]
+pub(crate) struct Loss<'a> {
+    /// The connection's id (calls remember which connection they were sent on).
+    pub(crate) conn: u64,
+    /// The peer's name.
+    pub(crate) worker: &'a str,
+    /// Why it ended.
+    pub(crate) reason: &'a str,
+}
+
+/// Called whenever a connection ends.
+pub(crate) type LossListener = Box<dyn Fn(&Loss<'_>) + Send + Sync>;
+
+#[derive(Default)]
+struct Peer {
+    conn: Option<Arc<Connection>>,
+    gone: Option<String>,
+}
+
+/// The connections of one worker.
+pub(crate) struct Transport {
+    /// This worker.
+    pub(crate) me: WorkerInfo,
+    /// Every worker of the group (shared with the other workers of this process in it).
+    pub(crate) group: Arc<Group>,
+    limits: Limits,
+    /// How long reader tasks and blocked callers spin before sleeping (the latency option).
+    pub(crate) busy_poll: Duration,
+    next_conn: AtomicU64,
+    /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
+    hand_offs: AtomicU64,
+    peers: Mutex<Vec<Peer>>,
+    conns: Mutex<HashMap<u64, Arc<Connection>>>,
+    inbound: OnceLock<Weak<dyn Inbound>>,
+    losses: Mutex<Vec<LossListener>>,
+    /// Readers, dialers, the accept loop, and every task of the layers above.
+    pub(crate) tasks: Tasks,
+    /// Connection writers, apart so that shutdown can wait for them to flush.
+    writers: TaskTracker,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").field("me", &self.me).finish()
+    }
+}
+
+impl Transport {
+    pub(crate) fn new(
+        me: WorkerInfo,
+        group: Arc<Group>,
+        limits: Limits,
+        busy_poll: Duration,
+        tasks: Tasks,
+    ) -> Arc<Self> {
+        let peers = group.workers.iter().map(|_| Peer::default()).collect();
+        Arc::new(Self {
+            me,
+            group,
+            limits,
+            busy_poll,
+            // Connection id 0 is the local "connection" of calls to self.
+            next_conn: AtomicU64::new(LOCAL + 1),
+            hand_offs: AtomicU64::new(0),
+            peers: Mutex::new(peers),
+            conns: Mutex::new(HashMap::new()),
+            inbound: OnceLock::new(),
+            losses: Mutex::new(Vec::new()),
+            tasks,
+            writers: TaskTracker::new(),
+        })
+    }
+
+    /// Sets who handles arriving frames (once, before serving).
+    pub(crate) fn set_inbound(&self, inbound: Weak<dyn Inbound>) {
+        let _ = self.inbound.set(inbound);
+    }
+
+    /// Adds a listener told of every connection that ends.
+    pub(crate) fn on_loss(&self, listener: LossListener) {
+        lock(&self.losses).push(listener);
+    }
+
+    /// Hands a frame to the inbound side as if it had arrived from `from`.
+    pub(crate) fn deliver(&self, source: Source, from: u32, frame: Frame) -> Result<(), String> {
+        match self.inbound.get().and_then(Weak::upgrade) {
+            Some(inbound) => inbound.on_frame(source, from, frame),
+            // The layers above are gone: the worker is being dropped.
+            None => Ok(()),
+        }
+    }
+
+    /// The rank of the worker named `name`.
+    pub(crate) fn rank_of(&self, name: &str) -> Option<u32> {
+        self.group.by_name.get(name).copied()
+    }
+
+    /// The rank of a destination, or an error that names it.
+    pub(crate) fn resolve(&self, to: &To) -> Result<u32, Error> {
+        match to {
+            To::Name(name) => self
+                .rank_of(name)
+                .ok_or_else(|| Error::UnknownWorker(format!("{name:?}"))),
+            To::Rank(r) if (*r as usize) < self.group.workers.len() => Ok(*r),
+            To::Rank(r) => Err(Error::UnknownWorker(format!(
+                "rank {r} (world size is {})",
+                self.group.workers.len()
+            ))),
+        }
+    }
+
+    /// The name of the worker of rank `rank`.
+    pub(crate) fn name_of(&self, rank: u32) -> &str {
+        self.group
+            .workers
+            .get(rank as usize)
+            .map_or("<unknown>", |w| w.name.as_str())
+    }
+
+    /// Whether `rank` is known to be gone, and why.
+    pub(crate) fn gone(&self, rank: u32) -> Option<String> {
+        lock(&self.peers).get(rank as usize)?.gone.clone()
+    }
+
+    /// How many inline handlers blocked and handed their connection's reading to a new task.
+    pub(crate) fn hand_offs(&self) -> u64 {
+        self.hand_offs.load(Ordering::Relaxed)
+    }
+
+    /// Starts accepting peers on `listener`.
+    pub(crate) fn serve(self: &Arc<Self>, listener: TcpListener) {
+        let transport = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = transport.tasks.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, addr)) => {
+                            let t = transport.clone();
+                            transport.tasks.spawn(async move { t.handshake(stream, addr).await });
+                        }
+                        Err(e) => tracing::warn!(worker = %transport.me.name, error = %e, "accept failed"),
+                    },
+                }
+            }
+        });
+    }
+
+    /// The connection to `rank`, opening it if there is none.
+    pub(crate) fn connection(self: &Arc<Self>, rank: u32) -> Result<Arc<Connection>, Error> {
+        let mut peers = lock(&self.peers);
+        let peer = peers
+            .get_mut(rank as usize)
+            .ok_or_else(|| Error::UnknownWorker(format!("rank {rank}")))?;
+        if let Some(reason) = &peer.gone {
+            return Err(Error::PeerGone {
+                worker: self.name_of(rank).to_string(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some(conn) = &peer.conn {
+            return Ok(conn.clone());
+        }
+        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        // The hello is queued before the connection is visible to other callers, so that it is
+        // always the first frame the peer reads.
+        let hello = crate::codec::encode_inline(&(self.me.id, &self.me.name))
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+            .and_then(|p| {
+                OutFrame::new(Kind::Hello, 0, &p, &[])
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))
+            })?;
+        let _ = conn.send(hello, false);
+        peer.conn = Some(conn.clone());
+        drop(peers);
+        lock(&self.conns).insert(conn.id, conn.clone());
+        let transport = self.clone();
+        let addr = self.group.addrs[rank as usize];
+        let c = conn.clone();
+        self.tasks.spawn(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => transport.start_io(c, stream),
+                Ok(Err(e)) => transport.on_closed(&c, ReadEnd::Io(e)),
+                Err(_) => transport.on_closed(
+                    &c,
+                    ReadEnd::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to {addr} took more than {CONNECT_TIMEOUT:?}"),
+                    )),
+                ),
+            }
+        });
+        Ok(conn)
+    }
+
+    /// The blocked caller's claim on reading `conn` (see [`Claim`]), if it can take it.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        conn: &Arc<Connection>,
+        deadline: Option<std::time::Instant>,
+    ) -> Option<Claim> {
+        let read = conn.read.get().filter(|r| r.claim())?;
+        Some(Claim::new(
+            self.clone(),
+            conn.clone(),
+            read.clone(),
+            deadline,
+        ))
+    }
+
+    /// An accepted connection: it must introduce itself with a Hello before anything else.
+    async fn handshake(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+        let (r, w) = stream.into_split();
+        let mut reader = FrameReader::new(self.limits);
+        let hello = tokio::select! {
+            _ = self.tasks.cancelled() => return,
+            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&r)) => h,
+        };
+        let rank = match hello {
+            Ok(Ok(frame)) if frame.kind == Kind::Hello => {
+                match crate::codec::decode_inline::<(u32, String)>(&frame.payload) {
+                    Ok((rank, name))
+                        if self
+                            .group
+                            .workers
+                            .get(rank as usize)
+                            .is_some_and(|w| w.name == name) =>
+                    {
+                        rank
+                    }
+                    Ok((rank, name)) => {
+                        tracing::error!(%addr, rank, %name, "connection introduced itself as an unknown worker; closed");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "malformed hello; connection closed");
+                        return;
+                    }
+                }
+            }
+            Ok(Ok(frame)) => {
+                tracing::error!(%addr, kind = ?frame.kind, "first frame was not a hello; connection closed");
+                return;
+            }
+            Ok(Err(ReadEnd::Closed)) => return,
+            Ok(Err(e)) => {
+                tracing::error!(%addr, error = %e, "connection closed before its hello");
+                return;
+            }
+            Err(_) => {
+                tracing::error!(%addr, "no hello within {HELLO_TIMEOUT:?}; connection closed");
+                return;
+            }
+        };
+        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        {
+            let mut peers = lock(&self.peers);
+            if let Some(peer) = peers.get_mut(rank as usize)
+                && peer.conn.is_none()
+                && peer.gone.is_none()
+            {
+                peer.conn = Some(conn.clone());
+            }
+        }
+        lock(&self.conns).insert(conn.id, conn.clone());
+        self.spawn_halves(conn, r, reader, w);
+    }
+
+    fn start_io(self: &Arc<Self>, conn: Arc<Connection>, stream: TcpStream) {
+        let (r, w) = stream.into_split();
+        self.spawn_halves(conn, r, FrameReader::new(self.limits), w);
+    }
+
+    fn spawn_halves(
+        self: &Arc<Self>,
+        conn: Arc<Connection>,
+        r: tokio::net::tcp::OwnedReadHalf,
+        frames: FrameReader,
+        w: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        if let Err(e) = w.as_ref().set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let read = ReadSide::new(r, frames);
+        let _ = conn.read.set(read.clone());
+        let (transport, c) = (self.clone(), conn.clone());
+        self.writers.spawn_on(
+            async move {
+                if let Err(e) = c.write_loop(w).await {
+                    transport.on_closed(&c, ReadEnd::Io(e));
+                }
+            },
+            self.tasks.handle(),
+        );
+        self.spawn_reader(conn, read);
+    }
+
+    /// Starts the task that reads `conn` whenever no blocked caller has claimed it.
+    fn spawn_reader(self: &Arc<Self>, conn: Arc<Connection>, read: Arc<ReadSide>) {
+        let transport = self.clone();
+        self.tasks.spawn(async move {
+            // If a handler run inline blocks, a new task takes over reading (and this one
+            // stops once the handler is done).
+            let hand_off: crate::runtime::HandOff = {
+                let (transport, conn, read) = (transport.clone(), conn.clone(), read.clone());
+                Arc::new(move || {
+                    transport.hand_offs.fetch_add(1, Ordering::Relaxed);
+                    transport.spawn_reader(conn.clone(), read.clone());
+                })
+            };
+            let spin = transport.busy_poll;
+            let mut idle_since: Option<std::time::Instant> = None;
+            let end = loop {
+                match read.step(false) {
+                    Step::Frame(frame) => {
+                        idle_since = None;
+                        let (handled, handed_off) = crate::runtime::as_reader(&hand_off, || {
+                            transport.on_frame(&conn, frame)
+                        });
+                        if let Err(e) = handled {
+                            break ReadEnd::Malformed(e);
+                        }
+                        if handed_off {
+                            return;
+                        }
+                    }
+                    Step::Ended(Some(end)) => break end,
+                    Step::Ended(None) => return,
+                    Step::Idle
+                        if !spin.is_zero()
+                            && idle_since
+                                .get_or_insert_with(std::time::Instant::now)
+                                .elapsed()
+                                < spin =>
+                    {
+                        // The latency option: look again instead of sleeping until woken
+                        // (letting this thread's other tasks run in between).
+                        tokio::task::yield_now().await;
+                    }
+                    Step::Idle | Step::Claimed => {
+                        idle_since = None;
+                        tokio::select! {
+                            _ = transport.tasks.cancelled() => break ReadEnd::Closed,
+                            r = read.wait() => if let Err(e) = r {
+                                break ReadEnd::Io(e);
+                            },
+                        }
+                    }
+                }
+            };
+            transport.on_closed(&conn, end);
+        });
+    }
+
+    /// One frame from `conn`'s peer.
+    fn on_frame(&self, conn: &Arc<Connection>, frame: Frame) -> Result<(), String> {
+        self.deliver(Source::Peer(conn.clone()), conn.peer, frame)
+    }
+
+    /// A connection ended: forget it, mark the peer gone, tell the listeners.
+    fn on_closed(&self, conn: &Arc<Connection>, end: ReadEnd) {
+        let worker = self.name_of(conn.peer).to_string();
+        match &end {
+            ReadEnd::Malformed(e) => {
+                tracing::error!(worker = %self.me.name, peer = %worker, error = %e, "closing connection")
+            }
+            _ => {
+                tracing::debug!(worker = %self.me.name, peer = %worker, reason = %end, "connection closed")
+            }
+        }
+        let reason = end.to_string();
+        conn.close(&reason);
+        // Whoever reads next (the reader task, a claimant) stops.
+        if let Some(read) = conn.read.get() {
+            read.end();
+        }
+        lock(&self.conns).remove(&conn.id);
+        {
+            let mut peers = lock(&self.peers);
+            if let Some(peer) = peers.get_mut(conn.peer as usize)
+                && peer.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
+            {
+                peer.conn = None;
+                peer.gone.get_or_insert(reason.clone());
+            }
+        }
+        let loss = Loss {
+            conn: conn.id,
+            worker: &worker,
+            reason: &reason,
+        };
+        for listener in lock(&self.losses).iter() {
+            listener(&loss);
+        }
+    }
+
+    /// Closes every connection: queued frames are still written, new ones refused.
+    pub(crate) fn close_all(&self) {
+        let conns: Vec<_> = lock(&self.conns).values().cloned().collect();
+        for conn in &conns {
+            conn.close("shut down");
+        }
+    }
+
+    /// Stops every task: writers first drain their queues (bounded by `flush`), then readers
+    /// and the rest are cancelled and waited for. On a runtime thread (the last handle dropped
+    /// inside async code) it cannot block: it cancels at once.
+    pub(crate) fn stop(&self, flush: Duration) {
+        self.tasks.close();
+        self.writers.close();
+        if crate::runtime::on_runtime_thread() {
+            self.tasks.cancel();
+            return;
+        }
+        let writers = self.writers.clone();
+        let _ =
+            crate::runtime::block_on(async { tokio::time::timeout(flush, writers.wait()).await });
+        self.tasks.cancel();
+        self.tasks.wait(flush);
+    }
+}
+
+/// Connection id of calls to self, which never touch a socket.
+pub(crate) const LOCAL: u64 = 0;
