@@ -156,6 +156,10 @@ impl<T: Send + 'static> RpcFuture<T> {
     }
 
     fn wait_here(mut self) -> Result<T, Error> {
+        // Counted as blocked before anything else: while this thread reads its reply (through
+        // the claim) it may read and queue the next request of a nested chain, which the pool
+        // must have a thread for.
+        let _blocked = (!self.slot.done.load(Ordering::Acquire)).then(crate::pool::enter_blocking);
         if let Some(claim) = self.claim.take() {
             // Read the reply on this thread (spinning first with the latency option).
             claim.drive(&self.slot.done, self.slot.spin);
@@ -169,7 +173,6 @@ impl<T: Send + 'static> RpcFuture<T> {
         }
         let mut state = self.slot.lock();
         if matches!(*state, State::Pending { .. }) {
-            let _blocked = crate::pool::enter_blocking();
             self.slot.sleeping.store(true, Ordering::Relaxed);
             while matches!(*state, State::Pending { .. }) {
                 state = self

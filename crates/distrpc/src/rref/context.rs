@@ -126,8 +126,10 @@ impl Context {
             match e {
                 Effect::Send { to, msg } => sends.push((to, msg)),
                 Effect::DropValue(rref) => {
-                    // Waiters of a value that never came learn it is gone.
-                    if let Some(Slot::Pending(waiters)) = lock(&self.slots).remove(&rref) {
+                    // Waiters of a value that never came learn it is gone — outside the lock:
+                    // a waiter may set or wait for another value.
+                    let slot = lock(&self.slots).remove(&rref);
+                    if let Some(Slot::Pending(waiters)) = slot {
                         for w in waiters {
                             w(Err(Failure::Other(format!("{} was deleted", rref.0))));
                         }
@@ -194,5 +196,40 @@ impl Context {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A method call (`rref.remote(method)`) waiting for a value that is deleted before it is
+    /// created: its waiter sets the value of the reference it creates. Regression: the waiter
+    /// ran under the slots lock and deadlocked on it.
+    #[test]
+    fn a_waiter_of_a_dropped_value_may_set_another() {
+        let ctx = Arc::new(Context::new(0));
+        let (pending, created) = (RRefId(ctx.next_id()), RRefId(ctx.next_id()));
+        ctx.expect_value(pending);
+        ctx.ledger(|l| l.owner_created(created, None));
+        let c = ctx.clone();
+        ctx.with_value(
+            pending,
+            Box::new(move |value| c.set_value(created, value.map(|v| v as Arc<dyn Value>))),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = ctx.clone();
+        std::thread::spawn(move || {
+            let sends = c.apply(vec![Effect::DropValue(pending)]);
+            let _ = tx.send(sends.len());
+        });
+        let sent = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(sent, Ok(0), "applying DropValue deadlocked");
+        let (tx, rx) = std::sync::mpsc::channel();
+        ctx.with_value(
+            created,
+            Box::new(move |v| tx.send(v.is_err()).unwrap_or(())),
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(true));
     }
 }
