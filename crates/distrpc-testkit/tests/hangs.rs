@@ -42,3 +42,73 @@ fn nested_calls_on_a_one_thread_pool_complete() {
     }
     shutdown_all(rpcs).unwrap();
 }
+
+/// An `i64` whose `Deserialize` panics on 13: user code that runs where the reply is read.
+#[derive(Debug, PartialEq)]
+struct Touchy(i64);
+
+impl<'de> serde::Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        assert_ne!(v, 13, "unlucky");
+        Ok(Touchy(v))
+    }
+}
+
+fn echo_group() -> Vec<Rpc> {
+    in_process(2, |_| {
+        RpcOptions::default()
+            .rpc_timeout(Duration::from_secs(10))
+            .register("echo", |(x,): (i64,)| x)
+    })
+    .unwrap()
+}
+
+/// A `then` callback and a result's `Deserialize` run on the thread that reads the reply (the
+/// connection's reader task, or a caller reading its own). Regression: a panic there killed the
+/// reader task, and every later call on that connection hung until its timeout.
+#[test]
+fn a_panic_where_a_reply_is_read_fails_that_call_only() {
+    let rpcs = echo_group();
+    let echo: distrpc::Function<(i64,), i64> = distrpc::Function::named("echo");
+    let touchy: distrpc::Function<(i64,), Touchy> = distrpc::Function::named("echo");
+    for round in 0..3 {
+        let f = rpcs[0]
+            .rpc_async("worker1", &echo, (round,))
+            .then(|_| -> Result<i64, Error> { panic!("in a callback") });
+        assert!(matches!(f.wait(), Err(Error::Abandoned(_))));
+        let r = rpcs[0].rpc_async("worker1", &touchy, (13,)).wait();
+        assert!(matches!(r, Err(Error::Abandoned(_))), "{r:?}");
+        let r = rpcs[0].rpc_sync("worker1", &touchy, (13,));
+        assert!(matches!(r, Err(Error::Abandoned(_))), "{r:?}");
+        // The connection still serves, through its reader task and through claims.
+        let queued = rpcs[0].rpc_async("worker1", &echo, (round + 1,)).wait();
+        assert_eq!(queued.unwrap(), round + 1);
+        let r = rpcs[0].rpc_sync("worker1", &touchy, (round + 1,)).unwrap();
+        assert_eq!(r, Touchy(round + 1));
+    }
+    shutdown_all(rpcs).unwrap();
+}
+
+/// The arguments' `Deserialize` is user code on the callee: a panic in it is the caller's
+/// remote error, and the callee keeps serving.
+#[test]
+fn a_panic_decoding_arguments_is_a_remote_error() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default()
+            .num_worker_threads(1)
+            .rpc_timeout(Duration::from_secs(10))
+            .register("touchy", |(x,): (Touchy,)| x.0)
+    })
+    .unwrap();
+    let touchy: distrpc::Function<(i64,), i64> = distrpc::Function::named("touchy");
+    for _ in 0..3 {
+        let r = rpcs[0].rpc_sync("worker1", &touchy, (13,));
+        assert!(
+            matches!(&r, Err(Error::Remote(e)) if e.message.contains("unlucky")),
+            "{r:?}"
+        );
+        assert_eq!(rpcs[0].rpc_sync("worker1", &touchy, (7,)).unwrap(), 7);
+    }
+    shutdown_all(rpcs).unwrap();
+}

@@ -139,6 +139,10 @@ pub enum Error {
     /// An argument to distrpc itself is invalid (a bad worker name, a rank out of range, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A future's result will never come: what should have completed it was dropped first — a
+    /// `then` callback or a result's `Deserialize` that panicked, say.
+    #[error("the result was abandoned: {0}")]
+    Abandoned(String),
     /// A blocking wait was attempted on one of distrpc's runtime threads, where it would
     /// deadlock; use `.await` there instead.
     #[error("blocking wait on a distrpc runtime thread would deadlock; await the future instead")]
@@ -192,4 +196,13 @@ impl Failure {
             },
         }
     }
+}
+
+/// The message of a caught panic (`panic!` payloads are `&str` or `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_string())
 }

@@ -126,7 +126,11 @@ fn worker(shared: Arc<Shared>) {
     loop {
         if let Some(job) = state.jobs.pop_front() {
             drop(state);
-            job();
+            // Jobs catch their handlers' panics; one that escapes anyway must not take the
+            // thread (and so a slot of the pool) with it.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                tracing::error!("a handler job panicked");
+            }
             state = shared.lock();
             continue;
         }

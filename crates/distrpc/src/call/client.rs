@@ -320,7 +320,7 @@ impl Client {
         } else {
             Ok(frame)
         };
-        (p.done)(result);
+        p.complete(result);
     }
 
     /// Encodes `args` (inside the value scope: references in them fork), sends the call, and

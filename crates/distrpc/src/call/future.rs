@@ -45,15 +45,24 @@ impl<T> Slot<T> {
     }
 }
 
-/// The completing side of an [`RpcFuture`].
+/// The completing side of an [`RpcFuture`]. Dropped without completing (a callback that
+/// panicked, a path that forgot it), it fails the future with [`Error::Abandoned`], so that no
+/// wait on it lasts forever.
 pub(crate) struct Completer<T> {
-    slot: Arc<Slot<T>>,
+    /// `None` once completed.
+    slot: Option<Arc<Slot<T>>>,
 }
 
 impl<T> Completer<T> {
     /// Completes the future. Completing twice keeps the first result.
-    pub(crate) fn complete(self, result: Result<T, Error>) {
-        let mut state = self.slot.lock();
+    pub(crate) fn complete(mut self, result: Result<T, Error>) {
+        if let Some(slot) = self.slot.take() {
+            Self::set(&slot, result);
+        }
+    }
+
+    fn set(slot: &Slot<T>, result: Result<T, Error>) {
+        let mut state = slot.lock();
         match std::mem::replace(&mut *state, State::Taken) {
             State::Pending { waker, callback } => {
                 if let Some(cb) = callback {
@@ -62,17 +71,30 @@ impl<T> Completer<T> {
                     return;
                 }
                 *state = State::Ready(result);
-                self.slot.done.store(true, Ordering::Release);
-                let sleeping = self.slot.sleeping.load(Ordering::Relaxed);
+                slot.done.store(true, Ordering::Release);
+                let sleeping = slot.sleeping.load(Ordering::Relaxed);
                 drop(state);
                 if sleeping {
-                    self.slot.ready.notify_all();
+                    slot.ready.notify_all();
                 }
                 if let Some(w) = waker {
                     w.wake();
                 }
             }
             done => *state = done,
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let reason = if std::thread::panicking() {
+                "what was to complete it panicked"
+            } else {
+                "what was to complete it was dropped"
+            };
+            Self::set(&slot, Err(Error::Abandoned(reason.into())));
         }
     }
 }
@@ -135,7 +157,7 @@ impl<T: Send + 'static> RpcFuture<T> {
                 slot: slot.clone(),
                 claim: None,
             },
-            Completer { slot },
+            Completer { slot: Some(slot) },
         )
     }
 
@@ -298,6 +320,23 @@ mod tests {
             RpcFuture::ready(Err(Error::UnknownWorker("w9".into()))),
         ];
         assert!(matches!(wait_all(failing), Err(Error::UnknownWorker(_))));
+    }
+
+    /// Regression: a completer dropped without completing (a `then` callback that panicked)
+    /// left its future pending forever.
+    #[test]
+    fn a_dropped_completer_fails_its_future() {
+        let (f, done) = RpcFuture::<i32>::pending();
+        drop(done);
+        assert!(matches!(f.wait(), Err(Error::Abandoned(_))));
+        let (f, done) = RpcFuture::<i32>::pending();
+        let g = f.then(|_| -> Result<i32, Error> { panic!("in a callback") });
+        let completing = std::thread::spawn(move || done.complete(Ok(1)));
+        assert!(
+            completing.join().is_err(),
+            "the callback's panic reached its thread"
+        );
+        assert!(matches!(g.wait(), Err(Error::Abandoned(m)) if m.contains("panicked")));
     }
 
     #[test]

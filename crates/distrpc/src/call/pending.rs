@@ -50,6 +50,21 @@ pub(crate) struct PendingTable {
     activity: Arc<Activity>,
 }
 
+impl Pending {
+    /// Hands the call its result. What runs here is user code too (`then` callbacks, a
+    /// result's `Deserialize`), on whichever thread read the reply: a panic in it is caught,
+    /// so that the reader keeps serving; the future it was to complete fails instead.
+    pub(crate) fn complete(self, result: Result<Frame, Error>) {
+        let function = self.function;
+        let done = self.done;
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result)))
+        {
+            let message = crate::error::panic_message(&*panic);
+            tracing::error!(%function, %message, "completing a call panicked");
+        }
+    }
+}
+
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pending")
@@ -110,7 +125,7 @@ impl PendingTable {
     pub(crate) fn fail(&self, id: u64, error: impl FnOnce(&Pending) -> Error) {
         if let Some(p) = self.take(id, None) {
             let e = error(&p);
-            (p.done)(Err(e));
+            p.complete(Err(e));
         }
     }
 

@@ -139,14 +139,6 @@ impl Speed {
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-string payload".to_string())
-}
-
 pub(crate) fn remote_error(function: &str, type_name: &str, message: String) -> Failure {
     let backtrace = std::backtrace::Backtrace::capture();
     let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
@@ -224,14 +216,23 @@ where
     E: fmt::Display,
     F: Fn(A) -> Result<R, E>,
 {
-    let scope = req.scope.as_ref().map(|(s, _)| s.clone());
-    let args = decode_args::<A>(name, req)?;
-    if let Some(scope) = scope {
-        scope.settle(name)?;
-    }
-    match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
-        Ok(result) => produce(name, result),
-        Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
+    // The arguments' `Deserialize` is user code too: it panics inside the guard.
+    let run = || {
+        let scope = req.scope.as_ref().map(|(s, _)| s.clone());
+        let args = decode_args::<A>(name, req)?;
+        if let Some(scope) = scope {
+            scope.settle(name)?;
+        }
+        Ok(f(args))
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(result)) => produce(name, result),
+        Ok(Err(failure)) => Err(failure),
+        Err(panic) => Err(remote_error(
+            name,
+            "panic",
+            crate::error::panic_message(&*panic),
+        )),
     }
 }
 
@@ -282,13 +283,25 @@ where
         let f = f.clone();
         Box::pin(async move {
             let scope = req.scope.as_ref().map(|(s, _)| s.clone());
-            let args = decode_args::<A>(name, req)?;
+            let decoded =
+                std::panic::catch_unwind(AssertUnwindSafe(|| decode_args::<A>(name, req)));
+            let args = match decoded {
+                Ok(args) => args?,
+                Err(panic) => {
+                    let message = crate::error::panic_message(&*panic);
+                    return Err(remote_error(name, "panic", message));
+                }
+            };
             if let Some(scope) = scope {
                 scope.settle_async(name).await?;
             }
             match AssertUnwindSafe(f(args)).catch_unwind().await {
                 Ok(result) => produce(name, result),
-                Err(panic) => Err(remote_error(name, "panic", panic_message(&*panic))),
+                Err(panic) => Err(remote_error(
+                    name,
+                    "panic",
+                    crate::error::panic_message(&*panic),
+                )),
             }
         })
     })))
