@@ -1,4 +1,5 @@
 //! Every path that used to hang a worker or a caller, each with the test that caught it.
+#![allow(clippy::unwrap_used)]
 
 use std::thread;
 use std::time::Duration;
