@@ -65,6 +65,26 @@ fn echo_group() -> Vec<Rpc> {
     .unwrap()
 }
 
+static RELEASED: (std::sync::Mutex<i64>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Returns `n` once the test has released `n` (bounded).
+#[distrpc::function]
+fn held(n: i64) -> i64 {
+    let (released, cv) = &RELEASED;
+    let guard = released.lock().unwrap();
+    let _ = cv
+        .wait_timeout_while(guard, Duration::from_secs(30), |r| *r < n)
+        .unwrap();
+    n
+}
+
+fn release(n: i64) {
+    let (released, cv) = &RELEASED;
+    *released.lock().unwrap() = n;
+    cv.notify_all();
+}
+
 /// A `then` callback and a result's `Deserialize` run on the thread that reads the reply (the
 /// connection's reader task, or a caller reading its own). Regression: a panic there killed the
 /// reader task, and every later call on that connection hung until its timeout.
@@ -74,9 +94,12 @@ fn a_panic_where_a_reply_is_read_fails_that_call_only() {
     let echo: distrpc::Function<(i64,), i64> = distrpc::Function::named("echo");
     let touchy: distrpc::Function<(i64,), Touchy> = distrpc::Function::named("echo");
     for round in 0..3 {
+        // Held on the callee until the callback is attached, so that it runs where the reply
+        // is read, not at once on this thread.
         let f = rpcs[0]
-            .rpc_async("worker1", &echo, (round,))
+            .rpc_async("worker1", held, (round + 1,))
             .then(|_| -> Result<i64, Error> { panic!("in a callback") });
+        release(round + 1);
         assert!(matches!(f.wait(), Err(Error::Abandoned(_))));
         let r = rpcs[0].rpc_async("worker1", &touchy, (13,)).wait();
         assert!(matches!(r, Err(Error::Abandoned(_))), "{r:?}");
@@ -111,5 +134,42 @@ fn a_panic_decoding_arguments_is_a_remote_error() {
         );
         assert_eq!(rpcs[0].rpc_sync("worker1", &touchy, (7,)).unwrap(), 7);
     }
+    shutdown_all(rpcs).unwrap();
+}
+
+static GATE: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+/// Returns `x` once the test opens the gate (bounded, so that a broken test cannot hang).
+#[distrpc::function]
+fn after_gate(x: i64) -> i64 {
+    let (open, cv) = &GATE;
+    let guard = open.lock().unwrap();
+    let _ = cv
+        .wait_timeout_while(guard, Duration::from_secs(30), |open| !*open)
+        .unwrap();
+    x
+}
+
+/// On the owner, `to_here` and `local_value` of a value still being created wait for it —
+/// within their timeouts. Regression: the owner's own fetch ignored its timeout, and
+/// `local_value` had none.
+#[test]
+fn the_owner_waits_for_its_value_within_a_timeout() {
+    let rpcs = in_process(1, |_| RpcOptions::default()).unwrap();
+    let rpc = &rpcs[0];
+    let rref = rpc.remote("worker0", after_gate, (42,));
+    let r = rref.to_here_timeout(Duration::from_millis(200));
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    rpc.set_rpc_timeout(Duration::from_millis(200));
+    let r = rref.local_value();
+    assert!(matches!(&r, Err(Error::Timeout { function, .. }) if function == "local_value()"));
+    rpc.set_rpc_timeout(Duration::from_secs(20));
+    let (open, cv) = &GATE;
+    *open.lock().unwrap() = true;
+    cv.notify_all();
+    assert_eq!(*rref.local_value().unwrap(), 42);
+    assert_eq!(rref.to_here().unwrap(), 42);
+    drop(rref);
     shutdown_all(rpcs).unwrap();
 }

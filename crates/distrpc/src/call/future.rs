@@ -211,6 +211,30 @@ impl<T: Send + 'static> RpcFuture<T> {
         }
     }
 
+    /// [`RpcFuture::wait`] for at most `timeout` (zero: no limit); `None` if it ran out. For
+    /// waits with no deadline of their own (a local value still being created).
+    pub(crate) fn wait_within(self, timeout: Duration) -> Option<Result<T, Error>> {
+        if timeout.is_zero() {
+            return Some(self.wait());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let wait = || {
+            let _blocked = crate::pool::enter_blocking();
+            let mut state = self.slot.lock();
+            self.slot.sleeping.store(true, Ordering::Relaxed);
+            while matches!(*state, State::Pending { .. }) {
+                state = crate::sync::wait_until(&self.slot.ready, state, Some(deadline)).ok()?;
+            }
+            match std::mem::replace(&mut *state, State::Taken) {
+                State::Ready(result) => Some(result),
+                _ => Some(Err(Error::InvalidArgument(
+                    "future result already taken".into(),
+                ))),
+            }
+        };
+        crate::runtime::blocking(wait).unwrap_or(Some(Err(Error::WouldBlock)))
+    }
+
     /// Lets [`RpcFuture::wait`] read the reply through `claim`.
     pub(crate) fn with_claim(mut self, claim: Option<crate::transport::Claim>) -> Self {
         self.claim = claim;

@@ -237,7 +237,8 @@ impl<T: DeserializeOwned + Send + 'static> RRef<T> {
 
 impl<T: Any + Send + Sync> RRef<T> {
     /// The value itself, on the owner (torch's `local_value()`); waits if it is still being
-    /// created. Elsewhere an error names the owner to call it on.
+    /// created, within the default RPC timeout. Elsewhere an error names the owner to call it
+    /// on.
     pub fn local_value(&self) -> Result<Arc<T>, Error> {
         if !self.is_owner() {
             return Err(Error::NotOwner {
@@ -252,7 +253,16 @@ impl<T: Any + Send + Sync> RRef<T> {
             self.inner.id,
             Box::new(move |v| done.complete(v.map_err(|f| f.into_error(&owner)))),
         );
-        let value = fut.wait()?;
+        let timeout = service.client.default_timeout();
+        let started = std::time::Instant::now();
+        let value = fut.wait_within(timeout).unwrap_or_else(|| {
+            Err(Error::Timeout {
+                worker: service.name_of(service.me()).to_string(),
+                function: "local_value()".into(),
+                timeout,
+                elapsed: started.elapsed(),
+            })
+        })?;
         let any: Arc<dyn Any + Send + Sync> = value;
         any.downcast::<T>().map_err(|_| {
             Error::InvalidArgument(format!(

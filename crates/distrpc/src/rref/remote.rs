@@ -150,29 +150,8 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     timeout: Duration,
     delivery: Delivery,
 ) -> RpcFuture<T> {
+    // On the owner too the fetch is a call (to self): it gets the call's deadline.
     let (fut, done) = RpcFuture::pending();
-    if owner == service.me() {
-        let s = service.clone();
-        service.ctx.with_value(
-            id,
-            Box::new(move |value| {
-                let (me, name) = (s.me(), s.name_of(s.me()));
-                let result = value.map_err(|f| f.into_error(name)).and_then(|v| {
-                    let reply = s.encoding(|| v.encode()).map_err(|m| Error::Encode {
-                        function: "to_here".into(),
-                        what: "result",
-                        message: m,
-                    })?;
-                    s.decoding(me, || {
-                        crate::codec::decode::<T>(&reply.payload, reply.tensors)
-                    })
-                    .map_err(|e| decode_error(name, e))
-                });
-                done.complete(result);
-            }),
-        );
-        return fut;
-    }
     let mut payload = Vec::with_capacity(12);
     put_id(&mut payload, id.0);
     let s = service.clone();
