@@ -173,3 +173,69 @@ fn the_owner_waits_for_its_value_within_a_timeout() {
     drop(rref);
     shutdown_all(rpcs).unwrap();
 }
+
+/// Calls of each generation that started, and the generations released.
+static BURST: (std::sync::Mutex<([usize; 4], usize)>, std::sync::Condvar) = (
+    std::sync::Mutex::new(([0; 4], 0)),
+    std::sync::Condvar::new(),
+);
+
+/// Counts itself as started in `generation`, then waits until the test releases it (bounded).
+#[distrpc::function]
+fn slow_in_burst(generation: usize) -> usize {
+    let (state, cv) = &BURST;
+    let mut s = state.lock().unwrap();
+    s.0[generation] += 1;
+    cv.notify_all();
+    let _ = cv
+        .wait_timeout_while(s, Duration::from_secs(30), |s| s.1 <= generation)
+        .unwrap();
+    generation
+}
+
+/// Waits until `n` calls of `generation` have started; false if they did not within 10 s.
+fn started(generation: usize, n: usize) -> bool {
+    let (state, cv) = &BURST;
+    let s = state.lock().unwrap();
+    let (s, _) = cv
+        .wait_timeout_while(s, Duration::from_secs(10), |s| s.0[generation] < n)
+        .unwrap();
+    s.0[generation] >= n
+}
+
+fn release_generation(generation: usize) {
+    let (state, cv) = &BURST;
+    state.lock().unwrap().1 = generation + 1;
+    cv.notify_all();
+}
+
+/// A burst of slow calls that arrives while some pool threads are idle gets a thread each (up
+/// to the pool's size), and a quick call behind them is answered at once. Regression: the pool
+/// only woke idle threads while it counted some, and a woken thread stopped counting as idle
+/// only once it ran: the burst ran two at a time.
+#[test]
+fn a_burst_of_slow_calls_starts_at_once() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default()
+            .num_worker_threads(16)
+            .rpc_timeout(Duration::from_secs(40))
+    })
+    .unwrap();
+    // Two threads, then idle.
+    let warm: Vec<_> = (0..2)
+        .map(|_| rpcs[0].rpc_async("worker1", slow_in_burst, (0,)))
+        .collect();
+    assert!(started(0, 2));
+    release_generation(0);
+    distrpc::wait_all(warm).unwrap();
+    let burst: Vec<_> = (0..8)
+        .map(|_| rpcs[0].rpc_async("worker1", slow_in_burst, (1,)))
+        .collect();
+    let all_started = started(1, 8);
+    let quick = rpcs[0].rpc_sync_timeout("worker1", ping_pong, (0,), Duration::from_secs(5));
+    release_generation(1);
+    assert!(all_started, "the burst did not start at once");
+    assert_eq!(quick.unwrap(), 0);
+    assert_eq!(distrpc::wait_all(burst).unwrap(), vec![1; 8]);
+    shutdown_all(rpcs).unwrap();
+}

@@ -39,6 +39,12 @@ impl Shared {
     fn running(state: &State) -> usize {
         state.threads - state.blocked
     }
+
+    /// Whether queued jobs outnumber the idle threads that will take them while the pool may
+    /// still run another thread.
+    fn short_of_threads(state: &State, size: usize) -> bool {
+        state.jobs.len() > state.idle && Self::running(state) < size
+    }
 }
 
 /// A cheap handle to the pool.
@@ -81,7 +87,10 @@ impl Pool {
         state.jobs.push_back(job);
         if state.idle > 0 {
             self.shared.work.notify_one();
-        } else if Shared::running(&state) < self.shared.size {
+        }
+        // Each idle thread takes one queued job; a woken thread still counts as idle until it
+        // runs, so the jobs it cannot take are counted against `idle`, not `idle > 0`.
+        if Shared::short_of_threads(&state, self.shared.size) {
             self.spawn(&mut state);
         }
         Ok(())
@@ -158,7 +167,7 @@ pub(crate) fn enter_blocking() -> BlockedGuard {
         };
         let mut state = shared.lock();
         state.blocked += 1;
-        if !state.jobs.is_empty() && state.idle == 0 && Shared::running(&state) < shared.size {
+        if Shared::short_of_threads(&state, shared.size) {
             pool.spawn(&mut state);
         }
     }
