@@ -49,20 +49,20 @@ const BUSY_POLL: Duration = Duration::from_micros(200);
 const WINDOWS: [usize; 3] = [1, 16, 128];
 const SIZES: [usize; 4] = [4 << 10, 1 << 20, 16 << 20, 128 << 20];
 
-#[distrpc::function]
+#[distrpc::function(inline)]
 fn noop() {}
 
-#[distrpc::function]
+#[distrpc::function(inline)]
 fn echo(t: Tensor) -> Tensor {
     t
 }
 
-#[distrpc::function]
+#[distrpc::function(inline)]
 fn small_tensor() -> Tensor {
     Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
 }
 
-#[distrpc::function]
+#[distrpc::function(inline)]
 fn numel(t: Tensor) -> u64 {
     t.numel() as u64
 }

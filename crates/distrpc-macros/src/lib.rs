@@ -15,6 +15,11 @@
 //! `distrpc::Method<T, A, R>`, called through a remote reference to a `T`
 //! (`rref.rpc_sync(method, args)`), and it runs on the owner with the value.
 //!
+//! `#[distrpc::function(inline)]` marks a sync function as quick and never blocking: once its
+//! runs have shown it quick, it runs on the connection's reader instead of the handler pool
+//! (one thread hand-off less per call). Without it a sync function always runs on the pool, so
+//! that one that blocks or computes never holds up other calls' replies.
+//!
 //! A function returning `Result<T, E>` (any path ending in `Result`) has handle type
 //! `Function<A, T>`; its `Err` reaches the caller as a remote error carrying `E`'s type name and
 //! message. An `async fn` runs as a task and holds no worker thread while it waits.
@@ -26,22 +31,33 @@ use syn::parse::{Parse, ParseStream};
 use syn::spanned::Spanned;
 use syn::{FnArg, GenericArgument, ItemFn, LitStr, PathArguments, ReturnType, Token, Type};
 
+#[derive(Default)]
 struct Args {
     name: Option<LitStr>,
+    inline: Option<syn::Ident>,
 }
 
 impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        if input.is_empty() {
-            return Ok(Self { name: None });
+        let mut args = Self::default();
+        while !input.is_empty() {
+            let key: syn::Ident = input.parse()?;
+            if key == "name" && args.name.is_none() {
+                input.parse::<Token![=]>()?;
+                args.name = Some(input.parse()?);
+            } else if key == "inline" && args.inline.is_none() {
+                args.inline = Some(key);
+            } else {
+                return Err(syn::Error::new(
+                    key.span(),
+                    "expected `name = \"...\"` or `inline`, each at most once",
+                ));
+            }
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
         }
-        let key: syn::Ident = input.parse()?;
-        if key != "name" {
-            return Err(syn::Error::new(key.span(), "expected `name = \"...\"`"));
-        }
-        input.parse::<Token![=]>()?;
-        let name = input.parse()?;
-        Ok(Self { name: Some(name) })
+        Ok(args)
     }
 }
 
@@ -103,6 +119,12 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         Some(Type::Reference(r)) => Some((*r.elem).clone()),
         _ => None,
     };
+    if let (Some(inline), Some(_)) = (&args.inline, &sig.asyncness) {
+        return Err(syn::Error::new(
+            inline.span(),
+            "`inline` is for sync functions: an async function never holds the reader",
+        ));
+    }
     if receiver.is_some() && sig.asyncness.is_some() {
         return Err(syn::Error::new(
             sig.span(),
@@ -176,6 +198,11 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 )
             },
         ),
+    };
+    let handler = if args.inline.is_some() {
+        quote!(#handler.inline())
+    } else {
+        handler
     };
     let mut inner = func.clone();
     inner.sig.ident = impl_ident.clone();

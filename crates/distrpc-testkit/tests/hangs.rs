@@ -239,3 +239,78 @@ fn a_burst_of_slow_calls_starts_at_once() {
     assert_eq!(distrpc::wait_all(burst).unwrap(), vec![1; 8]);
     shutdown_all(rpcs).unwrap();
 }
+
+/// How `hog` holds its thread until the test lets it go.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq)]
+enum Hold {
+    /// Returns at once (to warm the function up: quick runs).
+    Not,
+    /// Sleeps on a `std::sync::Mutex` the test holds.
+    Mutex,
+    /// Sleeps 100 ms at a time until released.
+    Sleep,
+    /// Computes until released.
+    Compute,
+}
+
+static HOG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static HOG_RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A sync function that is quick until it is not: it blocks in ways distrpc cannot see.
+#[distrpc::function]
+fn hog(hold: Hold) -> Hold {
+    use std::sync::atomic::Ordering::Acquire;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    match hold {
+        Hold::Not => {}
+        Hold::Mutex => drop(HOG_LOCK.lock()),
+        Hold::Sleep => {
+            while !HOG_RELEASED.load(Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Hold::Compute => {
+            let mut x = 1u64;
+            while !HOG_RELEASED.load(Acquire) && std::time::Instant::now() < deadline {
+                for i in 0..10_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+            }
+        }
+    }
+    hold
+}
+
+/// While a sync function blocks — on a contended mutex, in sleeps, computing — other calls on
+/// the same connection are answered and timeouts fire. Regression: a function that had been
+/// quick ran on the connection's reader, and blocking there in a way distrpc cannot see held
+/// every other reply behind it. Sync functions now run on the pool unless marked `inline`.
+#[test]
+fn a_blocking_sync_function_holds_up_no_other_call() {
+    let rpcs = echo_group();
+    let echo: distrpc::Function<(i64,), i64> = distrpc::Function::named("echo");
+    for hold in [Hold::Mutex, Hold::Sleep, Hold::Compute] {
+        // Quick runs first: under the old scheme these made it trusted to run on the reader.
+        for _ in 0..64 {
+            assert_eq!(
+                rpcs[0].rpc_sync("worker1", hog, (Hold::Not,)).unwrap(),
+                Hold::Not
+            );
+        }
+        HOG_RELEASED.store(false, std::sync::atomic::Ordering::Release);
+        let guard = HOG_LOCK.lock().unwrap();
+        let hogging = rpcs[0].rpc_async("worker1", hog, (hold,));
+        for i in 0..5 {
+            let r = rpcs[0].rpc_sync_timeout("worker1", &echo, (i,), Duration::from_secs(5));
+            assert_eq!(r.unwrap(), i, "a call behind {hold:?} was held up");
+        }
+        let short = Duration::from_millis(50);
+        let r = rpcs[0].rpc_sync_timeout("worker1", hog, (Hold::Sleep,), short);
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert!(!hogging.is_done(), "the hog returned before it was let go");
+        drop(guard);
+        HOG_RELEASED.store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(hogging.wait().unwrap(), hold);
+    }
+    shutdown_all(rpcs).unwrap();
+}

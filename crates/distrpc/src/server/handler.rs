@@ -100,6 +100,23 @@ pub(crate) enum HandlerKind {
     Inline(Arc<dyn Fn(Request) -> Produced + Send + Sync>),
 }
 
+impl Handler {
+    /// Marks a sync function as quick and never blocking: once it has shown itself quick, it
+    /// runs on the connection's reader (see [`Speed`]). Other handlers are returned unchanged.
+    pub fn inline(self) -> Self {
+        match self.0 {
+            HandlerKind::Sync(f, _) => Handler(HandlerKind::Sync(
+                f,
+                Arc::new(Speed {
+                    inline: true,
+                    ..Speed::default()
+                }),
+            )),
+            other => Handler(other),
+        }
+    }
+}
+
 impl fmt::Debug for HandlerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -110,13 +127,17 @@ impl fmt::Debug for HandlerKind {
     }
 }
 
-/// How quick a sync function has been: it runs inline on the connection's reader (no hand-off
-/// to the pool, one wake-up less per call) only after its last [`Speed::TRUSTED`] runs each took
-/// less than [`Speed::QUICK`] and never blocked. One slow or blocking run sends it back to the
-/// pool until it has shown itself quick again, so a function that computes or waits holds up
-/// the reader at most once in a while.
+/// How quick a sync function has been. A function marked `inline` (`#[distrpc::function(inline)]`,
+/// [`Handler::inline`]) runs on the connection's reader (no hand-off to the pool, one wake-up
+/// less per call) only after its last [`Speed::TRUSTED`] runs each took less than
+/// [`Speed::QUICK`] and never blocked; one slow or blocking run sends it back to the pool until
+/// it has shown itself quick again. An unmarked function always runs on the pool: a function
+/// that sleeps on a lock or computes for long must never hold up the reader, and only its
+/// author can promise it does not.
 #[derive(Debug, Default)]
 pub(crate) struct Speed {
+    /// Marked `inline`: may run on the reader once quick.
+    inline: bool,
     quick_runs: AtomicU32,
 }
 
@@ -126,11 +147,14 @@ impl Speed {
 
     /// Whether the function may run inline.
     pub(crate) fn trusted(&self) -> bool {
-        self.quick_runs.load(Ordering::Relaxed) >= Self::TRUSTED
+        self.inline && self.quick_runs.load(Ordering::Relaxed) >= Self::TRUSTED
     }
 
     /// Records one run.
     pub(crate) fn record(&self, took: Duration, blocked: bool) {
+        if !self.inline {
+            return;
+        }
         if blocked || took >= Self::QUICK {
             self.quick_runs.store(0, Ordering::Relaxed);
         } else if self.quick_runs.load(Ordering::Relaxed) < Self::TRUSTED {
