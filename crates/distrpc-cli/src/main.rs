@@ -41,6 +41,9 @@ enum Command {
         /// Store port; 0 (the default) picks a free one and hands it to rank 0 as an open socket.
         #[arg(long, default_value_t = 0)]
         master_port: u16,
+        /// Seconds a stopped rank has between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = distrpc::launch::DEFAULT_GRACE.as_secs_f64())]
+        grace: f64,
         /// The command to run, and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
@@ -69,8 +72,9 @@ fn main() -> ExitCode {
             nproc,
             master_addr,
             master_port,
+            grace,
             command,
-        } => launch(nproc, master_addr, master_port, command),
+        } => launch(nproc, master_addr, master_port, grace, command),
         Command::Bench(args) => bench::run(args),
         Command::Plot { input, output } => plot::run(&input, &output),
         Command::BenchWorker { workload, scale } if workload == "scaling" => {
@@ -92,9 +96,12 @@ fn launch(
     nproc: usize,
     master_addr: String,
     master_port: u16,
+    grace: f64,
     command: Vec<OsString>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
+    let grace = std::time::Duration::try_from_secs_f64(grace)
+        .map_err(|e| anyhow::anyhow!("--grace {grace}: {e}"))?;
     let mut parts = command.into_iter();
     let program = parts
         .next()
@@ -102,7 +109,8 @@ fn launch(
     let launch = Launch::new(nproc, program)
         .args(parts)
         .master_addr(master_addr)
-        .master_port(master_port);
+        .master_port(master_port)
+        .grace(grace);
     match launch.run() {
         Ok(()) => Ok(()),
         Err(e @ LaunchError::Failed { .. }) => Err(e.into()),

@@ -60,6 +60,27 @@ fn one_failure_stops_the_others_and_fails_the_launch() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("[1] failing"));
 }
 
+/// A failing rank stops whole ranks: rank 0's shell and the `sleep` it started, which holds
+/// the output pipe. Regression: only the shell was killed, and the launcher waited 50 s for
+/// the orphaned `sleep` to close its output.
+#[test]
+fn one_failure_stops_every_process_of_the_other_ranks() {
+    let started = Instant::now();
+    let out = Command::new(DISTRPC)
+        .args(["launch", "--nproc", "2", "--", "sh", "-c"])
+        .arg("if [ \"$RANK\" = 1 ]; then exit 3; else sleep 50; fi")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rank 1 failed"), "{stderr}");
+    assert!(
+        took.as_secs() < 20,
+        "the launch took {took:?}: a rank's child outlived it"
+    );
+}
+
 #[test]
 fn bench_quick_prints_every_workload_as_json() {
     let stdout = distrpc_ok(&["bench", "--quick"]);

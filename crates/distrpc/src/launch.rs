@@ -18,6 +18,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// How long a stopped group has between `SIGTERM` and `SIGKILL` by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
 /// Why a launched group failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -63,6 +66,7 @@ pub struct Launch {
     master_port: Option<u16>,
     first_rank: usize,
     prefix: bool,
+    grace: Duration,
 }
 
 impl Launch {
@@ -77,6 +81,7 @@ impl Launch {
             master_port: None,
             first_rank: 0,
             prefix: true,
+            grace: DEFAULT_GRACE,
         }
     }
 
@@ -124,6 +129,13 @@ impl Launch {
         self
     }
 
+    /// How long stopping the group waits after `SIGTERM` before it sends `SIGKILL` (torchrun's
+    /// way); default [`DEFAULT_GRACE`].
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
     /// Starts every process.
     pub fn spawn(&self) -> Result<Group, LaunchError> {
         let store = match self.master_port {
@@ -142,6 +154,7 @@ impl Launch {
         };
         let (events_tx, events) = mpsc::channel();
         let mut group = Group {
+            grace: self.grace,
             first_rank: self.first_rank,
             pids: Vec::new(),
             exited: Vec::new(),
@@ -151,6 +164,9 @@ impl Launch {
         for index in 0..self.nproc {
             let rank = self.first_rank + index;
             let mut cmd = Command::new(&self.program);
+            // Each rank leads a process group of its own: stopping a rank stops whatever it
+            // started too (a shell's children would otherwise outlive it, holding its output).
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             cmd.args(&self.args)
                 .envs(self.envs.iter().map(|(k, v)| (k, v)))
                 .env("RANK", rank.to_string())
@@ -238,6 +254,7 @@ fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) 
 /// A started group of processes.
 #[derive(Debug)]
 pub struct Group {
+    grace: Duration,
     first_rank: usize,
     /// By index: the process of rank `first_rank + index`.
     pids: Vec<u32>,
@@ -253,26 +270,50 @@ impl Group {
     }
 
     /// Kills the process of `rank` (SIGKILL), unless it has already exited.
+    /// Kills rank `rank` (`SIGKILL`) with every process it started (its process group).
     pub fn kill(&mut self, rank: usize) -> std::io::Result<()> {
         let index = rank.wrapping_sub(self.first_rank);
-        let (Some(&pid), Some(exited)) = (self.pids.get(index), self.exited.get(index)) else {
+        if index >= self.pids.len() {
             return Err(std::io::ErrorKind::NotFound.into());
-        };
-        if exited.load(Ordering::Acquire) {
+        }
+        self.signal(index, libc::SIGKILL)
+    }
+
+    /// Sends `signal` to the process group of the rank at `index`. A group outlives its leader
+    /// while the leader's children run, which is why it is signalled even after the leader
+    /// exited; its id cannot be taken by a new process while any member lives.
+    fn signal(&self, index: usize, signal: libc::c_int) -> std::io::Result<()> {
+        let pid = self.pids.get(index).copied().unwrap_or(0);
+        let pgid = i32::try_from(pid)
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: kill(2) has no memory-safety preconditions; a negative pid names a group.
+        if unsafe { libc::kill(-pgid, signal) } == 0 {
             return Ok(());
         }
-        let pid = i32::try_from(pid)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: kill(2) has no memory-safety preconditions. The pid is our unreaped child
-        // (its waiter has not set `exited`), so it cannot have been reused by another process.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
+        match std::io::Error::last_os_error() {
+            // Nobody left in the group.
+            e if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            e => Err(e),
         }
     }
 
-    /// The next process to exit (its index and status), or `None` once `deadline` passes.
+    /// Stops every rank as torchrun does: `SIGTERM` to each rank's process group, up to the
+    /// grace period for them to exit, then `SIGKILL` to every group.
+    fn stop_all(&mut self) {
+        for index in 0..self.pids.len() {
+            let _ = self.signal(index, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + self.grace;
+        while !self.exited.iter().all(|e| e.load(Ordering::Acquire)) {
+            if self.next_exit(Some(deadline)).is_none() {
+                break;
+            }
+        }
+        self.kill_all();
+    }
+
     fn next_exit(
         &self,
         deadline: Option<std::time::Instant>,
@@ -319,7 +360,7 @@ impl Group {
             }
         }
         if failure.is_some() {
-            self.kill_all();
+            self.stop_all();
         }
         for p in self.pumps.drain(..) {
             let _ = p.join();
