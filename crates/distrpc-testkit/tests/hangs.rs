@@ -314,3 +314,33 @@ fn a_blocking_sync_function_holds_up_no_other_call() {
     }
     shutdown_all(rpcs).unwrap();
 }
+
+/// Workers started with different world sizes fail at init, naming the disagreement.
+/// Regression: both waited for the whole timeout and then blamed ranks that never came.
+#[test]
+fn workers_that_disagree_on_the_world_size_fail_at_init() {
+    let options = || RpcOptions::default().rpc_timeout(Duration::from_secs(30));
+    // Either may be first to join (and so set the world size): rounds try both orders.
+    for _ in 0..8 {
+        let first = Rpc::bind("worker0", 0, 2, options().init_method("tcp://127.0.0.1:0")).unwrap();
+        let store = format!("tcp://{}", first.store_addr().unwrap());
+        let stray = thread::spawn(move || Rpc::init("worker3", 3, 4, options().init_method(store)));
+        let started = std::time::Instant::now();
+        let first = first.join();
+        let stray = stray.join().unwrap();
+        for r in [first.map(|_| ()), stray.map(|_| ())] {
+            let e = r
+                .expect_err("a group that disagrees on its size formed")
+                .to_string();
+            assert!(e.contains("disagree on the world size"), "{e}");
+            assert!(
+                e.contains("was given 2") && e.contains("was given 4"),
+                "{e}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "init waited for its timeout"
+        );
+    }
+}

@@ -241,6 +241,66 @@ pub(crate) async fn bind(
     })
 }
 
+/// How the verdict on a group whose workers disagree on its size begins.
+const DISAGREEMENT: &str = "the workers disagree on the world size";
+
+/// Set by a worker that read the verdict of a disagreement.
+const VERDICT_READ_KEY: &str = "distrpc/world/verdict_read";
+/// How long rank 0 keeps its store for the verdict to be read.
+const VERDICT_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the first worker to join records the world size it was given.
+const WORLD_KEY: &str = "distrpc/world";
+
+/// Checks that this worker was given the world size the first one to join was given. On a
+/// disagreement every worker waiting for the group learns it through the table key, and this
+/// one fails at once, naming both sides.
+async fn agree_on_world(
+    store: &Store,
+    me: &str,
+    rank: u32,
+    world: u32,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let store_err = |e: StoreError| Error::Rendezvous(e.to_string());
+    let codec_err = |e: crate::codec::CodecError| Error::Rendezvous(e.to_string());
+    if store
+        .add("distrpc/world/claims", 1)
+        .await
+        .map_err(store_err)?
+        == 1
+    {
+        let record = crate::codec::encode_inline(&(world, me, rank)).map_err(codec_err)?;
+        store.set(WORLD_KEY, &record).await.map_err(store_err)?;
+        return Ok(());
+    }
+    // The first claimant sets it right after its claim.
+    store
+        .wait(&[WORLD_KEY.to_string()], timeout)
+        .await
+        .map_err(store_err)?;
+    let record = store.get(WORLD_KEY).await.map_err(store_err)?;
+    let (first_world, first, first_rank): (u32, String, u32) =
+        crate::codec::decode_inline(record.as_deref().unwrap_or_default()).map_err(codec_err)?;
+    if first_world == world {
+        return Ok(());
+    }
+    let message = format!(
+        "{DISAGREEMENT}: {me:?} (rank {rank}) was given {world}, \
+         {first:?} (rank {first_rank}) was given {first_world}"
+    );
+    let table: Table = Err(message.clone());
+    let blob = crate::codec::encode_inline(&table).map_err(codec_err)?;
+    store.set(TABLE_KEY, &blob).await.map_err(store_err)?;
+    if rank == 0 {
+        // This process hosts the store: the worker that set the world size reads the verdict
+        // from it first (bounded: it may be gone).
+        let bound = timeout.min(VERDICT_WAIT);
+        let _ = store.wait(&[VERDICT_READ_KEY.to_string()], bound).await;
+    }
+    Err(Error::Rendezvous(message))
+}
+
 fn key_worker(rank: u32) -> String {
     format!("distrpc/worker/{rank}")
 }
@@ -268,6 +328,7 @@ pub(crate) async fn join(
         ),
         StoreTarget::File(path) => Store::File(FileStore::open(path).map_err(store_err)?),
     };
+    agree_on_world(&store, me, rank, world, timeout).await?;
     let claims = store
         .add(&format!("distrpc/rank/{rank}/claims"), 1)
         .await
@@ -318,6 +379,16 @@ pub(crate) async fn join(
         .await
         .map_err(store_err)?
         .ok_or_else(|| Error::Rendezvous("the group's table vanished from the store".into()))?;
+    // A group that cannot form (workers disagreeing on its size) fails here; its size is not
+    // known, so rank 0 cannot wait for everyone to have read the verdict.
+    let verdict = crate::codec::decode_inline::<Result<serde::de::IgnoredAny, String>>(&blob);
+    if let Ok(Err(message)) = verdict
+        && message.starts_with(DISAGREEMENT)
+    {
+        // Rank 0, if it found the disagreement, waits for this before its store goes.
+        let _ = store.set(VERDICT_READ_KEY, b"").await;
+        return Err(Error::Rendezvous(message));
+    }
     // Rank 0 hosts the store: it must not return (and maybe exit) before every worker has read
     // it, whether the group turns out valid or not.
     let read = store.add("distrpc/read", 1).await.map_err(store_err)?;
