@@ -344,3 +344,28 @@ fn workers_that_disagree_on_the_world_size_fail_at_init() {
         );
     }
 }
+
+/// A member that stopped before anyone ever connected to it: the others' graceful shutdown
+/// (no timeout) fails naming it. Regression: with no connection to lose, nobody noticed, and
+/// the shutdown barrier waited forever.
+#[test]
+fn shutdown_names_a_member_that_died_unseen() {
+    let mut rpcs = in_process(3, |_| RpcOptions::default()).unwrap();
+    rpcs.pop().unwrap().shutdown_local();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for rpc in rpcs {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let _ = tx.send((rpc.name().to_string(), rpc.shutdown()));
+        });
+    }
+    for _ in 0..2 {
+        let (name, r) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("shutdown hung");
+        let e = r
+            .expect_err("shutdown succeeded without worker2")
+            .to_string();
+        assert!(e.contains("worker2"), "{name}: {e}");
+    }
+}

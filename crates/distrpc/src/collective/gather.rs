@@ -27,11 +27,16 @@ use crate::server::registry::Registry;
 
 const GATHER_FN: &str = "distrpc::gather_to_leader";
 const BROADCAST_FN: &str = "distrpc::broadcast_to_followers";
+/// How long a leader that lost a member waits for the others to report, to tell them why the
+/// round failed.
+const LOSS_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Round {
     objects: BTreeMap<String, ByteBuf>,
     done: bool,
+    /// The leader's word that the round failed: the member lost, and why.
+    failed: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -112,11 +117,14 @@ impl Gather {
         registry.insert(
             BROADCAST_FN,
             inline_handler(BROADCAST_FN, move |(round, encoded): (String, ByteBuf)| {
-                let objects: BTreeMap<String, ByteBuf> =
+                let answer: Result<BTreeMap<String, ByteBuf>, (String, String)> =
                     crate::codec::decode_inline(&encoded).map_err(|e| e.to_string())?;
                 let mut state = g.lock();
                 let r = state.rounds.entry(round).or_default();
-                r.objects = objects;
+                match answer {
+                    Ok(objects) => r.objects = objects,
+                    Err(lost) => r.failed = Some(lost),
+                }
                 r.done = true;
                 drop(state);
                 g.changed.notify_all();
@@ -281,6 +289,12 @@ fn gather_round(
     let obj = ByteBuf::from(obj);
 
     if me == leader {
+        // A member that is gone is noticed only through a connection to it: connect to every
+        // member now (the broadcast needs them anyway), so that one that died before anyone
+        // connected fails the round instead of leaving it waiting.
+        for &rank in &ranks[1..] {
+            let _ = transport.connection(rank);
+        }
         gather
             .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
@@ -305,6 +319,10 @@ fn gather_round(
     let mut losses_seen = None;
     loop {
         let r = state.rounds.entry(round.clone()).or_default();
+        if let Some((worker, reason)) = r.failed.take() {
+            state.rounds.remove(&round);
+            return Err(Error::PeerGone { worker, reason });
+        }
         let complete = if me == leader {
             r.objects.len() >= members.len()
         } else {
@@ -323,7 +341,43 @@ fn gather_round(
                 .into_iter()
                 .find_map(|i| transport.gone(ranks[i]).map(|reason| (members[i], reason)));
             if let Some((name, reason)) = lost {
-                state.rounds.remove(&round);
+                if me == leader {
+                    // The round fails. The members still alive hear why from the leader — if
+                    // they report within a grace period — rather than that it left.
+                    let grace = Some(Instant::now() + LOSS_GRACE);
+                    loop {
+                        let r = state.rounds.entry(round.clone()).or_default();
+                        let alive_missing = missing(r)
+                            .into_iter()
+                            .any(|i| transport.gone(ranks[i]).is_none());
+                        if !alive_missing {
+                            break;
+                        }
+                        match wait_until(&gather.changed, state, grace) {
+                            Ok(s) => state = s,
+                            Err(s) => {
+                                state = s;
+                                break;
+                            }
+                        }
+                    }
+                }
+                let r = state.rounds.remove(&round).unwrap_or_default();
+                drop(state);
+                if me == leader {
+                    // The members that reported learn why the round failed, rather than that
+                    // the leader left it.
+                    let answer: Result<(), (&str, &str)> = Err((name, &reason));
+                    let encoded = ByteBuf::from(encode(&answer, "result")?);
+                    for i in 1..members.len() {
+                        if r.objects.contains_key(members[i]) {
+                            let args = (&round, &encoded);
+                            gather
+                                .call(ranks[i], BROADCAST_FN, &args, timeout)
+                                .on_complete(drop);
+                        }
+                    }
+                }
                 return Err(Error::PeerGone {
                     worker: name.to_string(),
                     reason,
@@ -366,7 +420,8 @@ fn gather_round(
         }
     };
     // Encoded once, sent to every follower.
-    let encoded = ByteBuf::from(encode(&objects, "result")?);
+    let answer: Result<&BTreeMap<String, ByteBuf>, ()> = Ok(&objects);
+    let encoded = ByteBuf::from(encode(&answer, "result")?);
     let futures: Vec<_> = (1..members.len())
         .map(|i| {
             let f = gather.call(ranks[i], BROADCAST_FN, &(&round, &encoded), timeout);
