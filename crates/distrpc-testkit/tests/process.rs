@@ -27,3 +27,11 @@ fn a_dead_peer_fails_the_calls_waiting_on_it_at_once() {
         "rank 0 crashes, the survivors succeed"
     );
 }
+
+/// Regression: rank 0 left the store socket inheritable and its variable set, so a process it
+/// started got both (and one that was itself a distrpc rank 0 would take the socket).
+#[test]
+fn rank_0s_children_inherit_neither_the_store_socket_nor_its_variable() {
+    let group = Launch::new(1, WORKER).arg("store_fd").spawn().unwrap();
+    group.wait_timeout(BOUND).expect("rank 0's check must pass");
+}

@@ -142,7 +142,9 @@ pub(crate) struct Bound {
 
 static STORE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// The store listener handed over by the launcher, if this process is its rank 0.
+/// The store listener handed over by the launcher, if this process is its rank 0. Taken once:
+/// the variable is removed and the descriptor made close-on-exec, so that rank 0's own
+/// children inherit neither.
 fn inherited_store_listener() -> Result<Option<std::net::TcpListener>, Error> {
     let Ok(fd) = std::env::var(STORE_FD_ENV) else {
         return Ok(None);
@@ -151,27 +153,41 @@ fn inherited_store_listener() -> Result<Option<std::net::TcpListener>, Error> {
     if STORE_FD_TAKEN.swap(true, Ordering::AcqRel) {
         return Ok(None);
     }
-    let fd: i32 = fd.parse().map_err(|_| {
-        Error::InvalidArgument(format!("{STORE_FD_ENV}={fd:?} is not a descriptor"))
-    })?;
-    use std::os::fd::{BorrowedFd, FromRawFd};
-    // SAFETY: `fd` is checked to be an open socket before ownership is taken, and it is taken at
-    // most once per process (STORE_FD_TAKEN). The launcher opened it for this process alone.
-    let is_socket = unsafe {
-        socket2::SockRef::from(&BorrowedFd::borrow_raw(fd))
-            .local_addr()
-            .is_ok()
-    };
-    if !is_socket {
-        return Err(Error::InvalidArgument(format!(
-            "{STORE_FD_ENV}={fd} is not an open socket"
-        )));
-    }
-    // SAFETY: as above; from here on the listener owns the descriptor.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // SAFETY: the environment is written from one thread at a time: this runs once per process
+    // (STORE_FD_TAKEN), and distrpc's own threads never read or write the environment.
+    unsafe { std::env::remove_var(STORE_FD_ENV) };
+    let listener = take_listener(&fd)?;
+    socket2::SockRef::from(&listener).set_cloexec(true)?;
     // The launcher listened with std's short queue: deepen it (listen again is allowed).
     socket2::SockRef::from(&listener).listen(crate::net::BACKLOG)?;
     Ok(Some(listener))
+}
+
+/// The listening socket `fd` names (a descriptor number, as the launcher wrote it).
+fn take_listener(fd: &str) -> Result<std::net::TcpListener, Error> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    let bad = |what: &str| Error::InvalidArgument(format!("{STORE_FD_ENV}={fd:?} {what}"));
+    let fd: i32 = fd
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&fd| fd >= 0)
+        .ok_or_else(|| bad("is not a descriptor number"))?;
+    // SAFETY: `fd` is not negative (so not -1, which `borrow_raw` forbids); it is only borrowed
+    // for the checks below, which fail cleanly on a descriptor that is not open.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let is_stream = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM);
+    let is_ip = socket.local_addr().is_ok_and(|a| a.as_socket().is_some());
+    if !(is_stream && is_ip) {
+        return Err(bad("is not an open TCP socket"));
+    }
+    if !socket.is_listener().unwrap_or(false) {
+        return Err(bad("is not a listening socket"));
+    }
+    // SAFETY: an open, listening TCP socket, taken at most once per process (STORE_FD_TAKEN)
+    // and opened by the launcher for this process alone: from here the listener owns it.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
 }
 
 /// The local address used to reach `remote` (no packet is sent).
@@ -493,6 +509,36 @@ fn check_group(records: Vec<Option<Vec<u8>>>) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The launcher's descriptor is checked before it is taken: a number, not negative, an open
+    /// listening TCP socket. Regression: -1 was handed to `BorrowedFd::borrow_raw`, and any
+    /// open socket was taken.
+    #[test]
+    fn the_store_descriptor_is_checked_before_it_is_taken() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        for bad in ["", "x", "-1", "-7", "99999"] {
+            let e = take_listener(bad).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(STORE_FD_ENV)),
+                "{bad}: {e:?}"
+            );
+        }
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = take_listener(&udp.as_raw_fd().to_string())
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("not an open TCP socket")));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connected = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let e = take_listener(&connected.as_raw_fd().to_string())
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("not a listening socket")));
+        let addr = listener.local_addr().unwrap();
+        let fd = listener.into_raw_fd();
+        let taken = take_listener(&fd.to_string()).unwrap();
+        assert_eq!(taken.local_addr().unwrap(), addr);
+    }
 
     #[test]
     fn init_methods_parse() {

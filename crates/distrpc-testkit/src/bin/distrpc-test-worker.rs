@@ -101,11 +101,41 @@ fn peer_death() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rank 0 takes the store socket the launcher handed it; its own children inherit neither the
+/// socket nor the variable naming it.
+fn store_fd() -> anyhow::Result<()> {
+    let fd = std::env::var(distrpc::STORE_FD_ENV).context("the launcher passed no store socket")?;
+    let rpc = Rpc::init(&name()?, None, None, RpcOptions::default())?;
+    ensure!(
+        std::env::var_os(distrpc::STORE_FD_ENV).is_none(),
+        "the variable is still set after init"
+    );
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "if [ -e /proc/self/fd/{fd} ]; then echo inherited; else echo clean; fi; echo ${{{}:-unset}}",
+            distrpc::STORE_FD_ENV
+        ))
+        .output()?;
+    let out = String::from_utf8_lossy(&child.stdout);
+    ensure!(
+        out.split_whitespace().eq(["clean", "unset"]),
+        "a child of rank 0 saw: {out}"
+    );
+    println!(
+        "store fd {fd} taken; children see: {}",
+        out.trim().replace('\n', " ")
+    );
+    rpc.shutdown()?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     distrpc_testkit::init_tracing();
     match std::env::args().nth(1).as_deref() {
         Some("basic") => basic(),
         Some("peer_death") => peer_death(),
+        Some("store_fd") => store_fd(),
         other => bail!("unknown scenario {other:?}"),
     }
 }
