@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`frame`]: header, message kinds, limits, encoding to I/O slices and checked decoding.
+//! - [`deframe`]: a byte stream, split anywhere, back into frames (what a connection reads).
 //! - [`aligned`]: 64-byte aligned receive buffers that become [`bytes::Bytes`] without a copy.
 //! - [`tensor`]: the [`Tensor`] type, its dtypes and zero-copy `ndarray` views.
 //! - [`ops`]: the tensor arithmetic behind the builtin functions.
@@ -15,6 +16,7 @@
 
 pub mod aligned;
 pub mod codec;
+pub mod deframe;
 pub mod frame;
 pub mod ops;
 pub mod tensor;

@@ -10,10 +10,8 @@
 use crate::sync::lock;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Buf, BytesMut};
-use distrpc_wire::aligned::{ALIGN, AlignedBuf, BufPool};
-use distrpc_wire::frame::HEADER_LEN;
-use distrpc_wire::{Frame, Header, Limits};
+use distrpc_wire::deframe::Deframer;
+use distrpc_wire::{Frame, Limits};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::Notify;
 
@@ -38,23 +36,15 @@ impl std::fmt::Display for ReadEnd {
     }
 }
 
-/// Turns the bytes of a socket into frames, checking each against the limits before allocating
-/// for it. It never waits: [`FrameReader::try_next`] takes what the socket has right now, so any
-/// thread may drive it (the connection's reader task, or a caller waiting for its reply).
+/// Turns the bytes of a socket into frames: a [`Deframer`] (which checks each frame against the
+/// limits before allocating for it, and keeps tensors 64-byte aligned) fed from the socket. It
+/// never waits: [`FrameReader::try_next`] takes what the socket has right now, so any thread may
+/// drive it (the connection's reader task, or a caller waiting for its reply).
 ///
-/// Small frames are read in bulk into one growing buffer and handed out as slices of it (one
-/// `read` serves many frames, no allocation per frame); a body of [`BufPool::MIN_POOLED`] bytes
-/// or more is read straight into a reused 64-byte aligned buffer, across as many reads as it
-/// takes — with the socket's low-water mark raised meanwhile, so that the reader is woken for
-/// pieces of up to [`LOWAT_MAX`] bytes rather than for every segment. Either way the tensors of
-/// a frame start on a 64-byte boundary: a small body that lands
-/// unaligned and carries tensors is copied once into an aligned buffer.
+/// While a large body arrives, the socket's low-water mark is raised, so that the reader is
+/// woken for pieces of up to [`LOWAT_MAX`] bytes rather than for every segment.
 pub(crate) struct FrameReader {
-    buf: BytesMut,
-    limits: Limits,
-    buffers: BufPool,
-    /// A large body being read into its own buffer, and how much of it has arrived.
-    large: Option<(Header, AlignedBuf, usize)>,
+    frames: Deframer,
     /// The socket's receive low-water mark as last set (1: the kernel's default).
     lowat: usize,
 }
@@ -62,23 +52,12 @@ pub(crate) struct FrameReader {
 /// How many times the reader task tries the read side's lock before sleeping on it.
 const SPINS: u32 = 200;
 
-/// How much the bulk buffer grows by per read.
-const READ_CHUNK: usize = 64 * 1024;
-
 impl FrameReader {
     pub(crate) fn new(limits: Limits) -> Self {
         Self {
-            buf: BytesMut::with_capacity(READ_CHUNK),
-            limits,
-            buffers: BufPool::default(),
-            large: None,
+            frames: Deframer::new(limits),
             lowat: 1,
         }
-    }
-
-    /// Whether bytes of a frame not yet handed out are held here.
-    fn holds_bytes(&self) -> bool {
-        !self.buf.is_empty() || self.large.is_some()
     }
 
     /// The next frame, reading from `src` without waiting. `Ok(None)` means `src` has nothing
@@ -93,56 +72,39 @@ impl FrameReader {
         src: &OwnedReadHalf,
         direct: bool,
     ) -> Result<Option<Frame>, ReadEnd> {
+        let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
         loop {
-            if let Some(frame) = self.parse()? {
-                if self.lowat != 1 && self.large.is_none() {
+            if let Some(frame) = self.frames.next_frame().map_err(malformed)? {
+                if self.lowat != 1 && self.frames.large_remaining().is_none() {
                     set_lowat(src, 1);
                     self.lowat = 1;
                 }
                 return Ok(Some(frame));
             }
-            let read = match &mut self.large {
-                Some((_, body, filled)) => {
-                    let dst = &mut body.as_mut_slice()[*filled..];
-                    if direct {
-                        recv(src, dst)
-                    } else {
-                        src.try_read(dst)
-                    }
-                    .inspect(|n| *filled += n)
-                }
-                None if direct => {
-                    self.buf.reserve(READ_CHUNK);
-                    let len = self.buf.len();
-                    let spare = self.buf.spare_capacity_mut();
-                    // SAFETY: `recv` only writes; u8 has no invalid bit patterns.
-                    let dst =
-                        unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
-                    recv(src, dst).inspect(|n| {
-                        // SAFETY: the kernel initialised the first `n` spare bytes.
-                        unsafe { self.buf.set_len(len + n) }
-                    })
-                }
-                None => {
-                    self.buf.reserve(READ_CHUNK);
-                    src.try_read_buf(&mut self.buf)
-                }
+            let dst = self.frames.read_buf();
+            let read = if direct {
+                recv_uninit(src, dst)
+            } else {
+                // Through tokio, so that a WouldBlock clears its readiness.
+                src.as_ref()
+                    .try_io(tokio::io::Interest::READABLE, || recv_uninit(src, dst))
             };
             match read {
-                Ok(0) if self.holds_bytes() => {
+                Ok(0) if self.frames.holds_bytes() => {
                     return Err(ReadEnd::Malformed(
                         "connection closed inside a frame".into(),
                     ));
                 }
                 Ok(0) => return Err(ReadEnd::Closed),
-                Ok(_) => {}
+                // SAFETY: `recv` initialised the first `n` bytes of `read_buf`'s slice.
+                Ok(n) => unsafe { self.frames.filled(n) },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     // While a large body arrives, wake up for big pieces of it, not for every
                     // segment; back to one byte once it is in.
-                    let want = match &self.large {
-                        Some((_, body, filled)) => (body.as_slice().len() - filled).min(LOWAT_MAX),
-                        None => 1,
-                    };
+                    let want = self
+                        .frames
+                        .large_remaining()
+                        .map_or(1, |r| r.min(LOWAT_MAX));
                     if want != self.lowat {
                         set_lowat(src, want);
                         self.lowat = want;
@@ -163,54 +125,6 @@ impl FrameReader {
             }
             src.readable().await.map_err(ReadEnd::Io)?;
         }
-    }
-
-    /// A frame out of the bytes already read, if they hold a whole one.
-    fn parse(&mut self) -> Result<Option<Frame>, ReadEnd> {
-        let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
-        if let Some((_, body, filled)) = &self.large {
-            if *filled < body.as_slice().len() {
-                return Ok(None);
-            }
-            return match self.large.take() {
-                Some((header, body, _)) => Frame::decode(&header, body.freeze())
-                    .map(Some)
-                    .map_err(malformed),
-                None => Ok(None),
-            };
-        }
-        let Some(head) = self.buf.get(..HEADER_LEN) else {
-            return Ok(None);
-        };
-        let head: &[u8; HEADER_LEN] = head
-            .try_into()
-            .map_err(|_| ReadEnd::Malformed("short header".into()))?;
-        let header = Header::parse(head, &self.limits).map_err(malformed)?;
-        // `parse` bounded body_len by `limits.max_body`, which the caller chose to fit memory.
-        let len = usize::try_from(header.body_len)
-            .map_err(|_| ReadEnd::Malformed("frame body larger than memory".into()))?;
-        if len >= BufPool::MIN_POOLED {
-            self.buf.advance(HEADER_LEN);
-            let mut body = self.buffers.take(len);
-            let have = self.buf.len().min(len);
-            body.as_mut_slice()[..have].copy_from_slice(&self.buf[..have]);
-            self.buf.advance(have);
-            self.large = Some((header, body, have));
-            return self.parse();
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        self.buf.advance(HEADER_LEN);
-        let body = self.buf.split_to(len).freeze();
-        let body = if header.tensor_count > 0 && !(body.as_ptr() as usize).is_multiple_of(ALIGN) {
-            let mut aligned = AlignedBuf::zeroed(len);
-            aligned.as_mut_slice().copy_from_slice(&body);
-            aligned.freeze()
-        } else {
-            body
-        };
-        Frame::decode(&header, body).map(Some).map_err(malformed)
     }
 }
 
@@ -352,11 +266,15 @@ impl ReadSide {
     }
 }
 
-/// One `recv` on the socket, bypassing tokio's readiness tracking.
-fn recv(src: &OwnedReadHalf, dst: &mut [u8]) -> std::io::Result<usize> {
+/// One `recv` into memory that may be uninitialised; returns how many bytes it initialised.
+fn recv_uninit(
+    src: &OwnedReadHalf,
+    dst: &mut [std::mem::MaybeUninit<u8>],
+) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let fd = src.as_ref().as_raw_fd();
-    // SAFETY: `dst` is valid for writes of its length; the descriptor is open while `src` is.
+    // SAFETY: `dst` is valid for writes of its length, which is all `recv` does with it; the
+    // descriptor is open while `src` is.
     let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
