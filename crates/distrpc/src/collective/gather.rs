@@ -366,16 +366,20 @@ fn gather_round(
                 drop(state);
                 if me == leader {
                     // The members that reported learn why the round failed, rather than that
-                    // the leader left it.
+                    // the leader left it: the leader waits (bounded) until they have heard,
+                    // since it may close its connections next, and a follower can see one
+                    // connection close before it reads this on another.
                     let answer: Result<(), (&str, &str)> = Err((name, &reason));
                     let encoded = ByteBuf::from(encode(&answer, "result")?);
-                    for i in 1..members.len() {
-                        if r.objects.contains_key(members[i]) {
+                    let told: Vec<_> = (1..members.len())
+                        .filter(|&i| r.objects.contains_key(members[i]))
+                        .map(|i| {
                             let args = (&round, &encoded);
-                            gather
-                                .call(ranks[i], BROADCAST_FN, &args, timeout)
-                                .on_complete(drop);
-                        }
+                            gather.call(ranks[i], BROADCAST_FN, &args, LOSS_GRACE)
+                        })
+                        .collect();
+                    for heard in told {
+                        let _ = heard.wait();
                     }
                 }
                 return Err(Error::PeerGone {
