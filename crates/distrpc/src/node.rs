@@ -26,6 +26,7 @@ pub(crate) struct NodeConfig {
     pub(crate) limits: Limits,
     pub(crate) faults: FaultInjection,
     pub(crate) busy_poll: Duration,
+    pub(crate) liveness: Duration,
 }
 
 /// The layers of one worker.
@@ -50,9 +51,14 @@ impl Node {
             limits,
             faults,
             busy_poll,
+            liveness,
         } = config;
         let me = group.workers[rank as usize].clone();
-        let transport = Transport::new(me, group, limits, busy_poll, Tasks::new(rt));
+        let sockets = crate::transport::SocketOptions {
+            busy_poll,
+            liveness,
+        };
+        let transport = Transport::new(me, group, limits, sockets, Tasks::new(rt));
         let client = Client::new(transport.clone(), rpc_timeout, faults);
         let gather = Gather::new(client.clone());
         gather.register(&mut registry);

@@ -18,6 +18,9 @@ use crate::server::handler::{Handler, named_sync_handler};
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
 /// torch's default number of worker threads.
 pub const DEFAULT_NUM_WORKER_THREADS: usize = 16;
+/// How long a peer may stay silent at the TCP level (its host gone, the network cut: no
+/// FIN, no RST) before its connection is declared dead; see [`RpcOptions::liveness`].
+pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(10);
 /// torch's default init method.
 pub const DEFAULT_INIT_METHOD: &str = "env://";
 
@@ -45,6 +48,7 @@ pub struct RpcOptions {
     pub(crate) faults: FaultInjection,
     pub(crate) check_rref_leaks: bool,
     pub(crate) busy_poll: Duration,
+    pub(crate) liveness: Duration,
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
 }
 
@@ -59,6 +63,7 @@ impl Default for RpcOptions {
             faults: FaultInjection::default(),
             check_rref_leaks: false,
             busy_poll: Duration::ZERO,
+            liveness: DEFAULT_LIVENESS,
             functions: Vec::new(),
         }
     }
@@ -75,6 +80,7 @@ impl fmt::Debug for RpcOptions {
             .field("faults", &self.faults)
             .field("check_rref_leaks", &self.check_rref_leaks)
             .field("busy_poll", &self.busy_poll)
+            .field("liveness", &self.liveness)
             .field(
                 "functions",
                 &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -140,6 +146,19 @@ impl RpcOptions {
     /// (zero) by default.
     pub fn busy_poll(mut self, spin: Duration) -> Self {
         self.busy_poll = spin;
+        self
+    }
+
+    /// The liveness bound: a connection whose peer stops answering at the TCP level — its host
+    /// vanished or the network between was cut, so no FIN or RST ever comes — is closed within
+    /// about this long, and every call waiting on that peer fails with
+    /// [`Error::PeerGone`](crate::Error::PeerGone), even calls with no timeout. The kernel does
+    /// the watching (TCP keepalive probes once the connection is idle for half the bound, and
+    /// `TCP_USER_TIMEOUT` for unanswered data and probes), so it costs nothing per call. A live
+    /// peer whose process is merely busy or stopped still answers at the TCP level and is not
+    /// affected. Whole seconds, at least 2; zero turns it off. Default [`DEFAULT_LIVENESS`].
+    pub fn liveness(mut self, bound: Duration) -> Self {
+        self.liveness = bound;
         self
     }
 

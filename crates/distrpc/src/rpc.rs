@@ -133,6 +133,7 @@ impl PendingRpc {
                 },
                 faults: options.faults,
                 busy_poll: options.busy_poll,
+                liveness: options.liveness,
             },
             rt.clone(),
         );

@@ -28,6 +28,15 @@ fn crash() -> u64 {
     std::process::exit(3)
 }
 
+/// Answers only after a minute: a call to it stays in flight.
+#[distrpc::function]
+fn hang() -> u64 {
+    println!("hanging");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::thread::sleep(Duration::from_secs(60));
+    0
+}
+
 fn name() -> anyhow::Result<String> {
     Ok(format!("worker{}", std::env::var("RANK").context("RANK")?))
 }
@@ -130,12 +139,61 @@ fn store_fd() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two hosts (network namespaces the test made): rank 0 at `HOST_ADDR` hosts the store and
+/// prints its port; rank 1 calls rank 0's `hang` with no timeout, and the test cuts the link.
+/// Rank 1 must see the call fail with `PeerGone` within its liveness bound (`LIVENESS_SECS`).
+fn liveness() -> anyhow::Result<()> {
+    let var = |k: &str| std::env::var(k).with_context(|| k.to_string());
+    let rank: usize = var("RANK")?.parse()?;
+    let ip: std::net::IpAddr = var("HOST_ADDR")?.parse()?;
+    let bound = Duration::from_secs(var("LIVENESS_SECS")?.parse()?);
+    let options = RpcOptions::default()
+        .listen_ip(ip)
+        .liveness(bound)
+        .rpc_timeout(Duration::from_secs(30));
+    if rank == 0 {
+        let pending = Rpc::bind(
+            "worker0",
+            0,
+            2,
+            options.init_method(format!("tcp://{ip}:0")),
+        )?;
+        let port = pending.store_addr().context("no TCP store")?.port();
+        println!("store {port}");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        let _rpc = pending.join()?;
+        // Serve until the test ends this process (bounded).
+        std::thread::sleep(Duration::from_secs(120));
+        bail!("rank 0 was never stopped");
+    }
+    let store = format!("tcp://{}:{}", var("MASTER_ADDR")?, var("MASTER_PORT")?);
+    let rpc = Rpc::init("worker1", 1, 2, options.init_method(store))?;
+    println!("calling");
+    let started = Instant::now();
+    let err = rpc
+        .rpc_sync_timeout("worker0", hang, (), Duration::ZERO)
+        .expect_err("worker0 cannot answer: the link is cut");
+    let took = started.elapsed();
+    println!("failed after {took:?}: {err}");
+    ensure!(
+        matches!(&err, Error::PeerGone { worker, .. } if worker == "worker0"),
+        "expected worker0 to be reported gone, got: {err}"
+    );
+    ensure!(
+        took < bound * 3,
+        "detection took {took:?} with a bound of {bound:?}"
+    );
+    rpc.shutdown_local();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     distrpc_testkit::init_tracing();
     match std::env::args().nth(1).as_deref() {
         Some("basic") => basic(),
         Some("peer_death") => peer_death(),
         Some("store_fd") => store_fd(),
+        Some("liveness") => liveness(),
         other => bail!("unknown scenario {other:?}"),
     }
 }

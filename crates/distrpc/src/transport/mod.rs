@@ -88,6 +88,8 @@ pub(crate) struct Transport {
     limits: Limits,
     /// How long reader tasks and blocked callers spin before sleeping (the latency option).
     pub(crate) busy_poll: Duration,
+    /// The liveness bound (zero: off); see [`SocketOptions`].
+    liveness: Duration,
     next_conn: AtomicU64,
     /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
     hand_offs: AtomicU64,
@@ -112,7 +114,7 @@ impl Transport {
         me: WorkerInfo,
         group: Arc<Group>,
         limits: Limits,
-        busy_poll: Duration,
+        sockets: SocketOptions,
         tasks: Tasks,
     ) -> Arc<Self> {
         let peers = group.workers.iter().map(|_| Peer::default()).collect();
@@ -120,7 +122,8 @@ impl Transport {
             me,
             group,
             limits,
-            busy_poll,
+            busy_poll: sockets.busy_poll,
+            liveness: sockets.liveness,
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
             hand_offs: AtomicU64::new(0),
@@ -343,6 +346,9 @@ impl Transport {
         if let Err(e) = w.as_ref().set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
+        if let Err(e) = watch_liveness(w.as_ref(), self.liveness) {
+            tracing::warn!(error = %e, "cannot set TCP keepalive and user timeout: a vanished peer is found only by call timeouts");
+        }
         let read = ReadSide::new(r, frames);
         let _ = conn.read.set(read.clone());
         let (transport, c) = (self.clone(), conn.clone());
@@ -480,6 +486,35 @@ impl Transport {
         self.tasks.cancel();
         self.tasks.wait(flush);
     }
+}
+
+/// How a worker's sockets behave.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SocketOptions {
+    /// How long reader tasks and blocked callers spin before sleeping (the latency option).
+    pub(crate) busy_poll: Duration,
+    /// The liveness bound (zero: off): a peer that stops answering at the TCP level is
+    /// dropped within about this long.
+    pub(crate) liveness: Duration,
+}
+
+/// Makes the kernel watch a connection: once it is idle for half of `bound`, keepalive probes
+/// go out every sixth of it, and data or probes unanswered for half of it end the connection
+/// (`TCP_USER_TIMEOUT`, which on Linux also bounds the probes). So a peer whose host vanished
+/// is found within about `bound` (whole seconds, at least 2), with no cost per call.
+fn watch_liveness(stream: &TcpStream, bound: Duration) -> std::io::Result<()> {
+    if bound.is_zero() {
+        return Ok(());
+    }
+    let secs = bound.as_secs().max(2);
+    let half = Duration::from_secs(secs / 2);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(half)
+        .with_interval(Duration::from_secs((secs / 6).max(1)))
+        .with_retries(3);
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(half))
 }
 
 /// Connection id of calls to self, which never touch a socket.
