@@ -5,15 +5,17 @@
 //! fn add(a: i64, b: i64) -> i64 { a + b }
 //! ```
 //! expands to
-//! - `const add: distrpc::Function<(i64, i64), i64>`: the typed handle callers pass to
-//!   `rpc_sync` / `rpc_async`;
+//! - `const add: distrpc::Function<(i64, i64), i64, fn(i64, i64) -> i64>`: the typed handle
+//!   callers pass to `rpc_sync` / `rpc_async`; it derefs to the function, so `add(1, 2)` still
+//!   calls it locally;
 //! - the function itself, renamed `__distrpc_impl_add`;
 //! - a registration, collected at startup by every process built with it, under the stable
 //!   name `concat!(module_path!(), "::add")` (or `name = "..."` if given).
 //!
-//! A function whose first parameter is `&T` is a method: its handle is a
-//! `distrpc::Method<T, A, R>`, called through a remote reference to a `T`
-//! (`rref.rpc_sync(method, args)`), and it runs on the owner with the value.
+//! `#[distrpc::function(method)]` marks a method: its first parameter is `&T`, its handle a
+//! `distrpc::Method<T, A, R, _>`, called through a remote reference to a `T`
+//! (`rref.rpc_sync(method, args)`); it runs on the owner with the value. Other parameters are
+//! received by value: a reference parameter is a compile error that says so.
 //!
 //! `#[distrpc::function(inline)]` marks a sync function as quick and never blocking: once its
 //! runs have shown it quick, it runs on the connection's reader instead of the handler pool
@@ -35,6 +37,7 @@ use syn::{FnArg, GenericArgument, ItemFn, LitStr, PathArguments, ReturnType, Tok
 struct Args {
     name: Option<LitStr>,
     inline: Option<syn::Ident>,
+    method: Option<syn::Ident>,
 }
 
 impl Parse for Args {
@@ -47,10 +50,12 @@ impl Parse for Args {
                 args.name = Some(input.parse()?);
             } else if key == "inline" && args.inline.is_none() {
                 args.inline = Some(key);
+            } else if key == "method" && args.method.is_none() {
+                args.method = Some(key);
             } else {
                 return Err(syn::Error::new(
                     key.span(),
-                    "expected `name = \"...\"` or `inline`, each at most once",
+                    "expected `name = \"...\"`, `inline` or `method`, each at most once",
                 ));
             }
             if !input.is_empty() {
@@ -108,16 +113,22 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             FnArg::Typed(t) => types.push((*t.ty).clone()),
         }
     }
-    // A first parameter `&T` makes a method on remote references to `T`.
-    let receiver = match types.first() {
-        Some(Type::Reference(r)) if r.mutability.is_some() => {
+    // `method`: the first parameter, `&T`, is the value behind a remote reference to a `T`.
+    let receiver = match (&args.method, types.first()) {
+        (Some(_), Some(Type::Reference(r))) if r.mutability.is_some() => {
             return Err(syn::Error::new(
                 r.span(),
                 "a method receives the referenced value as `&T`; use interior mutability (a Mutex, atomics) to change it",
             ));
         }
-        Some(Type::Reference(r)) => Some((*r.elem).clone()),
-        _ => None,
+        (Some(_), Some(Type::Reference(r))) => Some((*r.elem).clone()),
+        (Some(m), _) => {
+            return Err(syn::Error::new(
+                m.span(),
+                "a method's first parameter is the value behind the remote reference, as `&T`",
+            ));
+        }
+        (None, _) => None,
     };
     if let (Some(inline), Some(_)) = (&args.inline, &sig.asyncness) {
         return Err(syn::Error::new(
@@ -129,6 +140,17 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         return Err(syn::Error::new(
             sig.span(),
             "async methods on remote references are not supported yet",
+        ));
+    }
+    let skip = usize::from(receiver.is_some());
+    if let Some(r) = types
+        .iter()
+        .skip(skip)
+        .find(|t| matches!(t, Type::Reference(_)))
+    {
+        return Err(syn::Error::new(
+            r.span(),
+            "a remote function receives its arguments by value (`String` for `&str`, `Vec<T>` for `&[T]`); a method on the value behind a remote reference is marked `#[distrpc::function(method)]`",
         ));
     }
     let arg_types = if receiver.is_some() {
@@ -159,6 +181,37 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         },
     };
     let args_ty = quote!((#(#arg_types,)*));
+    let ret_ty: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    let all_types: Vec<&Type> = types.iter().collect();
+    let local_ident = format_ident!("__distrpc_local_{}", ident);
+    let all_idents: Vec<_> = (0..types.len())
+        .map(|i| format_ident!("__l{}", i))
+        .collect();
+    // What the handle derefs to: the function itself (an async one boxed, so that its type
+    // can be named).
+    let (local_ty, local_fn) = if sig.asyncness.is_some() {
+        let fut = quote!(::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = #ret_ty> + ::core::marker::Send>>);
+        (
+            quote!(fn(#(#all_types),*) -> #fut),
+            quote! {
+                #[doc(hidden)]
+                #[allow(non_snake_case, clippy::needless_pass_by_value)]
+                fn #local_ident(#(#all_idents: #all_types),*) -> #fut {
+                    ::std::boxed::Box::pin(#impl_ident(#(#all_idents),*))
+                }
+            },
+        )
+    } else {
+        (quote!(fn(#(#all_types),*) -> #ret_ty), quote!())
+    };
+    let local_value = if sig.asyncness.is_some() {
+        quote!(#local_ident as #local_ty)
+    } else {
+        quote!(#impl_ident as #local_ty)
+    };
     let this = receiver.as_ref().map(|_| quote!(__this,));
     let call = if sig.asyncness.is_some() {
         quote!(#impl_ident(#this #(#idents),*).await)
@@ -172,7 +225,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     };
     let (handle_ty, handler) = match (&receiver, sig.asyncness.is_some()) {
         (Some(t), _) => (
-            quote!(::distrpc::Method<#t, #args_ty, #ok_ty>),
+            quote!(::distrpc::Method<#t, #args_ty, #ok_ty, #local_ty>),
             quote! {
                 ::distrpc::__private::method_handler::<#t, #args_ty, _, _, _>(
                     #name,
@@ -181,7 +234,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             },
         ),
         (None, true) => (
-            quote!(::distrpc::Function<#args_ty, #ok_ty>),
+            quote!(::distrpc::Function<#args_ty, #ok_ty, #local_ty>),
             quote! {
                 ::distrpc::__private::async_handler::<#args_ty, _, _, _, _>(
                     #name,
@@ -190,7 +243,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             },
         ),
         (None, false) => (
-            quote!(::distrpc::Function<#args_ty, #ok_ty>),
+            quote!(::distrpc::Function<#args_ty, #ok_ty, #local_ty>),
             quote! {
                 ::distrpc::__private::sync_handler::<#args_ty, _, _, _>(
                     #name,
@@ -207,19 +260,22 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let mut inner = func.clone();
     inner.sig.ident = impl_ident.clone();
     inner.attrs.retain(|a| !a.path().is_ident("doc"));
-    let const_doc =
-        format!("Remote handle of `{ident}`; call it with `Rpc::rpc_sync` / `rpc_async`.");
+    let const_doc = format!(
+        "Remote handle of `{ident}`; call it with `Rpc::rpc_sync` / `rpc_async`, or locally as `{ident}(..)`."
+    );
     let span = Span::call_site();
     Ok(quote::quote_spanned! {span=>
         #(#docs)*
         #[doc = ""]
         #[doc = #const_doc]
         #[allow(non_upper_case_globals)]
-        #vis const #ident: #handle_ty = <#handle_ty>::new(#name);
+        #vis const #ident: #handle_ty = <#handle_ty>::with_local(#name, #local_value);
 
         #[doc(hidden)]
         #[allow(non_snake_case, clippy::needless_pass_by_value)]
         #inner
+
+        #local_fn
 
         ::distrpc::__private::inventory::submit! {
             ::distrpc::__private::Registration {

@@ -30,17 +30,17 @@ fn fail_make(reason: String) -> Result<Counter, String> {
 }
 
 /// A method: runs on the owner with the value; mutates it through an atomic.
-#[distrpc::function]
+#[distrpc::function(method)]
 fn add_to(c: &Counter, by: i64) -> i64 {
     c.value.fetch_add(by, Ordering::SeqCst) + by
 }
 
-#[distrpc::function]
+#[distrpc::function(method)]
 fn value_of(c: &Counter) -> i64 {
     c.value.load(Ordering::SeqCst)
 }
 
-#[distrpc::function]
+#[distrpc::function(method)]
 fn scaled(c: &Counter, by: f32) -> Tensor {
     Tensor::from_slice(&[c.value.load(Ordering::SeqCst) as f32 * by])
 }

@@ -86,7 +86,7 @@ pub use distrpc_macros::function;
 pub use distrpc_wire::ops;
 pub use distrpc_wire::{DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};
-pub use function::{Function, Method};
+pub use function::{Function, Method, NoLocal};
 pub use options::{FaultInjection, MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{PendingRpc, Rpc};

@@ -264,10 +264,10 @@ impl Rpc {
     /// Fails with the callee's error ([`Error::Remote`]), [`Error::Timeout`],
     /// [`Error::PeerGone`] if `to` dies first, or [`Error::UnknownFunction`] /
     /// [`Error::Decode`] if `to` has no such function or other argument types.
-    pub fn rpc_sync<A, R>(
+    pub fn rpc_sync<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
     ) -> Result<R, Error>
     where
@@ -285,10 +285,10 @@ impl Rpc {
     }
 
     /// [`Rpc::rpc_sync`] with its own timeout (zero: none).
-    pub fn rpc_sync_timeout<A, R>(
+    pub fn rpc_sync_timeout<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
         timeout: Duration,
     ) -> Result<R, Error>
@@ -308,10 +308,10 @@ impl Rpc {
 
     /// Calls `f` on `to` without waiting; the future completes with the result or the error.
     /// The arguments are encoded before this returns.
-    pub fn rpc_async<A, R>(
+    pub fn rpc_async<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
     ) -> RpcFuture<R>
     where
@@ -322,10 +322,10 @@ impl Rpc {
     }
 
     /// [`Rpc::rpc_async`] with its own timeout (zero: none).
-    pub fn rpc_async_timeout<A, R>(
+    pub fn rpc_async_timeout<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
         timeout: Duration,
     ) -> RpcFuture<R>
@@ -370,10 +370,10 @@ impl Rpc {
     /// Runs `f` on `to` and keeps its result there, behind the returned remote reference
     /// (torch's `remote`). Returns at once; creation errors surface when the reference is used.
     /// To self, the result is an owner reference.
-    pub fn remote<A, R>(
+    pub fn remote<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
     ) -> RRef<R>
     where
@@ -385,10 +385,10 @@ impl Rpc {
 
     /// [`Rpc::remote`] with its own creation timeout (zero: none). A creation that is not
     /// confirmed in time makes every use of the reference fail with [`Error::RRefCreation`].
-    pub fn remote_timeout<A, R>(
+    pub fn remote_timeout<A, R, L>(
         &self,
         to: impl Into<To>,
-        f: impl Borrow<Function<A, R>>,
+        f: impl Borrow<Function<A, R, L>>,
         args: A,
         timeout: Duration,
     ) -> RRef<R>

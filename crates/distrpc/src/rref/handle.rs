@@ -32,7 +32,7 @@ use crate::worker::WorkerInfo;
 /// fn make_counter(start: i64) -> std::sync::atomic::AtomicI64 {
 ///     std::sync::atomic::AtomicI64::new(start)
 /// }
-/// #[distrpc::function]
+/// #[distrpc::function(method)]
 /// fn bump(counter: &std::sync::atomic::AtomicI64, by: i64) -> i64 {
 ///     counter.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by
 /// }
@@ -276,7 +276,7 @@ impl<T: Any + Send + Sync> RRef<T> {
 impl<T> RRef<T> {
     /// Runs `method` on the owner with the value as its first argument and waits for the result.
     /// If the value is still being created, the call waits for it on the owner.
-    pub fn rpc_sync<A, R>(&self, method: Method<T, A, R>, args: A) -> Result<R, Error>
+    pub fn rpc_sync<A, R, L>(&self, method: Method<T, A, R, L>, args: A) -> Result<R, Error>
     where
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
@@ -285,7 +285,7 @@ impl<T> RRef<T> {
     }
 
     /// [`RRef::rpc_sync`] without waiting.
-    pub fn rpc_async<A, R>(&self, method: Method<T, A, R>, args: A) -> RpcFuture<R>
+    pub fn rpc_async<A, R, L>(&self, method: Method<T, A, R, L>, args: A) -> RpcFuture<R>
     where
         A: Serialize,
         R: DeserializeOwned + Send + 'static,
@@ -293,9 +293,9 @@ impl<T> RRef<T> {
         self.call_method(method, args, Delivery::Queued)
     }
 
-    fn call_method<A, R>(
+    fn call_method<A, R, L>(
         &self,
-        method: Method<T, A, R>,
+        method: Method<T, A, R, L>,
         args: A,
         delivery: Delivery,
     ) -> RpcFuture<R>
@@ -319,7 +319,7 @@ impl<T> RRef<T> {
     }
 
     /// Runs `method` on the owner and keeps its result there, behind a new reference.
-    pub fn remote<A, R>(&self, method: Method<T, A, R>, args: A) -> RRef<R>
+    pub fn remote<A, R, L>(&self, method: Method<T, A, R, L>, args: A) -> RRef<R>
     where
         A: Serialize,
         R: Send + Sync + 'static,

@@ -1,0 +1,47 @@
+//! The Rust API's rough edges, filed down: each test names the edge it guards.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use distrpc::{Error, Rpc, RpcOptions};
+use distrpc_testkit::{in_process, shutdown_all};
+
+#[distrpc::function]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[distrpc::function]
+async fn later(x: i64) -> Result<i64, Error> {
+    Ok(x + 1)
+}
+
+#[distrpc::function(method)]
+fn bump(counter: &AtomicI64, by: i64) -> i64 {
+    counter.fetch_add(by, Ordering::SeqCst) + by
+}
+
+/// Regression: `#[distrpc::function]` replaced the function with its handle, so it could no
+/// longer be called in its own process.
+#[test]
+fn a_remote_function_stays_callable_locally() {
+    assert_eq!(add(2, 3), 5);
+    let plain: fn(i64, i64) -> i64 = *add;
+    assert_eq!(plain(4, 5), 9);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(later(1)).unwrap(), 2);
+    let counter = AtomicI64::new(40);
+    assert_eq!(bump(&counter, 2), 42);
+    // And the same names are the remote handles.
+    let rpcs = in_process(1, |_| RpcOptions::default()).unwrap();
+    let rpc: &Rpc = &rpcs[0];
+    assert_eq!(rpc.rpc_sync("worker0", add, (2, 3)).unwrap(), 5);
+    assert_eq!(rpc.rpc_async("worker0", later, (1,)).wait().unwrap(), 2);
+    let rref = rpc.rref(AtomicI64::new(40));
+    assert_eq!(rref.rpc_sync(bump, (2,)).unwrap(), 42);
+    drop(rref);
+    shutdown_all(rpcs).unwrap();
+}
