@@ -280,6 +280,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         ::distrpc::__private::inventory::submit! {
             ::distrpc::__private::Registration {
                 name: #name,
+                origin: concat!(module_path!(), "::", stringify!(#ident)),
                 handler: || #handler,
             }
         }

@@ -45,3 +45,25 @@ fn a_remote_function_stays_callable_locally() {
     drop(rref);
     shutdown_all(rpcs).unwrap();
 }
+
+/// Regression: registering a closure under a taken name silently replaced the first.
+#[test]
+fn a_name_is_registered_once() {
+    let init = |options: RpcOptions| {
+        let options = options.init_method("tcp://127.0.0.1:0");
+        Rpc::init("worker0", 0, 1, options).unwrap_err().to_string()
+    };
+    let e = init(
+        RpcOptions::default()
+            .register("twice", |(x,): (i64,)| x)
+            .register("twice", |(x,): (i64,)| x + 1),
+    );
+    assert!(
+        e.contains("two functions are registered as \"twice\""),
+        "{e}"
+    );
+    let e = init(RpcOptions::default().register("aten::add", |(x,): (i64,)| x));
+    assert!(e.contains("aten::add") && e.contains("builtin"), "{e}");
+    let e = init(RpcOptions::default().register("distrpc::mine", |(x,): (i64,)| x));
+    assert!(e.contains("distrpc's own"), "{e}");
+}

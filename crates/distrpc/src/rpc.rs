@@ -107,6 +107,12 @@ impl PendingRpc {
             options,
             bound,
         } = self;
+        // Before meeting the group: a worker that cannot serve must not join it.
+        let mut registry = Registry::with_registered()?;
+        for (fname, handler) in options.functions.iter().cloned() {
+            let origin = format!("RpcOptions::register({fname:?})");
+            registry.insert(&fname, origin, handler)?;
+        }
         let group = crate::runtime::block_on(rendezvous::join(
             &bound.target,
             &name,
@@ -116,10 +122,6 @@ impl PendingRpc {
             options.rpc_timeout,
         ))?;
         let check_rref_leaks = options.check_rref_leaks;
-        let mut registry = Registry::with_registered();
-        for (fname, handler) in options.functions {
-            registry.insert(&fname, handler);
-        }
         let node = Node::new(
             NodeConfig {
                 rank,

@@ -106,7 +106,7 @@ impl Gather {
     /// Adds the gather functions to a worker's registry.
     pub(crate) fn register(self: &Arc<Self>, registry: &mut Registry) {
         let g = self.clone();
-        registry.insert(
+        registry.insert_internal(
             GATHER_FN,
             inline_handler(
                 GATHER_FN,
@@ -114,7 +114,7 @@ impl Gather {
             ),
         );
         let g = self.clone();
-        registry.insert(
+        registry.insert_internal(
             BROADCAST_FN,
             inline_handler(BROADCAST_FN, move |(round, encoded): (String, ByteBuf)| {
                 let answer: Result<BTreeMap<String, ByteBuf>, (String, String)> =
