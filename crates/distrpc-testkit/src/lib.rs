@@ -101,9 +101,9 @@ pub fn rref_leaks(rpcs: &[Rpc]) -> Vec<(String, String, i64)> {
             let m = r.metrics();
             keys.iter()
                 .filter_map(|k| {
-                    m.get(*k)
-                        .filter(|v| **v != 0)
-                        .map(|v| (r.name().to_string(), k.to_string(), *v))
+                    m.get(k)
+                        .filter(|v| *v != 0)
+                        .map(|v| (r.name().to_string(), k.to_string(), v))
                 })
                 .collect::<Vec<_>>()
         })

@@ -64,6 +64,30 @@ fn a_name_is_registered_once() {
     );
     let e = init(RpcOptions::default().register("aten::add", |(x,): (i64,)| x));
     assert!(e.contains("aten::add") && e.contains("builtin"), "{e}");
-    let e = init(RpcOptions::default().register("distrpc::mine", |(x,): (i64,)| x));
+    let e = init(RpcOptions::default().register("#distrpc/mine", |(x,): (i64,)| x));
     assert!(e.contains("distrpc's own"), "{e}");
+}
+
+/// Regressions: a completion callback needed `then` and a future to drop; `UnknownWorker` held
+/// the name in quotes; `metrics()["missing"]` panicked.
+#[test]
+fn callbacks_errors_and_metrics_read_plainly() {
+    let rpcs = in_process(1, |_| RpcOptions::default()).unwrap();
+    let rpc = &rpcs[0];
+    let (tx, rx) = std::sync::mpsc::channel();
+    rpc.rpc_async("worker0", add, (2, 3))
+        .add_done_callback(move |r| tx.send(r.unwrap()).unwrap());
+    assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)), Ok(5));
+    let err = rpc.rpc_sync("nobody", add, (1, 1)).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownWorker(w) if w == "nobody"),
+        "{err:?}"
+    );
+    let m = rpc.metrics();
+    assert_eq!(
+        m["agent.num_idle_threads"],
+        m.get("agent.num_idle_threads").unwrap()
+    );
+    assert_eq!((m["no.such.metric"], m.get("no.such.metric")), (0, None));
+    shutdown_all(rpcs).unwrap();
 }

@@ -33,7 +33,7 @@ pub enum Error {
         /// The local worker.
         worker: String,
     },
-    /// No worker has this name or rank.
+    /// No worker has this name (held as given) or rank (`rank N (world size is M)`).
     #[error("unknown worker {0}")]
     UnknownWorker(String),
     /// The callee has no function registered under this name.

@@ -89,7 +89,7 @@ pub use error::{Error, RemoteError};
 pub use function::{Function, Method, NoLocal};
 pub use options::{FaultInjection, MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
-pub use rpc::{PendingRpc, Rpc};
+pub use rpc::{Metrics, PendingRpc, Rpc};
 pub use rref::RRef;
 pub use worker::{To, WorkerInfo};
 

@@ -36,7 +36,6 @@ pub const DEFAULT_INIT_METHOD: &str = "env://";
 ///     .rpc_timeout(Duration::from_secs(5))
 ///     .init_method("tcp://127.0.0.1:29500")
 ///     .register("double", |(x,): (i64,)| x * 2);
-/// assert_eq!(options.timeout(), Duration::from_secs(5));
 /// ```
 #[derive(Clone)]
 pub struct RpcOptions {
@@ -103,6 +102,10 @@ impl RpcOptions {
     }
 
     /// The configured default call timeout.
+    #[deprecated(
+        note = "one name for the default timeout everywhere: `Rpc::rpc_timeout()` reads it, \
+                         `RpcOptions::rpc_timeout(d)` and `Rpc::set_rpc_timeout(d)` set it"
+    )]
     pub fn timeout(&self) -> Duration {
         self.rpc_timeout
     }

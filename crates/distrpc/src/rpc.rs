@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::call::{Delivery, RpcFuture, TypedCall};
 use crate::error::Error;
 use crate::function::Function;
+pub use crate::metrics::Metrics;
 use crate::node::{Node, NodeConfig};
 use crate::options::RpcOptions;
 use crate::rendezvous::{self, Bound};
@@ -487,12 +488,14 @@ impl Rpc {
     /// `num_user_rrefs`, `num_owner_values`, `agent.inline_handler_runs` (sync functions that,
     /// being quick so far, ran on the connection's reader instead of the pool) and
     /// `agent.reader_hand_offs` (such runs that blocked, so that another task took over
-    /// reading).
-    pub fn metrics(&self) -> BTreeMap<String, i64> {
-        self.node()
-            .metrics()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+    /// reading). See [`Metrics`] for reading them.
+    pub fn metrics(&self) -> Metrics {
+        Metrics(
+            self.node()
+                .metrics()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
     }
 }

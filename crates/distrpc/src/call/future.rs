@@ -247,8 +247,19 @@ impl<T: Send + 'static> RpcFuture<T> {
     }
 
     /// Calls `f` with the result, on the thread that completes this future (at once if it is
-    /// already complete).
-    pub(crate) fn on_complete(self, f: impl FnOnce(Result<T, Error>) + Send + 'static) {
+    /// already complete) — torch's `add_done_callback`, for a callback whose own result no one
+    /// waits for (unlike [`RpcFuture::then`], it makes no new future). `f` often runs on an
+    /// I/O thread, so it must not block; a panic in it is caught and logged there.
+    ///
+    /// ```no_run
+    /// # fn demo(rpc: &distrpc::Rpc) {
+    /// use distrpc::builtin;
+    ///
+    /// rpc.rpc_async("worker1", builtin::ones, (vec![2], distrpc::DType::F32))
+    ///     .add_done_callback(|r| println!("ones: {:?}", r.map(|t| t.shape().to_vec())));
+    /// # }
+    /// ```
+    pub fn add_done_callback(self, f: impl FnOnce(Result<T, Error>) + Send + 'static) {
         let mut state = self.slot.lock();
         match std::mem::replace(&mut *state, State::Taken) {
             State::Pending { waker, .. } => {
@@ -276,7 +287,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         F: FnOnce(Result<T, Error>) -> Result<U, Error> + Send + 'static,
     {
         let (next, done) = RpcFuture::pending();
-        self.on_complete(move |r| done.complete(f(r)));
+        self.add_done_callback(move |r| done.complete(f(r)));
         next
     }
 }

@@ -25,8 +25,8 @@ use crate::error::Error;
 use crate::server::handler::inline_handler;
 use crate::server::registry::Registry;
 
-const GATHER_FN: &str = "distrpc::gather_to_leader";
-const BROADCAST_FN: &str = "distrpc::broadcast_to_followers";
+const GATHER_FN: &str = "#distrpc/gather_to_leader";
+const BROADCAST_FN: &str = "#distrpc/broadcast_to_followers";
 /// How long a leader that lost a member waits for the others to report, to tell them why the
 /// round failed.
 const LOSS_GRACE: Duration = Duration::from_secs(2);
@@ -253,7 +253,7 @@ fn gather_round(
             for name in n {
                 let rank = transport
                     .rank_of(name)
-                    .ok_or_else(|| Error::UnknownWorker(format!("{name:?}")))?;
+                    .ok_or_else(|| Error::UnknownWorker(name.to_string()))?;
                 member[rank as usize] = true;
             }
             (0u32..)

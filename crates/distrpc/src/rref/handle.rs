@@ -160,7 +160,7 @@ impl<T> RRef<T> {
             }
         }));
         // The use's own result, unless the creation failed first (then it is dropped).
-        fut.on_complete(move |result| {
+        fut.add_done_callback(move |result| {
             if let Some(d) = lock(&done).take() {
                 d.complete(result);
             }

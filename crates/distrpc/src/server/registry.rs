@@ -7,9 +7,9 @@ use std::sync::Arc;
 use super::handler::Handler;
 use crate::error::Error;
 
-/// Names under this prefix are distrpc's own (gather, barrier): no application function may
-/// take one.
-pub(crate) const RESERVED: &str = "distrpc::";
+/// Names under this prefix (no Rust path can start so) are distrpc's own (gather, barrier): no
+/// application function may take one.
+pub(crate) const RESERVED: &str = "#distrpc/";
 
 /// A function registered at compile time by `#[distrpc::function]`.
 #[doc(hidden)]

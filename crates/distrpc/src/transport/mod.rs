@@ -165,7 +165,7 @@ impl Transport {
         match to {
             To::Name(name) => self
                 .rank_of(name)
-                .ok_or_else(|| Error::UnknownWorker(format!("{name:?}"))),
+                .ok_or_else(|| Error::UnknownWorker(name.to_string())),
             To::Rank(r) if (*r as usize) < self.group.workers.len() => Ok(*r),
             To::Rank(r) => Err(Error::UnknownWorker(format!(
                 "rank {r} (world size is {})",
