@@ -87,7 +87,9 @@ pub use distrpc_wire::ops;
 pub use distrpc_wire::{DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};
 pub use function::{Function, Method, NoLocal};
-pub use options::{FaultInjection, MessageKind, RpcOptions};
+#[cfg(feature = "fault-injection")]
+pub use options::FaultInjection;
+pub use options::{MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{Metrics, PendingRpc, Rpc};
 pub use rref::RRef;

@@ -1,5 +1,6 @@
 //! [`RpcOptions`]: how a worker joins the group and runs calls (torch's
-//! `TensorPipeRpcBackendOptions`), and [`FaultInjection`] (torch's faulty agent options).
+//! `TensorPipeRpcBackendOptions`), and, with the `fault-injection` feature, `FaultInjection`
+//! (torch's faulty agent options).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -10,7 +11,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::call::fault::{FaultInjection, MessageKind};
+#[cfg(feature = "fault-injection")]
+pub use crate::call::fault::FaultInjection;
+pub use crate::call::fault::MessageKind;
+#[cfg(not(feature = "fault-injection"))]
+use crate::call::fault::FaultInjection;
 
 use crate::server::handler::{Handler, named_sync_handler};
 
@@ -165,7 +170,9 @@ impl RpcOptions {
         self
     }
 
-    /// Injects faults into this worker's sends (for tests of failure handling).
+    /// Injects faults into this worker's sends, for tests of failure handling (feature
+    /// `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub fn faults(mut self, faults: FaultInjection) -> Self {
         self.faults = faults;
         self

@@ -1,6 +1,9 @@
-//! [`FaultInjection`]: torch's faulty agent, as an option of the client's send path. Meant for
-//! tests of failure handling (distrpc's own, and applications'); a worker without it pays one
-//! empty-map look-up per send.
+//! [`FaultInjection`]: torch's faulty agent, as an option of the client's send path. For tests
+//! of failure handling (distrpc's own, and applications'): only the `fault-injection` feature
+//! makes it public. A worker without faults pays one empty-map look-up per send.
+
+// Without the feature the builder is unreachable: only an empty `FaultInjection` exists.
+#![cfg_attr(not(feature = "fault-injection"), allow(dead_code, unreachable_pub))]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

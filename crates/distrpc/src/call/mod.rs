@@ -8,12 +8,12 @@
 
 pub(crate) mod activity;
 pub(crate) mod client;
-pub mod fault;
+pub(crate) mod fault;
 pub mod future;
 pub(crate) mod payload;
 pub(crate) mod pending;
 pub(crate) mod scope;
 
 pub(crate) use client::{Client, Delivery, Outgoing, TypedCall};
-pub use fault::FaultInjection;
+pub(crate) use fault::FaultInjection;
 pub use future::{RpcFuture, wait_all};
