@@ -35,3 +35,28 @@ fn rank_0s_children_inherit_neither_the_store_socket_nor_its_variable() {
     let group = Launch::new(1, WORKER).arg("store_fd").spawn().unwrap();
     group.wait_timeout(BOUND).expect("rank 0's check must pass");
 }
+
+/// Regression: a rank's output could only go to the launcher's own stdout and stderr.
+#[test]
+fn the_caller_can_take_each_ranks_output() {
+    let mut group = Launch::new(2, "sh")
+        .args(["-c", "echo out $RANK; echo err $RANK >&2"])
+        .capture_output(true)
+        .spawn()
+        .unwrap();
+    let lines = group.output().unwrap();
+    group.wait_timeout(BOUND).unwrap();
+    let mut got: Vec<_> = lines.iter().map(|l| (l.rank, l.stderr, l.line)).collect();
+    got.sort();
+    let want = [
+        (0, false, "out 0"),
+        (0, true, "err 0"),
+        (1, false, "out 1"),
+        (1, true, "err 1"),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(r, e, l)| (*r, *e, l.to_string()))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -66,6 +66,7 @@ pub struct Launch {
     master_port: Option<u16>,
     first_rank: usize,
     prefix: bool,
+    capture: bool,
     grace: Duration,
 }
 
@@ -81,6 +82,7 @@ impl Launch {
             master_port: None,
             first_rank: 0,
             prefix: true,
+            capture: false,
             grace: DEFAULT_GRACE,
         }
     }
@@ -123,6 +125,12 @@ impl Launch {
         self
     }
 
+    /// Hands every output line to the caller ([`Group::output`]) instead of printing it.
+    pub fn capture_output(mut self, on: bool) -> Self {
+        self.capture = on;
+        self
+    }
+
     /// Whether to prefix each output line with `[rank]` (default on).
     pub fn prefix_output(mut self, on: bool) -> Self {
         self.prefix = on;
@@ -153,7 +161,15 @@ impl Launch {
             (None, None) => 0,
         };
         let (events_tx, events) = mpsc::channel();
+        let (lines_tx, lines) = match self.capture {
+            true => {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let mut group = Group {
+            lines,
             grace: self.grace,
             first_rank: self.first_rank,
             pids: Vec::new(),
@@ -200,12 +216,22 @@ impl Launch {
                     return Err(LaunchError::Spawn { rank, source });
                 }
             };
-            let prefix = self.prefix.then(|| format!("[{rank}] "));
+            let sink = |stderr| match &lines_tx {
+                Some(tx) => Sink::Caller {
+                    tx: tx.clone(),
+                    rank,
+                    stderr,
+                },
+                None => Sink::Print {
+                    prefix: self.prefix.then(|| format!("[{rank}] ")),
+                    stderr,
+                },
+            };
             if let Some(out) = child.stdout.take() {
-                group.pumps.push(pump(out, prefix.clone(), false));
+                group.pumps.push(pump(out, sink(false)));
             }
             if let Some(err) = child.stderr.take() {
-                group.pumps.push(pump(err, prefix, true));
+                group.pumps.push(pump(err, sink(true)));
             }
             group.pids.push(child.id());
             let exited = Arc::new(AtomicBool::new(false));
@@ -227,7 +253,33 @@ impl Launch {
     }
 }
 
-fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) -> JoinHandle<()> {
+/// One line a rank printed, as [`Launch::capture_output`] hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    /// The rank that printed it.
+    pub rank: usize,
+    /// Whether it went to standard error.
+    pub stderr: bool,
+    /// The line, without its newline (lossily decoded as UTF-8).
+    pub line: String,
+}
+
+/// Where a rank's output goes.
+enum Sink {
+    /// To this process's stdout or stderr, each line prefixed.
+    Print {
+        prefix: Option<String>,
+        stderr: bool,
+    },
+    /// To the caller, line by line.
+    Caller {
+        tx: mpsc::Sender<OutputLine>,
+        rank: usize,
+        stderr: bool,
+    },
+}
+
+fn pump<R: Read + Send + 'static>(src: R, sink: Sink) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(src);
         let mut line = Vec::new();
@@ -236,15 +288,27 @@ fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) 
             .map(|n| n > 0)
             .unwrap_or(false)
         {
-            let mut out: Box<dyn Write> = if stderr {
-                Box::new(std::io::stderr().lock())
-            } else {
-                Box::new(std::io::stdout().lock())
-            };
-            let _ = out.write_all(prefix.as_deref().unwrap_or("").as_bytes());
-            let _ = out.write_all(&line);
-            if line.last() != Some(&b'\n') {
-                let _ = out.write_all(b"\n");
+            match &sink {
+                Sink::Print { prefix, stderr } => {
+                    let mut out: Box<dyn Write> = if *stderr {
+                        Box::new(std::io::stderr().lock())
+                    } else {
+                        Box::new(std::io::stdout().lock())
+                    };
+                    let _ = out.write_all(prefix.as_deref().unwrap_or("").as_bytes());
+                    let _ = out.write_all(&line);
+                    if line.last() != Some(&b'\n') {
+                        let _ = out.write_all(b"\n");
+                    }
+                }
+                Sink::Caller { tx, rank, stderr } => {
+                    let text = String::from_utf8_lossy(&line);
+                    let _ = tx.send(OutputLine {
+                        rank: *rank,
+                        stderr: *stderr,
+                        line: text.trim_end_matches(['\n', '\r']).to_string(),
+                    });
+                }
             }
             line.clear();
         }
@@ -254,6 +318,8 @@ fn pump<R: Read + Send + 'static>(src: R, prefix: Option<String>, stderr: bool) 
 /// A started group of processes.
 #[derive(Debug)]
 pub struct Group {
+    /// Output lines, when captured.
+    lines: Option<mpsc::Receiver<OutputLine>>,
     grace: Duration,
     first_rank: usize,
     /// By index: the process of rank `first_rank + index`.
@@ -264,6 +330,12 @@ pub struct Group {
 }
 
 impl Group {
+    /// The ranks' output lines as they come, when the launch captured them
+    /// ([`Launch::capture_output`]); the channel ends once every rank's output has closed.
+    pub fn output(&mut self) -> Option<mpsc::Receiver<OutputLine>> {
+        self.lines.take()
+    }
+
     /// The process ids, in rank order.
     pub fn pids(&self) -> &[u32] {
         &self.pids

@@ -13,9 +13,9 @@ use serde::de::DeserializeOwned;
 
 #[cfg(feature = "fault-injection")]
 pub use crate::call::fault::FaultInjection;
-pub use crate::call::fault::MessageKind;
 #[cfg(not(feature = "fault-injection"))]
 use crate::call::fault::FaultInjection;
+pub use crate::call::fault::MessageKind;
 
 use crate::server::handler::{Handler, named_sync_handler};
 
