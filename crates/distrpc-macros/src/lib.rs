@@ -15,7 +15,8 @@
 //! `#[distrpc::function(method)]` marks a method: its first parameter is `&T`, its handle a
 //! `distrpc::Method<T, A, R, _>`, called through a remote reference to a `T`
 //! (`rref.rpc_sync(method, args)`); it runs on the owner with the value. Other parameters are
-//! received by value: a reference parameter is a compile error that says so.
+//! received by value: a reference parameter is a compile error that says so. A method may be
+//! `async` too: its task holds the value while it waits.
 //!
 //! `#[distrpc::function(inline)]` marks a sync function as quick and never blocking: once its
 //! runs have shown it quick, it runs on the connection's reader instead of the handler pool
@@ -136,12 +137,6 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             "`inline` is for sync functions: an async function never holds the reader",
         ));
     }
-    if receiver.is_some() && sig.asyncness.is_some() {
-        return Err(syn::Error::new(
-            sig.span(),
-            "async methods on remote references are not supported yet",
-        ));
-    }
     let skip = usize::from(receiver.is_some());
     if let Some(r) = types
         .iter()
@@ -193,7 +188,9 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     // What the handle derefs to: the function itself (an async one boxed, so that its type
     // can be named).
     let (local_ty, local_fn) = if sig.asyncness.is_some() {
-        let fut = quote!(::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = #ret_ty> + ::core::marker::Send>>);
+        // A method's future borrows the value: it lives as long as the one reference in.
+        let borrow = receiver.as_ref().map(|_| quote!(+ '_));
+        let fut = quote!(::core::pin::Pin<::std::boxed::Box<dyn ::core::future::Future<Output = #ret_ty> + ::core::marker::Send #borrow>>);
         (
             quote!(fn(#(#all_types),*) -> #fut),
             quote! {
@@ -212,7 +209,12 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     } else {
         quote!(#impl_ident as #local_ty)
     };
-    let this = receiver.as_ref().map(|_| quote!(__this,));
+    // An async method's task owns the value (an `Arc`) and lends it to the method.
+    let this = match (&receiver, sig.asyncness.is_some()) {
+        (Some(_), true) => Some(quote!(&*__this,)),
+        (Some(_), false) => Some(quote!(__this,)),
+        (None, _) => None,
+    };
     let call = if sig.asyncness.is_some() {
         quote!(#impl_ident(#this #(#idents),*).await)
     } else {
@@ -224,7 +226,16 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         quote!(::core::result::Result::<_, ::core::convert::Infallible>::Ok(#call))
     };
     let (handle_ty, handler) = match (&receiver, sig.asyncness.is_some()) {
-        (Some(t), _) => (
+        (Some(t), true) => (
+            quote!(::distrpc::Method<#t, #args_ty, #ok_ty, #local_ty>),
+            quote! {
+                ::distrpc::__private::async_method_handler::<#t, #args_ty, _, _, _, _>(
+                    #name,
+                    |__this: ::std::sync::Arc<#t>, (#(#idents,)*): #args_ty| async move { #wrapped },
+                )
+            },
+        ),
+        (Some(t), false) => (
             quote!(::distrpc::Method<#t, #args_ty, #ok_ty, #local_ty>),
             quote! {
                 ::distrpc::__private::method_handler::<#t, #args_ty, _, _, _>(

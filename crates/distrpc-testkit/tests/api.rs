@@ -91,3 +91,32 @@ fn callbacks_errors_and_metrics_read_plainly() {
     assert_eq!((m["no.such.metric"], m.get("no.such.metric")), (0, None));
     shutdown_all(rpcs).unwrap();
 }
+
+#[distrpc::function]
+fn new_counter(start: i64) -> AtomicI64 {
+    AtomicI64::new(start)
+}
+
+#[distrpc::function(method)]
+async fn bump_later(counter: &AtomicI64, by: i64) -> i64 {
+    tokio::task::yield_now().await;
+    counter.fetch_add(by, Ordering::SeqCst) + by
+}
+
+/// Regression: async methods were refused ("not supported yet").
+#[test]
+fn async_methods_run_on_the_owner() {
+    let rpcs = in_process(2, |_| RpcOptions::default()).unwrap();
+    // worker0 calls the method on a value worker1 owns.
+    let counter = rpcs[0].remote("worker1", new_counter, (40,));
+    assert_eq!(counter.rpc_sync(bump_later, (1,)).unwrap(), 41);
+    assert_eq!(counter.rpc_async(bump_later, (1,)).wait().unwrap(), 42);
+    assert_eq!(counter.remote(bump_later, (1,)).to_here().unwrap(), 43);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let local = AtomicI64::new(0);
+    assert_eq!(rt.block_on(bump_later(&local, 5)), 5);
+    drop(counter);
+    shutdown_all(rpcs).unwrap();
+}

@@ -102,7 +102,9 @@ pub struct ReadmeDoctests;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::server::handler::{Value, async_handler, method_handler, sync_handler};
+    pub use crate::server::handler::{
+        Value, async_handler, async_method_handler, method_handler, sync_handler,
+    };
     pub use crate::server::registry::Registration;
     pub use inventory;
 }

@@ -260,36 +260,74 @@ where
     }
 }
 
+/// The value a method is called on, taken from its request.
+fn take_this<T: Any + Send + Sync>(name: &str, req: &mut Request) -> Result<Arc<T>, Failure> {
+    let this = req.this.take().ok_or_else(|| {
+        Failure::Other(format!(
+            "{name} is a method: call it through a remote reference"
+        ))
+    })?;
+    let type_name = this.type_name();
+    let any: Arc<dyn Any + Send + Sync> = this;
+    any.downcast::<T>().map_err(|_| Failure::Decode {
+        function: name.to_string(),
+        message: format!(
+            "the referenced value is a {type_name}, the method takes a {}",
+            std::any::type_name::<T>()
+        ),
+    })
+}
+
 /// Wraps a blocking method (first parameter `&T`) as a handler.
 #[doc(hidden)]
 pub fn method_handler<T, A, R, E, F>(name: &'static str, f: F) -> Handler
 where
-    T: Any,
+    T: Any + Send + Sync,
     A: DeserializeOwned,
     R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(&T, A) -> Result<R, E> + Send + Sync + 'static,
 {
     let run = move |mut req: Request| {
-        let this = req.this.take().ok_or_else(|| {
-            Failure::Other(format!(
-                "{name} is a method: call it through a remote reference"
-            ))
-        })?;
-        let value = this
-            .as_any()
-            .downcast_ref::<T>()
-            .ok_or_else(|| Failure::Decode {
-                function: name.to_string(),
-                message: format!(
-                    "the referenced value is a {}, the method takes a {}",
-                    this.type_name(),
-                    std::any::type_name::<T>()
-                ),
-            })?;
-        run_sync(name, &|args| f(value, args), req)
+        let this = take_this::<T>(name, &mut req)?;
+        run_sync(name, &|args| f(&this, args), req)
     };
     Handler(HandlerKind::Sync(Arc::new(run), Arc::default()))
+}
+
+/// Decodes an async handler's arguments (inside its panic guard), waits until the references
+/// in them are confirmed, then runs `call` on them, catching a panic.
+async fn run_async<A, R, E, Fut>(
+    name: &'static str,
+    req: Request,
+    call: impl FnOnce(A) -> Fut,
+) -> Produced
+where
+    A: DeserializeOwned,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display,
+    Fut: Future<Output = Result<R, E>>,
+{
+    let scope = req.scope.as_ref().map(|(s, _)| s.clone());
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| decode_args::<A>(name, req)));
+    let args = match decoded {
+        Ok(args) => args?,
+        Err(panic) => {
+            let message = crate::error::panic_message(&*panic);
+            return Err(remote_error(name, "panic", message));
+        }
+    };
+    if let Some(scope) = scope {
+        scope.settle_async(name).await?;
+    }
+    match AssertUnwindSafe(call(args)).catch_unwind().await {
+        Ok(result) => produce(name, result),
+        Err(panic) => Err(remote_error(
+            name,
+            "panic",
+            crate::error::panic_message(&*panic),
+        )),
+    }
 }
 
 /// Wraps an async function as a handler that runs as a task.
@@ -298,35 +336,36 @@ pub fn async_handler<A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
 where
     A: DeserializeOwned + Send + 'static,
     R: Serialize + Send + Sync + 'static,
-    E: fmt::Display,
+    E: fmt::Display + 'static,
     F: Fn(A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, E>> + Send + 'static,
 {
     let f = Arc::new(f);
     Handler(HandlerKind::Async(Arc::new(move |req| {
         let f = f.clone();
+        Box::pin(run_async(name, req, move |args| f(args)))
+    })))
+}
+
+/// Wraps an async method as a handler that runs as a task; the task owns the value (an `Arc`)
+/// while the method borrows it.
+#[doc(hidden)]
+pub fn async_method_handler<T, A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
+where
+    T: Any + Send + Sync,
+    A: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + Sync + 'static,
+    E: fmt::Display + 'static,
+    F: Fn(Arc<T>, A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Handler(HandlerKind::Async(Arc::new(move |mut req| {
+        let f = f.clone();
+        let this = take_this::<T>(name, &mut req);
         Box::pin(async move {
-            let scope = req.scope.as_ref().map(|(s, _)| s.clone());
-            let decoded =
-                std::panic::catch_unwind(AssertUnwindSafe(|| decode_args::<A>(name, req)));
-            let args = match decoded {
-                Ok(args) => args?,
-                Err(panic) => {
-                    let message = crate::error::panic_message(&*panic);
-                    return Err(remote_error(name, "panic", message));
-                }
-            };
-            if let Some(scope) = scope {
-                scope.settle_async(name).await?;
-            }
-            match AssertUnwindSafe(f(args)).catch_unwind().await {
-                Ok(result) => produce(name, result),
-                Err(panic) => Err(remote_error(
-                    name,
-                    "panic",
-                    crate::error::panic_message(&*panic),
-                )),
-            }
+            let this = this?;
+            run_async(name, req, move |args| f(this, args)).await
         })
     })))
 }
