@@ -16,12 +16,15 @@ pub use distrpc_wire::Kind as MessageKind;
 /// `delay`.
 ///
 /// ```
+/// # #[cfg(feature = "fault-injection")] {
 /// use std::time::Duration;
-/// use distrpc::{FaultInjection, MessageKind};
+/// use distrpc::{FaultInjection, MessageKind, RpcOptions};
 ///
 /// let faults = FaultInjection::default()
 ///     .fail(MessageKind::Call, 2)
 ///     .delay(MessageKind::Call, Duration::from_millis(50));
+/// let options = RpcOptions::default().faults(faults);
+/// # }
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct FaultInjection {
