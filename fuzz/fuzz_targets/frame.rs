@@ -6,7 +6,8 @@
 //! Run from this directory with `cargo install cargo-fuzz` and then
 //! `cargo +nightly fuzz run frame`, or on a stable toolchain
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run frame -- -max_total_time=60`
-//! (2026-11-22: 5.5 million inputs in 61 s, no crash).
+//! (2026-11-22: 5.5 million inputs in 61 s, no crash; 2026-12-01, with the Deframer and its
+//! check against `decode_slice`: 1.34 million inputs in 91 s, no crash).
 
 #![no_main]
 
