@@ -27,7 +27,7 @@
 //! # Layers
 //!
 //! ```text
-//!  api          rpc (Rpc), function (typed handles), options, builtin, launch
+//!  api          rpc (Rpc), options, builtin, launch
 //!    │
 //!  node         the layers of one worker wired together; shutdown, metrics
 //!    │
@@ -40,7 +40,8 @@
 //!    │
 //!  transport/   connections, reader/writer, the blocked caller's claim, dial/accept/hello
 //!    │
-//!  support      rendezvous (+ distrpc-store), worker, error, runtime, pool, sync, net
+//!  support      function (typed handles: a name and types, nothing more), rendezvous
+//!               (+ distrpc-store), worker, error, runtime, pool, sync, net
 //!  distrpc-wire frames, tensors, codec (no I/O)
 //! ```
 //!

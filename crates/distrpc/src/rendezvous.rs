@@ -280,22 +280,26 @@ async fn agree_on_world(
 ) -> Result<(), Error> {
     let store_err = |e: StoreError| Error::Rendezvous(e.to_string());
     let codec_err = |e: crate::codec::CodecError| Error::Rendezvous(e.to_string());
-    if store
-        .add("distrpc/world/claims", 1)
-        .await
-        .map_err(store_err)?
-        == 1
-    {
-        let record = crate::codec::encode_inline(&(world, me, rank)).map_err(codec_err)?;
-        store.set(WORLD_KEY, &record).await.map_err(store_err)?;
-        return Ok(());
+    // Most workers find it set already: one round trip.
+    let mut record = store.get(WORLD_KEY).await.map_err(store_err)?;
+    if record.is_none() {
+        if store
+            .add("distrpc/world/claims", 1)
+            .await
+            .map_err(store_err)?
+            == 1
+        {
+            let record = crate::codec::encode_inline(&(world, me, rank)).map_err(codec_err)?;
+            store.set(WORLD_KEY, &record).await.map_err(store_err)?;
+            return Ok(());
+        }
+        // The first claimant sets it right after its claim.
+        store
+            .wait(&[WORLD_KEY.to_string()], timeout)
+            .await
+            .map_err(store_err)?;
+        record = store.get(WORLD_KEY).await.map_err(store_err)?;
     }
-    // The first claimant sets it right after its claim.
-    store
-        .wait(&[WORLD_KEY.to_string()], timeout)
-        .await
-        .map_err(store_err)?;
-    let record = store.get(WORLD_KEY).await.map_err(store_err)?;
     let (first_world, first, first_rank): (u32, String, u32) =
         crate::codec::decode_inline(record.as_deref().unwrap_or_default()).map_err(codec_err)?;
     if first_world == world {

@@ -27,6 +27,8 @@ use crate::server::registry::Registry;
 
 const GATHER_FN: &str = "#distrpc/gather_to_leader";
 const BROADCAST_FN: &str = "#distrpc/broadcast_to_followers";
+/// How long a leader waits for members to report before it connects to those that have not.
+const PROBE_AFTER: Duration = Duration::from_millis(100);
 /// How long a leader that lost a member waits for the others to report, to tell them why the
 /// round failed.
 const LOSS_GRACE: Duration = Duration::from_secs(2);
@@ -289,12 +291,6 @@ fn gather_round(
     let obj = ByteBuf::from(obj);
 
     if me == leader {
-        // A member that is gone is noticed only through a connection to it: connect to every
-        // member now (the broadcast needs them anyway), so that one that died before anyone
-        // connected fails the round instead of leaving it waiting.
-        for &rank in &ranks[1..] {
-            let _ = transport.connection(rank);
-        }
         gather
             .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
@@ -317,6 +313,7 @@ fn gather_round(
     };
     let mut state = gather.lock();
     let mut losses_seen = None;
+    let mut probe_at = (me == leader).then(|| Instant::now() + PROBE_AFTER);
     loop {
         let r = state.rounds.entry(round.clone()).or_default();
         if let Some((worker, reason)) = r.failed.take() {
@@ -388,8 +385,26 @@ fn gather_round(
                 });
             }
         }
-        state = match wait_until(&gather.changed, state, deadline) {
+        // A member that is gone is noticed only through a connection to it. If some have not
+        // reported after a moment, the leader connects to them (the broadcast needs those
+        // connections anyway), so that one that died before anyone connected to it fails the
+        // round instead of leaving it waiting. Not at once: members connect to the leader as
+        // they report, and dialling them meanwhile would open a second connection to each.
+        let probe = probe_at.filter(|p| deadline.is_none_or(|d| *p < d));
+        state = match wait_until(&gather.changed, state, probe.or(deadline)) {
             Ok(s) => s,
+            Err(s) if probe.is_some() => {
+                probe_at = None;
+                let r = s.rounds.get(&round);
+                let silent: Vec<u32> = r
+                    .map(|r| missing(r).into_iter().map(|i| ranks[i]).collect())
+                    .unwrap_or_default();
+                drop(s);
+                for rank in silent {
+                    let _ = transport.connection(rank);
+                }
+                gather.lock()
+            }
             Err(mut state) => {
                 let r = state.rounds.remove(&round).unwrap_or_default();
                 let waiting_on: Vec<&str> = missing(&r).into_iter().map(|i| members[i]).collect();
