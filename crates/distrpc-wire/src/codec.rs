@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// MessagePack extension type code of a tensor reference.
 pub const TENSOR_EXT: i8 = 0x54; // 'T'
@@ -173,6 +173,45 @@ pub(crate) fn deserialize_tensor_ref<'de, D: Deserializer<'de>>(d: D) -> Result<
         .try_into()
         .map_err(|_| D::Error::custom("tensor reference of the wrong length"))?;
     Ok(u32::from_le_bytes(bytes))
+}
+
+// How a tensor serializes lives here, with the table it goes to: the tensor type itself knows
+// nothing of encoding.
+
+/// How a tensor is written when it is serialized outside an RPC message (no tensor table).
+#[derive(Serialize, Deserialize)]
+struct InlineTensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+impl Serialize for Tensor {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match push_tensor(self) {
+            Some(index) => serialize_tensor_ref(index, serializer),
+            None => InlineTensor {
+                dtype: self.dtype(),
+                shape: self.shape().to_vec(),
+                data: self.data().to_vec(),
+            }
+            .serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Tensor {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if decoding_with_table() {
+            let index = deserialize_tensor_ref(deserializer)?;
+            take_tensor(index).map_err(D::Error::custom)
+        } else {
+            let t = InlineTensor::deserialize(deserializer)?;
+            Tensor::from_bytes(t.dtype, t.shape, bytes::Bytes::from(t.data))
+                .map_err(D::Error::custom)
+        }
+    }
 }
 
 #[cfg(test)]

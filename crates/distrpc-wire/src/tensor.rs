@@ -8,10 +8,7 @@ use std::fmt;
 
 use bytes::Bytes;
 use ndarray::{Array, ArrayViewD, Dimension, IxDyn};
-use serde::de::Error as _;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::codec;
+use serde::{Deserialize, Serialize};
 
 /// The element type of a [`Tensor`]. The discriminants are the wire codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -303,41 +300,6 @@ impl<T: Element, D: Dimension> From<Array<T, D>> for Tensor {
             dtype: T::DTYPE,
             data: Bytes::from_owner(VecBytes(values)),
             shape,
-        }
-    }
-}
-
-/// How a tensor is written when it is serialized outside an RPC message (no tensor table).
-#[derive(Serialize, Deserialize)]
-struct InlineTensor {
-    dtype: DType,
-    shape: Vec<usize>,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-}
-
-impl Serialize for Tensor {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match codec::push_tensor(self) {
-            Some(index) => codec::serialize_tensor_ref(index, serializer),
-            None => InlineTensor {
-                dtype: self.dtype,
-                shape: self.shape.clone(),
-                data: self.data.to_vec(),
-            }
-            .serialize(serializer),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Tensor {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        if codec::decoding_with_table() {
-            let index = codec::deserialize_tensor_ref(deserializer)?;
-            codec::take_tensor(index).map_err(D::Error::custom)
-        } else {
-            let t = InlineTensor::deserialize(deserializer)?;
-            Tensor::from_bytes(t.dtype, t.shape, Bytes::from(t.data)).map_err(D::Error::custom)
         }
     }
 }
