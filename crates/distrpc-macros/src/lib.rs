@@ -225,6 +225,13 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     } else {
         quote!(::core::result::Result::<_, ::core::convert::Infallible>::Ok(#call))
     };
+    // How to keep the result: by autoref specialization on the concrete type, sent if it is
+    // `Serialize`, kept on the owner only otherwise.
+    let keep = quote! {{
+        #[allow(unused_imports)]
+        use ::distrpc::__private::{KeepOpaque as _, KeepSerialized as _};
+        (&&::distrpc::__private::Keeper::<#ok_ty>::new()).keeper()
+    }};
     let (handle_ty, handler) = match (&receiver, sig.asyncness.is_some()) {
         (Some(t), true) => (
             quote!(::distrpc::Method<#t, #args_ty, #ok_ty, #local_ty>),
@@ -232,6 +239,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 ::distrpc::__private::async_method_handler::<#t, #args_ty, _, _, _, _>(
                     #name,
                     |__this: ::std::sync::Arc<#t>, (#(#idents,)*): #args_ty| async move { #wrapped },
+                    #keep,
                 )
             },
         ),
@@ -241,6 +249,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 ::distrpc::__private::method_handler::<#t, #args_ty, _, _, _>(
                     #name,
                     |__this: &#t, (#(#idents,)*): #args_ty| #wrapped,
+                    #keep,
                 )
             },
         ),
@@ -250,6 +259,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 ::distrpc::__private::async_handler::<#args_ty, _, _, _, _>(
                     #name,
                     |(#(#idents,)*): #args_ty| async move { #wrapped },
+                    #keep,
                 )
             },
         ),
@@ -259,6 +269,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 ::distrpc::__private::sync_handler::<#args_ty, _, _, _>(
                     #name,
                     |(#(#idents,)*): #args_ty| #wrapped,
+                    #keep,
                 )
             },
         ),

@@ -120,3 +120,51 @@ fn async_methods_run_on_the_owner() {
     drop(counter);
     shutdown_all(rpcs).unwrap();
 }
+
+/// A value that cannot be sent: no `Serialize` (a lock and a channel inside).
+struct Model {
+    weights: std::sync::Mutex<Vec<f32>>,
+    _events: std::sync::mpsc::Sender<()>,
+}
+
+#[distrpc::function]
+fn new_model(n: usize) -> Model {
+    Model {
+        weights: std::sync::Mutex::new(vec![1.0; n]),
+        _events: std::sync::mpsc::channel().0,
+    }
+}
+
+#[distrpc::function(method)]
+fn scale(model: &Model, by: f32) -> f32 {
+    let mut w = model.weights.lock().unwrap();
+    w.iter_mut().for_each(|x| *x *= by);
+    w.iter().sum()
+}
+
+/// Regression: a value needed `Serialize` to live behind a reference at all; now only where
+/// it is sent (a result of `rpc_sync`, `to_here`), and those say why they cannot.
+#[test]
+fn a_value_that_cannot_be_sent_lives_behind_a_reference() {
+    let rpcs = in_process(2, |_| RpcOptions::default()).unwrap();
+    let model = rpcs[0].remote("worker1", new_model, (4,));
+    assert_eq!(model.rpc_sync(scale, (2.0,)).unwrap(), 8.0);
+    assert_eq!(model.remote(scale, (0.5,)).to_here().unwrap(), 4.0);
+    assert!(model.local_value().is_err(), "not the owner");
+    // (`rpc_sync(.., new_model, ..)` does not compile: `Model` is not `Deserialize`; a handle by
+    // name gets as far as the callee.)
+    let by_name = distrpc::Function::<(usize,), i64>::named(new_model.name().to_string());
+    let e = rpcs[0].rpc_sync("worker1", &by_name, (1,)).unwrap_err();
+    assert!(
+        matches!(&e, Error::Remote(r) if r.message.contains("does not implement Serialize")),
+        "{e}"
+    );
+    // On the owner, local_value lends it.
+    let local = rpcs[1].remote("worker1", new_model, (3,));
+    assert_eq!(
+        local.local_value().unwrap().weights.lock().unwrap().len(),
+        3
+    );
+    drop((model, local));
+    shutdown_all(rpcs).unwrap();
+}

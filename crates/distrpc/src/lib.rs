@@ -104,8 +104,9 @@ pub struct ReadmeDoctests;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::server::handler::{
-        Value, async_handler, async_method_handler, method_handler, sync_handler,
+        async_handler, async_method_handler, method_handler, sync_handler,
     };
     pub use crate::server::registry::Registration;
+    pub use crate::server::value::{KeepOpaque, KeepSerialized, Keeper, Value};
     pub use inventory;
 }

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::ledger::{Effect, ForkId, GlobalId, Ledger, LedgerInfo, RRefId};
 use crate::error::Failure;
-use crate::server::handler::Value;
+use crate::server::value::Value;
 
 /// Called with the owner's value once it exists (or with why it never will).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<Arc<dyn Value>, Failure>) + Send>;

@@ -263,8 +263,7 @@ impl<T: Any + Send + Sync> RRef<T> {
                 elapsed: started.elapsed(),
             })
         })?;
-        let any: Arc<dyn Any + Send + Sync> = value;
-        any.downcast::<T>().map_err(|_| {
+        crate::server::value::lend::<T>(value).map_err(|_| {
             Error::InvalidArgument(format!(
                 "the value of {self} is not a {}",
                 std::any::type_name::<T>()

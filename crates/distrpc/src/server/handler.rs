@@ -17,37 +17,10 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::value::{Keep, Value, kept, lend};
 use crate::call::scope::{self, ValueScope};
 use crate::error::{Failure, RemoteError};
 use crate::tensor::Tensor;
-
-/// A value a function produced: encoded as the reply of a call, or kept by the owner behind a
-/// remote reference. Every `Serialize + Send + Sync + 'static` type is one.
-#[doc(hidden)]
-pub trait Value: Any + Send + Sync {
-    /// The value as a reply: MessagePack payload and tensor table.
-    fn encode(&self) -> Result<Reply, String>;
-    /// For downcasting to the concrete type.
-    fn as_any(&self) -> &dyn Any;
-    /// The concrete type's name, for error messages.
-    fn type_name(&self) -> &'static str;
-}
-
-impl<T: Serialize + Send + Sync + 'static> Value for T {
-    fn encode(&self) -> Result<Reply, String> {
-        let mut payload = Vec::new();
-        let tensors = crate::codec::encode(self, &mut payload).map_err(|e| e.to_string())?;
-        Ok(Reply { payload, tensors })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn type_name(&self) -> &'static str {
-        std::any::type_name::<T>()
-    }
-}
 
 /// What a handler receives: the encoded arguments and the tensors beside them, and for a method
 /// the referenced value.
@@ -190,13 +163,12 @@ fn decode_args<A: DeserializeOwned>(function: &str, req: Request) -> Result<A, F
     })
 }
 
-fn produce<R, E>(function: &str, result: Result<R, E>) -> Produced
+fn produce<R, E>(function: &str, result: Result<R, E>, keep: Keep<R>) -> Produced
 where
-    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
 {
     match result {
-        Ok(value) => Ok(Arc::new(value)),
+        Ok(value) => Ok(keep(value)),
         Err(e) => Err(remote_error(
             function,
             std::any::type_name::<E>(),
@@ -207,36 +179,36 @@ where
 
 /// Wraps a blocking function as a handler: decode, run (catching panics), keep the value.
 #[doc(hidden)]
-pub fn sync_handler<A, R, E, F>(name: &'static str, f: F) -> Handler
+pub fn sync_handler<A, R, E, F>(name: &'static str, f: F, keep: Keep<R>) -> Handler
 where
     A: DeserializeOwned,
-    R: Serialize + Send + Sync + 'static,
+    R: 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
 {
-    named_sync_handler(name, f)
+    Handler(HandlerKind::Sync(
+        Arc::new(move |req| run_sync(name, &f, req, keep)),
+        Arc::default(),
+    ))
 }
 
-/// A blocking handler under any name (a `&'static str` from the macro, an `Arc<str>` from a
-/// closure registered at init).
-pub(crate) fn named_sync_handler<N, A, R, E, F>(name: N, f: F) -> Handler
+/// A blocking handler under a name chosen at init, for a closure whose result can be sent.
+pub(crate) fn named_sync_handler<A, R, E, F>(name: Arc<str>, f: F) -> Handler
 where
-    N: AsRef<str> + Send + Sync + 'static,
     A: DeserializeOwned,
     R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
 {
     Handler(HandlerKind::Sync(
-        Arc::new(move |req| run_sync(name.as_ref(), &f, req)),
+        Arc::new(move |req| run_sync(&name, &f, req, kept::<R>)),
         Arc::default(),
     ))
 }
 
-fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request) -> Produced
+fn run_sync<A, R, E, F>(name: &str, f: &F, req: Request, keep: Keep<R>) -> Produced
 where
     A: DeserializeOwned,
-    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     F: Fn(A) -> Result<R, E>,
 {
@@ -250,7 +222,7 @@ where
         Ok(f(args))
     };
     match std::panic::catch_unwind(AssertUnwindSafe(run)) {
-        Ok(Ok(result)) => produce(name, result),
+        Ok(Ok(result)) => produce(name, result, keep),
         Ok(Err(failure)) => Err(failure),
         Err(panic) => Err(remote_error(
             name,
@@ -267,9 +239,7 @@ fn take_this<T: Any + Send + Sync>(name: &str, req: &mut Request) -> Result<Arc<
             "{name} is a method: call it through a remote reference"
         ))
     })?;
-    let type_name = this.type_name();
-    let any: Arc<dyn Any + Send + Sync> = this;
-    any.downcast::<T>().map_err(|_| Failure::Decode {
+    lend::<T>(this).map_err(|type_name| Failure::Decode {
         function: name.to_string(),
         message: format!(
             "the referenced value is a {type_name}, the method takes a {}",
@@ -280,17 +250,17 @@ fn take_this<T: Any + Send + Sync>(name: &str, req: &mut Request) -> Result<Arc<
 
 /// Wraps a blocking method (first parameter `&T`) as a handler.
 #[doc(hidden)]
-pub fn method_handler<T, A, R, E, F>(name: &'static str, f: F) -> Handler
+pub fn method_handler<T, A, R, E, F>(name: &'static str, f: F, keep: Keep<R>) -> Handler
 where
     T: Any + Send + Sync,
     A: DeserializeOwned,
-    R: Serialize + Send + Sync + 'static,
+    R: 'static,
     E: fmt::Display,
     F: Fn(&T, A) -> Result<R, E> + Send + Sync + 'static,
 {
     let run = move |mut req: Request| {
         let this = take_this::<T>(name, &mut req)?;
-        run_sync(name, &|args| f(&this, args), req)
+        run_sync(name, &|args| f(&this, args), req, keep)
     };
     Handler(HandlerKind::Sync(Arc::new(run), Arc::default()))
 }
@@ -301,10 +271,10 @@ async fn run_async<A, R, E, Fut>(
     name: &'static str,
     req: Request,
     call: impl FnOnce(A) -> Fut,
+    keep: Keep<R>,
 ) -> Produced
 where
     A: DeserializeOwned,
-    R: Serialize + Send + Sync + 'static,
     E: fmt::Display,
     Fut: Future<Output = Result<R, E>>,
 {
@@ -321,7 +291,7 @@ where
         scope.settle_async(name).await?;
     }
     match AssertUnwindSafe(call(args)).catch_unwind().await {
-        Ok(result) => produce(name, result),
+        Ok(result) => produce(name, result, keep),
         Err(panic) => Err(remote_error(
             name,
             "panic",
@@ -332,10 +302,10 @@ where
 
 /// Wraps an async function as a handler that runs as a task.
 #[doc(hidden)]
-pub fn async_handler<A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
+pub fn async_handler<A, R, E, F, Fut>(name: &'static str, f: F, keep: Keep<R>) -> Handler
 where
     A: DeserializeOwned + Send + 'static,
-    R: Serialize + Send + Sync + 'static,
+    R: 'static,
     E: fmt::Display + 'static,
     F: Fn(A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, E>> + Send + 'static,
@@ -343,18 +313,18 @@ where
     let f = Arc::new(f);
     Handler(HandlerKind::Async(Arc::new(move |req| {
         let f = f.clone();
-        Box::pin(run_async(name, req, move |args| f(args)))
+        Box::pin(run_async(name, req, move |args| f(args), keep))
     })))
 }
 
 /// Wraps an async method as a handler that runs as a task; the task owns the value (an `Arc`)
 /// while the method borrows it.
 #[doc(hidden)]
-pub fn async_method_handler<T, A, R, E, F, Fut>(name: &'static str, f: F) -> Handler
+pub fn async_method_handler<T, A, R, E, F, Fut>(name: &'static str, f: F, keep: Keep<R>) -> Handler
 where
     T: Any + Send + Sync,
     A: DeserializeOwned + Send + 'static,
-    R: Serialize + Send + Sync + 'static,
+    R: 'static,
     E: fmt::Display + 'static,
     F: Fn(Arc<T>, A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, E>> + Send + 'static,
@@ -365,7 +335,7 @@ where
         let this = take_this::<T>(name, &mut req);
         Box::pin(async move {
             let this = this?;
-            run_async(name, req, move |args| f(this, args)).await
+            run_async(name, req, move |args| f(this, args), keep).await
         })
     })))
 }
@@ -378,6 +348,6 @@ where
     F: Fn(A) -> Result<R, String> + Send + Sync + 'static,
 {
     Handler(HandlerKind::Inline(Arc::new(move |req| {
-        run_sync(name, &f, req)
+        run_sync(name, &f, req, kept::<R>)
     })))
 }

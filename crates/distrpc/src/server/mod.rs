@@ -19,6 +19,7 @@ pub mod handler;
 pub mod registry;
 mod reply;
 mod router;
+pub mod value;
 
 pub(crate) use reply::{Completion, ReplyTo};
 pub(crate) use router::{FLAG_METHOD, Incoming, Service};
