@@ -91,6 +91,48 @@ impl Kind {
     }
 }
 
+/// How a call's payload (its arguments, and its reply's value) is encoded: a mark in bits 1–2
+/// of the header flags (bit 0 marks a call on a remote reference's value).
+///
+/// ```
+/// use distrpc_wire::frame::Codec;
+///
+/// let flags = Codec::Pickle.flags() | 1;
+/// assert_eq!(Codec::of(flags), Some(Codec::Pickle));
+/// assert_eq!(Codec::of(1), Some(Codec::MessagePack));
+/// assert_eq!(Codec::of(0b110), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// MessagePack through serde (Rust functions, and any front calling them).
+    MessagePack,
+    /// A Python pickle (torch's `PythonUDF`), opaque to Rust: a front's foreign handler runs it.
+    Pickle,
+}
+
+impl Codec {
+    /// Where the mark sits in the flags.
+    pub const MASK: u16 = 0b110;
+
+    /// The flag bits of this codec.
+    pub const fn flags(self) -> u16 {
+        match self {
+            Codec::MessagePack => 0,
+            Codec::Pickle => 1 << 1,
+        }
+    }
+
+    /// The codec marked in `flags`; `None` for a mark this build does not know.
+    pub const fn of(flags: u16) -> Option<Codec> {
+        match (flags & Self::MASK) >> 1 {
+            0 => Some(Codec::MessagePack),
+            1 => Some(Codec::Pickle),
+            _ => None,
+        }
+    }
+}
+
 /// Limits a receiver enforces before it allocates anything for a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {

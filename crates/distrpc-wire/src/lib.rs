@@ -22,5 +22,5 @@ pub mod ops;
 pub mod tensor;
 
 pub use codec::{CodecError, decode, encode};
-pub use frame::{Frame, FrameError, Header, Kind, Limits, OutFrame};
+pub use frame::{Codec, Frame, FrameError, Header, Kind, Limits, OutFrame};
 pub use tensor::{DType, Element, Tensor, TensorError};

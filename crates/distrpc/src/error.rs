@@ -139,6 +139,17 @@ pub enum Error {
     /// An argument to distrpc itself is invalid (a bad worker name, a rank out of range, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The callee cannot run calls encoded this way: a pickled call (a Python function) sent to
+    /// a worker with no Python front, or a codec mark this build does not know.
+    #[error("{worker} cannot run {function:?}: it has no handler for {codec} calls")]
+    UnsupportedCodec {
+        /// The callee.
+        worker: String,
+        /// The function called.
+        function: String,
+        /// The codec of the call (`Pickle`, or the unknown mark).
+        codec: String,
+    },
     /// A future's result will never come: what should have completed it was dropped first — a
     /// `then` callback or a result's `Deserialize` that panicked, say.
     #[error("the result was abandoned: {0}")]
@@ -170,6 +181,7 @@ pub(crate) enum Failure {
     Remote(RemoteError),
     ShutDown,
     Other(String),
+    Codec { function: String, codec: String },
 }
 
 impl Failure {
@@ -193,6 +205,11 @@ impl Failure {
             Failure::Other(reason) => Error::SendFailed {
                 worker: worker.to_string(),
                 reason,
+            },
+            Failure::Codec { function, codec } => Error::UnsupportedCodec {
+                worker: worker.to_string(),
+                function,
+                codec,
             },
         }
     }

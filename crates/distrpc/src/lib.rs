@@ -82,10 +82,10 @@ pub mod future {
 
 pub(crate) use distrpc_wire::{codec, tensor};
 
-pub use call::{RpcFuture, wait_all};
+pub use call::{RawCall, RawReply, RpcFuture, wait_all};
 pub use distrpc_macros::function;
 pub use distrpc_wire::ops;
-pub use distrpc_wire::{DType, Element, Tensor, TensorError};
+pub use distrpc_wire::{Codec, DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};
 pub use function::{Function, Method, NoLocal};
 #[cfg(feature = "fault-injection")]

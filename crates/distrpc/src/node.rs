@@ -27,6 +27,7 @@ pub(crate) struct NodeConfig {
     pub(crate) faults: FaultInjection,
     pub(crate) busy_poll: Duration,
     pub(crate) liveness: Duration,
+    pub(crate) foreign: crate::server::Foreign,
 }
 
 /// The layers of one worker.
@@ -52,6 +53,7 @@ impl Node {
             faults,
             busy_poll,
             liveness,
+            foreign,
         } = config;
         let me = group.workers[rank as usize].clone();
         let sockets = crate::transport::SocketOptions {
@@ -62,7 +64,7 @@ impl Node {
         let client = Client::new(transport.clone(), rpc_timeout, faults);
         let gather = Gather::new(client.clone());
         gather.register(&mut registry);
-        let server = Server::new(client.clone(), registry, num_worker_threads);
+        let server = Server::new(client.clone(), registry, foreign, num_worker_threads);
         let rrefs = RRefService::new(server.clone());
         Self {
             transport,

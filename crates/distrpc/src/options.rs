@@ -17,7 +17,9 @@ pub use crate::call::fault::FaultInjection;
 use crate::call::fault::FaultInjection;
 pub use crate::call::fault::MessageKind;
 
+use crate::server::foreign::ForeignHandler;
 use crate::server::handler::{Handler, named_sync_handler};
+use distrpc_wire::Codec;
 
 /// torch's default RPC timeout.
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,6 +56,7 @@ pub struct RpcOptions {
     pub(crate) busy_poll: Duration,
     pub(crate) liveness: Duration,
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
+    pub(crate) foreign: Vec<(Codec, Arc<dyn ForeignHandler>)>,
 }
 
 impl Default for RpcOptions {
@@ -69,6 +72,7 @@ impl Default for RpcOptions {
             busy_poll: Duration::ZERO,
             liveness: DEFAULT_LIVENESS,
             functions: Vec::new(),
+            foreign: Vec::new(),
         }
     }
 }
@@ -85,6 +89,10 @@ impl fmt::Debug for RpcOptions {
             .field("check_rref_leaks", &self.check_rref_leaks)
             .field("busy_poll", &self.busy_poll)
             .field("liveness", &self.liveness)
+            .field(
+                "foreign",
+                &self.foreign.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+            )
             .field(
                 "functions",
                 &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -175,6 +183,15 @@ impl RpcOptions {
     #[cfg(feature = "fault-injection")]
     pub fn faults(mut self, faults: FaultInjection) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// Hands every call encoded in `codec` (a Python pickle) to `handler`: how a front (the
+    /// Python binding) runs calls Rust cannot read. A worker without a handler for a codec
+    /// answers such calls with [`Error::UnsupportedCodec`](crate::Error::UnsupportedCodec).
+    pub fn foreign(mut self, codec: Codec, handler: Arc<dyn ForeignHandler>) -> Self {
+        self.foreign.retain(|(c, _)| *c != codec);
+        self.foreign.push((codec, handler));
         self
     }
 

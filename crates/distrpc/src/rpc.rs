@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::call::{Delivery, RpcFuture, TypedCall};
+use crate::call::{Delivery, RawCall, RawReply, RpcFuture, TypedCall};
 use crate::error::Error;
 use crate::function::Function;
 pub use crate::metrics::Metrics;
@@ -137,6 +137,7 @@ impl PendingRpc {
                 faults: options.faults,
                 busy_poll: options.busy_poll,
                 liveness: options.liveness,
+                foreign: options.foreign.iter().cloned().collect(),
             },
             rt.clone(),
         );
@@ -366,6 +367,63 @@ impl Rpc {
                 };
                 self.node().client.call_typed(call, args)
             }
+            Err(e) => RpcFuture::ready(Err(e)),
+        }
+    }
+
+    /// A call whose arguments the caller encoded itself ([`RawCall`]): how a front calls — a
+    /// pickled Python function, run by the callee's foreign handler for pickles
+    /// ([`RpcOptions::foreign`]), or MessagePack arguments for a Rust function by name. Waits
+    /// for the encoded reply (`None`: the default timeout). A callee with no handler for the
+    /// codec answers [`Error::UnsupportedCodec`].
+    ///
+    /// ```
+    /// use distrpc::{Codec, RawCall, Rpc, RpcOptions};
+    ///
+    /// #[distrpc::function]
+    /// fn add(a: i64, b: i64) -> i64 { a + b }
+    ///
+    /// let rpc = Rpc::init("w0", 0, 1, RpcOptions::default().init_method("tcp://127.0.0.1:0"))?;
+    /// let call = RawCall {
+    ///     codec: Codec::MessagePack,
+    ///     function: add.name().to_string(),
+    ///     payload: rmp_serde::to_vec(&(2i64, 3i64)).unwrap(),
+    ///     tensors: vec![],
+    /// };
+    /// let reply = rpc.rpc_sync_raw("w0", call, None)?;
+    /// assert_eq!(rmp_serde::from_slice::<i64>(&reply.payload).unwrap(), 5);
+    /// rpc.shutdown()?;
+    /// # Ok::<(), distrpc::Error>(())
+    /// ```
+    pub fn rpc_sync_raw(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> Result<RawReply, Error> {
+        self.raw(to.into(), call, timeout, Delivery::Blocking)
+            .wait()
+    }
+
+    /// [`Rpc::rpc_sync_raw`] without waiting.
+    pub fn rpc_async_raw(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<RawReply> {
+        self.raw(to.into(), call, timeout, Delivery::Queued)
+    }
+
+    fn raw(
+        &self,
+        to: To,
+        call: RawCall,
+        timeout: Option<Duration>,
+        delivery: Delivery,
+    ) -> RpcFuture<RawReply> {
+        match self.node().transport.resolve(&to) {
+            Ok(dest) => self.node().client.call_raw(dest, call, timeout, delivery),
             Err(e) => RpcFuture::ready(Err(e)),
         }
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distrpc_wire::{Frame, Kind, OutFrame, Tensor};
+use distrpc_wire::{Codec, Frame, Kind, OutFrame, Tensor};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -85,6 +85,29 @@ pub(crate) struct TypedCall<'a> {
     pub(crate) timeout: Option<Duration>,
     pub(crate) internal: bool,
     pub(crate) delivery: Delivery,
+}
+
+/// A call whose arguments the caller encoded itself: how a front calls — a pickled Python
+/// function (torch's `PythonUDF`), or MessagePack arguments for a Rust function by name.
+#[derive(Debug, Clone)]
+pub struct RawCall {
+    /// How `payload` is encoded; the callee's handler for it decodes it.
+    pub codec: Codec,
+    /// The function's registered name (for a pickled call, a name for errors and profiles).
+    pub function: String,
+    /// The encoded arguments.
+    pub payload: Vec<u8>,
+    /// Tensors beside them, sent from their own memory.
+    pub tensors: Vec<Tensor>,
+}
+
+/// The reply to a [`RawCall`]: the result, encoded as the call was, and its tensors.
+#[derive(Debug, Clone)]
+pub struct RawReply {
+    /// The encoded result.
+    pub payload: Bytes,
+    /// The tensors beside it (slices of the receive buffer, 64-byte aligned).
+    pub tensors: Vec<Tensor>,
 }
 
 /// The calling side of one worker.
@@ -374,6 +397,53 @@ impl Client {
                         what: "result",
                         message: e.to_string(),
                     })
+                }))
+            }),
+        );
+        fut.with_claim(claim)
+    }
+}
+
+impl Client {
+    /// Sends a call encoded by the caller and returns a future of its encoded reply.
+    pub(crate) fn call_raw(
+        self: &Arc<Self>,
+        dest: u32,
+        call: RawCall,
+        timeout: Option<Duration>,
+        delivery: Delivery,
+    ) -> RpcFuture<RawReply> {
+        let (fut, done) = RpcFuture::pending_spinning(self.transport.busy_poll);
+        let RawCall {
+            codec,
+            function,
+            payload,
+            tensors,
+        } = call;
+        let encoded = encode_call(&[], &function, |out| {
+            out.extend_from_slice(&payload);
+            Ok::<_, std::convert::Infallible>(Vec::new())
+        });
+        let head_and_args = match encoded {
+            Ok((bytes, _)) => bytes,
+            Err(e) => {
+                done.complete(Err(e));
+                return fut;
+            }
+        };
+        let out = Outgoing {
+            flags: codec.flags(),
+            tensors,
+            timeout,
+            delivery,
+            ..Outgoing::new(dest, Kind::Call, &function, head_and_args)
+        };
+        let claim = self.call(
+            out,
+            Box::new(move |result| {
+                done.complete(result.map(|frame| RawReply {
+                    payload: frame.payload,
+                    tensors: frame.tensors,
                 }))
             }),
         );

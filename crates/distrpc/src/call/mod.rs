@@ -7,7 +7,7 @@
 //! reference layer are encoded inside the [`scope::ValueScope`] it registers.
 
 pub(crate) mod activity;
-pub(crate) mod client;
+pub mod client;
 pub(crate) mod fault;
 pub mod future;
 pub(crate) mod payload;
@@ -15,5 +15,6 @@ pub(crate) mod pending;
 pub(crate) mod scope;
 
 pub(crate) use client::{Client, Delivery, Outgoing, TypedCall};
+pub use client::{RawCall, RawReply};
 pub(crate) use fault::FaultInjection;
 pub use future::{RpcFuture, wait_all};

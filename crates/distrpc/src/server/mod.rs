@@ -15,6 +15,7 @@
 //! services or registry entries from above.
 
 pub(crate) mod current;
+pub mod foreign;
 pub mod handler;
 pub mod registry;
 mod reply;
@@ -27,14 +28,17 @@ pub(crate) use router::{FLAG_METHOD, Incoming, Service};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
-use distrpc_wire::{Kind, Tensor};
+use distrpc_wire::{Codec, Kind, Tensor};
 
 use crate::call::Client;
 use crate::call::activity::Counter;
 use crate::error::Failure;
 use crate::pool::Pool;
 use current::Current;
+use foreign::{ForeignCall, ForeignHandler};
 use handler::{Handler, HandlerKind, Produced, Request};
 use registry::Registry;
 
@@ -50,7 +54,12 @@ pub(crate) struct Server {
     /// Services for the message kinds the call service does not handle: (kind, whether the
     /// frame has [`FLAG_METHOD`], service).
     services: RwLock<Vec<Route>>,
+    /// The fronts' handlers of calls in other codecs (pickle).
+    foreign: Foreign,
 }
+
+/// The foreign handlers, by codec.
+pub(crate) type Foreign = HashMap<Codec, Arc<dyn ForeignHandler>>;
 
 /// A kind of request, whether it has [`FLAG_METHOD`], and the service it goes to.
 type Route = (Kind, bool, Weak<dyn Service>);
@@ -70,6 +79,7 @@ impl Server {
     pub(crate) fn new(
         client: Arc<Client>,
         registry: Registry,
+        foreign: Foreign,
         num_worker_threads: usize,
     ) -> Arc<Self> {
         let name = format!("distrpc-{}", client.transport.me.name);
@@ -80,6 +90,7 @@ impl Server {
             inline_runs: AtomicU64::new(0),
             current: OnceLock::new(),
             services: RwLock::new(Vec::new()),
+            foreign,
         });
         let weak = Arc::downgrade(&server);
         server.client.transport.set_inbound(weak);
@@ -269,6 +280,19 @@ impl Server {
         let (name, args) =
             crate::call::payload::parse_call_head(&frame.payload).ok_or("malformed call")?;
         let name = crate::call::payload::name_str(&name);
+        match Codec::of(frame.flags) {
+            Some(Codec::MessagePack) => {}
+            codec => {
+                let call = ForeignCall {
+                    function: name.to_string(),
+                    payload: args,
+                    tensors: frame.tensors,
+                    from,
+                };
+                self.on_foreign_call(reply_to, frame.id, codec, call);
+                return Ok(());
+            }
+        }
         let request = self.request(args, frame.tensors, from);
         let completion = Completion::Reply(Kind::Result);
         self.dispatch(reply_to, frame.id, name, request, completion);

@@ -1,0 +1,161 @@
+//! Foreign calls: calls whose arguments are encoded in a way Rust does not read — a Python
+//! pickle (torch's `PythonUDF`) — handed whole to the handler a front registered for that codec
+//! ([`RpcOptions::foreign`](crate::RpcOptions::foreign)). The core stays free of Python: it
+//! moves bytes and tensors, counts the call, and sends whatever the front answers.
+//!
+//! ```text
+//!  Call (codec mark ≠ MessagePack) ─► router ─► foreign handler of that codec
+//!       (none: Error::UnsupportedCodec)          │  runs it where it likes (a Python pool)
+//!                                                ▼
+//!  caller ◄── Result / Exception ◄── ForeignReply::ok / err (dropped: an error too)
+//! ```
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use distrpc_wire::{Codec, Tensor};
+
+use super::handler::Reply;
+use super::value::Value;
+use super::{Completion, ReplyTo, Server};
+use crate::call::activity::Counter;
+use crate::error::{Failure, RemoteError};
+
+/// Runs the calls of one codec; registered by a front (the Python binding) at init.
+pub trait ForeignHandler: Send + Sync + 'static {
+    /// Starts `call`; the answer goes to `reply`, now or later, from any thread. It must not
+    /// block for long: hand the work to a thread of the front's own.
+    fn call(&self, call: ForeignCall, reply: ForeignReply);
+}
+
+/// A call for a foreign handler.
+#[derive(Debug)]
+pub struct ForeignCall {
+    /// The name in the call head (for a pickled call, a display name: the function travels in
+    /// the payload).
+    pub function: String,
+    /// The encoded arguments, as the caller sent them.
+    pub payload: Bytes,
+    /// The tensors beside them (slices of the receive buffer, 64-byte aligned).
+    pub tensors: Vec<Tensor>,
+    /// The calling worker's rank.
+    pub from: u32,
+}
+
+/// Where a foreign call's answer goes: exactly once, [`ForeignReply::ok`] or
+/// [`ForeignReply::err`]; dropped without either, the caller gets an error that says so.
+pub struct ForeignReply {
+    server: Arc<Server>,
+    reply_to: ReplyTo,
+    id: u64,
+    function: Arc<str>,
+    /// `None` once answered.
+    completion: Option<Completion>,
+}
+
+impl std::fmt::Debug for ForeignReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignReply")
+            .field("id", &self.id)
+            .field("function", &self.function)
+            .finish()
+    }
+}
+
+impl ForeignReply {
+    /// Answers with the encoded result (same codec as the call) and its tensors.
+    pub fn ok(mut self, payload: Vec<u8>, tensors: Vec<Tensor>) {
+        let value: Arc<dyn Value> = Arc::new(Encoded { payload, tensors });
+        self.finish(Ok(value));
+    }
+
+    /// Answers with the error the function raised.
+    pub fn err(mut self, error: RemoteError) {
+        self.finish(Err(Failure::Remote(error)));
+    }
+
+    fn finish(&mut self, out: super::handler::Produced) {
+        if let Some(completion) = self.completion.take() {
+            let function = self.function.clone();
+            self.server
+                .deliver(&self.reply_to, self.id, &function, out, completion);
+            self.server.client.activity.add(Counter::ServerAsync, -1);
+        }
+    }
+}
+
+impl Drop for ForeignReply {
+    fn drop(&mut self) {
+        let reason = format!(
+            "the foreign handler of {} dropped the call without answering",
+            self.function
+        );
+        self.finish(Err(Failure::Other(reason)));
+    }
+}
+
+/// A result a front encoded itself: sent as it is.
+struct Encoded {
+    payload: Vec<u8>,
+    tensors: Vec<Tensor>,
+}
+
+impl Value for Encoded {
+    fn encode(&self) -> Result<Reply, String> {
+        Ok(Reply {
+            payload: self.payload.clone(),
+            tensors: self.tensors.clone(),
+        })
+    }
+
+    fn type_name(&self) -> &'static str {
+        "an encoded foreign value"
+    }
+}
+
+impl Server {
+    /// A call whose arguments are in `codec` (`None`: a mark this build does not know): to the
+    /// foreign handler registered for it, or an error that names what is missing.
+    pub(super) fn on_foreign_call(
+        self: &Arc<Self>,
+        reply_to: ReplyTo,
+        id: u64,
+        codec: Option<Codec>,
+        call: ForeignCall,
+    ) {
+        let completion = Completion::Reply(distrpc_wire::Kind::Result);
+        if !self.client.is_running() {
+            return self.deliver(
+                &reply_to,
+                id,
+                &call.function,
+                Err(Failure::ShutDown),
+                completion,
+            );
+        }
+        let handler = codec.and_then(|c| self.foreign.get(&c));
+        let Some(handler) = handler else {
+            let failure = Failure::Codec {
+                function: call.function.clone(),
+                codec: codec.map_or_else(|| "unknown".into(), |c| format!("{c:?}")),
+            };
+            return self.deliver(&reply_to, id, &call.function, Err(failure), completion);
+        };
+        self.client.activity.add(Counter::ServerAsync, 1);
+        let reply = ForeignReply {
+            server: self.clone(),
+            reply_to,
+            id,
+            function: Arc::from(call.function.as_str()),
+            completion: Some(completion),
+        };
+        // A panic in the front's handler drops `reply` on the way out, which answers the call.
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler.call(call, reply);
+        }));
+        if let Err(panic) = started {
+            let message = crate::error::panic_message(&*panic);
+            tracing::error!(%message, "a foreign handler panicked");
+        }
+    }
+}
