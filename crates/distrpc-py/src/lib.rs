@@ -1,0 +1,239 @@
+//! `distrpc._core`: the Python binding of distrpc. Thin on purpose: it moves bytes between the
+//! Rust agent and the pure-Python package (`python/distrpc`), which carries torch's API, the
+//! pickler and the worker threads that run Python functions. The interpreter lock is released
+//! around every wait and all Rust work.
+//!
+//! ```text
+//!  rpc_sync(to, fn, args) ─ pickle ─► Agent.rpc_sync ─(GIL released)─► distrpc ─► peer
+//!  peer's pickled call ─► ForeignHandler ─► queue ─► Agent.next_call (a Python worker thread)
+//!        ─► unpickle, run, pickle ─► Call.reply ─► distrpc ─► caller
+//! ```
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use distrpc::server::foreign::{ForeignCall, ForeignHandler, ForeignReply};
+use distrpc::{Codec, Error, RawCall, RawReply, Rpc, RpcFuture, RpcOptions};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// A pickled call waiting for a Python worker thread.
+type Queued = (ForeignCall, ForeignReply);
+
+/// A pickled call as a Python worker thread gets it: `(call, function, payload, caller)`.
+type Taken = (Call, String, Py<PyBytes>, u32);
+
+/// The foreign handler for pickles: queues each call for the Python worker threads.
+struct Queue(Mutex<mpsc::Sender<Queued>>);
+
+impl ForeignHandler for Queue {
+    fn call(&self, call: ForeignCall, reply: ForeignReply) {
+        // If the Python side is gone, the call comes back with the dropped reply's error.
+        let _ = lock(&self.0).send((call, reply));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error(e: Error) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    timeout
+        .map(|s| {
+            Duration::try_from_secs_f64(s.max(0.0))
+                .map_err(|e| PyValueError::new_err(format!("timeout {s}: {e}")))
+        })
+        .transpose()
+}
+
+/// One worker of a group, as Python sees it.
+#[pyclass(frozen)]
+struct Agent {
+    rpc: Rpc,
+    calls: Mutex<mpsc::Receiver<Queued>>,
+}
+
+#[pymethods]
+impl Agent {
+    /// Joins the group (torch's `init_rpc`), waiting with the interpreter lock released.
+    #[staticmethod]
+    #[pyo3(signature = (name, rank, world_size, init_method, num_worker_threads, rpc_timeout))]
+    fn init(
+        py: Python<'_>,
+        name: String,
+        rank: usize,
+        world_size: usize,
+        init_method: String,
+        num_worker_threads: usize,
+        rpc_timeout: f64,
+    ) -> PyResult<Agent> {
+        let (tx, rx) = mpsc::channel();
+        let timeout = seconds(Some(rpc_timeout))?.unwrap_or_default();
+        let options = RpcOptions::default()
+            .init_method(init_method)
+            .num_worker_threads(num_worker_threads)
+            .rpc_timeout(timeout)
+            .foreign(Codec::Pickle, Arc::new(Queue(Mutex::new(tx))));
+        let rpc = py
+            .detach(|| Rpc::init(&name, rank, world_size, options))
+            .map_err(error)?;
+        Ok(Agent {
+            rpc,
+            calls: Mutex::new(rx),
+        })
+    }
+
+    /// This worker's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.rpc.name().to_string()
+    }
+
+    /// This worker's rank.
+    #[getter]
+    fn rank(&self) -> u32 {
+        self.rpc.rank()
+    }
+
+    /// Every worker, as `(rank, name)` in rank order.
+    fn worker_infos(&self) -> Vec<(u32, String)> {
+        self.rpc
+            .worker_infos()
+            .iter()
+            .map(|w| (w.id, w.name.clone()))
+            .collect()
+    }
+
+    /// The default timeout, in seconds (0: none).
+    fn rpc_timeout(&self) -> f64 {
+        self.rpc.rpc_timeout().as_secs_f64()
+    }
+
+    /// The next pickled call for this worker, waiting up to `timeout` seconds (lock released):
+    /// `(call, function, payload, caller's rank)`, or `None`.
+    fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
+        let wait = seconds(Some(timeout))?.unwrap_or_default();
+        let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok());
+        Ok(next.map(|(call, reply)| {
+            let payload = PyBytes::new(py, &call.payload).unbind();
+            let handle = Call {
+                reply: Mutex::new(Some(reply)),
+            };
+            (handle, call.function, payload, call.from)
+        }))
+    }
+
+    /// Calls `function` (pickled in `payload`) on `to` and waits for its pickled result.
+    #[pyo3(signature = (to, function, payload, timeout=None))]
+    fn rpc_sync(
+        &self,
+        py: Python<'_>,
+        to: &str,
+        function: String,
+        payload: Vec<u8>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyBytes>> {
+        let timeout = seconds(timeout)?;
+        let call = RawCall {
+            codec: Codec::Pickle,
+            function,
+            payload,
+            tensors: Vec::new(),
+        };
+        let reply = py
+            .detach(|| self.rpc.rpc_sync_raw(to, call, timeout))
+            .map_err(error)?;
+        Ok(PyBytes::new(py, &reply.payload).unbind())
+    }
+
+    /// [`Agent::rpc_sync`] without waiting.
+    #[pyo3(signature = (to, function, payload, timeout=None))]
+    fn rpc_async(
+        &self,
+        to: &str,
+        function: String,
+        payload: Vec<u8>,
+        timeout: Option<f64>,
+    ) -> PyResult<Future> {
+        let timeout = seconds(timeout)?;
+        let call = RawCall {
+            codec: Codec::Pickle,
+            function,
+            payload,
+            tensors: Vec::new(),
+        };
+        Ok(Future {
+            inner: Mutex::new(Some(self.rpc.rpc_async_raw(to, call, timeout))),
+        })
+    }
+
+    /// Graceful shutdown with the group (bounded by `timeout` seconds, 0: none), or a local
+    /// stop.
+    #[pyo3(signature = (graceful=true, timeout=0.0))]
+    fn shutdown(&self, py: Python<'_>, graceful: bool, timeout: f64) -> PyResult<()> {
+        let timeout = seconds(Some(timeout))?.unwrap_or_default();
+        if graceful {
+            py.detach(|| self.rpc.shutdown_timeout(timeout))
+                .map_err(error)
+        } else {
+            py.detach(|| self.rpc.shutdown_local());
+            Ok(())
+        }
+    }
+}
+
+/// A pickled call a Python worker thread runs: answered once with [`Call::reply`].
+#[pyclass(frozen)]
+struct Call {
+    reply: Mutex<Option<ForeignReply>>,
+}
+
+#[pymethods]
+impl Call {
+    /// Sends the pickled result (an exception is pickled too: see `distrpc._internal`).
+    fn reply(&self, py: Python<'_>, payload: Vec<u8>) -> PyResult<()> {
+        let reply = lock(&self.reply)
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this call was answered already"))?;
+        py.detach(|| reply.ok(payload, Vec::new()));
+        Ok(())
+    }
+}
+
+/// The pickled result of an `rpc_async`.
+#[pyclass(frozen)]
+struct Future {
+    inner: Mutex<Option<RpcFuture<RawReply>>>,
+}
+
+#[pymethods]
+impl Future {
+    /// Waits (lock released) for the pickled result.
+    fn wait(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+        let fut = lock(&self.inner)
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this future was waited on already"))?;
+        let reply = py.detach(|| fut.wait()).map_err(error)?;
+        Ok(PyBytes::new(py, &reply.payload).unbind())
+    }
+
+    /// Whether the result has arrived.
+    fn done(&self) -> bool {
+        lock(&self.inner).as_ref().is_none_or(|f| f.is_done())
+    }
+}
+
+/// The Rust side of `distrpc`.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Agent>()?;
+    m.add_class::<Call>()?;
+    m.add_class::<Future>()?;
+    Ok(())
+}

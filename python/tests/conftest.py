@@ -1,0 +1,41 @@
+"""Fixtures: groups of worker processes started by the test, bounded, and cleaned up."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Callable
+
+import pytest
+
+
+@pytest.fixture
+def run_group(tmp_path):
+    """Runs ``target(rank, world_size, init_method, results)`` in ``world_size`` fresh
+    processes that meet through a file store; returns what each put in ``results``."""
+
+    def run(target: Callable, world_size: int, timeout: float = 60.0) -> dict:
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        init_method = f"file://{tmp_path}/store"
+        procs = [
+            ctx.Process(target=target, args=(rank, world_size, init_method, results))
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            got = {}
+            for _ in range(world_size):
+                rank, value = results.get(timeout=timeout)
+                got[rank] = value
+            for p in procs:
+                p.join(timeout)
+                assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+            return got
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+    return run

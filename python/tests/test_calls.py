@@ -1,0 +1,66 @@
+"""Python functions called across processes, as torch.distributed.rpc programs call them."""
+
+from __future__ import annotations
+
+import operator
+
+
+def _options(init_method):
+    import distrpc.rpc as rpc
+
+    return rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+
+
+def _greet(name, punctuation="!"):
+    return f"hello {name}{punctuation}"
+
+
+def _calls(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=_options(init_method),
+    )
+    out = None
+    try:
+        if rank == 0:
+            out = {
+                "add": rpc.rpc_sync("worker1", operator.add, args=(2, 3)),
+                "kwargs": rpc.rpc_sync(
+                    "worker1", _greet, args=("torch",), kwargs={"punctuation": "?"}
+                ),
+                "async": [rpc.rpc_async(1, operator.mul, args=(i, i)).wait() for i in range(4)],
+                "self": rpc.rpc_sync("worker0", len, args=([1, 2, 3],)),
+                "info": repr(rpc.get_worker_info("worker1")),
+            }
+            try:
+                rpc.rpc_sync("worker1", int, args=("not a number",))
+            except ValueError as e:
+                out["error"] = str(e)
+    finally:
+        rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_python_functions_run_on_other_workers(run_group):
+    got = run_group(_calls, 2)
+    out = got[0]
+    assert out["add"] == 5
+    assert out["kwargs"] == "hello torch?"
+    assert out["async"] == [0, 1, 4, 9]
+    assert out["self"] == 3
+    assert out["info"] == "WorkerInfo(id=1, name=worker1)"
+    # The callee's exception comes back as its own type, prefixed with where it happened.
+    assert out["error"].startswith("On WorkerInfo(id=1, name=worker1):")
+    assert "invalid literal for int()" in out["error"]
+
+
+def test_calls_before_init_rpc_raise_torchs_error():
+    import distrpc.rpc as rpc
+    import pytest
+
+    with pytest.raises(RuntimeError, match="RPC has not been initialized"):
+        rpc.rpc_sync("worker1", operator.add, args=(1, 2))
