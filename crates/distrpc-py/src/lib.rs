@@ -43,6 +43,16 @@ fn error(e: Error) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
 }
 
+/// A call of a pickled Python function.
+fn pickled(function: String, payload: Vec<u8>) -> RawCall {
+    RawCall {
+        codec: Codec::Pickle,
+        function,
+        payload,
+        tensors: Vec::new(),
+    }
+}
+
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     timeout
         .map(|s| {
@@ -140,12 +150,7 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<Py<PyBytes>> {
         let timeout = seconds(timeout)?;
-        let call = RawCall {
-            codec: Codec::Pickle,
-            function,
-            payload,
-            tensors: Vec::new(),
-        };
+        let call = pickled(function, payload);
         let reply = py
             .detach(|| self.rpc.rpc_sync_raw(to, call, timeout))
             .map_err(error)?;
@@ -162,12 +167,7 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<Future> {
         let timeout = seconds(timeout)?;
-        let call = RawCall {
-            codec: Codec::Pickle,
-            function,
-            payload,
-            tensors: Vec::new(),
-        };
+        let call = pickled(function, payload);
         Ok(Future {
             inner: Mutex::new(Some(self.rpc.rpc_async_raw(to, call, timeout))),
         })

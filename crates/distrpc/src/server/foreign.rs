@@ -15,8 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use distrpc_wire::{Codec, Tensor};
 
-use super::handler::Reply;
-use super::value::Value;
+use super::value::{Reply, Value};
 use super::{Completion, ReplyTo, Server};
 use crate::call::activity::Counter;
 use crate::error::{Failure, RemoteError};

@@ -17,6 +17,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use super::value::Reply;
 use super::value::{Keep, Value, kept, lend};
 use crate::call::scope::{self, ValueScope};
 use crate::error::{Failure, RemoteError};
@@ -44,15 +45,6 @@ impl fmt::Debug for Request {
     }
 }
 
-/// An encoded value: payload and tensor table.
-#[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct Reply {
-    pub(crate) payload: Vec<u8>,
-    pub(crate) tensors: Vec<Tensor>,
-}
-
-pub(crate) type Outcome = Result<Reply, Failure>;
 /// What a handler produces: the value, or why there is none.
 pub(crate) type Produced = Result<Arc<dyn Value>, Failure>;
 type BoxFuture = Pin<Box<dyn Future<Output = Produced> + Send>>;

@@ -6,7 +6,8 @@ use bytes::Bytes;
 use distrpc_wire::{Frame, Kind, OutFrame};
 
 use super::Server;
-use super::handler::{Outcome, Produced, Reply};
+use super::handler::Produced;
+use super::value::{Outcome, Reply};
 use crate::call::scope;
 use crate::error::Failure;
 use crate::transport::{Connection, LOCAL, Source};

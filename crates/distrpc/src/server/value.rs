@@ -13,7 +13,20 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::handler::Reply;
+use distrpc_wire::Tensor;
+
+use crate::error::Failure;
+
+/// An encoded value: payload and tensor table.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) tensors: Vec<Tensor>,
+}
+
+/// A reply, or why there is none.
+pub(crate) type Outcome = Result<Reply, Failure>;
 
 /// A value a function produced (see the module docs).
 #[doc(hidden)]
