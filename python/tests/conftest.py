@@ -11,9 +11,12 @@ import pytest
 @pytest.fixture
 def run_group(tmp_path):
     """Runs ``target(rank, world_size, init_method, results)`` in ``world_size`` fresh
-    processes that meet through a file store; returns what each put in ``results``."""
+    processes that meet through a file store; returns what each put in ``results``. Each must
+    exit 0, unless ``exit_codes`` says otherwise (a rank meant to die puts nothing)."""
 
-    def run(target: Callable, world_size: int, timeout: float = 60.0) -> dict:
+    def run(
+        target: Callable, world_size: int, timeout: float = 60.0, exit_codes: dict | None = None
+    ) -> dict:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
         init_method = f"file://{tmp_path}/store"
@@ -25,12 +28,14 @@ def run_group(tmp_path):
             p.start()
         try:
             got = {}
-            for _ in range(world_size):
+            expected = {rank: 0 for rank in range(world_size)}
+            expected.update(exit_codes or {})
+            for _ in range(sum(1 for code in expected.values() if code == 0)):
                 rank, value = results.get(timeout=timeout)
                 got[rank] = value
-            for p in procs:
+            for rank, p in enumerate(procs):
                 p.join(timeout)
-                assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+                assert p.exitcode == expected[rank], f"rank {rank} exited with {p.exitcode}"
             return got
         finally:
             for p in procs:

@@ -173,6 +173,47 @@ impl Agent {
         })
     }
 
+    /// Gathers `payload` (a pickled object) from every worker in `names` (all if `None`):
+    /// `{name: payload}`, the same on every one of them (torch's `_all_gather`).
+    #[pyo3(signature = (payload, names=None, timeout=None))]
+    fn all_gather(
+        &self,
+        py: Python<'_>,
+        payload: Vec<u8>,
+        names: Option<Vec<String>>,
+        timeout: Option<f64>,
+    ) -> PyResult<std::collections::BTreeMap<String, Py<PyBytes>>> {
+        let timeout = seconds(timeout)?;
+        let value = serde_bytes::ByteBuf::from(payload);
+        let gathered = py
+            .detach(|| match (names, timeout) {
+                (None, None) => self.rpc.all_gather(&value),
+                (names, timeout) => {
+                    let names = names.unwrap_or_else(|| {
+                        self.rpc
+                            .worker_infos()
+                            .iter()
+                            .map(|w| w.name.clone())
+                            .collect()
+                    });
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let timeout = timeout.unwrap_or_else(|| self.rpc.rpc_timeout());
+                    self.rpc.all_gather_among(&value, &names, timeout)
+                }
+            })
+            .map_err(error)?;
+        Ok(gathered
+            .into_iter()
+            .map(|(name, bytes)| (name, PyBytes::new(py, &bytes).unbind()))
+            .collect())
+    }
+
+    /// Waits until every worker in `names` has reached this barrier (torch's `_barrier`).
+    fn barrier(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        py.detach(|| self.rpc.barrier(&names)).map_err(error)
+    }
+
     /// Graceful shutdown with the group (bounded by `timeout` seconds, 0: none), or a local
     /// stop.
     #[pyo3(signature = (graceful=true, timeout=0.0))]

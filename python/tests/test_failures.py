@@ -1,0 +1,96 @@
+"""Timeouts, a peer that dies, and the group helpers real programs use."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+def _options(init_method, **kw):
+    import distrpc.rpc as rpc
+
+    return rpc.TensorPipeRpcBackendOptions(init_method=init_method, **kw)
+
+
+def _timeouts(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    options = _options(init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = {}
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            rpc.rpc_sync("worker1", time.sleep, args=(3,), timeout=0.2)
+        except RuntimeError as e:
+            out["per_call"] = (str(e), time.monotonic() - started)
+        out["none"] = rpc.rpc_sync("worker1", time.sleep, args=(0.3,), timeout=0) is None
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_a_call_that_outlives_its_timeout_raises(run_group):
+    out = run_group(_timeouts, 2)[0]
+    message, took = out["per_call"]
+    assert "timeout" in message and "worker1" in message, message
+    assert took < 2.5, f"the timeout fired after {took:.2f} s"
+    assert out["none"]
+
+
+def _peer_death(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    options = _options(init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    rpc.api._barrier(["worker0", "worker1"])
+    if rank == 1:
+        # No timeout: only the loss of worker0 can end this call.
+        started = time.monotonic()
+        try:
+            rpc.rpc_sync("worker0", os._exit, args=(3,), timeout=0)
+        except RuntimeError as e:
+            results.put((rank, (str(e), time.monotonic() - started)))
+        rpc.shutdown(graceful=False)
+    else:
+        time.sleep(30)  # rank 1's call ends this process; bounded if it never comes
+
+
+def test_a_dead_peer_fails_the_calls_waiting_on_it_at_once(run_group):
+    message, took = run_group(_peer_death, 2, exit_codes={0: 3})[1]
+    assert "worker0" in message and "gone" in message, message
+    assert took < 5, f"the failure took {took:.2f} s"
+
+
+def _gather(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=_options(init_method),
+    )
+    gathered = rpc.api._all_gather({"rank": rank})
+    some = None
+    if rank != 1:
+        some = rpc.api._all_gather(rank * 10, worker_names=["worker0", "worker2"], timeout=10)
+    rpc.api._wait_all_workers()
+    rpc.shutdown()
+    results.put((rank, (gathered, some)))
+
+
+def test_all_gather_and_barrier(run_group):
+    got = run_group(_gather, 3)
+    expected = {f"worker{r}": {"rank": r} for r in range(3)}
+    for rank in range(3):
+        assert got[rank][0] == expected
+    assert got[0][1] == got[2][1] == {"worker0": 0, "worker2": 20}
+
+
+def test_device_maps_are_refused():
+    import distrpc.rpc as rpc
+
+    with pytest.raises(ValueError, match="CPU only"):
+        rpc.TensorPipeRpcBackendOptions(device_maps={"worker1": {0: 1}})
