@@ -270,9 +270,48 @@ impl Future {
     }
 }
 
+/// Starts `nproc` processes of `command` as `distrpc launch` does (torchrun's environment:
+/// `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; output prefixed by rank;
+/// one failure stops the others) and waits for them, with the interpreter lock released.
+/// Returns 0, or the exit code of the rank that failed (128 + signal if it was killed).
+#[pyfunction]
+#[pyo3(signature = (nproc, command, master_addr="127.0.0.1".to_string(), master_port=0))]
+fn launch(
+    py: Python<'_>,
+    nproc: usize,
+    command: Vec<String>,
+    master_addr: String,
+    master_port: u16,
+) -> PyResult<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| PyValueError::new_err("no command to launch"))?;
+    if nproc == 0 {
+        return Err(PyValueError::new_err("nproc must be at least 1"));
+    }
+    let launch = distrpc::launch::Launch::new(nproc, program)
+        .args(args)
+        .master_addr(master_addr)
+        .master_port(master_port);
+    match py.detach(|| launch.run()) {
+        Ok(()) => Ok(0),
+        Err(distrpc::launch::LaunchError::Failed { rank, status }) => {
+            eprintln!(
+                "distrpc.launch: rank {rank} failed ({status}); the other ranks were stopped"
+            );
+            Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        }
+        Err(e) => Err(PyRuntimeError::new_err(e.to_string())),
+    }
+}
+
 /// The Rust side of `distrpc`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(launch, m)?)?;
     m.add_class::<Agent>()?;
     m.add_class::<Call>()?;
     m.add_class::<Future>()?;

@@ -1,0 +1,49 @@
+"""``python -m distrpc.launch`` starts a group that meets by env://."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import operator, os
+    import distrpc.rpc as rpc
+
+    rank = int(os.environ["RANK"])
+    rpc.init_rpc(f"worker{rank}")  # rank, world size and store from the environment
+    peer = f"worker{(rank + 1) % int(os.environ['WORLD_SIZE'])}"
+    print("sum", rpc.rpc_sync(peer, operator.add, args=(rank, 100)))
+    rpc.shutdown()
+    """
+)
+
+
+def test_launch_starts_a_group_by_env(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run(
+        [sys.executable, "-m", "distrpc.launch", "--nproc", "3", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    for rank in range(3):
+        assert f"[{rank}] sum {rank + 100}" in out.stdout, out.stdout
+
+
+def test_a_failing_rank_fails_the_launch(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, time\nsys.exit(7) if os.environ['RANK'] == '1' else time.sleep(60)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "distrpc.launch", "--nproc", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 7, (out.returncode, out.stderr)
+    assert "rank 1 failed" in out.stderr
