@@ -1,13 +1,26 @@
 """How Python calls travel, as torch's ``internal.py`` sends them: a ``PythonUDF`` (function,
 args, kwargs) pickled, and a callee exception pickled as a ``RemoteException`` that the caller
-raises as the original type, its message prefixed with the worker it came from."""
+raises as the original type, its message prefixed with the worker it came from.
+
+Arrays never go into the pickle: pickle protocol 5 hands every contiguous array's buffer to the
+pickler out of band, and each becomes a tensor of the frame's tensor table, written to the
+socket from the array's own memory. On the receiving side each arrives as a slice of the
+64-byte aligned receive buffer, and the array is rebuilt over it: no copy either way.
+
+A buffer crosses into Rust as ``(address, length, owner)``: the owner keeps the memory alive
+while Rust holds it; on the way back, ``owner`` is the Rust-side tensor and the view is a
+ctypes array over its address that keeps it alive."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import pickle
 import traceback
 from typing import Any, Callable, NamedTuple
+
+#: A buffer as Rust takes it or gives it back: ``(address, length, owner)``.
+Buffer = tuple[int, int, Any]
 
 
 class PythonUDF(NamedTuple):
@@ -25,29 +38,52 @@ class RemoteException(NamedTuple):
     exception_type: type
 
 
+def _lend(buffer: pickle.PickleBuffer) -> Buffer:
+    """An out-of-band buffer as Rust takes it, without a copy."""
+    view = buffer.raw()
+    if view.nbytes == 0:
+        return (0, 0, view)
+    import numpy as np  # out-of-band buffers come from arrays, so numpy is there
+
+    address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+    return (address, view.nbytes, view)
+
+
+def _view(buffer: Buffer) -> Any:
+    """A received buffer as a writable view of the receive buffer, which it keeps alive."""
+    address, length, owner = buffer
+    if length == 0:
+        return bytearray()
+    view = (ctypes.c_char * length).from_address(address)
+    view._owner = owner  # the ctypes array keeps the Rust tensor (and its memory) alive
+    return view
+
+
 class _InternalRPCPickler:
-    """torch's ``_InternalRPCPickler``: pickles calls and results with protocol 5."""
+    """torch's ``_InternalRPCPickler``: pickles calls and results with protocol 5, every
+    array's buffer out of band (see the module docs)."""
 
-    def serialize(self, obj: Any) -> bytes:
-        buffer = io.BytesIO()
-        pickle.Pickler(buffer, protocol=5).dump(obj)
-        return buffer.getvalue()
+    def serialize(self, obj: Any) -> tuple[bytes, list[Buffer]]:
+        buffers: list[pickle.PickleBuffer] = []
+        out = io.BytesIO()
+        pickle.Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+        return out.getvalue(), [_lend(b) for b in buffers]
 
-    def deserialize(self, data: bytes) -> Any:
-        return pickle.loads(data)
+    def deserialize(self, data: bytes, buffers: list[Buffer] = ()) -> Any:
+        return pickle.loads(data, buffers=[_view(b) for b in buffers])
 
 
 _internal_rpc_pickler = _InternalRPCPickler()
 
 
-def serialize(obj: Any) -> bytes:
-    """Pickles ``obj`` for the wire."""
+def serialize(obj: Any) -> tuple[bytes, list[Buffer]]:
+    """Pickles ``obj`` for the wire: the pickle, and the buffers taken out of band."""
     return _internal_rpc_pickler.serialize(obj)
 
 
-def deserialize(data: bytes) -> Any:
-    """Unpickles what :func:`serialize` made."""
-    return _internal_rpc_pickler.deserialize(data)
+def deserialize(data: bytes, buffers: list[Buffer] = ()) -> Any:
+    """Unpickles what :func:`serialize` made, arrays over the received buffers."""
+    return _internal_rpc_pickler.deserialize(data, buffers)
 
 
 def _handle_exception(result: Any) -> Any:
@@ -65,11 +101,11 @@ def _handle_exception(result: Any) -> Any:
     return result
 
 
-def run_udf(payload: bytes, worker_info: Any) -> bytes:
+def run_udf(payload: bytes, buffers: list[Buffer], worker_info: Any) -> tuple[bytes, list]:
     """Runs a pickled call on this worker and pickles its result, or the exception it
     raised, prefixed as torch prefixes it."""
     try:
-        udf = deserialize(payload)
+        udf = deserialize(payload, buffers)
         if not isinstance(udf, PythonUDF):
             raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
         result: Any = udf.func(*udf.args, **udf.kwargs)

@@ -13,17 +13,84 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use distrpc::server::foreign::{ForeignCall, ForeignHandler, ForeignReply};
-use distrpc::{Codec, Error, RawCall, RawReply, Rpc, RpcFuture, RpcOptions};
+use distrpc::{Codec, DType, Error, RawCall, RawReply, Rpc, RpcFuture, RpcOptions, Tensor};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+/// Memory a Python object owns (an array's buffer, taken out of band by the pickler), lent to
+/// a tensor without a copy: the tensor's bytes are written to the socket from it.
+struct Lent {
+    addr: usize,
+    len: usize,
+    /// Keeps the memory alive; released (under the interpreter lock) when the tensor goes.
+    _owner: Py<PyAny>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the Python side hands `(address, length, owner)` of a contiguous buffer of
+        // `owner` (distrpc._internal, from the array's interface); `owner` keeps it alive for as
+        // long as this `Lent` lives. Python code may still write to it meanwhile, as it may to
+        // a tensor torch is sending.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+/// Tensors of the buffers `(address, length, owner)` the pickler took out of band.
+fn lent(buffers: Vec<(usize, usize, Py<PyAny>)>) -> PyResult<Vec<Tensor>> {
+    buffers
+        .into_iter()
+        .map(|(addr, len, owner)| {
+            let bytes = Bytes::from_owner(Lent {
+                addr,
+                len,
+                _owner: owner,
+            });
+            Tensor::from_bytes(DType::U8, vec![len], bytes)
+                .map_err(|e| PyValueError::new_err(e.to_string()))
+        })
+        .collect()
+}
+
+/// Keeps a received tensor's memory (a slice of the receive buffer) alive while Python views it.
+#[pyclass(frozen)]
+struct Held {
+    _tensor: Tensor,
+}
+
+/// Received tensors for Python: `(address, length, owner)` each, viewed without a copy by
+/// distrpc._internal.
+fn held(py: Python<'_>, tensors: Vec<Tensor>) -> PyResult<Vec<(usize, usize, Py<Held>)>> {
+    tensors
+        .into_iter()
+        .map(|t| {
+            let (addr, len) = (t.data().as_ptr() as usize, t.data().len());
+            Ok((addr, len, Py::new(py, Held { _tensor: t })?))
+        })
+        .collect()
+}
+
+/// A pickled result as Python gets it: the pickle and its out-of-band buffers.
+type Pickled = (Py<PyBytes>, Vec<(usize, usize, Py<Held>)>);
+
 /// A pickled call waiting for a Python worker thread.
 type Queued = (ForeignCall, ForeignReply);
 
-/// A pickled call as a Python worker thread gets it: `(call, function, payload, caller)`.
-type Taken = (Call, String, Py<PyBytes>, u32);
+/// A pickled call as a Python worker thread gets it: `(call, function, payload, buffers,
+/// caller)`.
+type Taken = (
+    Call,
+    String,
+    Py<PyBytes>,
+    Vec<(usize, usize, Py<Held>)>,
+    u32,
+);
 
 /// The foreign handler for pickles: queues each call for the Python worker threads.
 struct Queue(Mutex<mpsc::Sender<Queued>>);
@@ -44,12 +111,12 @@ fn error(e: Error) -> PyErr {
 }
 
 /// A call of a pickled Python function.
-fn pickled(function: String, payload: Vec<u8>) -> RawCall {
+fn pickled(function: String, payload: Vec<u8>, tensors: Vec<Tensor>) -> RawCall {
     RawCall {
         codec: Codec::Pickle,
         function,
         payload,
-        tensors: Vec::new(),
+        tensors,
     }
 }
 
@@ -130,44 +197,52 @@ impl Agent {
     fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
         let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok());
-        Ok(next.map(|(call, reply)| {
-            let payload = PyBytes::new(py, &call.payload).unbind();
-            let handle = Call {
-                reply: Mutex::new(Some(reply)),
-            };
-            (handle, call.function, payload, call.from)
-        }))
+        let Some((call, reply)) = next else {
+            return Ok(None);
+        };
+        let payload = PyBytes::new(py, &call.payload).unbind();
+        let buffers = held(py, call.tensors)?;
+        let handle = Call {
+            reply: Mutex::new(Some(reply)),
+        };
+        Ok(Some((handle, call.function, payload, buffers, call.from)))
     }
 
-    /// Calls `function` (pickled in `payload`) on `to` and waits for its pickled result.
-    #[pyo3(signature = (to, function, payload, timeout=None))]
+    /// Calls `function` (pickled in `payload`, with its out-of-band `buffers`) on `to` and
+    /// waits for its pickled result.
+    #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
     fn rpc_sync(
         &self,
         py: Python<'_>,
         to: &str,
         function: String,
         payload: Vec<u8>,
+        buffers: Vec<(usize, usize, Py<PyAny>)>,
         timeout: Option<f64>,
-    ) -> PyResult<Py<PyBytes>> {
+    ) -> PyResult<Pickled> {
         let timeout = seconds(timeout)?;
-        let call = pickled(function, payload);
+        let call = pickled(function, payload, lent(buffers)?);
         let reply = py
             .detach(|| self.rpc.rpc_sync_raw(to, call, timeout))
             .map_err(error)?;
-        Ok(PyBytes::new(py, &reply.payload).unbind())
+        Ok((
+            PyBytes::new(py, &reply.payload).unbind(),
+            held(py, reply.tensors)?,
+        ))
     }
 
     /// [`Agent::rpc_sync`] without waiting.
-    #[pyo3(signature = (to, function, payload, timeout=None))]
+    #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
     fn rpc_async(
         &self,
         to: &str,
         function: String,
         payload: Vec<u8>,
+        buffers: Vec<(usize, usize, Py<PyAny>)>,
         timeout: Option<f64>,
     ) -> PyResult<Future> {
         let timeout = seconds(timeout)?;
-        let call = pickled(function, payload);
+        let call = pickled(function, payload, lent(buffers)?);
         Ok(Future {
             inner: Mutex::new(Some(self.rpc.rpc_async_raw(to, call, timeout))),
         })
@@ -237,12 +312,19 @@ struct Call {
 
 #[pymethods]
 impl Call {
-    /// Sends the pickled result (an exception is pickled too: see `distrpc._internal`).
-    fn reply(&self, py: Python<'_>, payload: Vec<u8>) -> PyResult<()> {
+    /// Sends the pickled result and its out-of-band buffers (an exception is pickled too:
+    /// see `distrpc._internal`).
+    fn reply(
+        &self,
+        py: Python<'_>,
+        payload: Vec<u8>,
+        buffers: Vec<(usize, usize, Py<PyAny>)>,
+    ) -> PyResult<()> {
         let reply = lock(&self.reply)
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this call was answered already"))?;
-        py.detach(|| reply.ok(payload, Vec::new()));
+        let tensors = lent(buffers)?;
+        py.detach(|| reply.ok(payload, tensors));
         Ok(())
     }
 }
@@ -255,13 +337,16 @@ struct Future {
 
 #[pymethods]
 impl Future {
-    /// Waits (lock released) for the pickled result.
-    fn wait(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+    /// Waits (lock released) for the pickled result and its buffers.
+    fn wait(&self, py: Python<'_>) -> PyResult<Pickled> {
         let fut = lock(&self.inner)
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this future was waited on already"))?;
         let reply = py.detach(|| fut.wait()).map_err(error)?;
-        Ok(PyBytes::new(py, &reply.payload).unbind())
+        Ok((
+            PyBytes::new(py, &reply.payload).unbind(),
+            held(py, reply.tensors)?,
+        ))
     }
 
     /// Whether the result has arrived.
@@ -315,5 +400,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Agent>()?;
     m.add_class::<Call>()?;
     m.add_class::<Future>()?;
+    m.add_class::<Held>()?;
     Ok(())
 }

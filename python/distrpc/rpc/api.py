@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import pickle
 import threading
 from typing import Any, Callable
 
@@ -122,8 +123,8 @@ class _State:
             item = self.agent.next_call(0.05)
             if item is None:
                 continue
-            call, _function, payload, _caller = item
-            call.reply(_internal.run_udf(payload, self.me))
+            call, _function, payload, buffers, _caller = item
+            call.reply(*_internal.run_udf(payload, buffers, self.me))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -214,9 +215,9 @@ def rpc_sync(
     """Runs ``func(*args, **kwargs)`` on ``to`` and returns its result; an exception there is
     raised here as its own type."""
     state = _require()
-    payload = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
-    reply = state.agent.rpc_sync(_to_name(to), _qualname(func), payload, _timeout(timeout))
-    return _internal._handle_exception(_internal.deserialize(reply))
+    payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
+    reply = state.agent.rpc_sync(_to_name(to), _qualname(func), payload, buffers, _timeout(timeout))
+    return _internal._handle_exception(_internal.deserialize(*reply))
 
 
 class Future:
@@ -230,7 +231,7 @@ class Future:
     def wait(self) -> Any:
         """Waits for the result (raises the remote exception)."""
         if not self._has_result:
-            self._result = _internal.deserialize(self._inner.wait())
+            self._result = _internal.deserialize(*self._inner.wait())
             self._has_result = True
         return _internal._handle_exception(self._result)
 
@@ -248,8 +249,10 @@ def rpc_async(
 ) -> Future:
     """Like :func:`rpc_sync`, without waiting: returns a :class:`Future`."""
     state = _require()
-    payload = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
-    inner = state.agent.rpc_async(_to_name(to), _qualname(func), payload, _timeout(timeout))
+    payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
+    inner = state.agent.rpc_async(
+        _to_name(to), _qualname(func), payload, buffers, _timeout(timeout)
+    )
     return Future(inner)
 
 
@@ -257,10 +260,11 @@ def _all_gather(obj: Any, worker_names: list[str] | None = None, timeout: float 
     """Gathers ``obj`` from every worker (or those in ``worker_names``): each gets
     ``{name: obj}`` (torch's ``_all_gather``)."""
     state = _require()
-    gathered = state.agent.all_gather(
-        _internal.serialize(obj), list(worker_names) if worker_names else None, _timeout(timeout)
-    )
-    return {name: _internal.deserialize(data) for name, data in gathered.items()}
+    # Gathered objects are pickled whole (arrays in band): gathers carry small things.
+    data = pickle.dumps(obj, protocol=5)
+    names = list(worker_names) if worker_names else None
+    gathered = state.agent.all_gather(data, names, _timeout(timeout))
+    return {name: pickle.loads(data) for name, data in gathered.items()}
 
 
 def _barrier(worker_names: list[str]) -> None:
