@@ -101,19 +101,43 @@ def _handle_exception(result: Any) -> Any:
     return result
 
 
-def run_udf(payload: bytes, buffers: list[Buffer], worker_info: Any) -> tuple[bytes, list]:
-    """Runs a pickled call on this worker and pickles its result, or the exception it
-    raised, prefixed as torch prefixes it."""
+def _failure(e: BaseException, worker_info: Any) -> RemoteException:
+    """``e`` as the caller will raise it, prefixed as torch prefixes it."""
+    return RemoteException(f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}", type(e))
+
+
+def _pickled(result: Any, worker_info: Any) -> tuple[bytes, list[Buffer]]:
+    try:
+        return serialize(result)
+    except Exception as e:  # an unpicklable result
+        return serialize(_failure(e, worker_info))
+
+
+def run_udf(
+    payload: bytes,
+    buffers: list[Buffer],
+    worker_info: Any,
+    reply: Callable[[tuple[bytes, list[Buffer]]], None],
+) -> None:
+    """Runs a pickled call on this worker and hands ``reply`` its pickled result, or the
+    exception it raised. An ``@async_execution`` function returns a future: the reply goes
+    when it completes, from whichever thread completes it."""
     try:
         udf = deserialize(payload, buffers)
         if not isinstance(udf, PythonUDF):
             raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
         result: Any = udf.func(*udf.args, **udf.kwargs)
+        if getattr(udf.func, "_wrapped_async_rpc_function", None) is not None:
+
+            def answer(fut: Any) -> None:
+                try:
+                    value = fut.wait()
+                except Exception as e:
+                    value = _failure(e, worker_info)
+                reply(_pickled(value, worker_info))
+
+            result.add_done_callback(answer)
+            return
     except Exception as e:
-        except_str = f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}"
-        result = RemoteException(except_str, type(e))
-    try:
-        return serialize(result)
-    except Exception as e:  # an unpicklable result
-        except_str = f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}"
-        return serialize(RemoteException(except_str, type(e)))
+        result = _failure(e, worker_info)
+    reply(_pickled(result, worker_info))

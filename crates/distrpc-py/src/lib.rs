@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distrpc::server::foreign::{ForeignCall, ForeignHandler, ForeignReply};
-use distrpc::{Codec, DType, Error, RawCall, RawReply, Rpc, RpcFuture, RpcOptions, Tensor};
+use distrpc::{Codec, DType, Error, RawCall, RawReply, Rpc, RpcOptions, Tensor};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -129,11 +129,28 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
+/// The result of an `rpc_async`, queued for the Python thread that completes futures.
+type Completion = (u64, Result<RawReply, Error>);
+
+/// A completed `rpc_async` as Python gets it: `(token, None, pickle, buffers)` or
+/// `(token, error message, None, [])`.
+type Completed = (
+    u64,
+    Option<String>,
+    Option<Py<PyBytes>>,
+    Vec<(usize, usize, Py<Held>)>,
+);
+
 /// One worker of a group, as Python sees it.
 #[pyclass(frozen)]
 struct Agent {
     rpc: Rpc,
     calls: Mutex<mpsc::Receiver<Queued>>,
+    /// Completed `rpc_async` calls: completing a Python future needs the interpreter lock,
+    /// which the connection's reader must never wait for, so a Python thread takes them here.
+    done_tx: Mutex<mpsc::Sender<Completion>>,
+    done_rx: Mutex<mpsc::Receiver<Completion>>,
+    next_token: std::sync::atomic::AtomicU64,
 }
 
 #[pymethods]
@@ -160,9 +177,13 @@ impl Agent {
         let rpc = py
             .detach(|| Rpc::init(&name, rank, world_size, options))
             .map_err(error)?;
+        let (done_tx, done_rx) = mpsc::channel();
         Ok(Agent {
             rpc,
             calls: Mutex::new(rx),
+            done_tx: Mutex::new(done_tx),
+            done_rx: Mutex::new(done_rx),
+            next_token: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -190,6 +211,18 @@ impl Agent {
     /// The default timeout, in seconds (0: none).
     fn rpc_timeout(&self) -> f64 {
         self.rpc.rpc_timeout().as_secs_f64()
+    }
+
+    /// Sets the default timeout, in seconds (0: none).
+    fn set_rpc_timeout(&self, timeout: f64) -> PyResult<()> {
+        self.rpc
+            .set_rpc_timeout(seconds(Some(timeout))?.unwrap_or_default());
+        Ok(())
+    }
+
+    /// The agent's metrics and reference counts, by torch's keys.
+    fn metrics(&self) -> std::collections::BTreeMap<String, i64> {
+        (*self.rpc.metrics()).clone()
     }
 
     /// The next pickled call for this worker, waiting up to `timeout` seconds (lock released):
@@ -231,7 +264,8 @@ impl Agent {
         ))
     }
 
-    /// [`Agent::rpc_sync`] without waiting.
+    /// [`Agent::rpc_sync`] without waiting: returns a token, and the result comes out of
+    /// [`Agent::next_completion`] under it.
     #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
     fn rpc_async(
         &self,
@@ -240,12 +274,36 @@ impl Agent {
         payload: Vec<u8>,
         buffers: Vec<(usize, usize, Py<PyAny>)>,
         timeout: Option<f64>,
-    ) -> PyResult<Future> {
+    ) -> PyResult<u64> {
         let timeout = seconds(timeout)?;
         let call = pickled(function, payload, lent(buffers)?);
-        Ok(Future {
-            inner: Mutex::new(Some(self.rpc.rpc_async_raw(to, call, timeout))),
-        })
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let done = lock(&self.done_tx).clone();
+        self.rpc
+            .rpc_async_raw(to, call, timeout)
+            .add_done_callback(move |result| {
+                // The receiver goes only with the agent: nobody is left to complete.
+                let _ = done.send((token, result));
+            });
+        Ok(token)
+    }
+
+    /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
+    fn next_completion(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Completed>> {
+        let wait = seconds(Some(timeout))?.unwrap_or_default();
+        let next = py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok());
+        let Some((token, result)) = next else {
+            return Ok(None);
+        };
+        Ok(Some(match result {
+            Ok(reply) => {
+                let payload = PyBytes::new(py, &reply.payload).unbind();
+                (token, None, Some(payload), held(py, reply.tensors)?)
+            }
+            Err(e) => (token, Some(e.to_string()), None, Vec::new()),
+        }))
     }
 
     /// Gathers `payload` (a pickled object) from every worker in `names` (all if `None`):
@@ -329,32 +387,6 @@ impl Call {
     }
 }
 
-/// The pickled result of an `rpc_async`.
-#[pyclass(frozen)]
-struct Future {
-    inner: Mutex<Option<RpcFuture<RawReply>>>,
-}
-
-#[pymethods]
-impl Future {
-    /// Waits (lock released) for the pickled result and its buffers.
-    fn wait(&self, py: Python<'_>) -> PyResult<Pickled> {
-        let fut = lock(&self.inner)
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this future was waited on already"))?;
-        let reply = py.detach(|| fut.wait()).map_err(error)?;
-        Ok((
-            PyBytes::new(py, &reply.payload).unbind(),
-            held(py, reply.tensors)?,
-        ))
-    }
-
-    /// Whether the result has arrived.
-    fn done(&self) -> bool {
-        lock(&self.inner).as_ref().is_none_or(|f| f.is_done())
-    }
-}
-
 /// Starts `nproc` processes of `command` as `distrpc launch` does (torchrun's environment:
 /// `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; output prefixed by rank;
 /// one failure stops the others) and waits for them, with the interpreter lock released.
@@ -399,7 +431,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(launch, m)?)?;
     m.add_class::<Agent>()?;
     m.add_class::<Call>()?;
-    m.add_class::<Future>()?;
     m.add_class::<Held>()?;
     Ok(())
 }

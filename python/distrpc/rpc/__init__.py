@@ -12,12 +12,16 @@ Example (two processes, each running this with its own rank)::
     rpc.shutdown()
 """
 
-from . import api
+from . import api, functions
 from .api import (
     BackendType,
     Future,
     TensorPipeRpcBackendOptions,
     WorkerInfo,
+    _get_current_rpc_agent,
+    _get_debug_info,
+    _set_rpc_timeout,
+    get_rpc_timeout,
     get_worker_info,
     init_rpc,
     is_available,
@@ -25,13 +29,22 @@ from .api import (
     rpc_sync,
     shutdown,
 )
+from .constants import DEFAULT_INIT_METHOD, DEFAULT_NUM_WORKER_THREADS, DEFAULT_RPC_TIMEOUT_SEC
 
 __all__ = [
+    "DEFAULT_INIT_METHOD",
+    "DEFAULT_NUM_WORKER_THREADS",
+    "DEFAULT_RPC_TIMEOUT_SEC",
     "BackendType",
     "Future",
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
+    "_get_current_rpc_agent",
+    "_get_debug_info",
+    "_set_rpc_timeout",
     "api",
+    "functions",
+    "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
     "is_available",

@@ -22,11 +22,14 @@ import threading
 from typing import Any, Callable
 
 from .. import _internal
+from ..futures import Future
 
 __all__ = [
     "BackendType",
+    "Future",
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
+    "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
     "is_available",
@@ -35,14 +38,10 @@ __all__ = [
     "shutdown",
 ]
 
-#: torch's default RPC timeout, in seconds.
-_DEFAULT_RPC_TIMEOUT_SEC = 60.0
-#: torch's default init method.
-_DEFAULT_INIT_METHOD = "env://"
-#: torch's default number of worker threads.
-_DEFAULT_NUM_WORKER_THREADS = 16
-#: ``timeout=-1``: use the default.
-_UNSET_RPC_TIMEOUT = -1.0
+from .constants import DEFAULT_INIT_METHOD as _DEFAULT_INIT_METHOD
+from .constants import DEFAULT_NUM_WORKER_THREADS as _DEFAULT_NUM_WORKER_THREADS
+from .constants import DEFAULT_RPC_TIMEOUT_SEC as _DEFAULT_RPC_TIMEOUT_SEC
+from .constants import UNSET_RPC_TIMEOUT as _UNSET_RPC_TIMEOUT
 
 
 def is_available() -> bool:
@@ -102,29 +101,52 @@ class WorkerInfo:
 
 
 class _State:
-    """This process's worker: the agent and the threads that run calls for it."""
+    """This process's worker: the agent, the threads that run calls for it, and the thread
+    that completes ``rpc_async`` futures."""
 
     def __init__(self, agent: Any, num_threads: int) -> None:
         self.agent = agent
         self.me = WorkerInfo(agent.name, agent.rank)
         self.infos = [WorkerInfo(name, rank) for rank, name in agent.worker_infos()]
         self.stopping = threading.Event()
+        self.pending: dict[int, Future] = {}
+        self.pending_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._serve, name=f"distrpc-py-{i}", daemon=True)
             for i in range(num_threads)
         ]
+        self.threads.append(
+            threading.Thread(target=self._complete, name="distrpc-py-futures", daemon=True)
+        )
         for t in self.threads:
             t.start()
 
     def _serve(self) -> None:
         # Each thread takes pickled calls from the agent (waiting with the lock released)
-        # and runs them under the interpreter lock, as python_rpc_handler does.
+        # and runs them under the interpreter lock, as python_rpc_handler does. An
+        # @async_execution function's future answers when it completes: no thread waits.
         while not self.stopping.is_set():
             item = self.agent.next_call(0.05)
             if item is None:
                 continue
             call, _function, payload, buffers, _caller = item
-            call.reply(*_internal.run_udf(payload, buffers, self.me))
+            _internal.run_udf(payload, buffers, self.me, lambda reply, c=call: c.reply(*reply))
+
+    def _complete(self) -> None:
+        while not self.stopping.is_set():
+            item = self.agent.next_completion(0.05)
+            if item is None:
+                continue
+            token, error, payload, buffers = item
+            with self.pending_lock:
+                fut = self.pending.pop(token)
+            if error is not None:
+                fut.set_exception(RuntimeError(error))
+                continue
+            try:
+                fut.set_result(_internal._handle_exception(_internal.deserialize(payload, buffers)))
+            except BaseException as e:  # noqa: BLE001 - the remote exception, as the result
+                fut.set_exception(e)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -220,26 +242,6 @@ def rpc_sync(
     return _internal._handle_exception(_internal.deserialize(*reply))
 
 
-class Future:
-    """The result of :func:`rpc_async`."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self._result: Any = None
-        self._has_result = False
-
-    def wait(self) -> Any:
-        """Waits for the result (raises the remote exception)."""
-        if not self._has_result:
-            self._result = _internal.deserialize(*self._inner.wait())
-            self._has_result = True
-        return _internal._handle_exception(self._result)
-
-    def done(self) -> bool:
-        """Whether the result has arrived."""
-        return self._has_result or self._inner.done()
-
-
 def rpc_async(
     to: str | int | WorkerInfo,
     func: Callable[..., Any],
@@ -250,10 +252,62 @@ def rpc_async(
     """Like :func:`rpc_sync`, without waiting: returns a :class:`Future`."""
     state = _require()
     payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
-    inner = state.agent.rpc_async(
-        _to_name(to), _qualname(func), payload, buffers, _timeout(timeout)
-    )
-    return Future(inner)
+    fut: Future = Future()
+    # Registered under the lock: the completing thread cannot see the token before the future.
+    with state.pending_lock:
+        token = state.agent.rpc_async(
+            _to_name(to), _qualname(func), payload, buffers, _timeout(timeout)
+        )
+        state.pending[token] = fut
+    return fut
+
+
+def get_rpc_timeout() -> float:
+    """The default timeout of calls, in seconds (torch's ``get_rpc_timeout``)."""
+    return _require().agent.rpc_timeout()
+
+
+def _set_rpc_timeout(rpc_timeout: float) -> None:
+    """Sets the default timeout of calls, in seconds; 0 means none."""
+    _require().agent.set_rpc_timeout(float(rpc_timeout))
+
+
+#: Whether shutdown ignores user references still held (torch's flag; distrpc deletes them
+#: either way).
+_ignore_rref_leak = True
+
+
+class _Agent:
+    """What torch's ``_get_current_rpc_agent()`` returns, as far as programs use it."""
+
+    def __init__(self, state: _State) -> None:
+        self._state = state
+
+    def get_worker_infos(self) -> list[WorkerInfo]:
+        """Every worker of the group, in rank order."""
+        return list(self._state.infos)
+
+    def get_worker_info(self, worker_name: str | None = None) -> WorkerInfo:
+        """This worker, or the one named ``worker_name``."""
+        return get_worker_info(worker_name)
+
+    def get_metrics(self) -> dict:
+        """The agent's metrics (``agent.*`` keys), as strings like torch's."""
+        return {k: str(v) for k, v in self._state.agent.metrics().items() if k.startswith("agent.")}
+
+    def get_debug_info(self) -> dict:
+        """Metrics and reference counts, as strings like torch's."""
+        return {k: str(v) for k, v in self._state.agent.metrics().items()}
+
+
+def _get_current_rpc_agent() -> _Agent:
+    """This process's agent (torch's private accessor)."""
+    return _Agent(_require())
+
+
+def _get_debug_info() -> dict:
+    """The agent's debug info: metrics and reference counts (torch's ``_get_debug_info``)."""
+    return _get_current_rpc_agent().get_debug_info()
 
 
 def _all_gather(obj: Any, worker_names: list[str] | None = None, timeout: float = -1) -> dict:

@@ -1,0 +1,89 @@
+"""Futures (distrpc.futures, torch.futures' API), @async_execution, and the private helpers."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+from distrpc.rpc.functions import async_execution
+
+
+def test_futures_without_rpc():
+    from distrpc.futures import Future, collect_all, wait_all
+
+    f: Future = Future()
+    g = f.then(lambda fut: fut.value() * 2)
+    seen = []
+    f.add_done_callback(lambda fut: seen.append(fut.value()))
+    assert not g.done()
+    f.set_result(21)
+    assert (g.wait(), seen, wait_all([f, g])) == (42, [21], [21, 42])
+    bad: Future = Future()
+    bad.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        wait_all([f, bad])
+    assert collect_all([]).wait() == []
+    with pytest.raises(RuntimeError):
+        f.set_result(1)
+
+
+@async_execution
+def async_add(to, x, y):
+    import distrpc.rpc as rpc
+
+    # Holds no thread while the nested call runs; answers when the chain completes.
+    return rpc.rpc_async(to, operator.add, args=(x, y)).then(lambda fut: fut.wait() + 1)
+
+
+def _futures(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+    from distrpc.futures import wait_all
+
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=init_method, rpc_timeout=20, num_worker_threads=1
+    )
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        futs = [rpc.rpc_async("worker1", operator.pow, args=(2, i)) for i in range(8)]
+        chained = futs[3].then(lambda f: f.value() * 10)
+        callbacks = []
+        futs[0].add_done_callback(lambda f: callbacks.append(f.value()))
+        failing = rpc.rpc_async("worker1", operator.truediv, args=(1, 0))
+        try:
+            failing.wait()
+        except ZeroDivisionError as e:
+            failure = str(e)
+        # One handler thread on worker1, and each async_add there makes a nested call back to
+        # worker0 and to worker1 itself: only possible if waiting holds no thread.
+        nested = [
+            rpc.rpc_async("worker1", async_add, args=(f"worker{i % 2}", i, 1)) for i in range(6)
+        ]
+        out = {
+            "pows": wait_all(futs),
+            "chained": chained.wait(),
+            "callbacks": callbacks,
+            "failure": failure,
+            "nested": wait_all(nested),
+            "timeout": rpc.get_rpc_timeout(),
+            "infos": [repr(w) for w in rpc._get_current_rpc_agent().get_worker_infos()],
+            "debug": sorted(rpc._get_debug_info())[:3],
+        }
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_rpc_async_futures_and_async_execution(run_group):
+    out = run_group(_futures, 2)[0]
+    assert out["pows"] == [2**i for i in range(8)]
+    assert out["chained"] == 80
+    assert out["callbacks"] == [1]
+    assert out["failure"].startswith("On WorkerInfo(id=1, name=worker1):")
+    assert out["nested"] == [i + 2 for i in range(6)]
+    assert out["timeout"] == 20
+    assert out["infos"] == ["WorkerInfo(id=0, name=worker0)", "WorkerInfo(id=1, name=worker1)"]
+    assert out["debug"] == [
+        "agent.client_active_calls",
+        "agent.inline_handler_runs",
+        "agent.num_functions",
+    ]
