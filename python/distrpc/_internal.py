@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import io
 import pickle
+import sys
 import traceback
 from typing import Any, Callable, NamedTuple
 
@@ -59,14 +60,57 @@ def _view(buffer: Buffer) -> Any:
     return view
 
 
+def _rebuild_tensor(buffer: Any, dtype: str, shape: tuple, requires_grad: bool) -> Any:
+    """A torch tensor over ``buffer`` (a view of the receive buffer: no copy)."""
+    import torch
+
+    kind = getattr(torch, dtype)
+    if isinstance(buffer, bytes):  # pickled in band (a gather): torch wants writable memory
+        buffer = bytearray(buffer)
+    if memoryview(buffer).nbytes == 0:
+        tensor = torch.empty(shape, dtype=kind)
+    else:
+        tensor = torch.frombuffer(buffer, dtype=kind).reshape(shape)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _reduce_tensor(tensor: Any) -> tuple:
+    """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are."""
+    import torch
+
+    if tensor.device.type != "cpu":
+        raise RuntimeError(
+            f"distrpc sends CPU tensors only, and this one is on {tensor.device}: "
+            "move it with .cpu() (device maps are not supported)"
+        )
+    data = tensor.detach().contiguous()
+    raw = data.reshape(-1).view(torch.uint8).numpy()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    args = (pickle.PickleBuffer(raw), dtype, tuple(tensor.shape), tensor.requires_grad)
+    return (_rebuild_tensor, args)
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol 5; torch tensors reduced as :func:`_reduce_tensor` says, when the program
+    uses torch (it is never imported here otherwise)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return _reduce_tensor(obj)
+        return NotImplemented
+
+
 class _InternalRPCPickler:
     """torch's ``_InternalRPCPickler``: pickles calls and results with protocol 5, every
-    array's buffer out of band (see the module docs)."""
+    array's and tensor's buffer out of band (see the module docs)."""
 
     def serialize(self, obj: Any) -> tuple[bytes, list[Buffer]]:
         buffers: list[pickle.PickleBuffer] = []
         out = io.BytesIO()
-        pickle.Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
         return out.getvalue(), [_lend(b) for b in buffers]
 
     def deserialize(self, data: bytes, buffers: list[Buffer] = ()) -> Any:
@@ -87,15 +131,19 @@ def deserialize(data: bytes, buffers: list[Buffer] = ()) -> Any:
 
 
 def _handle_exception(result: Any) -> Any:
-    """Raises a ``RemoteException`` as its original type (``RuntimeError`` if that type
-    cannot be built from a message), or returns ``result``."""
+    """Raises a ``RemoteException`` as its original type, its message prefixed with the type's
+    name as torch words it (``ValueError: On WorkerInfo(id=1, name=worker1): ...``); a type that
+    cannot be built from a message becomes ``RuntimeError``. Otherwise returns ``result``.
+    (torch itself keeps only ``ValueError``, ``TypeError`` and ``RuntimeError`` and raises every
+    other type as ``RuntimeError`` with that message; distrpc keeps them all.)"""
     if isinstance(result, RemoteException):
+        message = f"{result.exception_type.__name__}: {result.msg}"
         try:
-            exc = result.exception_type(result.msg)
+            exc = result.exception_type(message)
         except BaseException as e:  # noqa: BLE001 - any failure to rebuild it
             raise RuntimeError(
                 f"Failed to create original exception type. Error msg was {e}"
-                f" Original exception on remote side was {result.msg}"
+                f" Original exception on remote side was {message}"
             ) from None
         raise exc
     return result

@@ -15,11 +15,15 @@ def run_group(tmp_path):
     exit 0, unless ``exit_codes`` says otherwise (a rank meant to die puts nothing)."""
 
     def run(
-        target: Callable, world_size: int, timeout: float = 60.0, exit_codes: dict | None = None
+        target: Callable,
+        world_size: int,
+        timeout: float = 60.0,
+        exit_codes: dict | None = None,
+        store: str = "store",
     ) -> dict:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
-        init_method = f"file://{tmp_path}/store"
+        init_method = f"file://{tmp_path}/{store}"
         procs = [
             ctx.Process(target=target, args=(rank, world_size, init_method, results))
             for rank in range(world_size)

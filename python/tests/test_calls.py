@@ -54,7 +54,7 @@ def test_python_functions_run_on_other_workers(run_group):
     assert out["self"] == 3
     assert out["info"] == "WorkerInfo(id=1, name=worker1)"
     # The callee's exception comes back as its own type, prefixed with where it happened.
-    assert out["error"].startswith("On WorkerInfo(id=1, name=worker1):")
+    assert out["error"].startswith("ValueError: On WorkerInfo(id=1, name=worker1):")
     assert "invalid literal for int()" in out["error"]
 
 

@@ -78,7 +78,7 @@ def test_rpc_async_futures_and_async_execution(run_group):
     assert out["pows"] == [2**i for i in range(8)]
     assert out["chained"] == 80
     assert out["callbacks"] == [1]
-    assert out["failure"].startswith("On WorkerInfo(id=1, name=worker1):")
+    assert out["failure"].startswith("ZeroDivisionError: On WorkerInfo(id=1, name=worker1):")
     assert out["nested"] == [i + 2 for i in range(6)]
     assert out["timeout"] == 20
     assert out["infos"] == ["WorkerInfo(id=0, name=worker0)", "WorkerInfo(id=1, name=worker1)"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import os
 import pickle
+import sys
 import threading
 from typing import Any, Callable
 
@@ -109,7 +110,7 @@ class _State:
         self.me = WorkerInfo(agent.name, agent.rank)
         self.infos = [WorkerInfo(name, rank) for rank, name in agent.worker_infos()]
         self.stopping = threading.Event()
-        self.pending: dict[int, Future] = {}
+        self.pending: dict[int, Any] = {}
         self.pending_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._serve, name=f"distrpc-py-{i}", daemon=True)
@@ -144,9 +145,11 @@ class _State:
                 fut.set_exception(RuntimeError(error))
                 continue
             try:
-                fut.set_result(_internal._handle_exception(_internal.deserialize(payload, buffers)))
-            except BaseException as e:  # noqa: BLE001 - the remote exception, as the result
+                value = _internal._handle_exception(_internal.deserialize(payload, buffers))
+            except Exception as e:  # the remote exception, as the result
                 fut.set_exception(e)
+                continue
+            fut.set_result(value)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -249,10 +252,13 @@ def rpc_async(
     kwargs: dict | None = None,
     timeout: float = _UNSET_RPC_TIMEOUT,
 ) -> Future:
-    """Like :func:`rpc_sync`, without waiting: returns a :class:`Future`."""
+    """Like :func:`rpc_sync`, without waiting: returns a future — ``torch.futures.Future`` when
+    the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API)."""
     state = _require()
     payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
-    fut: Future = Future()
+    torch = sys.modules.get("torch")
+    # torch's own future when the program uses torch (torch.futures.wait_all, then, ...).
+    fut: Any = torch.futures.Future() if torch is not None else Future()
     # Registered under the lock: the completing thread cannot see the token before the future.
     with state.pending_lock:
         token = state.agent.rpc_async(
