@@ -92,13 +92,14 @@ type Taken = (
     u32,
 );
 
-/// The foreign handler for pickles: queues each call for the Python worker threads.
-struct Queue(Mutex<mpsc::Sender<Queued>>);
+/// The foreign handler for pickles: queues each call for the Python worker threads. `None`
+/// in the queue wakes a waiting thread without a call (at shutdown).
+struct Queue(Mutex<mpsc::Sender<Option<Queued>>>);
 
 impl ForeignHandler for Queue {
     fn call(&self, call: ForeignCall, reply: ForeignReply) {
         // If the Python side is gone, the call comes back with the dropped reply's error.
-        let _ = lock(&self.0).send((call, reply));
+        let _ = lock(&self.0).send(Some((call, reply)));
     }
 }
 
@@ -145,7 +146,9 @@ type Completed = (
 #[pyclass(frozen)]
 struct Agent {
     rpc: Rpc,
-    calls: Mutex<mpsc::Receiver<Queued>>,
+    calls: Mutex<mpsc::Receiver<Option<Queued>>>,
+    /// To wake the threads waiting for calls (`None`).
+    wake_calls: Mutex<mpsc::Sender<Option<Queued>>>,
     /// Completed `rpc_async` calls: completing a Python future needs the interpreter lock,
     /// which the connection's reader must never wait for, so a Python thread takes them here.
     done_tx: Mutex<mpsc::Sender<Completion>>,
@@ -173,7 +176,7 @@ impl Agent {
             .init_method(init_method)
             .num_worker_threads(num_worker_threads)
             .rpc_timeout(timeout)
-            .foreign(Codec::Pickle, Arc::new(Queue(Mutex::new(tx))));
+            .foreign(Codec::Pickle, Arc::new(Queue(Mutex::new(tx.clone()))));
         let rpc = py
             .detach(|| Rpc::init(&name, rank, world_size, options))
             .map_err(error)?;
@@ -181,6 +184,7 @@ impl Agent {
         Ok(Agent {
             rpc,
             calls: Mutex::new(rx),
+            wake_calls: Mutex::new(tx),
             done_tx: Mutex::new(done_tx),
             done_rx: Mutex::new(done_rx),
             next_token: std::sync::atomic::AtomicU64::new(1),
@@ -229,7 +233,7 @@ impl Agent {
     /// `(call, function, payload, caller's rank)`, or `None`.
     fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
-        let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok());
+        let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok().flatten());
         let Some((call, reply)) = next else {
             return Ok(None);
         };
@@ -294,7 +298,8 @@ impl Agent {
     fn next_completion(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Completed>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
         let next = py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok());
-        let Some((token, result)) = next else {
+        // Token 0 is a wake-up ([`Agent::wake`]), not a call.
+        let Some((token @ 1.., result)) = next else {
             return Ok(None);
         };
         Ok(Some(match result {
@@ -304,6 +309,19 @@ impl Agent {
             }
             Err(e) => (token, Some(e.to_string()), None, Vec::new()),
         }))
+    }
+
+    /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
+    /// [`Agent::next_completion`], so that they see the worker stopping at once.
+    fn wake(&self, threads: usize) {
+        let calls = lock(&self.wake_calls);
+        for _ in 0..threads {
+            let _ = calls.send(None);
+        }
+        let stopped = Err(Error::ShutDown {
+            worker: self.rpc.name().to_string(),
+        });
+        let _ = lock(&self.done_tx).send((0, stopped));
     }
 
     /// Gathers `payload` (a pickled object) from every worker in `names` (all if `None`):

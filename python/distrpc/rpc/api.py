@@ -153,6 +153,7 @@ class _State:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.agent.wake(len(self.threads))
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join()

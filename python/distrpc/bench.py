@@ -1,0 +1,147 @@
+"""``python -m distrpc.bench --impl distrpc|torch|both``: the RPC workloads of ``distrpc
+bench`` from Python, on distrpc.rpc or on torch.distributed.rpc, two processes on this machine.
+One JSON line per workload; run both implementations in the same run and compare ratios (the
+machine is shared and noisy).
+
+Workloads: ``latency`` (no-op ``rpc_sync`` p50/p90/p99), ``echo`` (a small tensor there and
+back), ``async`` (no-op ``rpc_async`` with 1/16/128 in flight,
+calls/s), ``bandwidth`` (a float32 tensor of 4 KiB / 1 / 16 / 128 MiB to a function returning
+its length, GB/s), ``init`` and ``shutdown`` of the two processes (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+
+def _noop() -> None:
+    return None
+
+
+def _echo(x):
+    return x
+
+
+def _length(t) -> int:
+    return len(t)
+
+
+def _percentiles(samples: list[float]) -> dict:
+    samples = sorted(samples)
+
+    def at(q: float) -> float:
+        return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1e6, 1)
+
+    return {"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)}
+
+
+def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out) -> None:
+    import torch  # both implementations move torch tensors
+
+    rpc = importlib.import_module(impl)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}", rpc_timeout=60)
+    started = time.perf_counter()
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options)
+    init_ms = (time.perf_counter() - started) * 1e3
+    lines = []
+    if rank == 0:
+        lines.append({"workload": "init", "ms": round(init_ms, 1)})
+        for _ in range(calls // 10):  # warm up
+            rpc.rpc_sync("worker1", _noop)
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            rpc.rpc_sync("worker1", _noop)
+            samples.append(time.perf_counter() - t)
+        lines.append({"workload": "latency", "calls": calls, **_percentiles(samples)})
+        small = torch.ones(4)
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            rpc.rpc_sync("worker1", _echo, args=(small,))
+            samples.append(time.perf_counter() - t)
+        lines.append({"workload": "echo", "calls": calls, **_percentiles(samples)})
+        for window in (1, 16, 128):
+            total = calls * (2 if window > 1 else 1)
+            t = time.perf_counter()
+            done = 0
+            while done < total:
+                futs = [rpc.rpc_async("worker1", _noop) for _ in range(window)]
+                for f in futs:
+                    f.wait()
+                done += window
+            rate = done / (time.perf_counter() - t)
+            lines.append({"workload": "async", "window": window, "calls_per_s": round(rate)})
+        sizes = [4 << 10, 1 << 20, 16 << 20] + ([] if quick else [128 << 20])
+        for size in sizes:
+            t_ = torch.ones(size // 4, dtype=torch.float32)
+            rounds = max(3, min(200, (256 << 20) // size)) if not quick else 3
+            rpc.rpc_sync("worker1", _length, args=(t_,))
+            t = time.perf_counter()
+            for _ in range(rounds):
+                rpc.rpc_sync("worker1", _length, args=(t_,))
+            gbs = size * rounds / (time.perf_counter() - t) / 1e9
+            lines.append({"workload": "bandwidth", "bytes": size, "gb_per_s": round(gbs, 3)})
+    started = time.perf_counter()
+    rpc.shutdown()
+    if rank == 0:
+        lines.append(
+            {"workload": "shutdown", "ms": round((time.perf_counter() - started) * 1e3, 1)}
+        )
+    out.put(lines)
+
+
+def run(impl: str, calls: int, quick: bool) -> list[dict]:
+    """Runs every workload on ``impl`` (``distrpc`` or ``torch``); returns the JSON lines."""
+    module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+    procs = [ctx.Process(target=_run, args=(r, module, store, calls, quick, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    lines = next(r for r in results if r)
+    for line in lines:
+        line["impl"] = impl
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line, runs, prints one JSON line per workload (and ratios with
+    ``--impl both``)."""
+    parser = argparse.ArgumentParser(prog="python -m distrpc.bench", description=__doc__)
+    parser.add_argument("--impl", choices=["distrpc", "torch", "both"], default="both")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="a smoke test, not a measurement")
+    opts = parser.parse_args(argv)
+    calls = 100 if opts.quick else opts.calls
+    impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
+    every = {impl: run(impl, calls, opts.quick) for impl in impls}
+    for lines in every.values():
+        for line in lines:
+            print(json.dumps(line), flush=True)
+    if len(every) == 2:
+        key = ("workload", "window", "bytes")
+        torch_by_key = {tuple(line.get(k) for k in key): line for line in every["torch"]}
+        for line in every["distrpc"]:
+            other = torch_by_key.get(tuple(line.get(k) for k in key))
+            for field in ("p50_us", "calls_per_s", "gb_per_s", "ms"):
+                if other and field in line and other.get(field):
+                    ratio = round(line[field] / other[field], 3)
+                    name = {k: line[k] for k in key if k in line}
+                    print(json.dumps({**name, "field": field, "distrpc_over_torch": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""``python -m distrpc.bench --quick`` prints every workload (a smoke test; no timing is
+asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def test_bench_quick_prints_every_workload():
+    out = subprocess.run(
+        [sys.executable, "-m", "distrpc.bench", "--impl", "distrpc", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    workloads = {line["workload"] for line in lines}
+    assert workloads == {"init", "latency", "echo", "async", "bandwidth", "shutdown"}
+    assert all(line["impl"] == "distrpc" for line in lines)
