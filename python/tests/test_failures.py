@@ -94,3 +94,39 @@ def test_device_maps_are_refused():
 
     with pytest.raises(ValueError, match="CPU only"):
         rpc.TensorPipeRpcBackendOptions(device_maps={"worker1": {0: 1}})
+
+
+def _interrupted(rank, world_size, init_method, results):
+    import signal
+    import threading
+
+    import distrpc.rpc as rpc
+
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=_options(init_method, rpc_timeout=20),
+    )
+    out = None
+    if rank == 0:
+        sent = []
+
+        def interrupt():
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Timer(0.5, interrupt).start()
+        try:
+            rpc.rpc_sync("worker1", time.sleep, args=(3,), timeout=0)
+            out = "not interrupted"
+        except KeyboardInterrupt:
+            out = time.monotonic() - sent[0]
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_ctrl_c_interrupts_a_waiting_rpc_sync(run_group):
+    took = run_group(_interrupted, 2)[0]
+    assert isinstance(took, float), took
+    assert took < 0.5, f"Ctrl-C took {took:.3f} s to interrupt the call"

@@ -79,6 +79,9 @@ fn held(py: Python<'_>, tensors: Vec<Tensor>) -> PyResult<Vec<(usize, usize, Py<
 /// A pickled result as Python gets it: the pickle and its out-of-band buffers.
 type Pickled = (Py<PyBytes>, Vec<(usize, usize, Py<Held>)>);
 
+/// How often a waiting `rpc_sync` looks for signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
 /// A pickled call waiting for a Python worker thread.
 type Queued = (ForeignCall, ForeignReply);
 
@@ -259,9 +262,18 @@ impl Agent {
     ) -> PyResult<Pickled> {
         let timeout = seconds(timeout)?;
         let call = pickled(function, payload, lent(buffers)?);
-        let reply = py
-            .detach(|| self.rpc.rpc_sync_raw(to, call, timeout))
-            .map_err(error)?;
+        let mut fut = self.rpc.rpc_sync_raw_future(to, call, timeout);
+        // Waits in slices, looking for signals in between: Ctrl-C interrupts the wait (the
+        // call itself goes on; its late reply is dropped).
+        let reply = loop {
+            match py.detach(|| fut.wait_timeout(SIGNAL_SLICE)) {
+                Ok(result) => break result.map_err(error)?,
+                Err(pending) => {
+                    fut = pending;
+                    py.check_signals()?;
+                }
+            }
+        };
         Ok((
             PyBytes::new(py, &reply.payload).unbind(),
             held(py, reply.tensors)?,

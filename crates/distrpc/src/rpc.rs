@@ -405,6 +405,18 @@ impl Rpc {
             .wait()
     }
 
+    /// [`Rpc::rpc_sync_raw`] as a future that the calling thread is about to wait on (with
+    /// [`RpcFuture::wait`] or, to look up between waits, [`RpcFuture::wait_timeout`]): the
+    /// waiting thread reads its own reply, as `rpc_sync` does.
+    pub fn rpc_sync_raw_future(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<RawReply> {
+        self.raw(to.into(), call, timeout, Delivery::Blocking)
+    }
+
     /// [`Rpc::rpc_sync_raw`] without waiting.
     pub fn rpc_async_raw(
         &self,

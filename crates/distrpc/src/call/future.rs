@@ -184,7 +184,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         let _blocked = (!self.slot.done.load(Ordering::Acquire)).then(crate::pool::enter_blocking);
         if let Some(claim) = self.claim.take() {
             // Read the reply on this thread (spinning first with the latency option).
-            claim.drive(&self.slot.done, self.slot.spin);
+            claim.drive(&self.slot.done, self.slot.spin, None);
         }
         if !self.slot.spin.is_zero() {
             // Trade a core for latency: poll the flag instead of sleeping for a wake-up.
@@ -208,6 +208,45 @@ impl<T: Send + 'static> RpcFuture<T> {
             State::Ready(result) => result,
             // `wait` and `poll` take the result only once, and `wait` consumes the future.
             _ => Err(Error::InvalidArgument("future result already taken".into())),
+        }
+    }
+
+    /// [`RpcFuture::wait`] for at most `timeout`: the result, or the future back if it has not
+    /// come yet (wait again later). For a caller that must look up between waits — a Python
+    /// front checking for Ctrl-C, say.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use distrpc::RpcFuture;
+    ///
+    /// let fut = RpcFuture::ready(Ok(7));
+    /// assert_eq!(fut.wait_timeout(Duration::from_millis(100)).ok().unwrap().unwrap(), 7);
+    /// ```
+    pub fn wait_timeout(mut self, timeout: Duration) -> Result<Result<T, Error>, Self> {
+        let until = std::time::Instant::now() + timeout;
+        let waited = crate::runtime::blocking(|| {
+            let _blocked = crate::pool::enter_blocking();
+            if let Some(claim) = &self.claim {
+                let early = claim.drive(&self.slot.done, self.slot.spin, Some(until));
+                if !early {
+                    // The call ended, or its connection: the claim has nothing more to read.
+                    self.claim = None;
+                }
+            }
+            let mut state = self.slot.lock();
+            self.slot.sleeping.store(true, Ordering::Relaxed);
+            while matches!(*state, State::Pending { .. }) {
+                state = crate::sync::wait_until(&self.slot.ready, state, Some(until)).ok()?;
+            }
+            Some(match std::mem::replace(&mut *state, State::Taken) {
+                State::Ready(result) => result,
+                _ => Err(Error::InvalidArgument("future result already taken".into())),
+            })
+        });
+        match waited {
+            Some(Some(result)) => Ok(result),
+            Some(None) => Err(self),
+            None => Ok(Err(Error::WouldBlock)),
         }
     }
 

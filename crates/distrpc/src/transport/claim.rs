@@ -45,16 +45,22 @@ impl Claim {
     }
 
     /// Reads the connection until `done` is set, the call's deadline passes or the connection
-    /// ends; spins for up to `spin` before sleeping in `poll`.
-    pub(crate) fn drive(&self, done: &AtomicBool, spin: Duration) {
+    /// ends — or `until`, if given, passes: then it returns `true`, and the claim can be driven
+    /// again later. Spins for up to `spin` before sleeping in `poll`.
+    pub(crate) fn drive(
+        &self,
+        done: &AtomicBool,
+        spin: Duration,
+        until: Option<std::time::Instant>,
+    ) -> bool {
         let is_done = || done.load(Ordering::Acquire);
         let spin_until = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
         loop {
             match self.step() {
-                None => return,
+                None => return false,
                 Some(false) => {
                     if is_done() {
-                        return;
+                        return false;
                     }
                     let now = std::time::Instant::now();
                     if spin_until.is_some_and(|t| now < t) {
@@ -62,16 +68,21 @@ impl Claim {
                         continue;
                     }
                     let left = match self.deadline {
-                        Some(at) if at <= now => return,
+                        Some(at) if at <= now => return false,
                         Some(at) => at - now,
                         None => CLAIM_SLICE,
+                    };
+                    let left = match until {
+                        Some(at) if at <= now => return true,
+                        Some(at) => left.min(at - now),
+                        None => left,
                     };
                     self.read.poll_readable(left.min(CLAIM_SLICE));
                 }
                 Some(true) => {}
             }
             if is_done() {
-                return;
+                return false;
             }
         }
     }
