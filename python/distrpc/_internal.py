@@ -114,20 +114,32 @@ class _InternalRPCPickler:
         return out.getvalue(), [_lend(b) for b in buffers]
 
     def deserialize(self, data: bytes, buffers: list[Buffer] = ()) -> Any:
-        return pickle.loads(data, buffers=[_view(b) for b in buffers])
+        try:
+            return pickle.loads(data, buffers=[_view(b) for b in buffers])
+        except AttributeError as e:
+            # A function the callee cannot find (the seed's hint).
+            error = AttributeError(
+                f"{e} Default RPC pickler does not serialize function code. Ensure that UDFs "
+                "are defined on both caller and callee modules."
+            )
+            error.__cause__ = e
+            return error
 
 
 _internal_rpc_pickler = _InternalRPCPickler()
+#: The pickler in use (``rpc.api._use_rpc_pickler`` swaps it for one with custom reducers).
+_default_pickler = _internal_rpc_pickler
 
 
 def serialize(obj: Any) -> tuple[bytes, list[Buffer]]:
-    """Pickles ``obj`` for the wire: the pickle, and the buffers taken out of band."""
-    return _internal_rpc_pickler.serialize(obj)
+    """Pickles ``obj`` for the wire: the pickle, and the buffers taken out of band. Fails
+    before anything is sent if something in it cannot be pickled."""
+    return _default_pickler.serialize(obj)
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = ()) -> Any:
     """Unpickles what :func:`serialize` made, arrays over the received buffers."""
-    return _internal_rpc_pickler.deserialize(data, buffers)
+    return _default_pickler.deserialize(data, buffers)
 
 
 def _handle_exception(result: Any) -> Any:
@@ -172,6 +184,8 @@ def run_udf(
     when it completes, from whichever thread completes it."""
     try:
         udf = deserialize(payload, buffers)
+        if isinstance(udf, AttributeError):
+            raise udf
         if not isinstance(udf, PythonUDF):
             raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
         result: Any = udf.func(*udf.args, **udf.kwargs)

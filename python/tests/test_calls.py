@@ -64,3 +64,47 @@ def test_calls_before_init_rpc_raise_torchs_error():
 
     with pytest.raises(RuntimeError, match="RPC has not been initialized"):
         rpc.rpc_sync("worker1", operator.add, args=(1, 2))
+
+
+def _only_here():
+    return "defined in the caller's __main__ only"
+
+
+def _mistakes(rank, world_size, init_method, results):
+    import threading
+
+    import distrpc.rpc as rpc
+
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=_options(init_method),
+    )
+    out = None
+    if rank == 0:
+        out = {}
+        try:  # a lock cannot be pickled: the call fails here, before anything is sent
+            rpc.rpc_sync("worker1", len, args=([threading.Lock()],))
+        except TypeError as e:
+            out["unpicklable"] = str(e)
+        # A function only the caller has (in a module both have): the seed's hint.
+        import json
+
+        _only_here.__module__, _only_here.__qualname__ = "json", "_distrpc_only_here"
+        json._distrpc_only_here = _only_here
+        try:
+            rpc.rpc_sync("worker1", _only_here)
+        except AttributeError as e:
+            out["missing"] = str(e)
+        out["still_serving"] = rpc.rpc_sync("worker1", operator.add, args=(1, 1))
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_unpicklable_arguments_and_unknown_functions_say_so(run_group):
+    out = run_group(_mistakes, 2)[0]
+    assert "lock" in out["unpicklable"]
+    assert "_distrpc_only_here" in out["missing"]
+    assert "Ensure that UDFs are defined on both caller and callee modules" in out["missing"]
+    assert out["still_serving"] == 2

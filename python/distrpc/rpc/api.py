@@ -15,11 +15,13 @@ Example (two processes, each running this with its own rank)::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import pickle
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from .. import _internal
@@ -267,6 +269,17 @@ def rpc_async(
         )
         state.pending[token] = fut
     return fut
+
+
+@contextlib.contextmanager
+def _use_rpc_pickler(rpc_pickler: Any) -> Iterator[None]:
+    """Uses ``rpc_pickler`` (an ``_InternalRPCPickler``, say with custom reducers in its
+    pickler's dispatch table) instead of the default one while the block runs."""
+    _internal._default_pickler = rpc_pickler
+    try:
+        yield
+    finally:
+        _internal._default_pickler = _internal._internal_rpc_pickler
 
 
 def get_rpc_timeout() -> float:
