@@ -102,3 +102,37 @@ def test_the_same_program_gives_the_same_results_on_torch_and_distrpc(run_group,
     on_distrpc = run_group(_on_distrpc, 2, store="store2")[0]
     assert on_distrpc == on_torch
     assert on_torch["error"] == "ValueError: On WorkerInfo(id=1, name=worker1):"
+
+
+def _profiled(rank, world_size, init_method, results, impl):
+    import torch
+
+    rpc = importlib.import_module(impl)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        with torch.autograd.profiler.profile() as prof:
+            rpc.rpc_sync("worker1", operator.add, args=(1, 2))
+            rpc.rpc_async("worker1", operator.mul, args=(3, 4)).wait()
+        out = sorted({e.name for e in prof.function_events if e.name.startswith("rpc_")})
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def _profiled_torch(rank, world_size, init_method, results):
+    _profiled(rank, world_size, init_method, results, "torch.distributed.rpc")
+
+
+def _profiled_distrpc(rank, world_size, init_method, results):
+    _profiled(rank, world_size, init_method, results, "distrpc.rpc")
+
+
+def test_calls_are_profiled_under_torchs_keys(run_group):
+    # (torch 2.15 itself records no event at all for these calls under this profiler: checked
+    # by hand with _profiled_torch; its keys are seed internal.py's.)
+    on_distrpc = run_group(_profiled_distrpc, 2)[0]
+    assert on_distrpc == [
+        "rpc_async#_operator.mul(worker0 -> worker1)",
+        "rpc_sync#_operator.add(worker0 -> worker1)",
+    ]
