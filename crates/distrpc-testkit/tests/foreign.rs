@@ -130,3 +130,82 @@ fn a_front_calls_rust_functions_with_messagepack() {
     assert_eq!(rmp_serde::from_slice::<i64>(&reply.payload).unwrap(), 42);
     shutdown_all(rpcs).unwrap();
 }
+
+/// A front's object: text that methods append to.
+struct Obj(std::sync::Mutex<String>);
+
+impl distrpc::server::value::Value for Obj {
+    fn encode(&self) -> Result<distrpc::server::value::Reply, String> {
+        let text = self.0.lock().unwrap().clone();
+        Ok(distrpc::server::value::Reply::new(
+            text.into_bytes(),
+            Vec::new(),
+        ))
+    }
+
+    fn type_name(&self) -> &'static str {
+        "Obj"
+    }
+}
+
+/// Keeps what `remote()` creates as an `Obj`; a method call appends its payload to the value.
+struct KeepingFront;
+
+impl ForeignHandler for KeepingFront {
+    fn call(&self, call: ForeignCall, reply: ForeignReply) {
+        let text = String::from_utf8_lossy(&call.payload).to_string();
+        match (call.this, call.keep) {
+            (None, true) => reply.keep(Arc::new(Obj(std::sync::Mutex::new(text)))),
+            (Some(this), keep) => {
+                let this: Arc<dyn std::any::Any + Send + Sync> = this;
+                let obj = this.downcast::<Obj>().unwrap();
+                let mut s = obj.0.lock().unwrap();
+                s.push_str(&text);
+                let now = s.clone();
+                drop(s);
+                if keep {
+                    reply.keep(Arc::new(Obj(std::sync::Mutex::new(now))));
+                } else {
+                    reply.ok(now.into_bytes(), vec![]);
+                }
+            }
+            (None, false) => reply.ok(call.payload.to_vec(), vec![]),
+        }
+    }
+}
+
+/// References to values a front holds: created by `remote_raw`, changed by method calls on
+/// the owner, fetched encoded, owned locally too, and freed when dropped.
+#[test]
+fn references_to_a_fronts_values() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default()
+            .rpc_timeout(Duration::from_secs(10))
+            .foreign(Codec::Pickle, Arc::new(KeepingFront))
+    })
+    .unwrap();
+    let rref: distrpc::RRef<()> = rpcs[0].remote_raw("worker1", pickled(b"hello", vec![]), None);
+    let r = rref
+        .rpc_sync_raw(pickled(b", world", vec![]), None)
+        .unwrap();
+    assert_eq!(&r.payload[..], b"hello, world");
+    assert_eq!(
+        &rref.to_here_raw(None).unwrap().payload[..],
+        b"hello, world"
+    );
+    let derived: distrpc::RRef<()> = rref.remote_raw(pickled(b"!", vec![]), None);
+    assert_eq!(
+        &derived.to_here_raw(None).unwrap().payload[..],
+        b"hello, world!"
+    );
+    // Owned here: remote to self, and a local value.
+    let mine: distrpc::RRef<()> = rpcs[1].remote_raw("worker1", pickled(b"own", vec![]), None);
+    assert_eq!(&mine.to_here_raw(None).unwrap().payload[..], b"own");
+    let local: distrpc::RRef<()> = rpcs[0].rref_value(Arc::new(Obj("local".to_string().into())));
+    assert!(local.is_owner());
+    assert_eq!(&local.to_here_raw(None).unwrap().payload[..], b"local");
+    drop((rref, derived, mine, local));
+    let freed = || distrpc_testkit::rref_leaks(&rpcs).is_empty();
+    assert!(distrpc_testkit::wait_until(Duration::from_secs(10), freed));
+    shutdown_all(rpcs).unwrap();
+}

@@ -417,6 +417,28 @@ impl Rpc {
         self.raw(to.into(), call, timeout, Delivery::Blocking)
     }
 
+    /// `remote()` of a [`RawCall`]: the callee's front keeps the result (a Python object) behind
+    /// the returned reference; `T` only types the handle. See [`RRef::to_here_raw`] and
+    /// [`RRef::rpc_sync_raw`].
+    pub fn remote_raw<T>(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RRef<T> {
+        let rrefs = &self.node().rrefs;
+        match self.node().transport.resolve(&to.into()) {
+            Ok(dest) => crate::rref::raw_remote::<(), T>(rrefs, dest, call, None, timeout),
+            Err(e) => RRef::invalid(rrefs, e),
+        }
+    }
+
+    /// A reference owned by this worker to a value a front holds (a Python object, torch's
+    /// `RRef(value)`); the front's `Value::encode` encodes it when it is fetched.
+    pub fn rref_value<T>(&self, value: Arc<dyn crate::server::value::Value>) -> RRef<T> {
+        crate::rref::local_raw(&self.node().rrefs, value)
+    }
+
     /// [`Rpc::rpc_sync_raw`] without waiting.
     pub fn rpc_async_raw(
         &self,

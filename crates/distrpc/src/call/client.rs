@@ -413,6 +413,20 @@ impl Client {
         timeout: Option<Duration>,
         delivery: Delivery,
     ) -> RpcFuture<RawReply> {
+        self.call_raw_on(dest, &[], 0, call, timeout, delivery)
+    }
+
+    /// [`Client::call_raw`] with a payload prefix and frame flags (a method call on a
+    /// reference's value: its id and `FLAG_METHOD`).
+    pub(crate) fn call_raw_on(
+        self: &Arc<Self>,
+        dest: u32,
+        prefix: &[u8],
+        flags: u16,
+        call: RawCall,
+        timeout: Option<Duration>,
+        delivery: Delivery,
+    ) -> RpcFuture<RawReply> {
         let (fut, done) = RpcFuture::pending_spinning(self.transport.busy_poll);
         let RawCall {
             codec,
@@ -420,7 +434,7 @@ impl Client {
             payload,
             tensors,
         } = call;
-        let encoded = encode_call(&[], &function, |out| {
+        let encoded = encode_call(prefix, &function, |out| {
             out.extend_from_slice(&payload);
             Ok::<_, std::convert::Infallible>(Vec::new())
         });
@@ -432,7 +446,7 @@ impl Client {
             }
         };
         let out = Outgoing {
-            flags: codec.flags(),
+            flags: flags | codec.flags(),
             tensors,
             timeout,
             delivery,

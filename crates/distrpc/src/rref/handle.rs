@@ -139,7 +139,10 @@ impl<T> RRef<T> {
     /// A use of this reference, issued by `issue`: not issued at all if the creation already
     /// failed, and failed early if the creation fails first (a use issued right after `remote()`
     /// cannot know yet whether the value will ever exist).
-    fn guarded<R: Send + 'static>(&self, issue: impl FnOnce() -> RpcFuture<R>) -> RpcFuture<R> {
+    pub(super) fn guarded<R: Send + 'static>(
+        &self,
+        issue: impl FnOnce() -> RpcFuture<R>,
+    ) -> RpcFuture<R> {
         if let Some(e) = self.creation_error() {
             return RpcFuture::ready(Err(e));
         }

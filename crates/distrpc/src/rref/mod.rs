@@ -22,6 +22,7 @@ pub(crate) mod context;
 mod creation;
 mod handle;
 pub mod ledger;
+mod raw;
 pub(crate) mod remote;
 pub(crate) mod service;
 
@@ -29,6 +30,7 @@ use bytes::{Buf, BufMut};
 
 pub use handle::RRef;
 pub use ledger::{Control, Effect, ForkId, GlobalId, Ledger, LedgerError, LedgerInfo, RRefId};
+pub(crate) use raw::{local as local_raw, raw_remote};
 pub(crate) use service::RRefService;
 
 /// Writes a global id (12 bytes: rank, counter).

@@ -10,9 +10,11 @@ use super::creation::{Created, Creation, Inner};
 use super::ledger::{ForkId, RRefId};
 use super::{RRefService, put_id};
 use crate::call::payload::encode_call;
-use crate::call::{Delivery, Outgoing, RpcFuture};
+use crate::call::{Delivery, Outgoing, RawReply, RpcFuture};
 use crate::error::Error;
 use crate::server::FLAG_METHOD;
+use crate::server::value::Value;
+use distrpc_wire::{Codec, Tensor};
 
 /// `remote()`: runs `function` (a method of `target`, if given) on `to` and keeps the result
 /// there behind a new reference.
@@ -27,6 +29,29 @@ pub(crate) fn remote<A>(
 where
     A: Serialize + ?Sized,
 {
+    let encode_args = |out: &mut Vec<u8>| crate::codec::encode(args, out);
+    remote_encoded(
+        service,
+        to,
+        Codec::MessagePack,
+        function,
+        encode_args,
+        target,
+        timeout,
+    )
+}
+
+/// [`remote`] of a call whose arguments `encode_args` writes in `codec` (a front's pickle, or
+/// MessagePack).
+pub(crate) fn remote_encoded<E: std::fmt::Display>(
+    service: &Arc<RRefService>,
+    to: u32,
+    codec: Codec,
+    function: &str,
+    encode_args: impl FnOnce(&mut Vec<u8>) -> Result<Vec<Tensor>, E>,
+    target: Option<RRefId>,
+    timeout: Option<Duration>,
+) -> Inner {
     let ctx = &service.ctx;
     let id = RRefId(ctx.next_id());
     if to == service.me() {
@@ -34,7 +59,7 @@ where
         let effects = ctx.ledger(|l| l.owner_created(id, None));
         service.run_effects(effects);
         ctx.expect_value(id);
-        service.create_locally(id, function, target, |out| crate::codec::encode(args, out));
+        service.create_locally(id, codec, function, target, encode_args);
         return Inner {
             service: service.clone(),
             id,
@@ -57,9 +82,8 @@ where
     for id in [id.0, fork.0].into_iter().chain(target.map(|t| t.0)) {
         put_id(&mut prefix, id);
     }
-    let flags = if target.is_some() { FLAG_METHOD } else { 0 };
-    let encoded =
-        service.encoding(|| encode_call(&prefix, function, |out| crate::codec::encode(args, out)));
+    let flags = codec.flags() | if target.is_some() { FLAG_METHOD } else { 0 };
+    let encoded = service.encoding(|| encode_call(&prefix, function, encode_args));
     let (payload, tensors) = match encoded {
         Ok(encoded) => encoded,
         Err(e) => {
@@ -113,10 +137,15 @@ pub(crate) fn local<T: Serialize + Send + Sync + 'static>(
     service: &Arc<RRefService>,
     value: T,
 ) -> Inner {
+    local_value(service, Arc::new(value))
+}
+
+/// A reference owned here to a value a front holds (a Python object).
+pub(crate) fn local_value(service: &Arc<RRefService>, value: Arc<dyn Value>) -> Inner {
     let id = RRefId(service.ctx.next_id());
     let effects = service.ctx.ledger(|l| l.owner_created(id, None));
     service.run_effects(effects);
-    service.ctx.set_value(id, Ok(Arc::new(value)));
+    service.ctx.set_value(id, Ok(value));
     Inner {
         service: service.clone(),
         id,
@@ -168,6 +197,34 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
                     crate::codec::decode::<T>(&frame.payload, frame.tensors)
                 })
                 .map_err(|e| decode_error(s.name_of(owner), e))
+            }));
+        }),
+    );
+    fut.with_claim(claim)
+}
+
+/// `to_here()` of the encoded value, as the owner encodes it (a front's pickle, say).
+pub(crate) fn fetch_raw(
+    service: &Arc<RRefService>,
+    owner: u32,
+    id: RRefId,
+    timeout: Duration,
+    delivery: Delivery,
+) -> RpcFuture<RawReply> {
+    let (fut, done) = RpcFuture::pending();
+    let mut payload = Vec::with_capacity(12);
+    put_id(&mut payload, id.0);
+    let out = Outgoing {
+        timeout: Some(timeout),
+        delivery,
+        ..Outgoing::new(owner, distrpc_wire::Kind::RRefFetch, "to_here", payload)
+    };
+    let claim = service.client.call(
+        out,
+        Box::new(move |result| {
+            done.complete(result.map(|frame| RawReply {
+                payload: frame.payload,
+                tensors: frame.tensors,
             }));
         }),
     );

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use distrpc_wire::{Frame, Kind, Tensor};
+use distrpc_wire::{Codec, Frame, Kind, Tensor};
 
 use super::context::Context;
 use super::ledger::{Control, Effect, ForkId, RRefId};
@@ -25,6 +25,7 @@ use crate::call::payload::{encode_call, name_str, parse_call_head};
 use crate::call::scope::{Settled, ValueScope};
 use crate::call::{Client, Outgoing, RpcFuture};
 use crate::error::{Error, Failure};
+use crate::server::foreign::ForeignCall;
 use crate::server::{Completion, FLAG_METHOD, Incoming, ReplyTo, Server, Service};
 
 /// How long one attempt of a reference control message may take before it is retried.
@@ -184,6 +185,7 @@ impl RRefService {
     pub(crate) fn create_locally<E: std::fmt::Display>(
         self: &Arc<Self>,
         rref: RRefId,
+        codec: Codec,
         function: &str,
         this: Option<RRefId>,
         encode_args: impl FnOnce(&mut Vec<u8>) -> Result<Vec<Tensor>, E>,
@@ -195,7 +197,7 @@ impl RRefService {
         };
         let payload = Bytes::from(payload);
         match parse_call_head(&payload) {
-            Some((name, args)) => {
+            Some((name, args)) if codec == Codec::MessagePack => {
                 let request = self.server.request(args, tensors, self.me());
                 let completion = self.keep(rref);
                 self.dispatch(
@@ -206,6 +208,18 @@ impl RRefService {
                     this,
                     completion,
                 );
+            }
+            Some((name, args)) => {
+                let call = ForeignCall {
+                    function: name_str(&name).to_string(),
+                    payload: args,
+                    tensors,
+                    from: self.me(),
+                    this: None,
+                    keep: true,
+                };
+                let completion = self.keep(rref);
+                self.dispatch_foreign(ReplyTo::Nobody, 0, Some(codec), call, this, completion);
             }
             None => self
                 .ctx
@@ -288,16 +302,57 @@ impl RRefService {
             }
             None => Completion::Reply(Kind::Result),
         };
-        let request = self.server.request(args, frame.tensors, from);
-        self.dispatch(
-            reply_to,
-            frame.id,
-            name_str(&name),
-            request,
-            this,
-            completion,
-        );
+        let name = name_str(&name);
+        match Codec::of(frame.flags) {
+            Some(Codec::MessagePack) => {
+                let request = self.server.request(args, frame.tensors, from);
+                self.dispatch(reply_to, frame.id, name, request, this, completion);
+            }
+            codec => {
+                let call = ForeignCall {
+                    function: name.to_string(),
+                    payload: args,
+                    tensors: frame.tensors,
+                    from,
+                    this: None,
+                    keep: created.is_some(),
+                };
+                self.dispatch_foreign(reply_to, frame.id, codec, call, this, completion);
+            }
+        }
         Ok(())
+    }
+
+    /// A foreign call (a pickled Python function) on a reference's value, or whose value a
+    /// reference keeps: to the front's handler, with the value once it exists.
+    fn dispatch_foreign(
+        self: &Arc<Self>,
+        reply_to: ReplyTo,
+        id: u64,
+        codec: Option<Codec>,
+        call: ForeignCall,
+        this: Option<RRefId>,
+        completion: Completion,
+    ) {
+        let Some(rref) = this else {
+            return self
+                .server
+                .on_foreign_call(reply_to, id, codec, call, completion);
+        };
+        let server = self.server.clone();
+        self.ctx.with_value(
+            rref,
+            Box::new(move |value| match value {
+                Ok(v) => {
+                    let call = ForeignCall {
+                        this: Some(v),
+                        ..call
+                    };
+                    server.on_foreign_call(reply_to, id, codec, call, completion);
+                }
+                Err(f) => server.deliver(&reply_to, id, &call.function, Err(f), completion),
+            }),
+        );
     }
 
     /// `to_here()` from another worker: a copy of the value, once it exists.

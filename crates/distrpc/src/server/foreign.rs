@@ -28,7 +28,6 @@ pub trait ForeignHandler: Send + Sync + 'static {
 }
 
 /// A call for a foreign handler.
-#[derive(Debug)]
 pub struct ForeignCall {
     /// The name in the call head (for a pickled call, a display name: the function travels in
     /// the payload).
@@ -39,6 +38,26 @@ pub struct ForeignCall {
     pub tensors: Vec<Tensor>,
     /// The calling worker's rank.
     pub from: u32,
+    /// For a call on a reference's value (`rref.rpc_sync().method()`): that value, as the front
+    /// kept it ([`ForeignReply::keep`]).
+    pub this: Option<Arc<dyn Value>>,
+    /// Whether the result is to be kept on this worker behind a reference (`remote()`): the
+    /// front should answer with [`ForeignReply::keep`], so that the value stays an object of
+    /// its own rather than its encoding.
+    pub keep: bool,
+}
+
+impl std::fmt::Debug for ForeignCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignCall")
+            .field("function", &self.function)
+            .field("payload_len", &self.payload.len())
+            .field("tensors", &self.tensors.len())
+            .field("from", &self.from)
+            .field("method", &self.this.is_some())
+            .field("keep", &self.keep)
+            .finish()
+    }
 }
 
 /// Where a foreign call's answer goes: exactly once, [`ForeignReply::ok`] or
@@ -65,6 +84,12 @@ impl ForeignReply {
     /// Answers with the encoded result (same codec as the call) and its tensors.
     pub fn ok(mut self, payload: Vec<u8>, tensors: Vec<Tensor>) {
         let value: Arc<dyn Value> = Arc::new(Encoded { payload, tensors });
+        self.finish(Ok(value));
+    }
+
+    /// Answers with a value the front holds (a Python object): kept as it is behind a reference
+    /// (`remote()`), or encoded by its [`Value::encode`] for a plain call.
+    pub fn keep(mut self, value: Arc<dyn Value>) {
         self.finish(Ok(value));
     }
 
@@ -115,14 +140,14 @@ impl Value for Encoded {
 impl Server {
     /// A call whose arguments are in `codec` (`None`: a mark this build does not know): to the
     /// foreign handler registered for it, or an error that names what is missing.
-    pub(super) fn on_foreign_call(
+    pub(crate) fn on_foreign_call(
         self: &Arc<Self>,
         reply_to: ReplyTo,
         id: u64,
         codec: Option<Codec>,
         call: ForeignCall,
+        completion: Completion,
     ) {
-        let completion = Completion::Reply(distrpc_wire::Kind::Result);
         if !self.client.is_running() {
             return self.deliver(
                 &reply_to,

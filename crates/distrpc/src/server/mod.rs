@@ -288,8 +288,11 @@ impl Server {
                     payload: args,
                     tensors: frame.tensors,
                     from,
+                    this: None,
+                    keep: false,
                 };
-                self.on_foreign_call(reply_to, frame.id, codec, call);
+                let completion = Completion::Reply(Kind::Result);
+                self.on_foreign_call(reply_to, frame.id, codec, call, completion);
                 return Ok(());
             }
         }

@@ -25,6 +25,13 @@ pub struct Reply {
     pub(crate) tensors: Vec<Tensor>,
 }
 
+impl Reply {
+    /// An encoded value (for a front's `Value::encode`).
+    pub fn new(payload: Vec<u8>, tensors: Vec<Tensor>) -> Self {
+        Self { payload, tensors }
+    }
+}
+
 /// A reply, or why there is none.
 pub(crate) type Outcome = Result<Reply, Failure>;
 

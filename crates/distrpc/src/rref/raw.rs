@@ -1,0 +1,107 @@
+//! References for fronts: values a front encodes itself (a Python object, pickled on demand),
+//! created, fetched and called on with [`RawCall`]s. The same protocol as every reference; only
+//! the encoding is the front's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::handle::RRef;
+use super::service::RRefService;
+use crate::call::{Delivery, RawCall, RawReply, RpcFuture};
+use crate::error::Error;
+use crate::server::FLAG_METHOD;
+use crate::server::value::Value;
+
+impl<T> RRef<T> {
+    /// A copy of the value as its owner encodes it (for a front's value, its `Value::encode`),
+    /// within `timeout` (`None`: the default).
+    pub fn to_here_raw(&self, timeout: Option<Duration>) -> Result<RawReply, Error> {
+        let service = &self.inner.service;
+        let timeout = timeout.unwrap_or_else(|| service.client.default_timeout());
+        let (owner, id) = (self.inner.owner, self.inner.id);
+        self.guarded(|| super::remote::fetch_raw(service, owner, id, timeout, Delivery::Blocking))
+            .wait()
+    }
+
+    /// Runs `call` on the owner with the value as its subject (`rref.rpc_sync().method()`):
+    /// the owner's foreign handler gets the value beside the call. Waits for the reply.
+    pub fn rpc_sync_raw(
+        &self,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> Result<RawReply, Error> {
+        self.method_raw(call, timeout, Delivery::Blocking).wait()
+    }
+
+    /// [`RRef::rpc_sync_raw`] without waiting.
+    pub fn rpc_async_raw(&self, call: RawCall, timeout: Option<Duration>) -> RpcFuture<RawReply> {
+        self.method_raw(call, timeout, Delivery::Queued)
+    }
+
+    fn method_raw(
+        &self,
+        call: RawCall,
+        timeout: Option<Duration>,
+        delivery: Delivery,
+    ) -> RpcFuture<RawReply> {
+        self.guarded(|| {
+            let prefix = RRefService::method_prefix(self.inner.id);
+            let client = &self.inner.service.client;
+            client.call_raw_on(
+                self.inner.owner,
+                &prefix,
+                FLAG_METHOD,
+                call,
+                timeout,
+                delivery,
+            )
+        })
+    }
+
+    /// Runs `call` on the owner with the value as its subject and keeps the result there,
+    /// behind a new reference (`rref.remote().method()`).
+    pub fn remote_raw<U>(&self, call: RawCall, timeout: Option<Duration>) -> RRef<U> {
+        raw_remote(
+            &self.inner.service,
+            self.inner.owner,
+            call,
+            Some(self),
+            timeout,
+        )
+    }
+}
+
+/// `remote()` of a [`RawCall`] (on the value of `target`, if given).
+pub(crate) fn raw_remote<T, U>(
+    service: &Arc<RRefService>,
+    to: u32,
+    call: RawCall,
+    target: Option<&RRef<T>>,
+    timeout: Option<Duration>,
+) -> RRef<U> {
+    let RawCall {
+        codec,
+        function,
+        payload,
+        tensors,
+    } = call;
+    let encode_args = move |out: &mut Vec<u8>| {
+        out.extend_from_slice(&payload);
+        Ok::<_, std::convert::Infallible>(tensors)
+    };
+    let target = target.map(|t| t.inner.id);
+    RRef::from_inner(super::remote::remote_encoded(
+        service,
+        to,
+        codec,
+        &function,
+        encode_args,
+        target,
+        timeout.or_else(|| Some(service.client.default_timeout())),
+    ))
+}
+
+/// A reference owned here to a value a front holds.
+pub(crate) fn local<T>(service: &Arc<RRefService>, value: Arc<dyn Value>) -> RRef<T> {
+    RRef::from_inner(super::remote::local_value(service, value))
+}
