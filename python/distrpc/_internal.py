@@ -166,7 +166,8 @@ def _failure(e: BaseException, worker_info: Any) -> RemoteException:
     return RemoteException(f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}", type(e))
 
 
-def _pickled(result: Any, worker_info: Any) -> tuple[bytes, list[Buffer]]:
+def pickled(result: Any, worker_info: Any) -> tuple[bytes, list[Buffer]]:
+    """``result`` pickled for the wire; if it cannot be, the error it raised, pickled."""
     try:
         return serialize(result)
     except Exception as e:  # an unpicklable result
@@ -177,29 +178,32 @@ def run_udf(
     payload: bytes,
     buffers: list[Buffer],
     worker_info: Any,
-    reply: Callable[[tuple[bytes, list[Buffer]]], None],
+    answer: Callable[[Any], None],
+    this: Any = None,
 ) -> None:
-    """Runs a pickled call on this worker and hands ``reply`` its pickled result, or the
-    exception it raised. An ``@async_execution`` function returns a future: the reply goes
-    when it completes, from whichever thread completes it."""
+    """Runs a pickled call on this worker and hands ``answer`` its result, or the exception it
+    raised as a ``RemoteException``. For a call on a reference's value, ``this`` is that value,
+    passed first. An ``@async_execution`` function returns a future: the answer goes when it
+    completes, from whichever thread completes it."""
     try:
         udf = deserialize(payload, buffers)
         if isinstance(udf, AttributeError):
             raise udf
         if not isinstance(udf, PythonUDF):
             raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
-        result: Any = udf.func(*udf.args, **udf.kwargs)
+        args = udf.args if this is None else (this, *udf.args)
+        result: Any = udf.func(*args, **udf.kwargs)
         if getattr(udf.func, "_wrapped_async_rpc_function", None) is not None:
 
-            def answer(fut: Any) -> None:
+            def when_done(fut: Any) -> None:
                 try:
                     value = fut.wait()
                 except Exception as e:
                     value = _failure(e, worker_info)
-                reply(_pickled(value, worker_info))
+                answer(value)
 
-            result.add_done_callback(answer)
+            result.add_done_callback(when_done)
             return
     except Exception as e:
         result = _failure(e, worker_info)
-    reply(_pickled(result, worker_info))
+    answer(result)

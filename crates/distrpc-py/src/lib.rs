@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distrpc::server::foreign::{ForeignCall, ForeignHandler, ForeignReply};
-use distrpc::{Codec, DType, Error, RawCall, RawReply, Rpc, RpcOptions, Tensor};
+use distrpc::server::value::{Reply, Value};
+use distrpc::{Codec, DType, Error, RRef, RawCall, RawReply, Rpc, RpcOptions, Tensor};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -42,8 +43,11 @@ impl AsRef<[u8]> for Lent {
     }
 }
 
+/// A buffer the pickler took out of band, as Python lends it: `(address, length, owner)`.
+type Loan = (usize, usize, Py<PyAny>);
+
 /// Tensors of the buffers `(address, length, owner)` the pickler took out of band.
-fn lent(buffers: Vec<(usize, usize, Py<PyAny>)>) -> PyResult<Vec<Tensor>> {
+fn lent(buffers: Vec<Loan>) -> PyResult<Vec<Tensor>> {
     buffers
         .into_iter()
         .map(|(addr, len, owner)| {
@@ -86,13 +90,15 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 type Queued = (ForeignCall, ForeignReply);
 
 /// A pickled call as a Python worker thread gets it: `(call, function, payload, buffers,
-/// caller)`.
+/// caller, the referenced object for a method call, whether the result is kept)`.
 type Taken = (
     Call,
     String,
     Py<PyBytes>,
     Vec<(usize, usize, Py<Held>)>,
     u32,
+    Option<Py<PyAny>>,
+    bool,
 );
 
 /// The foreign handler for pickles: queues each call for the Python worker threads. `None`
@@ -242,10 +248,22 @@ impl Agent {
         };
         let payload = PyBytes::new(py, &call.payload).unbind();
         let buffers = held(py, call.tensors)?;
+        let this = match call.this {
+            Some(value) => Some(PyValue::object(py, value)?),
+            None => None,
+        };
         let handle = Call {
             reply: Mutex::new(Some(reply)),
         };
-        Ok(Some((handle, call.function, payload, buffers, call.from)))
+        Ok(Some((
+            handle,
+            call.function,
+            payload,
+            buffers,
+            call.from,
+            this,
+            call.keep,
+        )))
     }
 
     /// Calls `function` (pickled in `payload`, with its out-of-band `buffers`) on `to` and
@@ -257,7 +275,7 @@ impl Agent {
         to: &str,
         function: String,
         payload: Vec<u8>,
-        buffers: Vec<(usize, usize, Py<PyAny>)>,
+        buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
         let timeout = seconds(timeout)?;
@@ -288,7 +306,7 @@ impl Agent {
         to: &str,
         function: String,
         payload: Vec<u8>,
-        buffers: Vec<(usize, usize, Py<PyAny>)>,
+        buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let timeout = seconds(timeout)?;
@@ -321,6 +339,55 @@ impl Agent {
             }
             Err(e) => (token, Some(e.to_string()), None, Vec::new()),
         }))
+    }
+
+    /// `remote()`: the callee keeps the result of the pickled call behind the returned
+    /// reference.
+    #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
+    fn remote(
+        &self,
+        to: &str,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyRRef> {
+        let timeout = seconds(timeout)?;
+        let call = pickled(function, payload, lent(buffers)?);
+        Ok(PyRRef {
+            rref: self.rpc.remote_raw(to, call, timeout),
+        })
+    }
+
+    /// A reference owned here to `obj` (torch's `RRef(value)`).
+    fn rref(&self, obj: Py<PyAny>) -> PyRRef {
+        PyRRef {
+            rref: self.rpc.rref_value(Arc::new(PyValue(obj))),
+        }
+    }
+
+    /// A method call on `rref`'s object without waiting: a token, as [`Agent::rpc_async`].
+    #[pyo3(signature = (rref, function, payload, buffers, timeout=None))]
+    fn rref_rpc_async(
+        &self,
+        rref: &PyRRef,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        timeout: Option<f64>,
+    ) -> PyResult<u64> {
+        let timeout = seconds(timeout)?;
+        let call = pickled(function, payload, lent(buffers)?);
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let done = lock(&self.done_tx).clone();
+        rref.rref
+            .rpc_async_raw(call, timeout)
+            .add_done_callback(move |result| {
+                let _ = done.send((token, result));
+            });
+        Ok(token)
     }
 
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
@@ -402,18 +469,159 @@ struct Call {
 impl Call {
     /// Sends the pickled result and its out-of-band buffers (an exception is pickled too:
     /// see `distrpc._internal`).
-    fn reply(
-        &self,
-        py: Python<'_>,
-        payload: Vec<u8>,
-        buffers: Vec<(usize, usize, Py<PyAny>)>,
-    ) -> PyResult<()> {
+    fn reply(&self, py: Python<'_>, payload: Vec<u8>, buffers: Vec<Loan>) -> PyResult<()> {
         let reply = lock(&self.reply)
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this call was answered already"))?;
         let tensors = lent(buffers)?;
         py.detach(|| reply.ok(payload, tensors));
         Ok(())
+    }
+
+    /// Keeps `obj` as the value of the reference the call creates (`remote()`).
+    fn keep(&self, py: Python<'_>, obj: Py<PyAny>) -> PyResult<()> {
+        let reply = self.take()?;
+        py.detach(|| reply.keep(Arc::new(PyValue(obj))));
+        Ok(())
+    }
+
+    /// Answers with the exception the function raised (for a call whose result is kept: the
+    /// reference's creation fails with it).
+    fn fail(&self, py: Python<'_>, type_name: String, message: String) -> PyResult<()> {
+        let reply = self.take()?;
+        let error = distrpc::RemoteError {
+            worker: String::new(),
+            function: String::new(),
+            type_name,
+            message,
+            backtrace: None,
+        };
+        py.detach(|| reply.err(error));
+        Ok(())
+    }
+}
+
+impl Call {
+    fn take(&self) -> PyResult<ForeignReply> {
+        lock(&self.reply)
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this call was answered already"))
+    }
+}
+
+/// A Python object behind a reference, on its owner; pickled (under the interpreter lock) by
+/// `distrpc._internal.serialize` when fetched.
+struct PyValue(Py<PyAny>);
+
+impl PyValue {
+    /// The object behind `value`, which must be one of ours.
+    fn object(py: Python<'_>, value: Arc<dyn Value>) -> PyResult<Py<PyAny>> {
+        let any: Arc<dyn std::any::Any + Send + Sync> = value;
+        any.downcast::<PyValue>()
+            .map(|v| v.0.clone_ref(py))
+            .map_err(|_| PyRuntimeError::new_err("the referenced value is not a Python object"))
+    }
+}
+
+impl Value for PyValue {
+    fn encode(&self) -> Result<Reply, String> {
+        Python::attach(|py| -> PyResult<Reply> {
+            let serialize = py.import("distrpc._internal")?.getattr("serialize")?;
+            let (payload, buffers): (Vec<u8>, Vec<Loan>) =
+                serialize.call1((self.0.clone_ref(py),))?.extract()?;
+            Ok(Reply::new(payload, lent(buffers)?))
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn type_name(&self) -> &'static str {
+        "a Python object"
+    }
+}
+
+/// A remote reference, as Python sees it (`distrpc.rpc.RRef` wraps it).
+#[pyclass(frozen)]
+struct PyRRef {
+    rref: RRef<()>,
+}
+
+#[pymethods]
+impl PyRRef {
+    /// The owner, as `(rank, name)`.
+    fn owner(&self) -> (u32, String) {
+        let owner = self.rref.owner();
+        (owner.id, owner.name)
+    }
+
+    /// Whether this worker owns the value.
+    fn is_owner(&self) -> bool {
+        self.rref.is_owner()
+    }
+
+    /// Whether the owner has confirmed this reference.
+    fn confirmed_by_owner(&self) -> bool {
+        self.rref.confirmed_by_owner()
+    }
+
+    /// The pickled value and its buffers, fetched from the owner (lock released).
+    #[pyo3(signature = (timeout=None))]
+    fn to_here(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Pickled> {
+        let timeout = seconds(timeout)?;
+        let reply = py
+            .detach(|| self.rref.to_here_raw(timeout))
+            .map_err(error)?;
+        Ok((
+            PyBytes::new(py, &reply.payload).unbind(),
+            held(py, reply.tensors)?,
+        ))
+    }
+
+    /// The object itself, on its owner.
+    fn local_value(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = py.detach(|| self.rref.local_value_raw()).map_err(error)?;
+        PyValue::object(py, value)
+    }
+
+    /// Runs the pickled call on the owner with the object as its subject; waits.
+    #[pyo3(signature = (function, payload, buffers, timeout=None))]
+    fn rpc_sync(
+        &self,
+        py: Python<'_>,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        timeout: Option<f64>,
+    ) -> PyResult<Pickled> {
+        let timeout = seconds(timeout)?;
+        let call = pickled(function, payload, lent(buffers)?);
+        let reply = py
+            .detach(|| self.rref.rpc_sync_raw(call, timeout))
+            .map_err(error)?;
+        Ok((
+            PyBytes::new(py, &reply.payload).unbind(),
+            held(py, reply.tensors)?,
+        ))
+    }
+
+    /// Runs the pickled call on the owner with the object as its subject, keeping the result
+    /// there behind a new reference.
+    #[pyo3(signature = (function, payload, buffers, timeout=None))]
+    fn remote(
+        &self,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyRRef> {
+        let timeout = seconds(timeout)?;
+        let call = pickled(function, payload, lent(buffers)?);
+        Ok(PyRRef {
+            rref: self.rref.remote_raw(call, timeout),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        self.rref.to_string()
     }
 }
 
@@ -462,5 +670,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Agent>()?;
     m.add_class::<Call>()?;
     m.add_class::<Held>()?;
+    m.add_class::<PyRRef>()?;
     Ok(())
 }

@@ -16,6 +16,7 @@ from . import api, functions
 from .api import (
     BackendType,
     Future,
+    RRef,
     TensorPipeRpcBackendOptions,
     WorkerInfo,
     _get_current_rpc_agent,
@@ -25,6 +26,7 @@ from .api import (
     get_worker_info,
     init_rpc,
     is_available,
+    remote,
     rpc_async,
     rpc_sync,
     shutdown,
@@ -32,6 +34,8 @@ from .api import (
 from .constants import DEFAULT_INIT_METHOD, DEFAULT_NUM_WORKER_THREADS, DEFAULT_RPC_TIMEOUT_SEC
 
 __all__ = [
+    "RRef",
+    "remote",
     "DEFAULT_INIT_METHOD",
     "DEFAULT_NUM_WORKER_THREADS",
     "DEFAULT_RPC_TIMEOUT_SEC",

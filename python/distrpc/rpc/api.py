@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 from .. import _internal
 from ..futures import Future
+from . import rref as _rref
+from .rref import RRef
 
 __all__ = [
     "BackendType",
@@ -33,8 +35,10 @@ __all__ = [
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
     "get_rpc_timeout",
+    "RRef",
     "get_worker_info",
     "init_rpc",
+    "remote",
     "is_available",
     "rpc_async",
     "rpc_sync",
@@ -132,8 +136,21 @@ class _State:
             item = self.agent.next_call(0.05)
             if item is None:
                 continue
-            call, _function, payload, buffers, _caller = item
-            _internal.run_udf(payload, buffers, self.me, lambda reply, c=call: c.reply(*reply))
+            call, _function, payload, buffers, _caller, this, keep = item
+            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this)
+
+    def _answer(self, call: Any, keep: bool) -> Callable[[Any], None]:
+        """How the result of ``call`` goes back: pickled, or kept behind a reference."""
+        me = self.me
+
+        def answer(result: Any) -> None:
+            if keep:
+                # A failed creation keeps its RemoteException: every use raises it.
+                call.keep(result)
+            else:
+                call.reply(*_internal.pickled(result, me))
+
+        return answer
 
     def _complete(self) -> None:
         while not self.stopping.is_set():
@@ -373,6 +390,43 @@ def _barrier(worker_names: list[str]) -> None:
 def _wait_all_workers(timeout: float = _DEFAULT_RPC_TIMEOUT_SEC) -> None:
     """Waits until every worker has called it (the first step of torch's graceful shutdown)."""
     _all_gather(None, timeout=timeout)
+
+
+def remote(
+    to: str | int | WorkerInfo,
+    func: Callable[..., Any],
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    timeout: float = _UNSET_RPC_TIMEOUT,
+) -> RRef:
+    """Runs ``func(*args, **kwargs)`` on ``to`` and keeps the result there, behind the returned
+    :class:`RRef` (torch's ``remote``). Returns at once; a failure surfaces when the reference
+    is used."""
+    state = _require()
+    name, dst = _qualname(func), _to_name(to)
+    with _profiled("remote", name, state.me.name, dst):
+        payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
+        handle = state.agent.remote(dst, name, payload, buffers, _timeout(timeout))
+    return RRef(_handle=handle)
+
+
+def _call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeout: float) -> Any:
+    """A proxy's call: ``method`` of the referenced object, run on its owner."""
+    state = _require()
+    udf = _internal.PythonUDF(_rref._invoke_method, (method, args, kwargs), {})
+    payload, buffers = _internal.serialize(udf)
+    name, handle = f"{rref.owner_name()}.{method}", rref._handle
+    if kind == "sync":
+        reply = handle.rpc_sync(name, payload, buffers, _timeout(timeout))
+        return _internal._handle_exception(_internal.deserialize(*reply))
+    if kind == "remote":
+        return RRef(_handle=handle.remote(name, payload, buffers, _timeout(timeout)))
+    torch = sys.modules.get("torch")
+    fut: Any = torch.futures.Future() if torch is not None else Future()
+    with state.pending_lock:
+        token = state.agent.rref_rpc_async(handle, name, payload, buffers, _timeout(timeout))
+        state.pending[token] = fut
+    return fut
 
 
 def shutdown(graceful: bool = True, timeout: float = 0) -> None:

@@ -243,6 +243,21 @@ impl<T: Any + Send + Sync> RRef<T> {
     /// created, within the default RPC timeout. Elsewhere an error names the owner to call it
     /// on.
     pub fn local_value(&self) -> Result<Arc<T>, Error> {
+        let value = self.local_value_raw()?;
+        crate::server::value::lend::<T>(value).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "the value of {self} is not a {}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+impl<T> RRef<T> {
+    /// The value as the owner keeps it (for a front, which knows its concrete type); waits if
+    /// it is still being created, within the default RPC timeout. Only on the owner.
+    #[doc(hidden)]
+    pub fn local_value_raw(&self) -> Result<Arc<dyn crate::server::value::Value>, Error> {
         if !self.is_owner() {
             return Err(Error::NotOwner {
                 owner: self.owner_name().to_string(),
@@ -258,19 +273,13 @@ impl<T: Any + Send + Sync> RRef<T> {
         );
         let timeout = service.client.default_timeout();
         let started = std::time::Instant::now();
-        let value = fut.wait_within(timeout).unwrap_or_else(|| {
+        fut.wait_within(timeout).unwrap_or_else(|| {
             Err(Error::Timeout {
                 worker: service.name_of(service.me()).to_string(),
                 function: "local_value()".into(),
                 timeout,
                 elapsed: started.elapsed(),
             })
-        })?;
-        crate::server::value::lend::<T>(value).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "the value of {self} is not a {}",
-                std::any::type_name::<T>()
-            ))
         })
     }
 }

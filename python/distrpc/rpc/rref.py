@@ -1,0 +1,103 @@
+"""``RRef``: a reference to a value that lives on one worker (its owner), as torch's. Made by
+:func:`distrpc.rpc.remote` or ``RRef(value)``; read with ``to_here``; used through proxies that
+run its methods on the owner (``rref.rpc_sync().method(*args)``, ``rpc_async()``,
+``remote()``). The value lives until no reference to it remains (distributed reference
+counting, in Rust).
+
+Example::
+
+    counter = rpc.remote("worker1", collections.Counter, args=("hello",))
+    counter.rpc_sync().update("world")          # runs on worker1
+    assert counter.to_here()["l"] == 3
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from .. import _internal
+
+T = TypeVar("T")
+
+
+def _invoke_method(obj: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """Runs on the owner: the method ``name`` of the referenced object (the creation's error,
+    if it failed)."""
+    return getattr(_internal._handle_exception(obj), name)(*args, **kwargs)
+
+
+class _Proxy:
+    """``rref.rpc_sync()`` / ``rpc_async()`` / ``remote()``: attribute access gives a function
+    that runs the referenced object's method of that name on its owner."""
+
+    def __init__(self, rref: RRef, kind: str, timeout: float) -> None:
+        self._rref, self._kind, self._timeout = rref, kind, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            from . import api
+
+            return api._call_on(self._rref, self._kind, name, args, kwargs, self._timeout)
+
+        return method
+
+
+class RRef(Generic[T]):
+    """A remote reference (torch's ``RRef``); ``RRef(value)`` makes one owned here."""
+
+    def __init__(self, value: Any = None, type_hint: Any = None, *, _handle: Any = None) -> None:
+        if _handle is None:
+            from . import api
+
+            _handle = api._require().agent.rref(value)
+        self._handle = _handle
+
+    def owner(self) -> Any:
+        """The owner, a ``WorkerInfo``."""
+        from .api import WorkerInfo
+
+        rank, name = self._handle.owner()
+        return WorkerInfo(name, rank)
+
+    def owner_name(self) -> str:
+        """The owner's name."""
+        return self._handle.owner()[1]
+
+    def is_owner(self) -> bool:
+        """Whether this worker owns the value."""
+        return self._handle.is_owner()
+
+    def confirmed_by_owner(self) -> bool:
+        """Whether the owner knows of this reference."""
+        return self._handle.confirmed_by_owner()
+
+    def local_value(self) -> T:
+        """The value itself, on the owner (elsewhere an error names the owner)."""
+        return _internal._handle_exception(self._handle.local_value())
+
+    def to_here(self, timeout: float = -1) -> T:
+        """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default)."""
+        payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
+        return _internal._handle_exception(_internal.deserialize(payload, buffers))
+
+    def rpc_sync(self, timeout: float = -1) -> Any:
+        """A proxy running the value's methods on the owner, waiting for each result."""
+        return _Proxy(self, "sync", timeout)
+
+    def rpc_async(self, timeout: float = -1) -> Any:
+        """A proxy running the value's methods on the owner, each returning a future."""
+        return _Proxy(self, "async", timeout)
+
+    def remote(self, timeout: float = -1) -> Any:
+        """A proxy running the value's methods on the owner, each result kept there behind a
+        new ``RRef``."""
+        return _Proxy(self, "remote", timeout)
+
+    def __reduce__(self) -> Any:
+        raise RuntimeError(
+            "RRef pickling is only allowed inside RPC calls, and distrpc does not pass RRefs "
+            "in arguments or results yet"
+        )
+
+    def __repr__(self) -> str:
+        return repr(self._handle)

@@ -1,0 +1,71 @@
+"""RRefs: values that live on their owner, used through proxies, freed when the last reference
+goes."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import pickle
+import time
+
+
+def _owned_values():
+    import distrpc.rpc as rpc
+
+    return int(rpc._get_debug_info()["num_owner_values"])
+
+
+def _rrefs(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        counter = rpc.remote("worker1", collections.Counter, args=("hello",))
+        counter.rpc_sync().update("world")  # runs on worker1, on the value itself
+        most = counter.rpc_async().most_common(1)
+        copy = counter.remote().copy()  # a new value on worker1
+        copy.to_here()  # created before the next change
+        counter.rpc_sync().update("!")
+        local = rpc.RRef([1, 2, 3])
+        failed = rpc.remote("worker1", int, args=("x",))
+        try:
+            failed.to_here()
+            failure = None
+        except ValueError as e:  # the creation's error, as its own type
+            failure = str(e)
+        try:
+            pickle.dumps(counter)
+            pickled = "pickled"
+        except RuntimeError as e:
+            pickled = str(e)
+        out = {
+            "here": dict(counter.to_here()),
+            "most": most.wait(),
+            "copy_has_bang": "!" in copy.to_here(),
+            "owner": (repr(counter.owner()), counter.owner_name(), counter.is_owner()),
+            "local": (local.is_owner(), local.local_value(), local.to_here()),
+            "failure": failure,
+            "pickled": pickled,
+        }
+        del counter, copy, local, failed, most
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while rpc.rpc_sync("worker1", _owned_values) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the owner frees values as the deletes arrive
+        out["freed"] = rpc.rpc_sync("worker1", _owned_values)
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_rrefs_live_on_their_owner(run_group):
+    out = run_group(_rrefs, 2)[0]
+    assert out["here"] == dict(collections.Counter("helloworld!"))
+    assert out["most"] == [("l", 3)]
+    assert out["copy_has_bang"] is False
+    assert out["owner"] == ("WorkerInfo(id=1, name=worker1)", "worker1", False)
+    assert out["local"] == (True, [1, 2, 3], [1, 2, 3])
+    assert out["failure"].startswith("ValueError: On WorkerInfo(id=1, name=worker1):")
+    assert "only allowed inside RPC calls" in out["pickled"]
+    assert out["freed"] == 0
