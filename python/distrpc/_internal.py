@@ -17,6 +17,7 @@ import ctypes
 import io
 import pickle
 import sys
+import threading
 import traceback
 from typing import Any, Callable, NamedTuple
 
@@ -92,14 +93,34 @@ def _reduce_tensor(tensor: Any) -> tuple:
     return (_rebuild_tensor, args)
 
 
+_decoding = threading.local()
+
+
+def _rebuild_rref(fork: bytes) -> Any:
+    """The reference a pickle carried: this worker's own, from the fork the sender made."""
+    from .rpc import api
+    from .rpc.rref import RRef
+
+    sender = getattr(_decoding, "sender", None)
+    if sender is None:
+        raise RuntimeError("an RRef can be unpickled only as part of an RPC call or result")
+    rref = RRef(_handle=api._require().agent.rref_from_fork(fork, sender))
+    _decoding.received.append(rref)
+    return rref
+
+
 class _Pickler(pickle.Pickler):
     """Protocol 5; torch tensors reduced as :func:`_reduce_tensor` says, when the program
-    uses torch (it is never imported here otherwise)."""
+    uses torch (it is never imported here otherwise); an ``RRef`` forked (seed's
+    ``_py_rref_reducer``)."""
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
             return _reduce_tensor(obj)
+        rref = sys.modules.get("distrpc.rpc.rref")
+        if rref is not None and isinstance(obj, rref.RRef):
+            return (_rebuild_rref, (obj._handle.fork(),))
         return NotImplemented
 
 
@@ -113,7 +134,12 @@ class _InternalRPCPickler:
         _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
         return out.getvalue(), [_lend(b) for b in buffers]
 
-    def deserialize(self, data: bytes, buffers: list[Buffer] = ()) -> Any:
+    def deserialize(
+        self, data: bytes, buffers: list[Buffer] = (), sender: int | None = None
+    ) -> Any:
+        # References inside are forks `sender` made; they are collected for the caller to
+        # wait on (a function runs only once the references it received are confirmed).
+        _decoding.sender, _decoding.received = sender, []
         try:
             return pickle.loads(data, buffers=[_view(b) for b in buffers])
         except AttributeError as e:
@@ -137,9 +163,15 @@ def serialize(obj: Any) -> tuple[bytes, list[Buffer]]:
     return _default_pickler.serialize(obj)
 
 
-def deserialize(data: bytes, buffers: list[Buffer] = ()) -> Any:
-    """Unpickles what :func:`serialize` made, arrays over the received buffers."""
-    return _default_pickler.deserialize(data, buffers)
+def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
+    """Unpickles what :func:`serialize` made on worker ``sender``, arrays over the received
+    buffers."""
+    return _default_pickler.deserialize(data, buffers, sender)
+
+
+def received_rrefs() -> list:
+    """The references the last :func:`deserialize` on this thread received."""
+    return getattr(_decoding, "received", [])
 
 
 def _handle_exception(result: Any) -> Any:
@@ -180,13 +212,17 @@ def run_udf(
     worker_info: Any,
     answer: Callable[[Any], None],
     this: Any = None,
+    sender: int | None = None,
 ) -> None:
     """Runs a pickled call on this worker and hands ``answer`` its result, or the exception it
     raised as a ``RemoteException``. For a call on a reference's value, ``this`` is that value,
     passed first. An ``@async_execution`` function returns a future: the answer goes when it
     completes, from whichever thread completes it."""
     try:
-        udf = deserialize(payload, buffers)
+        udf = deserialize(payload, buffers, sender)
+        for rref in received_rrefs():
+            if not rref._handle.wait_confirmed(60.0):
+                raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
         if not isinstance(udf, PythonUDF):

@@ -69,3 +69,43 @@ def test_rrefs_live_on_their_owner(run_group):
     assert out["failure"].startswith("ValueError: On WorkerInfo(id=1, name=worker1):")
     assert "only allowed inside RPC calls" in out["pickled"]
     assert out["freed"] == 0
+
+
+def _total_via(rref):
+    """On a third worker: uses a reference it received (a fork), and returns a new one."""
+    import distrpc.rpc as rpc
+
+    total = sum(rref.to_here().values()) + rref.rpc_sync().total()
+    return total, rpc.remote(rref.owner(), collections.Counter, args=("abc",))
+
+
+def _forks(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        counter = rpc.remote("worker1", collections.Counter, args=("hello",))
+        total, made = rpc.rpc_sync("worker2", _total_via, args=(counter,))
+        out = {
+            "total": total,
+            "made": (made.owner_name(), sorted(made.to_here())),
+            "self_owned": rpc.rpc_sync("worker1", _total_via, args=(counter,))[0],
+        }
+        del counter, made
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while rpc.rpc_sync("worker1", _owned_values) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["freed"] = rpc.rpc_sync("worker1", _owned_values)
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_rrefs_fork_through_arguments_and_results(run_group):
+    out = run_group(_forks, 3)[0]
+    assert out["total"] == 10
+    assert out["made"] == ("worker1", ["a", "b", "c"])
+    assert out["self_owned"] == 10
+    assert out["freed"] == 0

@@ -359,6 +359,12 @@ impl Agent {
         })
     }
 
+    /// The reference in a pickle `fork` made on worker `sender` (rank).
+    fn rref_from_fork(&self, fork: Vec<u8>, sender: u32) -> PyResult<PyRRef> {
+        let rref = self.rpc.rref_from_fork(&fork, sender).map_err(error)?;
+        Ok(PyRRef { rref })
+    }
+
     /// A reference owned here to `obj` (torch's `RRef(value)`).
     fn rref(&self, obj: Py<PyAny>) -> PyRRef {
         PyRRef {
@@ -618,6 +624,20 @@ impl PyRRef {
         Ok(PyRRef {
             rref: self.rref.remote_raw(call, timeout),
         })
+    }
+
+    /// Forks this reference for a pickle being made (the receiver rebuilds it with
+    /// `Agent.rref_from_fork`).
+    fn fork(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+        let bytes = self.rref.fork_raw().map_err(error)?;
+        Ok(PyBytes::new(py, &bytes).unbind())
+    }
+
+    /// Waits (lock released) until the owner has confirmed this received reference; whether
+    /// it did within `timeout` seconds (0: no limit).
+    fn wait_confirmed(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let timeout = seconds(Some(timeout))?.unwrap_or_default();
+        Ok(py.detach(|| self.rref.wait_confirmed(timeout)))
     }
 
     fn __repr__(&self) -> String {

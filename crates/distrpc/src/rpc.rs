@@ -439,6 +439,13 @@ impl Rpc {
         crate::rref::local_raw(&self.node().rrefs, value)
     }
 
+    /// The reference a front received in a message it decodes itself: `fork` (made by
+    /// [`RRef::fork_raw`]) from worker `from`. Before running a function that received it,
+    /// wait for [`RRef::wait_confirmed`].
+    pub fn rref_from_fork<T>(&self, fork: &[u8], from: u32) -> Result<RRef<T>, Error> {
+        crate::rref::from_fork(&self.node().rrefs, fork, from)
+    }
+
     /// [`Rpc::rpc_sync_raw`] without waiting.
     pub fn rpc_async_raw(
         &self,

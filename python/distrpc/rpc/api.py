@@ -116,7 +116,7 @@ class _State:
         self.me = WorkerInfo(agent.name, agent.rank)
         self.infos = [WorkerInfo(name, rank) for rank, name in agent.worker_infos()]
         self.stopping = threading.Event()
-        self.pending: dict[int, Any] = {}
+        self.pending: dict[int, tuple[Any, int]] = {}
         self.pending_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._serve, name=f"distrpc-py-{i}", daemon=True)
@@ -136,8 +136,8 @@ class _State:
             item = self.agent.next_call(0.05)
             if item is None:
                 continue
-            call, _function, payload, buffers, _caller, this, keep = item
-            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this)
+            call, _function, payload, buffers, caller, this, keep = item
+            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
 
     def _answer(self, call: Any, keep: bool) -> Callable[[Any], None]:
         """How the result of ``call`` goes back: pickled, or kept behind a reference."""
@@ -159,12 +159,12 @@ class _State:
                 continue
             token, error, payload, buffers = item
             with self.pending_lock:
-                fut = self.pending.pop(token)
+                fut, sender = self.pending.pop(token)
             if error is not None:
                 fut.set_exception(RuntimeError(error))
                 continue
             try:
-                value = _internal._handle_exception(_internal.deserialize(payload, buffers))
+                value = _internal._handle_exception(_internal.deserialize(payload, buffers, sender))
             except Exception as e:  # the remote exception, as the result
                 fut.set_exception(e)
                 continue
@@ -241,6 +241,13 @@ def _to_name(to: str | int | WorkerInfo) -> str:
     return to
 
 
+def _rank_of(name: str) -> int:
+    for info in _require().infos:
+        if info.name == name:
+            return info.id
+    raise RuntimeError(f"Unknown destination worker {name}")
+
+
 def _timeout(timeout: float) -> float | None:
     return None if timeout == _UNSET_RPC_TIMEOUT else float(timeout)
 
@@ -285,7 +292,7 @@ def rpc_sync(
     with _profiled("sync", name, state.me.name, dst):
         payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
         reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
-    return _internal._handle_exception(_internal.deserialize(*reply))
+    return _internal._handle_exception(_internal.deserialize(*reply, _rank_of(dst)))
 
 
 def rpc_async(
@@ -308,7 +315,7 @@ def rpc_async(
         # future.
         with state.pending_lock:
             token = state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
-            state.pending[token] = fut
+            state.pending[token] = (fut, _rank_of(dst))
     return fut
 
 
@@ -416,16 +423,17 @@ def _call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, time
     udf = _internal.PythonUDF(_rref._invoke_method, (method, args, kwargs), {})
     payload, buffers = _internal.serialize(udf)
     name, handle = f"{rref.owner_name()}.{method}", rref._handle
+    owner = handle.owner()[0]
     if kind == "sync":
         reply = handle.rpc_sync(name, payload, buffers, _timeout(timeout))
-        return _internal._handle_exception(_internal.deserialize(*reply))
+        return _internal._handle_exception(_internal.deserialize(*reply, owner))
     if kind == "remote":
         return RRef(_handle=handle.remote(name, payload, buffers, _timeout(timeout)))
     torch = sys.modules.get("torch")
     fut: Any = torch.futures.Future() if torch is not None else Future()
     with state.pending_lock:
         token = state.agent.rref_rpc_async(handle, name, payload, buffers, _timeout(timeout))
-        state.pending[token] = fut
+        state.pending[token] = (fut, owner)
     return fut
 
 

@@ -78,7 +78,8 @@ class RRef(Generic[T]):
     def to_here(self, timeout: float = -1) -> T:
         """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default)."""
         payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
-        return _internal._handle_exception(_internal.deserialize(payload, buffers))
+        owner = self._handle.owner()[0]
+        return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
 
     def rpc_sync(self, timeout: float = -1) -> Any:
         """A proxy running the value's methods on the owner, waiting for each result."""
@@ -94,10 +95,8 @@ class RRef(Generic[T]):
         return _Proxy(self, "remote", timeout)
 
     def __reduce__(self) -> Any:
-        raise RuntimeError(
-            "RRef pickling is only allowed inside RPC calls, and distrpc does not pass RRefs "
-            "in arguments or results yet"
-        )
+        # Inside an RPC the pickler forks the reference instead (distrpc._internal).
+        raise RuntimeError("RRef pickling is only allowed inside RPC calls.")
 
     def __repr__(self) -> str:
         return repr(self._handle)

@@ -348,49 +348,40 @@ impl<T> RRef<T> {
 
 /// An `RRef` on the wire: who owns it, which value, which new user, and who sent it.
 #[derive(Serialize, Deserialize)]
-struct ForkData {
+pub(super) struct ForkData {
     owner: u32,
     rref: RRefId,
     fork: ForkId,
     parent: u32,
 }
 
-impl<T> Serialize for RRef<T> {
-    /// Serializing an `RRef` forks it, so it is allowed only inside an RPC encode.
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let service = super::service::encoding_service().ok_or_else(|| {
-            S::Error::custom("an RRef can be serialized only as part of an RPC call or result")
-        })?;
-        if !Arc::ptr_eq(&service, &self.inner.service) {
-            return Err(S::Error::custom(
-                "an RRef can be sent only by a worker of its own group",
-            ));
-        }
+impl<T> RRef<T> {
+    /// Forks this reference for a message: the ledger records the new user, which the
+    /// receiver becomes with [`RRef::received`].
+    pub(super) fn fork(&self) -> Result<ForkData, String> {
+        let service = &self.inner.service;
         let fork = service
             .ctx
             .ledger(|l| l.fork_sent(self.inner.id, self.inner.owner, self.inner.fork))
-            .map_err(S::Error::custom)?;
-        ForkData {
+            .map_err(|e| e.to_string())?;
+        Ok(ForkData {
             owner: self.inner.owner,
             rref: self.inner.id,
             fork,
             parent: service.me(),
-        }
-        .serialize(serializer)
+        })
     }
-}
 
-impl<'de, T> Deserialize<'de> for RRef<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let (service, from) = super::service::decoding_context().ok_or_else(|| {
-            D::Error::custom("an RRef can be deserialized only as part of an RPC call or result")
-        })?;
-        let data = ForkData::deserialize(deserializer)?;
+    /// The reference `data` describes, received from worker `from`: a new user (confirmed by
+    /// the owner before the function that received it runs), or the owner's own handle.
+    pub(super) fn received(
+        service: Arc<RRefService>,
+        data: ForkData,
+        from: u32,
+    ) -> Result<Self, &'static str> {
         let group = &service.client.transport.group;
         if data.parent != from || group.workers.get(data.owner as usize).is_none() {
-            return Err(D::Error::custom(
-                "an RRef with an unknown owner or a forged parent",
-            ));
+            return Err("an RRef with an unknown owner or a forged parent");
         }
         let effects = service
             .ctx
@@ -407,5 +398,30 @@ impl<'de, T> Deserialize<'de> for RRef<T> {
             fork: (!is_owner).then_some(data.fork),
             creation: None,
         }))
+    }
+}
+
+impl<T> Serialize for RRef<T> {
+    /// Serializing an `RRef` forks it, so it is allowed only inside an RPC encode.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let service = super::service::encoding_service().ok_or_else(|| {
+            S::Error::custom("an RRef can be serialized only as part of an RPC call or result")
+        })?;
+        if !Arc::ptr_eq(&service, &self.inner.service) {
+            return Err(S::Error::custom(
+                "an RRef can be sent only by a worker of its own group",
+            ));
+        }
+        self.fork().map_err(S::Error::custom)?.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for RRef<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (service, from) = super::service::decoding_context().ok_or_else(|| {
+            D::Error::custom("an RRef can be deserialized only as part of an RPC call or result")
+        })?;
+        let data = ForkData::deserialize(deserializer)?;
+        RRef::received(service, data, from).map_err(D::Error::custom)
     }
 }

@@ -30,7 +30,7 @@ use bytes::{Buf, BufMut};
 
 pub use handle::RRef;
 pub use ledger::{Control, Effect, ForkId, GlobalId, Ledger, LedgerError, LedgerInfo, RRefId};
-pub(crate) use raw::{local as local_raw, raw_remote};
+pub(crate) use raw::{from_fork, local as local_raw, raw_remote};
 pub(crate) use service::RRefService;
 
 /// Writes a global id (12 bytes: rank, counter).

@@ -58,6 +58,33 @@ impl<T> RRef<T> {
         })
     }
 
+    /// Forks this reference for a message a front encodes itself (a pickle): the bytes to put
+    /// in it, from which the receiver rebuilds its own reference with
+    /// [`Rpc::rref_from_fork`](crate::Rpc::rref_from_fork).
+    pub fn fork_raw(&self) -> Result<Vec<u8>, Error> {
+        let data = self.fork().map_err(Error::InvalidArgument)?;
+        crate::codec::encode_inline(&data).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    /// Waits until the owner has confirmed this reference (a received fork), at most
+    /// `timeout` (zero: no limit); whether it is. A front calls it before running a function
+    /// that received the reference, as handlers do.
+    pub fn wait_confirmed(&self, timeout: Duration) -> bool {
+        match self.inner.fork {
+            None => true,
+            Some(fork) => {
+                let service = &self.inner.service;
+                let wait = || {
+                    let _blocked = crate::pool::enter_blocking();
+                    service.ctx.wait_confirmed(&[fork], timeout)
+                };
+                crate::runtime::blocking(wait)
+                    .unwrap_or_else(wait)
+                    .is_empty()
+            }
+        }
+    }
+
     /// Runs `call` on the owner with the value as its subject and keeps the result there,
     /// behind a new reference (`rref.remote().method()`).
     pub fn remote_raw<U>(&self, call: RawCall, timeout: Option<Duration>) -> RRef<U> {
@@ -99,6 +126,21 @@ pub(crate) fn raw_remote<T, U>(
         target,
         timeout.or_else(|| Some(service.client.default_timeout())),
     ))
+}
+
+/// The reference a front received as `bytes` (made by [`RRef::fork_raw`]) from `from`.
+pub(crate) fn from_fork<T>(
+    service: &Arc<RRefService>,
+    bytes: &[u8],
+    from: u32,
+) -> Result<RRef<T>, Error> {
+    let data: super::handle::ForkData =
+        crate::codec::decode_inline(bytes).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    // The front waits for confirmation itself (`RRef::wait_confirmed`): nothing to settle.
+    let rref =
+        RRef::received(service.clone(), data, from).map_err(|e| Error::InvalidArgument(e.into()));
+    super::service::take_received_forks();
+    rref
 }
 
 /// A reference owned here to a value a front holds.

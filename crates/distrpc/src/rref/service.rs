@@ -489,6 +489,11 @@ pub(crate) fn note_received(fork: ForkId) {
     RECEIVED.with(|r| r.borrow_mut().push(fork));
 }
 
+/// Forgets the references the last decode on this thread received (a front confirms its own).
+pub(crate) fn take_received_forks() {
+    take_received();
+}
+
 fn take_received() -> Vec<ForkId> {
     RECEIVED.with(|r| std::mem::take(&mut *r.borrow_mut()))
 }
