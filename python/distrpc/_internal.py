@@ -96,15 +96,18 @@ def _reduce_tensor(tensor: Any) -> tuple:
 _decoding = threading.local()
 
 
+#: The RRef class and how to rebuild one from a fork: set by ``distrpc.rpc.rref`` when it is
+#: imported (this module knows nothing of the layers above it).
+rref_type: Any = None
+rebuild_rref: Callable[[bytes, int], Any] | None = None
+
+
 def _rebuild_rref(fork: bytes) -> Any:
     """The reference a pickle carried: this worker's own, from the fork the sender made."""
-    from .rpc import api
-    from .rpc.rref import RRef
-
     sender = getattr(_decoding, "sender", None)
-    if sender is None:
+    if sender is None or rebuild_rref is None:
         raise RuntimeError("an RRef can be unpickled only as part of an RPC call or result")
-    rref = RRef(_handle=api._require().agent.rref_from_fork(fork, sender))
+    rref = rebuild_rref(fork, sender)
     _decoding.received.append(rref)
     return rref
 
@@ -118,8 +121,7 @@ class _Pickler(pickle.Pickler):
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
             return _reduce_tensor(obj)
-        rref = sys.modules.get("distrpc.rpc.rref")
-        if rref is not None and isinstance(obj, rref.RRef):
+        if rref_type is not None and isinstance(obj, rref_type):
             return (_rebuild_rref, (obj._handle.fork(),))
         return NotImplemented
 

@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 from .. import _internal
 from ..futures import Future
-from . import rref as _rref
+from . import _state
 from .rref import RRef
+from .worker import WorkerInfo
 
 __all__ = [
     "BackendType",
@@ -83,28 +84,6 @@ class TensorPipeRpcBackendOptions:
         self.init_method = init_method
         self.device_maps = {}
         self.devices = []
-
-
-class WorkerInfo:
-    """A worker of the group: its ``id`` (rank) and ``name``."""
-
-    __slots__ = ("id", "name")
-
-    def __init__(self, name: str, id: int) -> None:  # noqa: A002 - torch's name
-        self.name = name
-        self.id = id
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, WorkerInfo) and (self.id, self.name) == (other.id, other.name)
-
-    def __hash__(self) -> int:
-        return hash((self.id, self.name))
-
-    def __repr__(self) -> str:
-        return f"WorkerInfo(id={self.id}, name={self.name})"
-
-    def __reduce__(self):
-        return (WorkerInfo, (self.name, self.id))
 
 
 class _State:
@@ -178,16 +157,10 @@ class _State:
                 t.join()
 
 
-_state: _State | None = None
 _lock = threading.Lock()
-
-
-def _require() -> _State:
-    if _state is None:
-        raise RuntimeError(
-            "RPC has not been initialized. Call torch.distributed.rpc.init_rpc first."
-        )
-    return _state
+_require = _state.require
+_rank_of = _state.rank_of
+_timeout = _state.timeout
 
 
 def init_rpc(
@@ -200,7 +173,6 @@ def init_rpc(
     """Joins a group as worker ``name`` (torch's ``init_rpc``). ``rank`` -1 and
     ``world_size`` None read ``RANK`` and ``WORLD_SIZE``; the init method (``env://``,
     ``tcp://``, ``file://``) comes from the options."""
-    global _state
     options = rpc_backend_options or TensorPipeRpcBackendOptions()
     if rank < 0:
         rank = int(os.environ["RANK"])
@@ -209,7 +181,7 @@ def init_rpc(
     from .._core import Agent
 
     with _lock:
-        if _state is not None:
+        if _state.current is not None:
             raise RuntimeError("RPC is already initialized")
         agent = Agent.init(
             name,
@@ -219,7 +191,7 @@ def init_rpc(
             options.num_worker_threads,
             float(options.rpc_timeout),
         )
-        _state = _State(agent, options.num_worker_threads)
+        _state.current = _State(agent, options.num_worker_threads)
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
@@ -239,17 +211,6 @@ def _to_name(to: str | int | WorkerInfo) -> str:
     if isinstance(to, int):
         return _require().infos[to].name
     return to
-
-
-def _rank_of(name: str) -> int:
-    for info in _require().infos:
-        if info.name == name:
-            return info.id
-    raise RuntimeError(f"Unknown destination worker {name}")
-
-
-def _timeout(timeout: float) -> float | None:
-    return None if timeout == _UNSET_RPC_TIMEOUT else float(timeout)
 
 
 def _build_rpc_profiling_key(
@@ -417,34 +378,13 @@ def remote(
     return RRef(_handle=handle)
 
 
-def _call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeout: float) -> Any:
-    """A proxy's call: ``method`` of the referenced object, run on its owner."""
-    state = _require()
-    udf = _internal.PythonUDF(_rref._invoke_method, (method, args, kwargs), {})
-    payload, buffers = _internal.serialize(udf)
-    name, handle = f"{rref.owner_name()}.{method}", rref._handle
-    owner = handle.owner()[0]
-    if kind == "sync":
-        reply = handle.rpc_sync(name, payload, buffers, _timeout(timeout))
-        return _internal._handle_exception(_internal.deserialize(*reply, owner))
-    if kind == "remote":
-        return RRef(_handle=handle.remote(name, payload, buffers, _timeout(timeout)))
-    torch = sys.modules.get("torch")
-    fut: Any = torch.futures.Future() if torch is not None else Future()
-    with state.pending_lock:
-        token = state.agent.rref_rpc_async(handle, name, payload, buffers, _timeout(timeout))
-        state.pending[token] = (fut, owner)
-    return fut
-
-
 def shutdown(graceful: bool = True, timeout: float = 0) -> None:
     """Stops this worker: gracefully with the whole group (no call accepted before is lost),
     bounded by ``timeout`` seconds (0: none), or at once with ``graceful=False``."""
-    global _state
     with _lock:
         state = _require()
         try:
             state.agent.shutdown(graceful, float(timeout))
         finally:
             state.stop()
-            _state = None
+            _state.current = None

@@ -13,9 +13,13 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Generic, TypeVar
 
 from .. import _internal
+from ..futures import Future
+from . import _state
+from .worker import WorkerInfo
 
 T = TypeVar("T")
 
@@ -35,9 +39,7 @@ class _Proxy:
 
     def __getattr__(self, name: str) -> Any:
         def method(*args: Any, **kwargs: Any) -> Any:
-            from . import api
-
-            return api._call_on(self._rref, self._kind, name, args, kwargs, self._timeout)
+            return call_on(self._rref, self._kind, name, args, kwargs, self._timeout)
 
         return method
 
@@ -47,15 +49,11 @@ class RRef(Generic[T]):
 
     def __init__(self, value: Any = None, type_hint: Any = None, *, _handle: Any = None) -> None:
         if _handle is None:
-            from . import api
-
-            _handle = api._require().agent.rref(value)
+            _handle = _state.require().agent.rref(value)
         self._handle = _handle
 
     def owner(self) -> Any:
         """The owner, a ``WorkerInfo``."""
-        from .api import WorkerInfo
-
         rank, name = self._handle.owner()
         return WorkerInfo(name, rank)
 
@@ -100,3 +98,33 @@ class RRef(Generic[T]):
 
     def __repr__(self) -> str:
         return repr(self._handle)
+
+
+def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeout: float) -> Any:
+    """A proxy's call: ``method`` of the referenced object, run on its owner."""
+    state = _state.require()
+    udf = _internal.PythonUDF(_invoke_method, (method, args, kwargs), {})
+    payload, buffers = _internal.serialize(udf)
+    name, handle = f"{rref.owner_name()}.{method}", rref._handle
+    owner = handle.owner()[0]
+    if kind == "sync":
+        reply = handle.rpc_sync(name, payload, buffers, _state.timeout(timeout))
+        return _internal._handle_exception(_internal.deserialize(*reply, owner))
+    if kind == "remote":
+        return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))
+    torch = sys.modules.get("torch")
+    fut: Any = torch.futures.Future() if torch is not None else Future()
+    with state.pending_lock:
+        token = state.agent.rref_rpc_async(handle, name, payload, buffers, _state.timeout(timeout))
+        state.pending[token] = (fut, owner)
+    return fut
+
+
+def _rebuild_from_fork(fork: bytes, sender: int) -> RRef:
+    """The reference a pickle carried, made from the fork its sender made."""
+    return RRef(_handle=_state.require().agent.rref_from_fork(fork, sender))
+
+
+# The pickler forks references and the unpickler rebuilds them through these.
+_internal.rref_type = RRef
+_internal.rebuild_rref = _rebuild_from_fork

@@ -1,0 +1,34 @@
+"""This process's worker, once ``init_rpc`` made it: what every module of the front reaches
+it through (``api`` sets it, the rest only reads it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The running worker (``api._State``), or ``None`` before ``init_rpc`` and after ``shutdown``.
+current: Any = None
+
+#: ``timeout=-1``: the default.
+UNSET = -1.0
+
+
+def require() -> Any:
+    """The running worker; raises torch's error before ``init_rpc``."""
+    if current is None:
+        raise RuntimeError(
+            "RPC has not been initialized. Call torch.distributed.rpc.init_rpc first."
+        )
+    return current
+
+
+def timeout(seconds: float) -> float | None:
+    """A timeout argument for the agent: ``None`` for the default."""
+    return None if seconds == UNSET else float(seconds)
+
+
+def rank_of(name: str) -> int:
+    """The rank of the worker named ``name``."""
+    for info in require().infos:
+        if info.name == name:
+            return info.id
+    raise RuntimeError(f"Unknown destination worker {name}")
