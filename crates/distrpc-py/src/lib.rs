@@ -120,6 +120,21 @@ fn error(e: Error) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
 }
 
+impl Agent {
+    /// A token under which `fut`'s result will come out of [`Agent::next_completion`].
+    fn complete_later(&self, fut: distrpc::RpcFuture<RawReply>) -> u64 {
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let done = lock(&self.done_tx).clone();
+        fut.add_done_callback(move |result| {
+            // The receiver goes only with the agent: nobody is left to complete.
+            let _ = done.send((token, result));
+        });
+        token
+    }
+}
+
 /// A call of a pickled Python function.
 fn pickled(function: String, payload: Vec<u8>, tensors: Vec<Tensor>) -> RawCall {
     RawCall {
@@ -311,17 +326,7 @@ impl Agent {
     ) -> PyResult<u64> {
         let timeout = seconds(timeout)?;
         let call = pickled(function, payload, lent(buffers)?);
-        let token = self
-            .next_token
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let done = lock(&self.done_tx).clone();
-        self.rpc
-            .rpc_async_raw(to, call, timeout)
-            .add_done_callback(move |result| {
-                // The receiver goes only with the agent: nobody is left to complete.
-                let _ = done.send((token, result));
-            });
-        Ok(token)
+        Ok(self.complete_later(self.rpc.rpc_async_raw(to, call, timeout)))
     }
 
     /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
@@ -384,16 +389,7 @@ impl Agent {
     ) -> PyResult<u64> {
         let timeout = seconds(timeout)?;
         let call = pickled(function, payload, lent(buffers)?);
-        let token = self
-            .next_token
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let done = lock(&self.done_tx).clone();
-        rref.rref
-            .rpc_async_raw(call, timeout)
-            .add_done_callback(move |result| {
-                let _ = done.send((token, result));
-            });
-        Ok(token)
+        Ok(self.complete_later(rref.rref.rpc_async_raw(call, timeout)))
     }
 
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
