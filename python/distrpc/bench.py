@@ -6,7 +6,9 @@ machine is shared and noisy).
 Workloads: ``latency`` (no-op ``rpc_sync`` p50/p90/p99), ``echo`` (a small tensor there and
 back), ``async`` (no-op ``rpc_async`` with 1/16/128 in flight,
 calls/s), ``bandwidth`` (a float32 tensor of 4 KiB / 1 / 16 / 128 MiB to a function returning
-its length, GB/s), ``init`` and ``shutdown`` of the two processes (ms).
+its length, GB/s), ``init`` and ``shutdown`` of the two processes (ms), ``scale`` (init and
+shutdown of 8 processes after their imports, the slowest rank's, ms) and ``rss`` (a numpy-only
+distrpc worker's resident memory after init, MiB).
 """
 
 from __future__ import annotations
@@ -98,6 +100,67 @@ def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out) -> None
     out.put(lines)
 
 
+def _scale(rank: int, impl: str, store: str, world: int, out) -> None:
+    """One of ``world`` processes: how long its ``init_rpc`` and ``shutdown`` take (after
+    the imports)."""
+    rpc = importlib.import_module(impl)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}", rpc_timeout=120)
+    started = time.perf_counter()
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options)
+    init_ms = (time.perf_counter() - started) * 1e3
+    started = time.perf_counter()
+    rpc.shutdown()
+    out.put((init_ms, (time.perf_counter() - started) * 1e3))
+
+
+def _rss(store: str, out) -> None:
+    """A numpy-only worker's resident memory after init (torch is not imported)."""
+    import numpy  # noqa: F401 - a numpy-only worker has numpy loaded
+
+    import distrpc.rpc as rpc
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}")
+    rpc.init_rpc("worker0", rank=0, world_size=1, rpc_backend_options=options)
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    rpc.shutdown()
+    out.put(round(kib / 1024, 1))
+
+
+def scale(impl: str, world: int) -> dict:
+    """Init and shutdown of ``world`` processes (the slowest rank's)."""
+    module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+    procs = [ctx.Process(target=_scale, args=(r, module, store, world, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    times = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    init_ms, shutdown_ms = (max(t[i] for t in times) for i in (0, 1))
+    return {
+        "workload": "scale",
+        "workers": world,
+        "init_ms": round(init_ms, 1),
+        "shutdown_ms": round(shutdown_ms, 1),
+        "impl": impl,
+    }
+
+
+def rss() -> dict:
+    """A numpy-only distrpc worker's RSS after init, in MiB."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+    p = ctx.Process(target=_rss, args=(store, out))
+    p.start()
+    mib = out.get(timeout=120)
+    p.join(60)
+    return {"workload": "rss", "numpy_only_mib": mib, "impl": "distrpc"}
+
+
 def run(impl: str, calls: int, quick: bool) -> list[dict]:
     """Runs every workload on ``impl`` (``distrpc`` or ``torch``); returns the JSON lines."""
     module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
@@ -113,6 +176,7 @@ def run(impl: str, calls: int, quick: bool) -> list[dict]:
     lines = next(r for r in results if r)
     for line in lines:
         line["impl"] = impl
+    lines.append(scale(impl, 2 if quick else 8))
     return lines
 
 
@@ -127,15 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     calls = 100 if opts.quick else opts.calls
     impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
     every = {impl: run(impl, calls, opts.quick) for impl in impls}
+    if "distrpc" in every:
+        every["distrpc"].append(rss())
     for lines in every.values():
         for line in lines:
             print(json.dumps(line), flush=True)
     if len(every) == 2:
-        key = ("workload", "window", "bytes")
+        key = ("workload", "window", "bytes", "workers")
         torch_by_key = {tuple(line.get(k) for k in key): line for line in every["torch"]}
         for line in every["distrpc"]:
             other = torch_by_key.get(tuple(line.get(k) for k in key))
-            for field in ("p50_us", "calls_per_s", "gb_per_s", "ms"):
+            for field in ("p50_us", "calls_per_s", "gb_per_s", "ms", "init_ms", "shutdown_ms"):
                 if other and field in line and other.get(field):
                     ratio = round(line[field] / other[field], 3)
                     name = {k: line[k] for k in key if k in line}

@@ -22,5 +22,6 @@ def test_bench_quick_prints_every_workload():
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     workloads = {line["workload"] for line in lines}
-    assert workloads == {"init", "latency", "echo", "async", "bandwidth", "shutdown"}
+    expected = {"init", "latency", "echo", "async", "bandwidth", "shutdown", "scale", "rss"}
+    assert workloads == expected
     assert all(line["impl"] == "distrpc" for line in lines)
