@@ -70,3 +70,38 @@ def test_arrays_go_out_of_band_and_arrive_as_views(run_group):
     assert out["doubled"] == (np.arange(12, dtype=np.float32).reshape(3, 4) * 2).tolist()
     assert out["doubled_aligned"]
     assert out["nested"] == 2
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def _grown_by(baseline: float, a) -> float:
+    """On the callee: how much its RSS grew while it holds the received array."""
+    assert a.nbytes == 128 << 20
+    return _rss_mib() - baseline
+
+
+def _big(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=60)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        big = np.ones(32 << 20, dtype=np.float32)  # 128 MiB, touched
+        callee_baseline = rpc.rpc_sync("worker1", _rss_mib)
+        before = _rss_mib()
+        callee_growth = rpc.rpc_sync("worker1", _grown_by, args=(callee_baseline, big))
+        out = {"caller_growth": _rss_mib() - before, "callee_growth": callee_growth}
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_a_128_mib_array_is_not_copied(run_group):
+    out = run_group(_big, 2)[0]
+    # The sender writes from the array itself: no second 128 MiB on its side.
+    assert out["caller_growth"] < 32, out
+    # The receiver holds the one receive buffer the array is a view of: 128 MiB, not 256.
+    assert out["callee_growth"] < 128 + 48, out
