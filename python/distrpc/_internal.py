@@ -93,6 +93,37 @@ def _reduce_tensor(tensor: Any) -> tuple:
     return (_rebuild_tensor, args)
 
 
+def _script_function(module: str, name: str) -> Any:
+    """A ``@torch.jit.script`` function, found by name on the callee as any function is."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _rebuild_script_module(data: bytes) -> Any:
+    """A ``torch.jit.ScriptModule`` from ``torch.jit.save``'s bytes (seed internal.py's
+    ``_script_module_reducer``)."""
+    import torch
+
+    return torch.jit.load(io.BytesIO(data))
+
+
+def _reduce_torch(obj: Any, torch: Any) -> Any:
+    """How torch's objects travel: tensors out of band, script functions by name, script
+    modules through ``torch.jit.save``/``load``; ``NotImplemented`` for anything else."""
+    if isinstance(obj, torch.Tensor):
+        return _reduce_tensor(obj)
+    if isinstance(obj, torch.jit.ScriptFunction):
+        # qualified_name is "__torch__.<module>.<name>" ("__torch__.<name>" for __main__).
+        module = ".".join(obj.qualified_name.split(".")[1:-1]) or "__main__"
+        return (_script_function, (module, obj.name))
+    if isinstance(obj, torch.jit.ScriptModule):
+        data = io.BytesIO()
+        torch.jit.save(obj, data)
+        return (_rebuild_script_module, (data.getvalue(),))
+    return NotImplemented
+
+
 _decoding = threading.local()
 
 
@@ -119,8 +150,10 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor):
-            return _reduce_tensor(obj)
+        if torch is not None:
+            reduced = _reduce_torch(obj, torch)
+            if reduced is not NotImplemented:
+                return reduced
         if rref_type is not None and isinstance(obj, rref_type):
             return (_rebuild_rref, (obj._handle.fork(),))
         return NotImplemented

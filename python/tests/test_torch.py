@@ -136,3 +136,38 @@ def test_calls_are_profiled_under_torchs_keys(run_group):
         "rpc_async#_operator.mul(worker0 -> worker1)",
         "rpc_sync#_operator.add(worker0 -> worker1)",
     ]
+
+
+@torch.jit.script
+def _scripted_double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _apply(module, x):
+    return module(x)
+
+
+def _torchscript(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+    import torch
+
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        torch.manual_seed(0)
+        module = torch.jit.script(torch.nn.Linear(3, 2))
+        x = torch.ones(1, 3)
+        out = {
+            "function": rpc.rpc_sync(
+                "worker1", _scripted_double, args=(torch.arange(3.0),)
+            ).tolist(),
+            "module": torch.allclose(rpc.rpc_sync("worker1", _apply, args=(module, x)), module(x)),
+        }
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_torchscript_functions_and_modules(run_group):
+    out = run_group(_torchscript, 2)[0]
+    assert out == {"function": [0.0, 2.0, 4.0], "module": True}
