@@ -188,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="a smoke test, not a measurement")
     opts = parser.parse_args(argv)
+    from ._core import DEBUG_BUILD
+
+    if DEBUG_BUILD and not opts.quick:
+        # Not a measurement of distrpc: a debug extension is about twice as slow per call.
+        print(
+            "warning: distrpc._core is a debug build; build it with `maturin develop --release`"
+            " (scripts/bench-py does) before measuring",
+            file=sys.stderr,
+        )
     calls = 100 if opts.quick else opts.calls
     impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
     every = {impl: run(impl, calls, opts.quick) for impl in impls}

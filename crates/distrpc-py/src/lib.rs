@@ -687,5 +687,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Call>()?;
     m.add_class::<Held>()?;
     m.add_class::<PyRRef>()?;
+    // Whether this extension was built without optimisation (`maturin develop` without
+    // `--release`): the benchmark says so, as its figures would be about half as good.
+    m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
     Ok(())
 }
