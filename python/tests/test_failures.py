@@ -46,21 +46,44 @@ def _peer_death(rank, world_size, init_method, results):
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
     rpc.api._barrier(["worker0", "worker1"])
     if rank == 1:
-        # No timeout: only the loss of worker0 can end this call.
+        # No timeout: only the loss of worker0 can end these calls — a waiting rpc_sync and
+        # an rpc_async future (torch's when torch is installed), its chained future too.
+        try:
+            import torch  # with torch loaded, rpc_async returns torch's future
+        except ImportError:
+            torch = None
         started = time.monotonic()
+        pending = rpc.rpc_async("worker0", time.sleep, args=(30,), timeout=0)
+        chained = pending.then(lambda fut: fut.wait())
+        out = {}
         try:
             rpc.rpc_sync("worker0", os._exit, args=(3,), timeout=0)
         except RuntimeError as e:
-            results.put((rank, (str(e), time.monotonic() - started)))
+            out["sync"] = (str(e), time.monotonic() - started)
+        for name, fut in (("async", pending), ("then", chained)):
+            try:
+                fut.wait()
+            except RuntimeError as e:
+                out[name] = (str(e), time.monotonic() - started)
+        kind = "torch" if torch and isinstance(pending, torch.futures.Future) else "distrpc"
+        results.put((rank, (kind, out)))
         rpc.shutdown(graceful=False)
     else:
         time.sleep(30)  # rank 1's call ends this process; bounded if it never comes
 
 
 def test_a_dead_peer_fails_the_calls_waiting_on_it_at_once(run_group):
-    message, took = run_group(_peer_death, 2, exit_codes={0: 3})[1]
-    assert "worker0" in message and "gone" in message, message
-    assert took < 5, f"the failure took {took:.2f} s"
+    kind, out = run_group(_peer_death, 2, exit_codes={0: 3})[1]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert kind == "distrpc"
+    else:
+        assert kind == "torch"
+    assert set(out) == {"sync", "async", "then"}, out
+    for message, took in out.values():
+        assert "worker0" in message and "gone" in message, message
+        assert took < 5, f"the failure took {took:.2f} s"
 
 
 def _gather(rank, world_size, init_method, results):
