@@ -44,10 +44,11 @@ def _percentiles(samples: list[float]) -> dict:
     return {"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)}
 
 
-def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out) -> None:
+def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out, ready) -> None:
     import torch  # both implementations move torch tensors
 
     rpc = importlib.import_module(impl)
+    ready.wait(timeout=300)  # init is timed from here: not the other process's imports
     options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}", rpc_timeout=60)
     started = time.perf_counter()
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options)
@@ -84,8 +85,11 @@ def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out) -> None
         sizes = [4 << 10, 1 << 20, 16 << 20] + ([] if quick else [128 << 20])
         for size in sizes:
             t_ = torch.ones(size // 4, dtype=torch.float32)
-            rounds = max(3, min(200, (256 << 20) // size)) if not quick else 3
-            rpc.rpc_sync("worker1", _length, args=(t_,))
+            # About 1 GiB per size (a short run is mostly the first calls' page faults and
+            # the scheduler's noise), after a few calls that warm both sides' allocators.
+            rounds = max(8, min(2000, (1 << 30) // size)) if not quick else 3
+            for _ in range(3):
+                rpc.rpc_sync("worker1", _length, args=(t_,))
             t = time.perf_counter()
             for _ in range(rounds):
                 rpc.rpc_sync("worker1", _length, args=(t_,))
@@ -100,11 +104,12 @@ def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out) -> None
     out.put(lines)
 
 
-def _scale(rank: int, impl: str, store: str, world: int, out) -> None:
+def _scale(rank: int, impl: str, store: str, world: int, out, ready) -> None:
     """One of ``world`` processes: how long its ``init_rpc`` and ``shutdown`` take (after
     the imports)."""
     rpc = importlib.import_module(impl)
     options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}", rpc_timeout=120)
+    ready.wait(timeout=300)  # every rank has imported: init is timed from here
     started = time.perf_counter()
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options)
     init_ms = (time.perf_counter() - started) * 1e3
@@ -133,7 +138,10 @@ def scale(impl: str, world: int) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
-    procs = [ctx.Process(target=_scale, args=(r, module, store, world, out)) for r in range(world)]
+    ready = ctx.Barrier(world)
+    procs = [
+        ctx.Process(target=_scale, args=(r, module, store, world, out, ready)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     times = [out.get(timeout=600) for _ in procs]
@@ -167,7 +175,10 @@ def run(impl: str, calls: int, quick: bool) -> list[dict]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
-    procs = [ctx.Process(target=_run, args=(r, module, store, calls, quick, out)) for r in (0, 1)]
+    ready = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_run, args=(r, module, store, calls, quick, out, ready)) for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=600) for _ in procs]
