@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Generic, TypeVar
 
@@ -21,6 +22,17 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 __all__ = ["Future", "collect_all", "wait_all"]
+
+_log = logging.getLogger(__name__)
+
+
+def _run_callback(callback: Callable[[Any], None], fut: Any) -> None:
+    # As torch does: a callback's exception is logged, and the other callbacks (and whoever
+    # completed the future — an RPC thread, perhaps) go on.
+    try:
+        callback(fut)
+    except Exception as e:  # noqa: BLE001 - logged, like torch's pybind wrapper
+        _log.error("Got the following error when running the callback: %r", e, exc_info=e)
 
 
 class Future(Generic[T]):
@@ -67,12 +79,13 @@ class Future(Generic[T]):
         return nxt
 
     def add_done_callback(self, callback: Callable[[Future[T]], None]) -> None:
-        """Calls ``callback(self)`` once this future completes."""
+        """Calls ``callback(self)`` once this future completes. An exception it raises is
+        logged (as torch does), not raised: to see it, use :meth:`then`."""
         with self._done:
             if not self._completed:
                 self._callbacks.append(callback)
                 return
-        callback(self)
+        _run_callback(callback, self)
 
     def set_result(self, result: T) -> None:
         """Completes the future with ``result``."""
@@ -90,7 +103,7 @@ class Future(Generic[T]):
             callbacks, self._callbacks = self._callbacks, []
             self._done.notify_all()
         for callback in callbacks:
-            callback(self)
+            _run_callback(callback, self)
 
 
 def collect_all(futures: list[Future]) -> Future[list[Future]]:

@@ -27,6 +27,22 @@ def test_futures_without_rpc():
         f.set_result(1)
 
 
+def test_a_raising_callback_is_logged_and_the_others_run(caplog):
+    """As torch.futures does: neither set_result nor a late add_done_callback raises."""
+    from distrpc.futures import Future
+
+    f: Future = Future()
+    seen = []
+    f.add_done_callback(lambda fut: 1 / 0)
+    f.add_done_callback(lambda fut: seen.append(fut.value()))
+    f.set_result(5)
+    f.add_done_callback(lambda fut: [][1])
+    assert seen == [5]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, errors
+    assert "ZeroDivisionError" in errors[0] and "IndexError" in errors[1], errors
+
+
 @async_execution
 def async_add(to, x, y):
     import distrpc.rpc as rpc
@@ -49,6 +65,9 @@ def _futures(rank, world_size, init_method, results):
         chained = futs[3].then(lambda f: f.value() * 10)
         callbacks = []
         futs[0].add_done_callback(lambda f: callbacks.append(f.value()))
+        # A raising callback runs on the thread that completes rpc_async futures: it is
+        # logged, and that thread goes on completing the later ones (these, below).
+        futs[1].add_done_callback(lambda f: 1 / 0)
         failing = rpc.rpc_async("worker1", operator.truediv, args=(1, 0))
         try:
             failing.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 import pickle
 import sys
@@ -50,6 +51,8 @@ from .constants import DEFAULT_INIT_METHOD as _DEFAULT_INIT_METHOD
 from .constants import DEFAULT_NUM_WORKER_THREADS as _DEFAULT_NUM_WORKER_THREADS
 from .constants import DEFAULT_RPC_TIMEOUT_SEC as _DEFAULT_RPC_TIMEOUT_SEC
 from .constants import UNSET_RPC_TIMEOUT as _UNSET_RPC_TIMEOUT
+
+_log = logging.getLogger(__name__)
 
 
 def is_available() -> bool:
@@ -116,7 +119,11 @@ class _State:
             if item is None:
                 continue
             call, _function, payload, buffers, caller, this, keep = item
-            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
+            try:
+                _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
+            except Exception:  # noqa: BLE001 - the thread must go on serving
+                # The answer itself failed; the call, dropped unanswered, fails on its caller.
+                _log.exception("a call on %s could not be answered", self.me.name)
 
     def _answer(self, call: Any, keep: bool) -> Callable[[Any], None]:
         """How the result of ``call`` goes back: pickled, or kept behind a reference."""
@@ -139,15 +146,23 @@ class _State:
             token, error, payload, buffers = item
             with self.pending_lock:
                 fut, sender = self.pending.pop(token)
-            if error is not None:
-                fut.set_exception(RuntimeError(error))
-                continue
             try:
-                value = _internal._handle_exception(_internal.deserialize(payload, buffers, sender))
-            except Exception as e:  # the remote exception, as the result
-                fut.set_exception(e)
-                continue
-            fut.set_result(value)
+                self._settle(fut, sender, error, payload, buffers)
+            except Exception:  # noqa: BLE001 - the thread must go on completing the others
+                # e.g. the program completed the future itself first.
+                _log.exception("an rpc_async future could not be completed")
+
+    @staticmethod
+    def _settle(fut: Any, sender: int, error: Any, payload: bytes, buffers: list) -> None:
+        if error is not None:
+            fut.set_exception(RuntimeError(error))
+            return
+        try:
+            value = _internal._handle_exception(_internal.deserialize(payload, buffers, sender))
+        except Exception as e:  # the remote exception, as the result
+            fut.set_exception(e)
+            return
+        fut.set_result(value)
 
     def stop(self) -> None:
         self.stopping.set()
