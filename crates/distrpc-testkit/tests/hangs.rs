@@ -245,33 +245,43 @@ fn a_burst_of_slow_calls_starts_at_once() {
 enum Hold {
     /// Returns at once (to warm the function up: quick runs).
     Not,
-    /// Sleeps on a `std::sync::Mutex` the test holds.
+    /// Blocks on a `std::sync::Mutex` the test holds.
     Mutex,
-    /// Sleeps 100 ms at a time until released.
-    Sleep,
+    /// Blocks on a `std::sync::Condvar` until released.
+    Wait,
     /// Computes until released.
     Compute,
 }
 
 static HOG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-static HOG_RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether the hogs are let go (and its condvar, which wakes the waiting ones).
+static HOG_RELEASED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+static HOG_WAKE: std::sync::Condvar = std::sync::Condvar::new();
+
+fn hogs_released() -> bool {
+    *HOG_RELEASED.lock().unwrap()
+}
+
+fn release_hogs(released: bool) {
+    *HOG_RELEASED.lock().unwrap() = released;
+    HOG_WAKE.notify_all();
+}
 
 /// A sync function that is quick until it is not: it blocks in ways distrpc cannot see.
 #[distrpc::function]
 fn hog(hold: Hold) -> Hold {
-    use std::sync::atomic::Ordering::Acquire;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let bound = Duration::from_secs(30);
     match hold {
         Hold::Not => {}
         Hold::Mutex => drop(HOG_LOCK.lock()),
-        Hold::Sleep => {
-            while !HOG_RELEASED.load(Acquire) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        Hold::Wait => {
+            let released = HOG_RELEASED.lock().unwrap();
+            drop(HOG_WAKE.wait_timeout_while(released, bound, |r| !*r));
         }
         Hold::Compute => {
+            let deadline = std::time::Instant::now() + bound;
             let mut x = 1u64;
-            while !HOG_RELEASED.load(Acquire) && std::time::Instant::now() < deadline {
+            while !hogs_released() && std::time::Instant::now() < deadline {
                 for i in 0..10_000u64 {
                     x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
                 }
@@ -281,7 +291,7 @@ fn hog(hold: Hold) -> Hold {
     hold
 }
 
-/// While a sync function blocks — on a contended mutex, in sleeps, computing — other calls on
+/// While a sync function blocks — on a contended mutex, on a condvar, computing — other calls on
 /// the same connection are answered and timeouts fire. Regression: a function that had been
 /// quick ran on the connection's reader, and blocking there in a way distrpc cannot see held
 /// every other reply behind it. Sync functions now run on the pool unless marked `inline`.
@@ -289,7 +299,7 @@ fn hog(hold: Hold) -> Hold {
 fn a_blocking_sync_function_holds_up_no_other_call() {
     let rpcs = echo_group();
     let echo: distrpc::Function<(i64,), i64> = distrpc::Function::named("echo");
-    for hold in [Hold::Mutex, Hold::Sleep, Hold::Compute] {
+    for hold in [Hold::Mutex, Hold::Wait, Hold::Compute] {
         // Quick runs first: under the old scheme these made it trusted to run on the reader.
         for _ in 0..64 {
             assert_eq!(
@@ -297,7 +307,7 @@ fn a_blocking_sync_function_holds_up_no_other_call() {
                 Hold::Not
             );
         }
-        HOG_RELEASED.store(false, std::sync::atomic::Ordering::Release);
+        release_hogs(false);
         let guard = HOG_LOCK.lock().unwrap();
         let hogging = rpcs[0].rpc_async("worker1", hog, (hold,));
         for i in 0..5 {
@@ -305,11 +315,11 @@ fn a_blocking_sync_function_holds_up_no_other_call() {
             assert_eq!(r.unwrap(), i, "a call behind {hold:?} was held up");
         }
         let short = Duration::from_millis(50);
-        let r = rpcs[0].rpc_sync_timeout("worker1", hog, (Hold::Sleep,), short);
+        let r = rpcs[0].rpc_sync_timeout("worker1", hog, (Hold::Wait,), short);
         assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
         assert!(!hogging.is_done(), "the hog returned before it was let go");
         drop(guard);
-        HOG_RELEASED.store(true, std::sync::atomic::Ordering::Release);
+        release_hogs(true);
         assert_eq!(hogging.wait().unwrap(), hold);
     }
     shutdown_all(rpcs).unwrap();
