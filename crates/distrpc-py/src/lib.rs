@@ -135,14 +135,29 @@ impl Agent {
     }
 }
 
-/// A call of a pickled Python function.
-fn pickled(function: String, payload: Vec<u8>, tensors: Vec<Tensor>) -> RawCall {
-    RawCall {
+/// A call of a pickled Python function (its out-of-band `buffers` lent, not copied) and its
+/// timeout in seconds, as every calling method takes them from Python.
+fn pickled(
+    function: String,
+    payload: Vec<u8>,
+    buffers: Vec<Loan>,
+    timeout: Option<f64>,
+) -> PyResult<(RawCall, Option<Duration>)> {
+    let call = RawCall {
         codec: Codec::Pickle,
         function,
         payload,
-        tensors,
-    }
+        tensors: lent(buffers)?,
+    };
+    Ok((call, seconds(timeout)?))
+}
+
+/// A pickled result for Python: its bytes, and its tensors viewed where they were received.
+fn unpickled(py: Python<'_>, reply: RawReply) -> PyResult<Pickled> {
+    Ok((
+        PyBytes::new(py, &reply.payload).unbind(),
+        held(py, reply.tensors)?,
+    ))
 }
 
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
@@ -293,8 +308,7 @@ impl Agent {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         let mut fut = self.rpc.rpc_sync_raw_future(to, call, timeout);
         // Waits in slices, looking for signals in between: Ctrl-C interrupts the wait (the
         // call itself goes on; its late reply is dropped).
@@ -307,10 +321,7 @@ impl Agent {
                 }
             }
         };
-        Ok((
-            PyBytes::new(py, &reply.payload).unbind(),
-            held(py, reply.tensors)?,
-        ))
+        unpickled(py, reply)
     }
 
     /// [`Agent::rpc_sync`] without waiting: returns a token, and the result comes out of
@@ -324,8 +335,7 @@ impl Agent {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<u64> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(self.complete_later(self.rpc.rpc_async_raw(to, call, timeout)))
     }
 
@@ -339,8 +349,8 @@ impl Agent {
         };
         Ok(Some(match result {
             Ok(reply) => {
-                let payload = PyBytes::new(py, &reply.payload).unbind();
-                (token, None, Some(payload), held(py, reply.tensors)?)
+                let (payload, buffers) = unpickled(py, reply)?;
+                (token, None, Some(payload), buffers)
             }
             Err(e) => (token, Some(e.to_string()), None, Vec::new()),
         }))
@@ -357,8 +367,7 @@ impl Agent {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<PyRRef> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(PyRRef {
             rref: self.rpc.remote_raw(to, call, timeout),
         })
@@ -387,8 +396,7 @@ impl Agent {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<u64> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(self.complete_later(rref.rref.rpc_async_raw(call, timeout)))
     }
 
@@ -572,10 +580,7 @@ impl PyRRef {
         let reply = py
             .detach(|| self.rref.to_here_raw(timeout))
             .map_err(error)?;
-        Ok((
-            PyBytes::new(py, &reply.payload).unbind(),
-            held(py, reply.tensors)?,
-        ))
+        unpickled(py, reply)
     }
 
     /// The object itself, on its owner.
@@ -594,15 +599,11 @@ impl PyRRef {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         let reply = py
             .detach(|| self.rref.rpc_sync_raw(call, timeout))
             .map_err(error)?;
-        Ok((
-            PyBytes::new(py, &reply.payload).unbind(),
-            held(py, reply.tensors)?,
-        ))
+        unpickled(py, reply)
     }
 
     /// Runs the pickled call on the owner with the object as its subject, keeping the result
@@ -615,8 +616,7 @@ impl PyRRef {
         buffers: Vec<Loan>,
         timeout: Option<f64>,
     ) -> PyResult<PyRRef> {
-        let timeout = seconds(timeout)?;
-        let call = pickled(function, payload, lent(buffers)?);
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(PyRRef {
             rref: self.rref.remote_raw(call, timeout),
         })

@@ -110,6 +110,15 @@ pub struct RawReply {
     pub tensors: Vec<Tensor>,
 }
 
+impl From<Frame> for RawReply {
+    fn from(frame: Frame) -> Self {
+        RawReply {
+            payload: frame.payload,
+            tensors: frame.tensors,
+        }
+    }
+}
+
 /// The calling side of one worker.
 pub(crate) struct Client {
     pub(crate) transport: Arc<Transport>,
@@ -454,12 +463,7 @@ impl Client {
         };
         let claim = self.call(
             out,
-            Box::new(move |result| {
-                done.complete(result.map(|frame| RawReply {
-                    payload: frame.payload,
-                    tensors: frame.tensors,
-                }))
-            }),
+            Box::new(move |result| done.complete(result.map(RawReply::from))),
         );
         fut.with_claim(claim)
     }

@@ -14,7 +14,7 @@ use crate::call::{Delivery, Outgoing, RawReply, RpcFuture};
 use crate::error::Error;
 use crate::server::FLAG_METHOD;
 use crate::server::value::Value;
-use distrpc_wire::{Codec, Tensor};
+use distrpc_wire::{Codec, Frame, Tensor};
 
 /// `remote()`: runs `function` (a method of `target`, if given) on `to` and keeps the result
 /// there behind a new reference.
@@ -179,28 +179,13 @@ pub(crate) fn fetch<T: DeserializeOwned + Send + 'static>(
     timeout: Duration,
     delivery: Delivery,
 ) -> RpcFuture<T> {
-    // On the owner too the fetch is a call (to self): it gets the call's deadline.
-    let (fut, done) = RpcFuture::pending();
-    let mut payload = Vec::with_capacity(12);
-    put_id(&mut payload, id.0);
     let s = service.clone();
-    let out = Outgoing {
-        timeout: Some(timeout),
-        delivery,
-        ..Outgoing::new(owner, distrpc_wire::Kind::RRefFetch, "to_here", payload)
-    };
-    let claim = service.client.call(
-        out,
-        Box::new(move |result| {
-            done.complete(result.and_then(|frame| {
-                s.decoding(owner, || {
-                    crate::codec::decode::<T>(&frame.payload, frame.tensors)
-                })
-                .map_err(|e| decode_error(s.name_of(owner), e))
-            }));
-        }),
-    );
-    fut.with_claim(claim)
+    fetch_with(service, owner, id, timeout, delivery, move |frame| {
+        s.decoding(owner, || {
+            crate::codec::decode::<T>(&frame.payload, frame.tensors)
+        })
+        .map_err(|e| decode_error(s.name_of(owner), e))
+    })
 }
 
 /// `to_here()` of the encoded value, as the owner encodes it (a front's pickle, say).
@@ -211,6 +196,21 @@ pub(crate) fn fetch_raw(
     timeout: Duration,
     delivery: Delivery,
 ) -> RpcFuture<RawReply> {
+    fetch_with(service, owner, id, timeout, delivery, |frame| {
+        Ok(RawReply::from(frame))
+    })
+}
+
+/// The fetch of `id`'s value from `owner`, its reply read by `read`.
+fn fetch_with<T: Send + 'static>(
+    service: &Arc<RRefService>,
+    owner: u32,
+    id: RRefId,
+    timeout: Duration,
+    delivery: Delivery,
+    read: impl FnOnce(Frame) -> Result<T, Error> + Send + 'static,
+) -> RpcFuture<T> {
+    // On the owner too the fetch is a call (to self): it gets the call's deadline.
     let (fut, done) = RpcFuture::pending();
     let mut payload = Vec::with_capacity(12);
     put_id(&mut payload, id.0);
@@ -221,12 +221,7 @@ pub(crate) fn fetch_raw(
     };
     let claim = service.client.call(
         out,
-        Box::new(move |result| {
-            done.complete(result.map(|frame| RawReply {
-                payload: frame.payload,
-                tensors: frame.tensors,
-            }));
-        }),
+        Box::new(move |result| done.complete(result.and_then(read))),
     );
     fut.with_claim(claim)
 }
