@@ -4,6 +4,7 @@ views of the 64-byte aligned receive buffer."""
 from __future__ import annotations
 
 import numpy as np
+from _workers import join
 
 
 def _describe(arrays):
@@ -32,8 +33,7 @@ def _double(a):
 def _arrays(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         arrays = [
@@ -86,8 +86,7 @@ def _grown_by(baseline: float, a) -> float:
 def _big(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=60)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=60)
     out = None
     if rank == 0:
         big = np.ones(32 << 20, dtype=np.float32)  # 128 MiB, touched

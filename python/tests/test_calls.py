@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import operator
 
-
-def _options(init_method):
-    import distrpc.rpc as rpc
-
-    return rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
+from _workers import join
 
 
 def _greet(name, punctuation="!"):
@@ -18,12 +14,7 @@ def _greet(name, punctuation="!"):
 def _calls(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    rpc.init_rpc(
-        f"worker{rank}",
-        rank=rank,
-        world_size=world_size,
-        rpc_backend_options=_options(init_method),
-    )
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     try:
         if rank == 0:
@@ -75,12 +66,7 @@ def _mistakes(rank, world_size, init_method, results):
 
     import distrpc.rpc as rpc
 
-    rpc.init_rpc(
-        f"worker{rank}",
-        rank=rank,
-        world_size=world_size,
-        rpc_backend_options=_options(init_method),
-    )
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         out = {}

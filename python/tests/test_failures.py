@@ -6,19 +6,13 @@ import os
 import time
 
 import pytest
-
-
-def _options(init_method, **kw):
-    import distrpc.rpc as rpc
-
-    return rpc.TensorPipeRpcBackendOptions(init_method=init_method, **kw)
+from _workers import join
 
 
 def _timeouts(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = _options(init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = {}
     if rank == 0:
         started = time.monotonic()
@@ -42,8 +36,7 @@ def test_a_call_that_outlives_its_timeout_raises(run_group):
 def _peer_death(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = _options(init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     rpc.api._barrier(["worker0", "worker1"])
     if rank == 1:
         # No timeout: only the loss of worker0 can end these calls — a waiting rpc_sync and
@@ -89,12 +82,7 @@ def test_a_dead_peer_fails_the_calls_waiting_on_it_at_once(run_group):
 def _gather(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    rpc.init_rpc(
-        f"worker{rank}",
-        rank=rank,
-        world_size=world_size,
-        rpc_backend_options=_options(init_method),
-    )
+    join(rpc, rank, world_size, init_method)
     gathered = rpc.api._all_gather({"rank": rank})
     some = None
     if rank != 1:
@@ -125,12 +113,7 @@ def _interrupted(rank, world_size, init_method, results):
 
     import distrpc.rpc as rpc
 
-    rpc.init_rpc(
-        f"worker{rank}",
-        rank=rank,
-        world_size=world_size,
-        rpc_backend_options=_options(init_method, rpc_timeout=20),
-    )
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         sent = []

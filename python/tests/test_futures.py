@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 
 import pytest
+from _workers import join
 from distrpc.rpc.functions import async_execution
 
 
@@ -55,10 +56,7 @@ def _futures(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
     from distrpc.futures import wait_all
 
-    options = rpc.TensorPipeRpcBackendOptions(
-        init_method=init_method, rpc_timeout=20, num_worker_threads=1
-    )
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20, num_worker_threads=1)
     out = None
     if rank == 0:
         futs = [rpc.rpc_async("worker1", operator.pow, args=(2, i)) for i in range(8)]

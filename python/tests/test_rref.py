@@ -6,7 +6,8 @@ from __future__ import annotations
 import collections
 import gc
 import pickle
-import time
+
+from _workers import join, wait_until
 
 
 def _owned_values():
@@ -18,8 +19,7 @@ def _owned_values():
 def _rrefs(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         counter = rpc.remote("worker1", collections.Counter, args=("hello",))
@@ -51,9 +51,8 @@ def _rrefs(rank, world_size, init_method, results):
         }
         del counter, copy, local, failed, most
         gc.collect()
-        deadline = time.monotonic() + 10
-        while rpc.rpc_sync("worker1", _owned_values) and time.monotonic() < deadline:
-            time.sleep(0.01)  # the owner frees values as the deletes arrive
+        # The owner frees values as the deletes arrive (it tells nobody).
+        wait_until(lambda: rpc.rpc_sync("worker1", _owned_values) == 0)
         out["freed"] = rpc.rpc_sync("worker1", _owned_values)
     rpc.shutdown()
     results.put((rank, out))
@@ -82,8 +81,7 @@ def _total_via(rref):
 def _forks(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         counter = rpc.remote("worker1", collections.Counter, args=("hello",))
@@ -95,9 +93,8 @@ def _forks(rank, world_size, init_method, results):
         }
         del counter, made
         gc.collect()
-        deadline = time.monotonic() + 10
-        while rpc.rpc_sync("worker1", _owned_values) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # The owner frees values as the deletes arrive (it tells nobody).
+        wait_until(lambda: rpc.rpc_sync("worker1", _owned_values) == 0)
         out["freed"] = rpc.rpc_sync("worker1", _owned_values)
     rpc.shutdown()
     results.put((rank, out))

@@ -7,6 +7,7 @@ import importlib
 import operator
 
 import pytest
+from _workers import join
 
 torch = pytest.importorskip("torch")
 
@@ -23,8 +24,7 @@ def _tensors(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
     import torch
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         samples = [
@@ -68,8 +68,7 @@ def _program(rank, world_size, init_method, results, impl):
     import torch
 
     rpc = importlib.import_module(impl)
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         futs = [rpc.rpc_async("worker1", operator.mul, args=(i, i)) for i in range(4)]
@@ -108,8 +107,7 @@ def _profiled(rank, world_size, init_method, results, impl):
     import torch
 
     rpc = importlib.import_module(impl)
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         with torch.autograd.profiler.profile() as prof:
@@ -151,8 +149,7 @@ def _torchscript(rank, world_size, init_method, results):
     import distrpc.rpc as rpc
     import torch
 
-    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=20)
-    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=options)
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
         torch.manual_seed(0)
