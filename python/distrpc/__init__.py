@@ -7,6 +7,12 @@ Change one import and a torch RPC program runs on distrpc::
     rpc.init_rpc("worker0", rank=0, world_size=2)
     rpc.rpc_sync("worker1", operator.add, args=(2, 3))
     rpc.shutdown()
+
+Python and Rust workers call each other's functions by name: :func:`function` registers a
+Python one (see :mod:`distrpc._named`).
 """
 
+from ._named import function
+
+__all__ = ["function"]
 __version__ = "0.1.0"

@@ -278,3 +278,39 @@ def run_udf(
     except Exception as e:
         result = _failure(e, worker_info)
     answer(result)
+
+
+def typed_buffer(obj: Any) -> Any:
+    """For a call by name (MessagePack, ``distrpc._core``): a numpy array's or CPU torch
+    tensor's memory as ``(address, length, owner, dtype name, shape)``, lent without a copy
+    (a non-contiguous one is made contiguous first); a numpy scalar's Python number; ``None``
+    for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            raise RuntimeError(f"distrpc sends CPU tensors only, and this one is on {obj.device}")
+        obj = obj.detach().contiguous().numpy()  # a view of the tensor's memory
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if not isinstance(obj, np.ndarray):
+        return None
+    array = np.ascontiguousarray(obj)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return (
+        array.__array_interface__["data"][0],
+        array.nbytes,
+        array,
+        array.dtype.name,
+        array.shape,
+    )
+
+
+def array(address: int, length: int, owner: Any, dtype: str, shape: list) -> Any:
+    """A received tensor of a call by name as a numpy array over the receive buffer (no copy)."""
+    import numpy as np
+
+    return np.frombuffer(_view((address, length, owner)), dtype=dtype).reshape(shape)

@@ -8,6 +8,9 @@
 //!  peer's pickled call ─► ForeignHandler ─► queue ─► Agent.next_call (a Python worker thread)
 //!        ─► unpickle, run, pickle ─► Call.reply ─► distrpc ─► caller
 //! ```
+//!
+//! Calls by name (`rpc_sync(to, "name", args)`, `@distrpc.function(name=...)`) travel in
+//! MessagePack as Rust functions' do ([`msgpack`]), so Python and Rust workers call each other.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +23,8 @@ use distrpc::{Codec, DType, Error, RRef, RawCall, RawReply, Rpc, RpcOptions, Ten
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+
+mod msgpack;
 
 /// Memory a Python object owns (an array's buffer, taken out of band by the pickler), lent to
 /// a tensor without a copy: the tensor's bytes are written to the socket from it.
@@ -86,29 +91,33 @@ type Pickled = (Py<PyBytes>, Vec<(usize, usize, Py<Held>)>);
 /// How often a waiting `rpc_sync` looks for signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
-/// A pickled call waiting for a Python worker thread.
-type Queued = (ForeignCall, ForeignReply);
+/// A foreign call waiting for a Python worker thread, with its codec.
+type Queued = (Codec, ForeignCall, ForeignReply);
 
-/// A pickled call as a Python worker thread gets it: `(call, function, payload, buffers,
-/// caller, the referenced object for a method call, whether the result is kept)`.
+/// A call as a Python worker thread gets it: `(call, function, payload, buffers, caller, the
+/// referenced object for a method call, whether the result is kept)`. For a call by name
+/// (MessagePack), `payload` is the decoded list of arguments and `buffers` is `None`.
 type Taken = (
     Call,
     String,
-    Py<PyBytes>,
-    Vec<(usize, usize, Py<Held>)>,
+    Py<PyAny>,
+    Option<Vec<(usize, usize, Py<Held>)>>,
     u32,
     Option<Py<PyAny>>,
     bool,
 );
 
-/// The foreign handler for pickles: queues each call for the Python worker threads. `None`
+/// The foreign handler of one codec: queues each call for the Python worker threads. `None`
 /// in the queue wakes a waiting thread without a call (at shutdown).
-struct Queue(Mutex<mpsc::Sender<Option<Queued>>>);
+struct Queue {
+    tx: Mutex<mpsc::Sender<Option<Queued>>>,
+    codec: Codec,
+}
 
 impl ForeignHandler for Queue {
     fn call(&self, call: ForeignCall, reply: ForeignReply) {
         // If the Python side is gone, the call comes back with the dropped reply's error.
-        let _ = lock(&self.0).send(Some((call, reply)));
+        let _ = lock(&self.tx).send(Some((self.codec, call, reply)));
     }
 }
 
@@ -121,18 +130,50 @@ fn error(e: Error) -> PyErr {
 }
 
 impl Agent {
-    /// A token under which `fut`'s result will come out of [`Agent::next_completion`].
-    fn complete_later(&self, fut: distrpc::RpcFuture<RawReply>) -> u64 {
+    /// A token under which `fut`'s result (in `codec`) will come out of
+    /// [`Agent::next_completion`].
+    fn complete_later(&self, codec: Codec, fut: distrpc::RpcFuture<RawReply>) -> u64 {
         let token = self
             .next_token
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let done = lock(&self.done_tx).clone();
         fut.add_done_callback(move |result| {
             // The receiver goes only with the agent: nobody is left to complete.
-            let _ = done.send((token, result));
+            let _ = done.send((token, codec, result));
         });
         token
     }
+}
+
+/// Waits for `fut` with the interpreter lock released, in slices, looking for signals in
+/// between: Ctrl-C interrupts the wait (the call itself goes on; its late reply is dropped).
+fn wait(py: Python<'_>, mut fut: distrpc::RpcFuture<RawReply>) -> PyResult<RawReply> {
+    loop {
+        match py.detach(|| fut.wait_timeout(SIGNAL_SLICE)) {
+            Ok(result) => return result.map_err(error),
+            Err(pending) => {
+                fut = pending;
+                py.check_signals()?;
+            }
+        }
+    }
+}
+
+/// A call by name of a Rust function, or of a Python one registered with
+/// `@distrpc.function(name=...)`: `args` in MessagePack, arrays in the tensor table.
+fn named(
+    function: String,
+    args: &Bound<'_, PyAny>,
+    timeout: Option<f64>,
+) -> PyResult<(RawCall, Option<Duration>)> {
+    let (payload, tensors) = msgpack::encode(args)?;
+    let call = RawCall {
+        codec: Codec::MessagePack,
+        function,
+        payload,
+        tensors,
+    };
+    Ok((call, seconds(timeout)?))
 }
 
 /// A call of a pickled Python function (its out-of-band `buffers` lent, not copied) and its
@@ -169,16 +210,17 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
-/// The result of an `rpc_async`, queued for the Python thread that completes futures.
-type Completion = (u64, Result<RawReply, Error>);
+/// The result of an `rpc_async` (in its codec), queued for the Python thread that completes
+/// futures.
+type Completion = (u64, Codec, Result<RawReply, Error>);
 
-/// A completed `rpc_async` as Python gets it: `(token, None, pickle, buffers)` or
-/// `(token, error message, None, [])`.
+/// A completed `rpc_async` as Python gets it: `(token, None, pickle, buffers)`,
+/// `(token, None, value, None)` for a call by name, or `(token, error message, None, [])`.
 type Completed = (
     u64,
     Option<String>,
-    Option<Py<PyBytes>>,
-    Vec<(usize, usize, Py<Held>)>,
+    Option<Py<PyAny>>,
+    Option<Vec<(usize, usize, Py<Held>)>>,
 );
 
 /// One worker of a group, as Python sees it.
@@ -210,12 +252,17 @@ impl Agent {
         rpc_timeout: f64,
     ) -> PyResult<Agent> {
         let (tx, rx) = mpsc::channel();
+        let queue = |codec| Queue {
+            tx: Mutex::new(tx.clone()),
+            codec,
+        };
         let timeout = seconds(Some(rpc_timeout))?.unwrap_or_default();
         let options = RpcOptions::default()
             .init_method(init_method)
             .num_worker_threads(num_worker_threads)
             .rpc_timeout(timeout)
-            .foreign(Codec::Pickle, Arc::new(Queue(Mutex::new(tx.clone()))));
+            .foreign(Codec::Pickle, Arc::new(queue(Codec::Pickle)))
+            .foreign(Codec::MessagePack, Arc::new(queue(Codec::MessagePack)));
         let rpc = py
             .detach(|| Rpc::init(&name, rank, world_size, options))
             .map_err(error)?;
@@ -268,16 +315,29 @@ impl Agent {
         (*self.rpc.metrics()).clone()
     }
 
-    /// The next pickled call for this worker, waiting up to `timeout` seconds (lock released):
-    /// `(call, function, payload, caller's rank)`, or `None`.
+    /// The next call for this worker, waiting up to `timeout` seconds (lock released): see
+    /// [`Taken`]; `None` if none came (or a call by name's arguments did not decode: that
+    /// call is answered with the error).
     fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
         let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok().flatten());
-        let Some((call, reply)) = next else {
+        let Some((codec, call, reply)) = next else {
             return Ok(None);
         };
-        let payload = PyBytes::new(py, &call.payload).unbind();
-        let buffers = held(py, call.tensors)?;
+        let (payload, buffers) = match codec {
+            Codec::MessagePack => match msgpack::decode(py, &call.payload, call.tensors) {
+                Ok(args) => (args.unbind(), None),
+                Err(e) => {
+                    let message = format!("the arguments of {}: {e}", call.function);
+                    py.detach(|| reply.err(remote_error("ValueError", message)));
+                    return Ok(None);
+                }
+            },
+            _ => (
+                PyBytes::new(py, &call.payload).into_any().unbind(),
+                Some(held(py, call.tensors)?),
+            ),
+        };
         let this = match call.this {
             Some(value) => Some(PyValue::object(py, value)?),
             None => None,
@@ -309,19 +369,38 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let mut fut = self.rpc.rpc_sync_raw_future(to, call, timeout);
-        // Waits in slices, looking for signals in between: Ctrl-C interrupts the wait (the
-        // call itself goes on; its late reply is dropped).
-        let reply = loop {
-            match py.detach(|| fut.wait_timeout(SIGNAL_SLICE)) {
-                Ok(result) => break result.map_err(error)?,
-                Err(pending) => {
-                    fut = pending;
-                    py.check_signals()?;
-                }
-            }
-        };
+        let reply = wait(py, self.rpc.rpc_sync_raw_future(to, call, timeout))?;
         unpickled(py, reply)
+    }
+
+    /// Calls the function registered as `function` on `to` (a Rust function, or a Python one
+    /// registered by name) with `args` in MessagePack, and waits for its decoded result.
+    #[pyo3(signature = (to, function, args, timeout=None))]
+    fn rpc_sync_named<'py>(
+        &self,
+        py: Python<'py>,
+        to: &str,
+        function: String,
+        args: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (call, timeout) = named(function, args, timeout)?;
+        let reply = wait(py, self.rpc.rpc_sync_raw_future(to, call, timeout))?;
+        msgpack::decode(py, &reply.payload, reply.tensors)
+    }
+
+    /// [`Agent::rpc_sync_named`] without waiting: a token, as [`Agent::rpc_async`].
+    #[pyo3(signature = (to, function, args, timeout=None))]
+    fn rpc_async_named(
+        &self,
+        to: &str,
+        function: String,
+        args: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<u64> {
+        let (call, timeout) = named(function, args, timeout)?;
+        let fut = self.rpc.rpc_async_raw(to, call, timeout);
+        Ok(self.complete_later(Codec::MessagePack, fut))
     }
 
     /// [`Agent::rpc_sync`] without waiting: returns a token, and the result comes out of
@@ -336,7 +415,8 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        Ok(self.complete_later(self.rpc.rpc_async_raw(to, call, timeout)))
+        let fut = self.rpc.rpc_async_raw(to, call, timeout);
+        Ok(self.complete_later(Codec::Pickle, fut))
     }
 
     /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
@@ -344,15 +424,21 @@ impl Agent {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
         let next = py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok());
         // Token 0 is a wake-up ([`Agent::wake`]), not a call.
-        let Some((token @ 1.., result)) = next else {
+        let Some((token @ 1.., codec, result)) = next else {
             return Ok(None);
         };
-        Ok(Some(match result {
-            Ok(reply) => {
-                let (payload, buffers) = unpickled(py, reply)?;
-                (token, None, Some(payload), buffers)
+        Ok(Some(match (result, codec) {
+            (Ok(reply), Codec::MessagePack) => {
+                match msgpack::decode(py, &reply.payload, reply.tensors) {
+                    Ok(value) => (token, None, Some(value.unbind()), None),
+                    Err(e) => (token, Some(e.to_string()), None, None),
+                }
             }
-            Err(e) => (token, Some(e.to_string()), None, Vec::new()),
+            (Ok(reply), _) => {
+                let (payload, buffers) = unpickled(py, reply)?;
+                (token, None, Some(payload.into_any()), Some(buffers))
+            }
+            (Err(e), _) => (token, Some(e.to_string()), None, None),
         }))
     }
 
@@ -397,7 +483,7 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        Ok(self.complete_later(rref.rref.rpc_async_raw(call, timeout)))
+        Ok(self.complete_later(Codec::Pickle, rref.rref.rpc_async_raw(call, timeout)))
     }
 
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
@@ -410,7 +496,7 @@ impl Agent {
         let stopped = Err(Error::ShutDown {
             worker: self.rpc.name().to_string(),
         });
-        let _ = lock(&self.done_tx).send((0, stopped));
+        let _ = lock(&self.done_tx).send((0, Codec::Pickle, stopped));
     }
 
     /// Gathers `payload` (a pickled object) from every worker in `names` (all if `None`):
@@ -480,10 +566,17 @@ impl Call {
     /// Sends the pickled result and its out-of-band buffers (an exception is pickled too:
     /// see `distrpc._internal`).
     fn reply(&self, py: Python<'_>, payload: Vec<u8>, buffers: Vec<Loan>) -> PyResult<()> {
-        let reply = lock(&self.reply)
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this call was answered already"))?;
+        let reply = self.take()?;
         let tensors = lent(buffers)?;
+        py.detach(|| reply.ok(payload, tensors));
+        Ok(())
+    }
+
+    /// Sends `result` of a call by name, in MessagePack (a `TypeError` if it has something
+    /// MessagePack cannot carry; the call is still unanswered then).
+    fn reply_named(&self, py: Python<'_>, result: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (payload, tensors) = msgpack::encode(result)?;
+        let reply = self.take()?;
         py.detach(|| reply.ok(payload, tensors));
         Ok(())
     }
@@ -499,15 +592,20 @@ impl Call {
     /// reference's creation fails with it).
     fn fail(&self, py: Python<'_>, type_name: String, message: String) -> PyResult<()> {
         let reply = self.take()?;
-        let error = distrpc::RemoteError {
-            worker: String::new(),
-            function: String::new(),
-            type_name,
-            message,
-            backtrace: None,
-        };
-        py.detach(|| reply.err(error));
+        py.detach(|| reply.err(remote_error(&type_name, message)));
         Ok(())
+    }
+}
+
+/// An exception raised by a Python function, for its caller (the worker and function are
+/// filled in by distrpc).
+fn remote_error(type_name: &str, message: String) -> distrpc::RemoteError {
+    distrpc::RemoteError {
+        worker: String::new(),
+        function: String::new(),
+        type_name: type_name.to_string(),
+        message,
+        backtrace: None,
     }
 }
 
@@ -679,10 +777,32 @@ fn launch(
     }
 }
 
+/// `obj` in MessagePack as a call by name sends it (arrays excepted: they travel beside a
+/// call, not inside bytes).
+#[pyfunction]
+fn msgpack_dumps<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let (payload, tensors) = msgpack::encode(obj)?;
+    if !tensors.is_empty() {
+        return Err(PyValueError::new_err(
+            "arrays travel beside a call, not inside MessagePack bytes",
+        ));
+    }
+    Ok(PyBytes::new(py, &payload))
+}
+
+/// The object MessagePack `data` encodes, decoded as a call by name's arguments are (bounded:
+/// malformed data is a `ValueError`).
+#[pyfunction]
+fn msgpack_loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    msgpack::decode(py, data, Vec::new())
+}
+
 /// The Rust side of `distrpc`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(launch, m)?)?;
+    m.add_function(wrap_pyfunction!(msgpack_dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(msgpack_loads, m)?)?;
     m.add_class::<Agent>()?;
     m.add_class::<Call>()?;
     m.add_class::<Held>()?;

@@ -209,3 +209,54 @@ fn references_to_a_fronts_values() {
     assert!(distrpc_testkit::wait_until(Duration::from_secs(10), freed));
     shutdown_all(rpcs).unwrap();
 }
+
+/// Stands in for a front's functions called by name with MessagePack: `front.mul` multiplies
+/// its two arguments; any other name is unknown to it.
+struct NamedFront;
+
+impl ForeignHandler for NamedFront {
+    fn call(&self, call: ForeignCall, reply: ForeignReply) {
+        match call.function.as_str() {
+            "front.mul" => {
+                let (a, b): (i64, i64) = rmp_serde::from_slice(&call.payload).unwrap();
+                reply.ok(rmp_serde::to_vec(&(a * b)).unwrap(), vec![]);
+            }
+            _ => reply.err(RemoteError {
+                worker: String::new(),
+                function: String::new(),
+                type_name: "LookupError".into(),
+                message: "no such function".into(),
+                backtrace: None,
+            }),
+        }
+    }
+}
+
+/// Rust calls a front's function through a typed handle; names Rust registered still run in
+/// Rust on a worker whose front takes MessagePack calls.
+#[test]
+fn rust_calls_a_fronts_function_by_name() {
+    let rpcs = in_process(2, |rank| {
+        let options = RpcOptions::default().rpc_timeout(Duration::from_secs(10));
+        match rank {
+            1 => options.foreign(Codec::MessagePack, Arc::new(NamedFront)),
+            _ => options,
+        }
+    })
+    .unwrap();
+    let mul = distrpc::Function::<(i64, i64), i64>::named("front.mul");
+    assert_eq!(rpcs[0].rpc_sync("worker1", &mul, (6, 7)).unwrap(), 42);
+    assert_eq!(rpcs[0].rpc_sync("worker1", add, (6, 7)).unwrap(), 13);
+    let missing = distrpc::Function::<(i64,), i64>::named("front.missing");
+    let e = rpcs[0].rpc_sync("worker1", &missing, (1,)).unwrap_err();
+    // The worker and function the front left empty are filled in.
+    assert!(
+        matches!(&e, Error::Remote(r) if r.type_name == "LookupError"
+            && r.worker == "worker1" && r.function == "front.missing"),
+        "{e:?}"
+    );
+    // Without a MessagePack front, an unknown name is the usual error naming it.
+    let e = rpcs[1].rpc_sync("worker0", &mul, (6, 7)).unwrap_err();
+    assert!(e.to_string().contains("front.mul"), "{e}");
+    shutdown_all(rpcs).unwrap();
+}

@@ -84,6 +84,7 @@ pub(crate) use distrpc_wire::{codec, tensor};
 
 pub use call::{RawCall, RawReply, RpcFuture, wait_all};
 pub use distrpc_macros::function;
+pub use distrpc_wire::codec::TENSOR_EXT;
 pub use distrpc_wire::ops;
 pub use distrpc_wire::{Codec, DType, Element, Tensor, TensorError};
 pub use error::{Error, RemoteError};

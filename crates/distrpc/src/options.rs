@@ -189,6 +189,10 @@ impl RpcOptions {
     /// Hands every call encoded in `codec` (a Python pickle) to `handler`: how a front (the
     /// Python binding) runs calls Rust cannot read. A worker without a handler for a codec
     /// answers such calls with [`Error::UnsupportedCodec`](crate::Error::UnsupportedCodec).
+    ///
+    /// A handler for [`Codec::MessagePack`] gets the MessagePack calls whose function is not
+    /// registered in Rust: the front's own functions by name, which Rust calls through a
+    /// [`Function::named`](crate::Function::named) handle like any other.
     pub fn foreign(mut self, codec: Codec, handler: Arc<dyn ForeignHandler>) -> Self {
         self.foreign.retain(|(c, _)| *c != codec);
         self.foreign.push((codec, handler));

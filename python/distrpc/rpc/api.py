@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from .. import _internal
+from .. import _internal, _named
 from ..futures import Future
 from . import _state
 from .rref import RRef
@@ -118,8 +118,11 @@ class _State:
             item = self.agent.next_call(0.05)
             if item is None:
                 continue
-            call, _function, payload, buffers, caller, this, keep = item
+            call, function, payload, buffers, caller, this, keep = item
             try:
+                if buffers is None:  # a call by name: `payload` is its decoded arguments
+                    _named.run(call, function, payload, self.me)
+                    continue
                 _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
             except Exception:  # noqa: BLE001 - the thread must go on serving
                 # The answer itself failed; the call, dropped unanswered, fails on its caller.
@@ -156,6 +159,9 @@ class _State:
     def _settle(fut: Any, sender: int, error: Any, payload: bytes, buffers: list) -> None:
         if error is not None:
             fut.set_exception(RuntimeError(error))
+            return
+        if buffers is None:  # a call by name: `payload` is its decoded result
+            fut.set_result(payload)
             return
         try:
             value = _internal._handle_exception(_internal.deserialize(payload, buffers, sender))
@@ -249,22 +255,39 @@ def _profiled(exec_type: str, func_name: str, me: str, dst: str) -> Iterator[Non
         yield
 
 
-def _qualname(func: Callable[..., Any]) -> str:
+def _qualname(func: Callable[..., Any] | str) -> str:
+    if isinstance(func, str):
+        return func
     module = getattr(func, "__module__", None) or "?"
     return f"{module}.{getattr(func, '__qualname__', repr(func))}"
 
 
+def _named_args(func: str, args: tuple | None, kwargs: dict | None) -> list:
+    """The arguments of a call by name: positional only, as Rust functions take them."""
+    if kwargs:
+        raise TypeError(f"a call by name ({func!r}) takes positional arguments only")
+    return list(args or ())
+
+
 def rpc_sync(
     to: str | int | WorkerInfo,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     args: tuple | None = None,
     kwargs: dict | None = None,
     timeout: float = _UNSET_RPC_TIMEOUT,
 ) -> Any:
     """Runs ``func(*args, **kwargs)`` on ``to`` and returns its result; an exception there is
-    raised here as its own type."""
+    raised here as its own type.
+
+    ``func`` may also be a name: the function registered under it on ``to`` — a Rust
+    ``#[distrpc::function]`` or a Python ``@distrpc.function(name=...)`` — called with
+    ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
     state = _require()
     name, dst = _qualname(func), _to_name(to)
+    if isinstance(func, str):
+        with _profiled("sync", name, state.me.name, dst):
+            args = _named_args(func, args, kwargs)
+            return state.agent.rpc_sync_named(dst, func, args, _timeout(timeout))
     with _profiled("sync", name, state.me.name, dst):
         payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
         reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
@@ -273,24 +296,37 @@ def rpc_sync(
 
 def rpc_async(
     to: str | int | WorkerInfo,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     args: tuple | None = None,
     kwargs: dict | None = None,
     timeout: float = _UNSET_RPC_TIMEOUT,
 ) -> Future:
     """Like :func:`rpc_sync`, without waiting: returns a future — ``torch.futures.Future`` when
-    the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API)."""
+    the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API). ``func``
+    may be a name, as for :func:`rpc_sync`."""
     state = _require()
     name, dst = _qualname(func), _to_name(to)
     torch = sys.modules.get("torch")
     # torch's own future when the program uses torch (torch.futures.wait_all, then, ...).
     fut: Any = torch.futures.Future() if torch is not None else Future()
     with _profiled("async", name, state.me.name, dst):
-        payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
+        if isinstance(func, str):
+            named_args = _named_args(func, args, kwargs)
+
+            def start() -> int:
+                return state.agent.rpc_async_named(dst, func, named_args, _timeout(timeout))
+        else:
+            payload, buffers = _internal.serialize(
+                _internal.PythonUDF(func, args or (), kwargs or {})
+            )
+
+            def start() -> int:
+                return state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
+
         # Registered under the lock: the completing thread cannot see the token before the
         # future.
         with state.pending_lock:
-            token = state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
+            token = start()
             state.pending[token] = (fut, _rank_of(dst))
     return fut
 
@@ -386,6 +422,11 @@ def remote(
     :class:`RRef` (torch's ``remote``). Returns at once; a failure surfaces when the reference
     is used."""
     state = _require()
+    if isinstance(func, str):
+        raise TypeError(
+            f"remote() runs a Python function; {func!r} is a name (call functions by name "
+            "with rpc_sync or rpc_async)"
+        )
     name, dst = _qualname(func), _to_name(to)
     with _profiled("remote", name, state.me.name, dst):
         payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))

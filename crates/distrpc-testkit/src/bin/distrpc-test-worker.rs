@@ -37,6 +37,87 @@ fn hang() -> u64 {
     0
 }
 
+/// Called from Python by name (issue 9, polyglot): every MessagePack kind, checked and echoed.
+#[distrpc::function(name = "polyglot.describe")]
+fn describe(
+    text: String,
+    data: serde_bytes::ByteBuf,
+    items: Vec<i64>,
+    table: std::collections::BTreeMap<String, f64>,
+    nothing: Option<i64>,
+    flag: bool,
+) -> (String, serde_bytes::ByteBuf, i64, f64, bool, bool) {
+    let mut reversed = data.into_vec();
+    reversed.reverse();
+    (
+        text.to_uppercase(),
+        serde_bytes::ByteBuf::from(reversed),
+        items.iter().sum(),
+        table.values().sum(),
+        nothing.is_none(),
+        !flag,
+    )
+}
+
+/// A tensor doubled, its dtype and shape kept.
+#[distrpc::function(name = "polyglot.double")]
+fn double(t: Tensor) -> Result<Tensor, distrpc::TensorError> {
+    distrpc::ops::add(&t, &t)
+}
+
+/// Fails with Rust's error type for text that is not a number.
+#[distrpc::function(name = "polyglot.parse")]
+fn parse(text: String) -> Result<i64, std::num::ParseIntError> {
+    text.parse()
+}
+
+/// What a Python function registered as `py.stats` returns (a dict, read as a struct).
+#[derive(serde::Deserialize, Debug, PartialEq)]
+struct Stats {
+    n: u64,
+    mean: f64,
+}
+
+/// A Rust worker in a group of Python workers (`python/tests/test_polyglot.py`): it calls the
+/// Python functions registered by name on every other worker through typed handles, checks
+/// what comes back, serves the Python workers' calls, and shuts down with them.
+fn polyglot() -> anyhow::Result<()> {
+    let init = std::env::var("DISTRPC_INIT_METHOD").context("DISTRPC_INIT_METHOD")?;
+    let options = RpcOptions::default()
+        .init_method(init)
+        .rpc_timeout(Duration::from_secs(30));
+    let rpc = Rpc::init(&name()?, None, None, options)?;
+    let mul = distrpc::Function::<(i64, i64), i64>::named("py.mul");
+    let py_double = distrpc::Function::<(Tensor,), Tensor>::named("py.double");
+    let stats = distrpc::Function::<(Vec<f64>,), Stats>::named("py.stats");
+    let raises = distrpc::Function::<(String,), i64>::named("py.raises");
+    let missing = distrpc::Function::<(), i64>::named("py.missing");
+    for peer in rpc.worker_infos().to_vec() {
+        if peer.name == rpc.name() {
+            continue;
+        }
+        ensure!(rpc.rpc_sync(&peer, &mul, (6, 7))? == 42);
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape(vec![2, 2])?;
+        let twice = rpc.rpc_async(&peer, &py_double, (t,)).wait()?;
+        ensure!(twice.shape() == [2, 2], "shape {:?}", twice.shape());
+        ensure!(twice.as_slice::<f32>()? == [2.0, 4.0, 6.0, 8.0]);
+        let s = rpc.rpc_sync(&peer, &stats, (vec![1.0, 2.0, 6.0],))?;
+        ensure!(s == Stats { n: 3, mean: 3.0 }, "{s:?}");
+        match rpc.rpc_sync(&peer, &raises, ("boom".into(),)) {
+            Err(Error::Remote(e)) if e.type_name == "ValueError" && e.message.contains("boom") => {}
+            other => bail!("py.raises on {}: {other:?}", peer.name),
+        }
+        match rpc.rpc_sync(&peer, &missing, ()) {
+            Err(Error::Remote(e))
+                if e.type_name == "LookupError" && e.message.contains("py.missing") => {}
+            other => bail!("py.missing on {}: {other:?}", peer.name),
+        }
+        println!("{}: called {}", rpc.name(), peer.name);
+    }
+    rpc.shutdown()?;
+    Ok(())
+}
+
 fn name() -> anyhow::Result<String> {
     Ok(format!("worker{}", std::env::var("RANK").context("RANK")?))
 }
@@ -194,6 +275,7 @@ fn main() -> anyhow::Result<()> {
         Some("peer_death") => peer_death(),
         Some("store_fd") => store_fd(),
         Some("liveness") => liveness(),
+        Some("polyglot") => polyglot(),
         other => bail!("unknown scenario {other:?}"),
     }
 }

@@ -93,8 +93,15 @@ impl ForeignReply {
         self.finish(Ok(value));
     }
 
-    /// Answers with the error the function raised.
-    pub fn err(mut self, error: RemoteError) {
+    /// Answers with the error the function raised. An empty `worker` or `function` is filled
+    /// in with this worker's name and the call's function.
+    pub fn err(mut self, mut error: RemoteError) {
+        if error.worker.is_empty() {
+            error.worker = self.server.client.transport.me.name.clone();
+        }
+        if error.function.is_empty() {
+            error.function = self.function.to_string();
+        }
         self.finish(Err(Failure::Remote(error)));
     }
 

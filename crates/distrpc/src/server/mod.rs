@@ -280,8 +280,18 @@ impl Server {
         let (name, args) =
             crate::call::payload::parse_call_head(&frame.payload).ok_or("malformed call")?;
         let name = crate::call::payload::name_str(&name);
-        match Codec::of(frame.flags) {
-            Some(Codec::MessagePack) => {}
+        let codec = Codec::of(frame.flags);
+        // A MessagePack call goes to the registry, unless a front registered a handler for
+        // MessagePack and the name is not a Rust function: a function of the front's own
+        // (Python's `@distrpc.function(name=...)`).
+        let foreign = match codec {
+            Some(Codec::MessagePack) => {
+                self.registry.get(name).is_none() && self.foreign.contains_key(&Codec::MessagePack)
+            }
+            _ => true,
+        };
+        match codec {
+            _ if !foreign => {}
             codec => {
                 let call = ForeignCall {
                     function: name.to_string(),

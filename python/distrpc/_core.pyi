@@ -1,0 +1,124 @@
+"""Types of ``distrpc._core``, the Rust binding (``crates/distrpc-py``). The package's own
+modules use it; programs use :mod:`distrpc.rpc`."""
+
+from typing import Any
+
+#: A buffer lent to Rust or held from it: ``(address, length, owner)``.
+_Buffer = tuple[int, int, Any]
+#: A pickle and its out-of-band buffers.
+_Pickled = tuple[bytes, list[_Buffer]]
+
+#: Whether the extension was built without optimisation (the benchmark warns).
+DEBUG_BUILD: bool
+
+def launch(
+    nproc: int, command: list[str], master_addr: str = "127.0.0.1", master_port: int = 0
+) -> int:
+    """Starts ``nproc`` ranks of ``command`` as ``distrpc launch`` does; their exit code."""
+
+def msgpack_dumps(obj: Any) -> bytes:
+    """``obj`` in MessagePack, as a call by name sends it (no arrays)."""
+
+def msgpack_loads(data: bytes) -> Any:
+    """What MessagePack ``data`` encodes (malformed data: ``ValueError``)."""
+
+class Held:
+    """Keeps a received tensor's memory alive while Python views it."""
+
+class Call:
+    """A call a Python worker thread runs, answered once."""
+
+    def reply(self, payload: bytes, buffers: list[_Buffer]) -> None: ...
+    def reply_named(self, result: Any) -> None: ...
+    def keep(self, obj: Any) -> None: ...
+    def fail(self, type_name: str, message: str) -> None: ...
+
+class PyRRef:
+    """A remote reference (``distrpc.rpc.RRef`` wraps it)."""
+
+    def owner(self) -> tuple[int, str]: ...
+    def is_owner(self) -> bool: ...
+    def confirmed_by_owner(self) -> bool: ...
+    def to_here(self, timeout: float | None = None) -> _Pickled: ...
+    def local_value(self) -> Any: ...
+    def rpc_sync(
+        self, function: str, payload: bytes, buffers: list[_Buffer], timeout: float | None = None
+    ) -> _Pickled: ...
+    def remote(
+        self, function: str, payload: bytes, buffers: list[_Buffer], timeout: float | None = None
+    ) -> PyRRef: ...
+    def fork(self) -> bytes: ...
+    def wait_confirmed(self, timeout: float) -> bool: ...
+
+class Agent:
+    """One worker of a group."""
+
+    @staticmethod
+    def init(
+        name: str,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        num_worker_threads: int,
+        rpc_timeout: float,
+    ) -> Agent: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    def worker_infos(self) -> list[tuple[int, str]]: ...
+    def rpc_timeout(self) -> float: ...
+    def set_rpc_timeout(self, timeout: float) -> None: ...
+    def metrics(self) -> dict[str, int]: ...
+    def next_call(
+        self, timeout: float
+    ) -> tuple[Call, str, Any, list[_Buffer] | None, int, Any, bool] | None: ...
+    def rpc_sync(
+        self,
+        to: str,
+        function: str,
+        payload: bytes,
+        buffers: list[_Buffer],
+        timeout: float | None = None,
+    ) -> _Pickled: ...
+    def rpc_sync_named(
+        self, to: str, function: str, args: list, timeout: float | None = None
+    ) -> Any: ...
+    def rpc_async(
+        self,
+        to: str,
+        function: str,
+        payload: bytes,
+        buffers: list[_Buffer],
+        timeout: float | None = None,
+    ) -> int: ...
+    def rpc_async_named(
+        self, to: str, function: str, args: list, timeout: float | None = None
+    ) -> int: ...
+    def next_completion(
+        self, timeout: float
+    ) -> tuple[int, str | None, Any, list[_Buffer] | None] | None: ...
+    def remote(
+        self,
+        to: str,
+        function: str,
+        payload: bytes,
+        buffers: list[_Buffer],
+        timeout: float | None = None,
+    ) -> PyRRef: ...
+    def rref_from_fork(self, fork: bytes, sender: int) -> PyRRef: ...
+    def rref(self, obj: Any) -> PyRRef: ...
+    def rref_rpc_async(
+        self,
+        rref: PyRRef,
+        function: str,
+        payload: bytes,
+        buffers: list[_Buffer],
+        timeout: float | None = None,
+    ) -> int: ...
+    def wake(self, threads: int) -> None: ...
+    def all_gather(
+        self, payload: bytes, names: list[str] | None = None, timeout: float | None = None
+    ) -> dict[str, bytes]: ...
+    def barrier(self, names: list[str]) -> None: ...
+    def shutdown(self, graceful: bool = True, timeout: float = 0.0) -> None: ...
