@@ -21,6 +21,8 @@ import threading
 import traceback
 from typing import Any, Callable, NamedTuple
 
+from . import _profiler
+
 #: A buffer as Rust takes it or gives it back: ``(address, length, owner)``.
 Buffer = tuple[int, int, Any]
 
@@ -71,14 +73,18 @@ def _rebuild_tensor(buffer: Any, dtype: str, shape: tuple, requires_grad: bool) 
     if memoryview(buffer).nbytes == 0:
         tensor = torch.empty(shape, dtype=kind)
     else:
-        tensor = torch.frombuffer(buffer, dtype=kind).reshape(shape)
+        tensor = torch.frombuffer(buffer, dtype=kind)
+        if len(shape) != 1:
+            tensor = tensor.reshape(shape)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
 
 
 def _reduce_tensor(tensor: Any) -> tuple:
-    """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are."""
+    """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are:
+    lent from the tensor's own memory (no torch operator runs for a contiguous tensor, so a
+    profile shows none)."""
     import torch
 
     if tensor.device.type != "cpu":
@@ -86,8 +92,18 @@ def _reduce_tensor(tensor: Any) -> tuple:
             f"distrpc sends CPU tensors only, and this one is on {tensor.device}: "
             "move it with .cpu() (device maps are not supported)"
         )
-    data = tensor.detach().contiguous()
-    raw = data.reshape(-1).view(torch.uint8).numpy()
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return tensor.__reduce_ex__(5)  # torch's own pickling, in band
+    data = tensor
+    if data.is_conj() or data.is_neg():
+        data = data.resolve_conj().resolve_neg()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    nbytes = data.numel() * data.element_size()
+    raw: Any = bytearray()
+    if nbytes:
+        raw = (ctypes.c_char * nbytes).from_address(data.data_ptr())
+        raw._owner = data  # keeps the tensor's memory alive while the bytes are lent
     dtype = str(tensor.dtype).removeprefix("torch.")
     args = (pickle.PickleBuffer(raw), dtype, tuple(tensor.shape), tensor.requires_grad)
     return (_rebuild_tensor, args)
@@ -252,7 +268,8 @@ def run_udf(
     """Runs a pickled call on this worker and hands ``answer`` its result, or the exception it
     raised as a ``RemoteException``. For a call on a reference's value, ``this`` is that value,
     passed first. An ``@async_execution`` function returns a future: the answer goes when it
-    completes, from whichever thread completes it."""
+    completes, from whichever thread completes it. A call the caller profiles runs under the
+    profiler, and its events go back with the result (:mod:`distrpc._profiler`)."""
     try:
         udf = deserialize(payload, buffers, sender)
         for rref in received_rrefs():
@@ -260,24 +277,45 @@ def run_udf(
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
-        if not isinstance(udf, PythonUDF):
-            raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
-        args = udf.args if this is None else (this, *udf.args)
-        result: Any = udf.func(*args, **udf.kwargs)
-        if getattr(udf.func, "_wrapped_async_rpc_function", None) is not None:
+        if isinstance(udf, _profiler.RemoteProfile):
+            events: list = []
+            unprofiled = answer
 
-            def when_done(fut: Any) -> None:
-                try:
-                    value = fut.wait()
-                except Exception as e:
-                    value = _failure(e, worker_info)
-                answer(value)
+            def answer(value: Any) -> None:
+                unprofiled(_profiler.ProfiledResult(value, events))
 
-            result.add_done_callback(when_done)
+            with _profiler.run_profiled(udf, events):
+                done, result = _invoke(udf.udf, this, worker_info, answer)
+        else:
+            done, result = _invoke(udf, this, worker_info, answer)
+        if not done:
             return
     except Exception as e:
         result = _failure(e, worker_info)
     answer(result)
+
+
+def _invoke(
+    udf: Any, this: Any, worker_info: Any, answer: Callable[[Any], None]
+) -> tuple[bool, Any]:
+    """Runs ``udf``: ``(True, result)``, or ``(False, None)`` when an ``@async_execution``
+    function returned a future that will hand ``answer`` its result."""
+    if not isinstance(udf, PythonUDF):
+        raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
+    args = udf.args if this is None else (this, *udf.args)
+    result: Any = udf.func(*args, **udf.kwargs)
+    if getattr(udf.func, "_wrapped_async_rpc_function", None) is None:
+        return True, result
+
+    def when_done(fut: Any) -> None:
+        try:
+            value = fut.wait()
+        except Exception as e:
+            value = _failure(e, worker_info)
+        answer(value)
+
+    result.add_done_callback(when_done)
+    return False, None
 
 
 def typed_buffer(obj: Any) -> Any:

@@ -103,17 +103,54 @@ def test_the_same_program_gives_the_same_results_on_torch_and_distrpc(run_group,
     assert on_torch["error"] == "ValueError: On WorkerInfo(id=1, name=worker1):"
 
 
+def _udf_with_torch_ops(a, b):
+    return torch.relu(torch.add(a, b)) * 2
+
+
+def _plain(x):
+    return f"plain {x}"
+
+
+def _nested(a, dst):
+    import distrpc.rpc as drpc
+    import torch.distributed.rpc as trpc
+
+    # The callee calls on: its own call's events come back too, their keys chained.
+    rpc = drpc if drpc.api._state.current is not None else trpc
+    return rpc.rpc_sync(dst, torch.mul, args=(a, a))
+
+
 def _profiled(rank, world_size, init_method, results, impl):
     import torch
+    from torch.autograd.profiler_legacy import profile
 
     rpc = importlib.import_module(impl)
     join(rpc, rank, world_size, init_method, rpc_timeout=20)
     out = None
     if rank == 0:
-        with torch.autograd.profiler.profile() as prof:
-            rpc.rpc_sync("worker1", operator.add, args=(1, 2))
-            rpc.rpc_async("worker1", operator.mul, args=(3, 4)).wait()
-        out = sorted({e.name for e in prof.function_events if e.name.startswith("rpc_")})
+        t = torch.ones(4)
+        with profile(record_shapes=True) as prof:
+            rpc.rpc_sync("worker1", _udf_with_torch_ops, args=(t, t))
+            rpc.rpc_async("worker1", torch.add, args=(t, t)).wait()
+            rpc.rpc_sync("worker1", _plain, args=(1,))
+            rpc.rpc_sync("worker1", _nested, args=(t, "worker2"))
+        events = prof.function_events
+        keys = [e for e in events if e.name.startswith("rpc_") and not e.is_remote]
+        remote = [e for e in events if e.is_remote]
+        first = {e.name: e for e in reversed(keys)}
+        out = {
+            "keys": sorted(e.name for e in keys),
+            "remote": sorted({(e.name, e.node_id) for e in remote}),
+            "add_shapes": [e.input_shapes for e in remote if e.name.endswith("aten::add")],
+            # Each remote event lies after the start of its call's own event.
+            "placed": all(
+                e.time_range.start >= first[e.name.split("#remote_op")[0]].time_range.start
+                for e in remote
+            ),
+        }
+        with torch.autograd.profiler.profile() as kineto:
+            rpc.rpc_sync("worker1", _plain, args=(2,))
+        out["kineto"] = sorted(e.name for e in kineto.function_events if "rpc_" in e.name)
     rpc.shutdown()
     results.put((rank, out))
 
@@ -126,14 +163,24 @@ def _profiled_distrpc(rank, world_size, init_method, results):
     _profiled(rank, world_size, init_method, results, "distrpc.rpc")
 
 
-def test_calls_are_profiled_under_torchs_keys(run_group):
-    # (torch 2.15 itself records no event at all for these calls under this profiler: checked
-    # by hand with _profiled_torch; its keys are seed internal.py's.)
-    on_distrpc = run_group(_profiled_distrpc, 2)[0]
-    assert on_distrpc == [
-        "rpc_async#_operator.mul(worker0 -> worker1)",
-        "rpc_sync#_operator.add(worker0 -> worker1)",
-    ]
+def test_calls_are_profiled_as_torch_profiles_them(run_group):
+    on_torch = run_group(_profiled_torch, 3)[0]
+    on_distrpc = run_group(_profiled_distrpc, 3, store="store2")[0]
+    # Under torch's legacy profiler: the same keys, and the callee's events under them with
+    # the callee's rank (the nested call's from worker2), as torch records them.
+    assert on_distrpc["keys"] == on_torch["keys"]
+    assert "rpc_async#aten::add(worker0 -> worker1)" in on_torch["keys"]
+    assert on_distrpc["remote"] == on_torch["remote"]
+    assert (
+        "rpc_sync#_nested(worker0 -> worker1)#remote_op: rpc_sync#aten::mul(worker1 -> worker2)"
+        "#remote_op: aten::mul",
+        2,
+    ) in on_torch["remote"]
+    assert on_distrpc["add_shapes"] == on_torch["add_shapes"] != []
+    assert on_distrpc["placed"] and on_torch["placed"]
+    # Under the default (Kineto) profiler torch records nothing for RPCs; distrpc its keys.
+    assert on_torch["kineto"] == []
+    assert on_distrpc["kineto"] == ["rpc_sync#_plain(worker0 -> worker1)"]
 
 
 @torch.jit.script

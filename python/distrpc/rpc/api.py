@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from .. import _internal, _named
+from .. import _internal, _named, _profiler
 from ..futures import Future
 from . import _state
 from .rref import RRef
@@ -141,6 +141,13 @@ class _State:
 
         return answer
 
+    def track(self, start: Callable[[], int], fut: Any, sender: int, recording: Any = None) -> None:
+        """Starts an ``rpc_async`` (``start`` returns its token) whose result completes
+        ``fut``. Registered under the lock: the completing thread cannot see the token before
+        the future."""
+        with self.pending_lock:
+            self.pending[start()] = (fut, sender, recording)
+
     def _complete(self) -> None:
         while not self.stopping.is_set():
             item = self.agent.next_completion(0.05)
@@ -148,15 +155,17 @@ class _State:
                 continue
             token, error, payload, buffers = item
             with self.pending_lock:
-                fut, sender = self.pending.pop(token)
+                fut, sender, recording = self.pending.pop(token)
             try:
-                self._settle(fut, sender, error, payload, buffers)
+                self._settle(fut, sender, error, payload, buffers, recording)
             except Exception:  # noqa: BLE001 - the thread must go on completing the others
                 # e.g. the program completed the future itself first.
                 _log.exception("an rpc_async future could not be completed")
 
     @staticmethod
-    def _settle(fut: Any, sender: int, error: Any, payload: bytes, buffers: list) -> None:
+    def _settle(
+        fut: Any, sender: int, error: Any, payload: Any, buffers: Any, recording: Any
+    ) -> None:
         if error is not None:
             fut.set_exception(RuntimeError(error))
             return
@@ -164,7 +173,10 @@ class _State:
             fut.set_result(payload)
             return
         try:
-            value = _internal._handle_exception(_internal.deserialize(payload, buffers, sender))
+            value = _internal.deserialize(payload, buffers, sender)
+            if recording is not None:
+                value = recording.received(value)
+            value = _internal._handle_exception(value)
         except Exception as e:  # the remote exception, as the result
             fut.set_exception(e)
             return
@@ -213,6 +225,7 @@ def init_rpc(
             float(options.rpc_timeout),
         )
         _state.current = _State(agent, options.num_worker_threads)
+    _profiler.install()
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
@@ -238,21 +251,7 @@ def _build_rpc_profiling_key(
     exec_type: str, func_name: str, current_worker_name: str, dst_worker_name: str
 ) -> str:
     """The key a call is profiled under, as seed internal.py builds it."""
-    return f"rpc_{exec_type}#{func_name}({current_worker_name} -> {dst_worker_name})"
-
-
-@contextlib.contextmanager
-def _profiled(exec_type: str, func_name: str, me: str, dst: str) -> Iterator[None]:
-    """Records the call under torch's key when torch's autograd profiler is on (seed api.py's
-    ``_enable_rpc_profiler``); costs one dictionary look-up otherwise. (The callee's events do
-    not come back into the caller's profile yet.)"""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.autograd._profiler_enabled():
-        yield
-        return
-    key = _build_rpc_profiling_key(exec_type, func_name, me, dst)
-    with torch.autograd.profiler.record_function(key):
-        yield
+    return _profiler.build_key(exec_type, func_name, current_worker_name, dst_worker_name)
 
 
 def _qualname(func: Callable[..., Any] | str) -> str:
@@ -284,14 +283,23 @@ def rpc_sync(
     ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
     state = _require()
     name, dst = _qualname(func), _to_name(to)
-    if isinstance(func, str):
-        with _profiled("sync", name, state.me.name, dst):
+    rank = _rank_of(dst)
+    with _profiler.profiled("sync", func, state.me.name, dst, rank) as recording:
+        if isinstance(func, str):
             args = _named_args(func, args, kwargs)
             return state.agent.rpc_sync_named(dst, func, args, _timeout(timeout))
-    with _profiled("sync", name, state.me.name, dst):
-        payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
-        reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
-    return _internal._handle_exception(_internal.deserialize(*reply, _rank_of(dst)))
+        udf = _internal.PythonUDF(func, args or (), kwargs or {})
+        if recording is None:
+            payload, buffers = _internal.serialize(udf)
+            reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
+            result = _internal.deserialize(*reply, rank)
+        else:
+            with recording.hidden():
+                payload, buffers = _internal.serialize(recording.wrap(udf))
+            reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
+            with recording.hidden():
+                result = recording.received(_internal.deserialize(*reply, rank))
+    return _internal._handle_exception(result)
 
 
 def rpc_async(
@@ -309,25 +317,28 @@ def rpc_async(
     torch = sys.modules.get("torch")
     # torch's own future when the program uses torch (torch.futures.wait_all, then, ...).
     fut: Any = torch.futures.Future() if torch is not None else Future()
-    with _profiled("async", name, state.me.name, dst):
+    rank = _rank_of(dst)
+    with _profiler.profiled("async", func, state.me.name, dst, rank) as recording:
         if isinstance(func, str):
             named_args = _named_args(func, args, kwargs)
 
             def start() -> int:
                 return state.agent.rpc_async_named(dst, func, named_args, _timeout(timeout))
         else:
-            payload, buffers = _internal.serialize(
-                _internal.PythonUDF(func, args or (), kwargs or {})
-            )
+            udf = _internal.PythonUDF(func, args or (), kwargs or {})
+            if recording is None:
+                payload, buffers = _internal.serialize(udf)
+            else:
+                with recording.hidden():
+                    payload, buffers = _internal.serialize(recording.wrap(udf))
 
             def start() -> int:
                 return state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
 
-        # Registered under the lock: the completing thread cannot see the token before the
-        # future.
-        with state.pending_lock:
-            token = start()
-            state.pending[token] = (fut, _rank_of(dst))
+        state.track(start, fut, rank, recording)
+        if recording is not None:
+            # The call's event ends when its future completes, as torch's does.
+            return recording.until(fut)
     return fut
 
 
@@ -428,7 +439,8 @@ def remote(
             "with rpc_sync or rpc_async)"
         )
     name, dst = _qualname(func), _to_name(to)
-    with _profiled("remote", name, state.me.name, dst):
+    # The value stays on the callee: the key is recorded, the callee's events are not asked for.
+    with _profiler.profiled("remote", func, state.me.name, dst, _rank_of(dst)):
         payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
         handle = state.agent.remote(dst, name, payload, buffers, _timeout(timeout))
     return RRef(_handle=handle)

@@ -114,9 +114,10 @@ def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeo
         return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))
     torch = sys.modules.get("torch")
     fut: Any = torch.futures.Future() if torch is not None else Future()
-    with state.pending_lock:
-        token = state.agent.rref_rpc_async(handle, name, payload, buffers, _state.timeout(timeout))
-        state.pending[token] = (fut, owner)
+    timeout = _state.timeout(timeout)
+    state.track(
+        lambda: state.agent.rref_rpc_async(handle, name, payload, buffers, timeout), fut, owner
+    )
     return fut
 
 
