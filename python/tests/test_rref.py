@@ -41,6 +41,7 @@ def _rrefs(rank, world_size, init_method, results):
         except RuntimeError as e:
             pickled = str(e)
         out = {
+            "type": (counter._get_type(), counter._get_type(blocking=False).wait()),
             "here": dict(counter.to_here()),
             "most": most.wait(),
             "copy_has_bang": "!" in copy.to_here(),
@@ -61,6 +62,7 @@ def _rrefs(rank, world_size, init_method, results):
 def test_rrefs_live_on_their_owner(run_group):
     out = run_group(_rrefs, 2)[0]
     assert out["here"] == dict(collections.Counter("helloworld!"))
+    assert out["type"] == (collections.Counter, collections.Counter)
     assert out["most"] == [("l", 3)]
     assert out["copy_has_bang"] is False
     assert out["owner"] == ("WorkerInfo(id=1, name=worker1)", "worker1", False)
@@ -106,3 +108,15 @@ def test_rrefs_fork_through_arguments_and_results(run_group):
     assert out["made"] == ("worker1", ["a", "b", "c"])
     assert out["self_owned"] == 10
     assert out["freed"] == 0
+
+
+def test_rref_is_generic_in_its_value_type():
+    import typing
+
+    from distrpc.rpc import RRef
+
+    def total(counts: RRef[dict]) -> int:
+        return sum(counts.to_here().values())
+
+    hint = typing.get_type_hints(total, localns={"RRef": RRef})["counts"]
+    assert typing.get_origin(hint) is RRef and typing.get_args(hint) == (dict,)

@@ -27,6 +27,8 @@ T = TypeVar("T")
 def _invoke_method(obj: Any, name: str, args: tuple, kwargs: dict) -> Any:
     """Runs on the owner: the method ``name`` of the referenced object (the creation's error,
     if it failed)."""
+    if name == "__class__":  # `_get_type`: the class itself, not a new instance
+        return type(_internal._handle_exception(obj))
     return getattr(_internal._handle_exception(obj), name)(*args, **kwargs)
 
 
@@ -45,7 +47,12 @@ class _Proxy:
 
 
 class RRef(Generic[T]):
-    """A remote reference (torch's ``RRef``); ``RRef(value)`` makes one owned here."""
+    """A remote reference (torch's ``RRef``); ``RRef(value)`` makes one owned here. Generic in
+    the type of its value, as torch's is: ``RRef[int]`` in annotations.
+
+    >>> def total(counts: RRef[dict]) -> int:
+    ...     return sum(counts.to_here().values())
+    """
 
     def __init__(self, value: Any = None, type_hint: Any = None, *, _handle: Any = None) -> None:
         if _handle is None:
@@ -78,6 +85,31 @@ class RRef(Generic[T]):
         payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
         owner = self._handle.owner()[0]
         return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
+
+    def _get_type(self, timeout: float = -1, blocking: bool = True) -> Any:
+        """The type of the value, asked of the owner once and remembered (torch's private
+        ``_get_type``); with ``blocking=False`` a future of it."""
+        known = getattr(self, "_type", None)
+        if known is None:
+            if self.is_owner():
+                known = type(self.local_value())
+            elif blocking:
+                known = call_on(self, "sync", "__class__", (), {}, timeout)
+            else:
+                fut = call_on(self, "async", "__class__", (), {}, timeout)
+                return fut.then(lambda f: self._remember_type(f.wait()))
+            self._type = known
+        if blocking:
+            return known
+        fut = (
+            Future() if sys.modules.get("torch") is None else sys.modules["torch"].futures.Future()
+        )
+        fut.set_result(known)
+        return fut
+
+    def _remember_type(self, known: Any) -> Any:
+        self._type = known
+        return known
 
     def rpc_sync(self, timeout: float = -1) -> Any:
         """A proxy running the value's methods on the owner, waiting for each result."""
