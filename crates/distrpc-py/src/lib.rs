@@ -91,7 +91,8 @@ type Pickled = (Py<PyBytes>, Vec<(usize, usize, Py<Held>)>);
 /// How often a waiting `rpc_sync` looks for signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
-/// A foreign call waiting for a Python worker thread, with its codec.
+/// A foreign call waiting for a Python worker thread, with its codec. (Queued calls left at
+/// the end are dropped with the agent: their callers get the dropped reply's error.)
 type Queued = (Codec, ForeignCall, ForeignReply);
 
 /// A call as a Python worker thread gets it: `(call, function, payload, buffers, caller, the
@@ -107,18 +108,93 @@ type Taken = (
     bool,
 );
 
-/// The foreign handler of one codec: queues each call for the Python worker threads. `None`
-/// in the queue wakes a waiting thread without a call (at shutdown).
+/// Where the foreign handlers hand calls to the Python worker threads.
+struct Front {
+    /// The queued calls, and how many waiting threads are to wake without one (at shutdown).
+    /// Each call wakes one waiting thread: idle threads wait on `ready`, not on a lock that a
+    /// thread taking a call would then have to hand to the next (a second wake-up per call).
+    queue: Mutex<(std::collections::VecDeque<Queued>, usize)>,
+    ready: std::sync::Condvar,
+}
+
+impl Front {
+    fn push(&self, queued: Queued) {
+        lock(&self.queue).0.push_back(queued);
+        self.ready.notify_one();
+    }
+
+    /// The next queued call, waiting up to `wait`; `None` if none came, or to wake a thread.
+    fn pop(&self, wait: Duration) -> Option<Queued> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut queue = lock(&self.queue);
+        loop {
+            if let Some(queued) = queue.0.pop_front() {
+                return Some(queued);
+            }
+            if queue.1 > 0 {
+                queue.1 -= 1;
+                return None;
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            queue = self
+                .ready
+                .wait_timeout(queue, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The foreign handler of one codec, handing its calls to the [`Front`].
 struct Queue {
-    tx: Mutex<mpsc::Sender<Option<Queued>>>,
+    front: Arc<Front>,
     codec: Codec,
 }
 
 impl ForeignHandler for Queue {
     fn call(&self, call: ForeignCall, reply: ForeignReply) {
-        // If the Python side is gone, the call comes back with the dropped reply's error.
-        let _ = lock(&self.tx).send(Some((self.codec, call, reply)));
+        self.front.push((self.codec, call, reply));
     }
+}
+
+/// A call as a Python thread takes it ([`Taken`]); `None` if a call by name's arguments did not
+/// decode (that call is answered with the error).
+fn taken(
+    py: Python<'_>,
+    codec: Codec,
+    call: ForeignCall,
+    reply: ForeignReply,
+) -> PyResult<Option<Taken>> {
+    let (payload, buffers) = match codec {
+        Codec::MessagePack => match msgpack::decode(py, &call.payload, call.tensors) {
+            Ok(args) => (args.unbind(), None),
+            Err(e) => {
+                let message = format!("the arguments of {}: {e}", call.function);
+                py.detach(|| reply.err(remote_error("ValueError", message)));
+                return Ok(None);
+            }
+        },
+        _ => (
+            PyBytes::new(py, &call.payload).into_any().unbind(),
+            Some(held(py, call.tensors)?),
+        ),
+    };
+    let this = match call.this {
+        Some(value) => Some(PyValue::object(py, value)?),
+        None => None,
+    };
+    let handle = Call {
+        reply: Mutex::new(Some(reply)),
+    };
+    Ok(Some((
+        handle,
+        call.function,
+        payload,
+        buffers,
+        call.from,
+        this,
+        call.keep,
+    )))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,9 +303,8 @@ type Completed = (
 #[pyclass(frozen)]
 struct Agent {
     rpc: Rpc,
-    calls: Mutex<mpsc::Receiver<Option<Queued>>>,
-    /// To wake the threads waiting for calls (`None`).
-    wake_calls: Mutex<mpsc::Sender<Option<Queued>>>,
+    /// Where the foreign handlers hand calls.
+    front: Arc<Front>,
     /// Completed `rpc_async` calls: completing a Python future needs the interpreter lock,
     /// which the connection's reader must never wait for, so a Python thread takes them here.
     done_tx: Mutex<mpsc::Sender<Completion>>,
@@ -251,9 +326,12 @@ impl Agent {
         num_worker_threads: usize,
         rpc_timeout: f64,
     ) -> PyResult<Agent> {
-        let (tx, rx) = mpsc::channel();
+        let front = Arc::new(Front {
+            queue: Mutex::new((std::collections::VecDeque::new(), 0)),
+            ready: std::sync::Condvar::new(),
+        });
         let queue = |codec| Queue {
-            tx: Mutex::new(tx.clone()),
+            front: front.clone(),
             codec,
         };
         let timeout = seconds(Some(rpc_timeout))?.unwrap_or_default();
@@ -269,8 +347,7 @@ impl Agent {
         let (done_tx, done_rx) = mpsc::channel();
         Ok(Agent {
             rpc,
-            calls: Mutex::new(rx),
-            wake_calls: Mutex::new(tx),
+            front,
             done_tx: Mutex::new(done_tx),
             done_rx: Mutex::new(done_rx),
             next_token: std::sync::atomic::AtomicU64::new(1),
@@ -320,40 +397,11 @@ impl Agent {
     /// call is answered with the error).
     fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
-        let next = py.detach(|| lock(&self.calls).recv_timeout(wait).ok().flatten());
+        let next = py.detach(|| self.front.pop(wait));
         let Some((codec, call, reply)) = next else {
             return Ok(None);
         };
-        let (payload, buffers) = match codec {
-            Codec::MessagePack => match msgpack::decode(py, &call.payload, call.tensors) {
-                Ok(args) => (args.unbind(), None),
-                Err(e) => {
-                    let message = format!("the arguments of {}: {e}", call.function);
-                    py.detach(|| reply.err(remote_error("ValueError", message)));
-                    return Ok(None);
-                }
-            },
-            _ => (
-                PyBytes::new(py, &call.payload).into_any().unbind(),
-                Some(held(py, call.tensors)?),
-            ),
-        };
-        let this = match call.this {
-            Some(value) => Some(PyValue::object(py, value)?),
-            None => None,
-        };
-        let handle = Call {
-            reply: Mutex::new(Some(reply)),
-        };
-        Ok(Some((
-            handle,
-            call.function,
-            payload,
-            buffers,
-            call.from,
-            this,
-            call.keep,
-        )))
+        taken(py, codec, call, reply)
     }
 
     /// Calls `function` (pickled in `payload`, with its out-of-band `buffers`) on `to` and
@@ -489,10 +537,8 @@ impl Agent {
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
     /// [`Agent::next_completion`], so that they see the worker stopping at once.
     fn wake(&self, threads: usize) {
-        let calls = lock(&self.wake_calls);
-        for _ in 0..threads {
-            let _ = calls.send(None);
-        }
+        lock(&self.front.queue).1 += threads;
+        self.front.ready.notify_all();
         let stopped = Err(Error::ShutDown {
             worker: self.rpc.name().to_string(),
         });

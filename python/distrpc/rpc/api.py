@@ -116,17 +116,20 @@ class _State:
         # @async_execution function's future answers when it completes: no thread waits.
         while not self.stopping.is_set():
             item = self.agent.next_call(0.05)
-            if item is None:
-                continue
-            call, function, payload, buffers, caller, this, keep = item
-            try:
-                if buffers is None:  # a call by name: `payload` is its decoded arguments
-                    _named.run(call, function, payload, self.me)
-                    continue
-                _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
-            except Exception:  # noqa: BLE001 - the thread must go on serving
-                # The answer itself failed; the call, dropped unanswered, fails on its caller.
-                _log.exception("a call on %s could not be answered", self.me.name)
+            if item is not None:
+                self._run(item)
+
+    def _run(self, item: tuple) -> None:
+        """Runs one call (as ``Agent.next_call`` gives it) and answers it."""
+        call, function, payload, buffers, caller, this, keep = item
+        try:
+            if buffers is None:  # a call by name: `payload` is its decoded arguments
+                _named.run(call, function, payload, self.me)
+                return
+            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
+        except Exception:  # noqa: BLE001 - the thread must go on serving
+            # The answer itself failed; the call, dropped unanswered, fails on its caller.
+            _log.exception("a call on %s could not be answered", self.me.name)
 
     def _answer(self, call: Any, keep: bool) -> Callable[[Any], None]:
         """How the result of ``call`` goes back: pickled, or kept behind a reference."""
