@@ -123,6 +123,11 @@ impl Front {
         self.ready.notify_one();
     }
 
+    /// A queued call, if one is there now.
+    fn try_pop(&self) -> Option<Queued> {
+        lock(&self.queue).0.pop_front()
+    }
+
     /// The next queued call, waiting up to `wait`; `None` if none came, or to wake a thread.
     fn pop(&self, wait: Duration) -> Option<Queued> {
         let deadline = std::time::Instant::now() + wait;
@@ -397,7 +402,13 @@ impl Agent {
     /// call is answered with the error).
     fn next_call(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Taken>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
-        let next = py.detach(|| self.front.pop(wait));
+        // A call already queued is taken without letting the interpreter lock go: under load a
+        // thread runs call after call without a hand-over of the lock between them.
+        let ready = self.front.try_pop();
+        let next = match ready {
+            Some(queued) => Some(queued),
+            None => py.detach(|| self.front.pop(wait)),
+        };
         let Some((codec, call, reply)) = next else {
             return Ok(None);
         };
@@ -470,7 +481,12 @@ impl Agent {
     /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
     fn next_completion(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Completed>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
-        let next = py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok());
+        // As in `next_call`: what is there already is taken holding the interpreter lock.
+        let ready = lock(&self.done_rx).try_recv().ok(); // (the lock goes with this statement)
+        let next = match ready {
+            Some(done) => Some(done),
+            None => py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok()),
+        };
         // Token 0 is a wake-up ([`Agent::wake`]), not a call.
         let Some((token @ 1.., codec, result)) = next else {
             return Ok(None);
