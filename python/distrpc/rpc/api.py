@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .. import _internal, _named, _profiler
 from ..futures import Future
-from . import _state
+from . import _pool, _state
 from .rref import RRef
 from .worker import WorkerInfo
 
@@ -100,24 +100,12 @@ class _State:
         self.stopping = threading.Event()
         self.pending: dict[int, tuple[Any, int]] = {}
         self.pending_lock = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._serve, name=f"distrpc-py-{i}", daemon=True)
-            for i in range(num_threads)
-        ]
-        self.threads.append(
-            threading.Thread(target=self._complete, name="distrpc-py-futures", daemon=True)
+        # An @async_execution function's future answers when it completes: no thread waits.
+        self.pool = _pool.Pool(num_threads, agent.next_call, self._run)
+        self.completing = threading.Thread(
+            target=self._complete, name="distrpc-py-futures", daemon=True
         )
-        for t in self.threads:
-            t.start()
-
-    def _serve(self) -> None:
-        # Each thread takes pickled calls from the agent (waiting with the lock released)
-        # and runs them under the interpreter lock, as python_rpc_handler does. An
-        # @async_execution function's future answers when it completes: no thread waits.
-        while not self.stopping.is_set():
-            item = self.agent.next_call(0.05)
-            if item is not None:
-                self._run(item)
+        self.completing.start()
 
     def _run(self, item: tuple) -> None:
         """Runs one call (as ``Agent.next_call`` gives it) and answers it."""
@@ -187,8 +175,10 @@ class _State:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.agent.wake(len(self.threads))
-        for t in self.threads:
+        self.pool.stopping.set()
+        threads = [*self.pool.threads, self.completing]
+        self.agent.wake(len(threads))
+        for t in threads:
             if t is not threading.current_thread():
                 t.join()
 
@@ -290,16 +280,25 @@ def rpc_sync(
     with _profiler.profiled("sync", func, state.me.name, dst, rank) as recording:
         if isinstance(func, str):
             args = _named_args(func, args, kwargs)
-            return state.agent.rpc_sync_named(dst, func, args, _timeout(timeout))
+            held = _pool.block()
+            try:
+                return state.agent.rpc_sync_named(dst, func, args, _timeout(timeout))
+            finally:
+                _pool.unblock(held)
         udf = _internal.PythonUDF(func, args or (), kwargs or {})
         if recording is None:
             payload, buffers = _internal.serialize(udf)
-            reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
-            result = _internal.deserialize(*reply, rank)
         else:
             with recording.hidden():
                 payload, buffers = _internal.serialize(recording.wrap(udf))
+        held = _pool.block()
+        try:
             reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
+        finally:
+            _pool.unblock(held)
+        if recording is None:
+            result = _internal.deserialize(*reply, rank)
+        else:
             with recording.hidden():
                 result = recording.received(_internal.deserialize(*reply, rank))
     return _internal._handle_exception(result)

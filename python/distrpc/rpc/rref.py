@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from .. import _internal
 from ..futures import Future
-from . import _state
+from . import _pool, _state
 from .worker import WorkerInfo
 
 T = TypeVar("T")
@@ -82,7 +82,11 @@ class RRef(Generic[T]):
 
     def to_here(self, timeout: float = -1) -> T:
         """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default)."""
-        payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
+        held = _pool.block()
+        try:
+            payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
+        finally:
+            _pool.unblock(held)
         owner = self._handle.owner()[0]
         return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
 
@@ -140,7 +144,11 @@ def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeo
     name, handle = f"{rref.owner_name()}.{method}", rref._handle
     owner = handle.owner()[0]
     if kind == "sync":
-        reply = handle.rpc_sync(name, payload, buffers, _state.timeout(timeout))
+        held = _pool.block()
+        try:
+            reply = handle.rpc_sync(name, payload, buffers, _state.timeout(timeout))
+        finally:
+            _pool.unblock(held)
         return _internal._handle_exception(_internal.deserialize(*reply, owner))
     if kind == "remote":
         return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))

@@ -1,0 +1,97 @@
+"""The threads that run calls on this worker (torch's ``num_worker_threads``): that many, plus
+one more for each that blocks waiting on a call of its own — a function calling ``rpc_sync``
+or ``to_here`` inside — so that nested calls never run out of threads, however many are in
+flight. A thread beyond the pool's size ends once it is idle again.
+
+Example (how a blocking wait on a pool thread is marked)::
+
+    held = _pool.block()        # None off the pool's threads: nothing to do
+    try:
+        reply = agent.rpc_sync(...)
+    finally:
+        _pool.unblock(held)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+_log = logging.getLogger(__name__)
+_local = threading.local()
+
+#: At most this many threads (blocked ones included): calls beyond wait in the queue.
+LIMIT = 512
+
+
+class Pool:
+    """``size`` threads taking calls from ``next_call`` and running them with ``run``, and
+    more while some block (see the module docs)."""
+
+    def __init__(self, size: int, next_call: Callable[[float], Any], run: Callable[[Any], None]):
+        self.size = max(1, size)
+        self._next_call, self._run = next_call, run
+        self._lock = threading.Lock()
+        self._alive = 0
+        self._blocked = 0
+        self._started = 0
+        self.threads: list[threading.Thread] = []
+        self.stopping = threading.Event()
+        for _ in range(self.size):
+            self._spawn()
+
+    def alive(self) -> int:
+        """How many threads run or wait for calls now."""
+        with self._lock:
+            return self._alive
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._alive += 1
+            self._started += 1
+            name = f"distrpc-py-{self._started - 1}"
+            t = threading.Thread(target=self._serve, name=name, daemon=True)
+            self.threads = [t for t in self.threads if t.is_alive()] + [t]
+        t.start()
+
+    def _serve(self) -> None:
+        # Each thread takes calls from the agent (waiting with the interpreter lock released)
+        # and runs them under it, as torch's python_rpc_handler does.
+        _local.pool = self
+        while not self.stopping.is_set():
+            item = self._next_call(0.05)
+            if item is not None:
+                self._run(item)
+            with self._lock:
+                if self._alive - self._blocked > self.size:
+                    self._alive -= 1  # a surplus thread, idle again: it ends
+                    return
+        with self._lock:
+            self._alive -= 1
+
+    def _block(self) -> None:
+        with self._lock:
+            self._blocked += 1
+            grow = self._alive - self._blocked < self.size and self._alive < LIMIT
+        if grow:
+            self._spawn()
+
+    def _unblock(self) -> None:
+        with self._lock:
+            self._blocked -= 1
+
+
+def block() -> Pool | None:
+    """Marks the calling thread as blocked in a wait if it is a pool thread (another thread
+    takes its place in the pool); returns what :func:`unblock` takes."""
+    pool = getattr(_local, "pool", None)
+    if pool is not None:
+        pool._block()
+    return pool
+
+
+def unblock(pool: Pool | None) -> None:
+    """Ends what :func:`block` began."""
+    if pool is not None:
+        pool._unblock()
