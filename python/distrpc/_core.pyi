@@ -62,6 +62,15 @@ class Agent:
         num_worker_threads: int,
         rpc_timeout: float,
     ) -> Agent: ...
+    @staticmethod
+    def bind(
+        name: str,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        num_worker_threads: int,
+        rpc_timeout: float,
+    ) -> PendingAgent: ...
     @property
     def name(self) -> str: ...
     @property
@@ -122,3 +131,10 @@ class Agent:
     ) -> dict[str, bytes]: ...
     def barrier(self, names: list[str]) -> None: ...
     def shutdown(self, graceful: bool = True, timeout: float = 0.0) -> None: ...
+
+class PendingAgent:
+    """A worker bound but not yet in its group."""
+
+    @property
+    def store_port(self) -> int | None: ...
+    def join(self) -> Agent: ...

@@ -1,10 +1,12 @@
-"""``python -m distrpc.launch`` starts a group that meets by env://."""
+"""``python -m distrpc.launch`` and torchrun start groups that meet by env://."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -32,6 +34,22 @@ def test_launch_starts_a_group_by_env(tmp_path):
     assert out.returncode == 0, out.stderr
     for rank in range(3):
         assert f"[{rank}] sum {rank + 100}" in out.stdout, out.stdout
+
+
+def test_torchrun_starts_a_group_by_env(tmp_path):
+    # torchrun's agent hosts a torch store on MASTER_PORT: rank 0 posts distrpc's there.
+    pytest.importorskip("torch")
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    sums = sorted(line for line in out.stdout.splitlines() if line.startswith("sum"))
+    assert sums == ["sum 100", "sum 101", "sum 102"], out.stdout
 
 
 def test_a_failing_rank_fails_the_launch(tmp_path):

@@ -211,6 +211,41 @@ fn error(e: Error) -> PyErr {
 }
 
 impl Agent {
+    /// The options of a worker whose foreign calls go to the returned [`Front`].
+    fn options(
+        init_method: String,
+        num_worker_threads: usize,
+        rpc_timeout: f64,
+    ) -> PyResult<(RpcOptions, Arc<Front>)> {
+        let front = Arc::new(Front {
+            queue: Mutex::new((std::collections::VecDeque::new(), 0)),
+            ready: std::sync::Condvar::new(),
+        });
+        let queue = |codec| Queue {
+            front: front.clone(),
+            codec,
+        };
+        let timeout = seconds(Some(rpc_timeout))?.unwrap_or_default();
+        let options = RpcOptions::default()
+            .init_method(init_method)
+            .num_worker_threads(num_worker_threads)
+            .rpc_timeout(timeout)
+            .foreign(Codec::Pickle, Arc::new(queue(Codec::Pickle)))
+            .foreign(Codec::MessagePack, Arc::new(queue(Codec::MessagePack)));
+        Ok((options, front))
+    }
+
+    fn new(rpc: Rpc, front: Arc<Front>) -> Agent {
+        let (done_tx, done_rx) = mpsc::channel();
+        Agent {
+            rpc,
+            front,
+            done_tx: Mutex::new(done_tx),
+            done_rx: Mutex::new(done_rx),
+            next_token: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
     /// A token under which `fut`'s result (in `codec`) will come out of
     /// [`Agent::next_completion`].
     fn complete_later(&self, codec: Codec, fut: distrpc::RpcFuture<RawReply>) -> u64 {
@@ -331,31 +366,33 @@ impl Agent {
         num_worker_threads: usize,
         rpc_timeout: f64,
     ) -> PyResult<Agent> {
-        let front = Arc::new(Front {
-            queue: Mutex::new((std::collections::VecDeque::new(), 0)),
-            ready: std::sync::Condvar::new(),
-        });
-        let queue = |codec| Queue {
-            front: front.clone(),
-            codec,
-        };
-        let timeout = seconds(Some(rpc_timeout))?.unwrap_or_default();
-        let options = RpcOptions::default()
-            .init_method(init_method)
-            .num_worker_threads(num_worker_threads)
-            .rpc_timeout(timeout)
-            .foreign(Codec::Pickle, Arc::new(queue(Codec::Pickle)))
-            .foreign(Codec::MessagePack, Arc::new(queue(Codec::MessagePack)));
+        let (options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
         let rpc = py
             .detach(|| Rpc::init(&name, rank, world_size, options))
             .map_err(error)?;
-        let (done_tx, done_rx) = mpsc::channel();
-        Ok(Agent {
-            rpc,
-            front,
-            done_tx: Mutex::new(done_tx),
-            done_rx: Mutex::new(done_rx),
-            next_token: std::sync::atomic::AtomicU64::new(1),
+        Ok(Agent::new(rpc, front))
+    }
+
+    /// The first half of [`Agent::init`]: binds this worker (rank 0 also its store, whose
+    /// port [`PendingAgent::store_port`] gives: pass it to the others), without meeting the
+    /// group yet.
+    #[staticmethod]
+    #[pyo3(signature = (name, rank, world_size, init_method, num_worker_threads, rpc_timeout))]
+    fn bind(
+        py: Python<'_>,
+        name: String,
+        rank: usize,
+        world_size: usize,
+        init_method: String,
+        num_worker_threads: usize,
+        rpc_timeout: f64,
+    ) -> PyResult<PendingAgent> {
+        let (options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
+        let pending = py
+            .detach(|| Rpc::bind(&name, rank, world_size, options))
+            .map_err(error)?;
+        Ok(PendingAgent {
+            pending: Mutex::new(Some((pending, front))),
         })
     }
 
@@ -617,6 +654,33 @@ impl Agent {
     }
 }
 
+/// A worker bound but not yet in its group ([`Agent::bind`]).
+#[pyclass(frozen)]
+struct PendingAgent {
+    pending: Mutex<Option<(distrpc::PendingRpc, Arc<Front>)>>,
+}
+
+#[pymethods]
+impl PendingAgent {
+    /// The port of the store rank 0 hosts over TCP (`None` for a file store).
+    #[getter]
+    fn store_port(&self) -> Option<u16> {
+        lock(&self.pending)
+            .as_ref()
+            .and_then(|(p, _)| p.store_addr())
+            .map(|a| a.port())
+    }
+
+    /// Meets the group (once), waiting with the interpreter lock released.
+    fn join(&self, py: Python<'_>) -> PyResult<Agent> {
+        let (pending, front) = lock(&self.pending)
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this worker joined already"))?;
+        let rpc = py.detach(|| pending.join()).map_err(error)?;
+        Ok(Agent::new(rpc, front))
+    }
+}
+
 /// A pickled call a Python worker thread runs: answered once with [`Call::reply`].
 #[pyclass(frozen)]
 struct Call {
@@ -866,6 +930,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(msgpack_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack_loads, m)?)?;
     m.add_class::<Agent>()?;
+    m.add_class::<PendingAgent>()?;
     m.add_class::<Call>()?;
     m.add_class::<Held>()?;
     m.add_class::<PyRRef>()?;

@@ -209,16 +209,43 @@ def init_rpc(
     with _lock:
         if _state.current is not None:
             raise RuntimeError("RPC is already initialized")
-        agent = Agent.init(
-            name,
-            rank,
-            world_size,
-            options.init_method,
-            options.num_worker_threads,
-            float(options.rpc_timeout),
-        )
+        args = (options.num_worker_threads, float(options.rpc_timeout))
+        if options.init_method == "env://" and _under_torchrun():
+            agent = _join_through_torchrun(name, rank, world_size, *args)
+        else:
+            agent = Agent.init(name, rank, world_size, options.init_method, *args)
         _state.current = _State(agent, options.num_worker_threads)
     _profiler.install()
+
+
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process with its own store on ``MASTER_PORT``."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _join_through_torchrun(
+    name: str, rank: int, world_size: int, num_threads: int, timeout: float
+) -> Any:
+    """env:// under torchrun, whose agent hosts a torch store on ``MASTER_PORT``: rank 0
+    hosts distrpc's store on a free port and posts its address in torch's store, where the
+    others read it (``torch.distributed.TCPStore``: torch is there, torchrun is part of it)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from .._core import Agent
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    wait = timedelta(seconds=timeout if timeout > 0 else 3600)
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    key = f"distrpc/store/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if rank == 0:
+        pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", num_threads, timeout)
+        store.set(key, f"{host}:{pending.store_port}")
+        return pending.join()
+    address = store.get(key).decode()
+    return Agent.init(name, rank, world_size, f"tcp://{address}", num_threads, timeout)
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
