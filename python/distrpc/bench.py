@@ -4,11 +4,13 @@ One JSON line per workload; run both implementations in the same run and compare
 machine is shared and noisy).
 
 Workloads: ``latency`` (no-op ``rpc_sync`` p50/p90/p99), ``echo`` (a small tensor there and
-back), ``async`` (no-op ``rpc_async`` with 1/16/128 in flight,
-calls/s), ``bandwidth`` (a float32 tensor of 4 KiB / 1 / 16 / 128 MiB to a function returning
-its length, GB/s), ``init`` and ``shutdown`` of the two processes (ms), ``scale`` (init and
-shutdown of 8 processes after their imports, the slowest rank's, ms) and ``rss`` (a numpy-only
-distrpc worker's resident memory after init, MiB).
+back), ``remote`` (``remote`` of a small tensor + ``to_here``), ``async`` (no-op
+``rpc_async`` with 1/16/128 in flight, calls/s), ``bandwidth`` (a float32 tensor of 4 KiB /
+1 / 16 / 128 MiB to a function returning its length, GB/s), ``init`` and ``shutdown`` of the
+two processes (ms), ``scale`` (init and shutdown of 8 processes after their imports, the
+slowest rank's, ms) and ``rss`` (a numpy-only distrpc worker's resident memory after init,
+MiB). With both implementations, their two pairs of processes are up at once and take the
+two-process workloads in alternating blocks.
 """
 
 from __future__ import annotations
@@ -44,7 +46,68 @@ def _percentiles(samples: list[float]) -> dict:
     return {"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)}
 
 
-def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out, ready) -> None:
+def _timed(n: int, call) -> list[float]:
+    """``n`` timed calls of ``call`` after ``n // 10`` untimed ones."""
+    for _ in range(max(1, n // 10)):
+        call()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+def _latency(rpc, torch, n: int) -> list[float]:
+    return _timed(n, lambda: rpc.rpc_sync("worker1", _noop))
+
+
+def _echo_small(rpc, torch, n: int) -> list[float]:
+    small = torch.ones(4)
+    return _timed(n, lambda: rpc.rpc_sync("worker1", _echo, args=(small,)))
+
+
+def _remote(rpc, torch, n: int) -> list[float]:
+    small = torch.ones(4)
+    return _timed(n, lambda: rpc.remote("worker1", _echo, args=(small,)).to_here())
+
+
+def _async(rpc, torch, window: int, total: int) -> tuple[int, float]:
+    def burst() -> None:
+        for f in [rpc.rpc_async("worker1", _noop) for _ in range(window)]:
+            f.wait()
+
+    burst()
+    t = time.perf_counter()
+    done = 0
+    while done < total:
+        burst()
+        done += window
+    return done, time.perf_counter() - t
+
+
+def _bandwidth(rpc, torch, size: int, rounds: int) -> tuple[int, float]:
+    tensor = torch.ones(size // 4, dtype=torch.float32)
+    for _ in range(3):  # warms both sides' allocators
+        rpc.rpc_sync("worker1", _length, args=(tensor,))
+    t = time.perf_counter()
+    for _ in range(rounds):
+        rpc.rpc_sync("worker1", _length, args=(tensor,))
+    return size * rounds, time.perf_counter() - t
+
+
+_WORKLOADS = {
+    "latency": _latency,
+    "echo": _echo_small,
+    "remote": _remote,
+    "async": _async,
+    "bandwidth": _bandwidth,
+}
+
+
+def _pair(rank: int, impl: str, store: str, ready, commands, results) -> None:
+    """One of the two processes of ``impl``: rank 0 runs the workloads ``commands`` names,
+    one block at a time, and puts what it measured in ``results``."""
     import torch  # both implementations move torch tensors
 
     rpc = importlib.import_module(impl)
@@ -53,55 +116,81 @@ def _run(rank: int, impl: str, store: str, calls: int, quick: bool, out, ready) 
     started = time.perf_counter()
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     init_ms = (time.perf_counter() - started) * 1e3
-    lines = []
     if rank == 0:
-        lines.append({"workload": "init", "ms": round(init_ms, 1)})
-        for _ in range(calls // 10):  # warm up
-            rpc.rpc_sync("worker1", _noop)
-        samples = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            rpc.rpc_sync("worker1", _noop)
-            samples.append(time.perf_counter() - t)
-        lines.append({"workload": "latency", "calls": calls, **_percentiles(samples)})
-        small = torch.ones(4)
-        samples = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            rpc.rpc_sync("worker1", _echo, args=(small,))
-            samples.append(time.perf_counter() - t)
-        lines.append({"workload": "echo", "calls": calls, **_percentiles(samples)})
-        for window in (1, 16, 128):
-            total = calls * (2 if window > 1 else 1)
-            t = time.perf_counter()
-            done = 0
-            while done < total:
-                futs = [rpc.rpc_async("worker1", _noop) for _ in range(window)]
-                for f in futs:
-                    f.wait()
-                done += window
-            rate = done / (time.perf_counter() - t)
-            lines.append({"workload": "async", "window": window, "calls_per_s": round(rate)})
-        sizes = [4 << 10, 1 << 20, 16 << 20] + ([] if quick else [128 << 20])
-        for size in sizes:
-            t_ = torch.ones(size // 4, dtype=torch.float32)
-            # About 1 GiB per size (a short run is mostly the first calls' page faults and
-            # the scheduler's noise), after a few calls that warm both sides' allocators.
-            rounds = max(8, min(2000, (1 << 30) // size)) if not quick else 3
-            for _ in range(3):
-                rpc.rpc_sync("worker1", _length, args=(t_,))
-            t = time.perf_counter()
-            for _ in range(rounds):
-                rpc.rpc_sync("worker1", _length, args=(t_,))
-            gbs = size * rounds / (time.perf_counter() - t) / 1e9
-            lines.append({"workload": "bandwidth", "bytes": size, "gb_per_s": round(gbs, 3)})
+        results.put(init_ms)
+        while (command := commands.get()) is not None:
+            name, *args = command
+            results.put(_WORKLOADS[name](rpc, torch, *args))
     started = time.perf_counter()
     rpc.shutdown()
     if rank == 0:
-        lines.append(
-            {"workload": "shutdown", "ms": round((time.perf_counter() - started) * 1e3, 1)}
-        )
-    out.put(lines)
+        results.put((time.perf_counter() - started) * 1e3)
+
+
+def _plan(calls: int, quick: bool) -> list[tuple]:
+    """The workloads, each as ``(name, *args)`` for the whole run, its count last."""
+    sizes = [4 << 10, 1 << 20, 16 << 20] + ([] if quick else [128 << 20])
+    plan: list[tuple] = [("latency", calls), ("echo", calls), ("remote", calls)]
+    plan += [("async", w, calls * (2 if w > 1 else 1)) for w in (1, 16, 128)]
+    # About 1 GiB per size: a short run is mostly the first calls' page faults and noise.
+    plan += [("bandwidth", n, 3 if quick else max(8, min(2000, (1 << 30) // n))) for n in sizes]
+    return plan
+
+
+def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]]:
+    """Every two-process workload on each of ``impls``: their pairs of processes are up at
+    once and take the workloads in alternating blocks (A B B A ...), so that a slow minute of
+    this shared machine falls on both alike."""
+    ctx = mp.get_context("spawn")
+    pairs = {}
+    for impl in impls:
+        module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
+        store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+        ready, commands, results = ctx.Barrier(2), ctx.Queue(), ctx.Queue()
+        procs = [
+            ctx.Process(target=_pair, args=(r, module, store, ready, commands, results))
+            for r in (0, 1)
+        ]
+        for p in procs:
+            p.start()
+        # (The barrier is kept too: a child unpickling it after it is collected fails.)
+        pairs[impl] = (procs, commands, results, ready)
+    lines: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for impl, (_, _, results, _) in pairs.items():
+        lines[impl].append({"workload": "init", "ms": round(results.get(timeout=600), 1)})
+    blocks = 1 if quick else 4
+    for name, *args in _plan(calls, quick):
+        # Each block does its share of the run's count (the last argument).
+        share = (*args[:-1], max(1, args[-1] // blocks))
+        got: dict[str, list] = {impl: [] for impl in impls}
+        for block in range(blocks):
+            for impl in impls if block % 2 == 0 else impls[::-1]:
+                _, commands, results, _ = pairs[impl]
+                commands.put((name, *share))
+                got[impl].append(results.get(timeout=900))
+        for impl in impls:
+            lines[impl].append(_summary(name, args, got[impl]))
+    for impl, (procs, commands, results, _) in pairs.items():
+        commands.put(None)
+        lines[impl].append({"workload": "shutdown", "ms": round(results.get(timeout=600), 1)})
+        for p in procs:
+            p.join(60)
+    for impl in impls:
+        for line in lines[impl]:
+            line["impl"] = impl
+    return lines
+
+
+def _summary(name: str, args: list, blocks: list) -> dict:
+    """One JSON line of a workload, from its blocks' measurements."""
+    if name in ("latency", "echo", "remote"):
+        samples = [s for block in blocks for s in block]
+        return {"workload": name, "calls": len(samples), **_percentiles(samples)}
+    done = sum(b[0] for b in blocks)
+    seconds = sum(b[1] for b in blocks)
+    if name == "async":
+        return {"workload": name, "window": args[0], "calls_per_s": round(done / seconds)}
+    return {"workload": name, "bytes": args[0], "gb_per_s": round(done / seconds / 1e9, 3)}
 
 
 def _scale(rank: int, impl: str, store: str, world: int, out, ready) -> None:
@@ -169,28 +258,6 @@ def rss() -> dict:
     return {"workload": "rss", "numpy_only_mib": mib, "impl": "distrpc"}
 
 
-def run(impl: str, calls: int, quick: bool) -> list[dict]:
-    """Runs every workload on ``impl`` (``distrpc`` or ``torch``); returns the JSON lines."""
-    module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
-    ready = ctx.Barrier(2)
-    procs = [
-        ctx.Process(target=_run, args=(r, module, store, calls, quick, out, ready)) for r in (0, 1)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(60)
-    lines = next(r for r in results if r)
-    for line in lines:
-        line["impl"] = impl
-    lines.append(scale(impl, 2 if quick else 8))
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, runs, prints one JSON line per workload (and ratios with
     ``--impl both``)."""
@@ -210,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     calls = 100 if opts.quick else opts.calls
     impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
-    every = {impl: run(impl, calls, opts.quick) for impl in impls}
+    every = run_pairs(impls, calls, opts.quick)
+    for impl in impls:
+        every[impl].append(scale(impl, 2 if opts.quick else 8))
     if "distrpc" in every:
         every["distrpc"].append(rss())
     for lines in every.values():

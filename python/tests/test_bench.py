@@ -22,6 +22,7 @@ def test_bench_quick_prints_every_workload():
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     workloads = {line["workload"] for line in lines}
-    expected = {"init", "latency", "echo", "async", "bandwidth", "shutdown", "scale", "rss"}
+    expected = {"init", "latency", "echo", "remote", "async", "bandwidth", "shutdown", "scale"}
+    expected.add("rss")
     assert workloads == expected
     assert all(line["impl"] == "distrpc" for line in lines)
