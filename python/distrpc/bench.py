@@ -10,7 +10,8 @@ back), ``remote`` (``remote`` of a small tensor + ``to_here``), ``async`` (no-op
 two processes (ms), ``scale`` (init and shutdown of 8 processes after their imports, the
 slowest rank's, ms) and ``rss`` (a numpy-only distrpc worker's resident memory after init,
 MiB). With both implementations, their two pairs of processes are up at once and take the
-two-process workloads in alternating blocks.
+two-process workloads in alternating blocks, the idle pair stopped (SIGSTOP: torch's idle
+processes busy-poll a core each).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -140,9 +142,10 @@ def _plan(calls: int, quick: bool) -> list[tuple]:
 def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]]:
     """Every two-process workload on each of ``impls``: their pairs of processes are up at
     once and take the workloads in alternating blocks (A B B A ...), so that a slow minute of
-    this shared machine falls on both alike."""
+    this shared machine falls on both alike; the pair not measuring is stopped."""
     ctx = mp.get_context("spawn")
-    pairs = {}
+    pairs: dict = {}
+    lines: dict[str, list[dict]] = {}
     for impl in impls:
         module = {"distrpc": "distrpc.rpc", "torch": "torch.distributed.rpc"}[impl]
         store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
@@ -155,9 +158,10 @@ def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]
             p.start()
         # (The barrier is kept too: a child unpickling it after it is collected fails.)
         pairs[impl] = (procs, commands, results, ready)
-    lines: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for impl, (_, _, results, _) in pairs.items():
-        lines[impl].append({"workload": "init", "ms": round(results.get(timeout=600), 1)})
+        # Up one after the other: each pair's init is timed alone.
+        _only_running(pairs, impl)
+        init_ms = results.get(timeout=600)
+        lines.setdefault(impl, []).append({"workload": "init", "ms": round(init_ms, 1)})
     blocks = 1 if quick else 4
     for name, *args in _plan(calls, quick):
         # Each block does its share of the run's count (the last argument).
@@ -165,11 +169,13 @@ def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]
         got: dict[str, list] = {impl: [] for impl in impls}
         for block in range(blocks):
             for impl in impls if block % 2 == 0 else impls[::-1]:
+                _only_running(pairs, impl)
                 _, commands, results, _ = pairs[impl]
                 commands.put((name, *share))
                 got[impl].append(results.get(timeout=900))
         for impl in impls:
             lines[impl].append(_summary(name, args, got[impl]))
+    _only_running(pairs, None)
     for impl, (procs, commands, results, _) in pairs.items():
         commands.put(None)
         lines[impl].append({"workload": "shutdown", "ms": round(results.get(timeout=600), 1)})
@@ -179,6 +185,16 @@ def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]
         for line in lines[impl]:
             line["impl"] = impl
     return lines
+
+
+def _only_running(pairs: dict, running: str | None) -> None:
+    """Stops (SIGSTOP) every pair but ``running``'s and continues that one (all, for
+    ``None``): an idle torch process busy-polls a core, which would be taken from the pair
+    being measured on a small machine."""
+    for impl, (procs, *_) in pairs.items():
+        go = running is None or impl == running
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT if go else signal.SIGSTOP)
 
 
 def _summary(name: str, args: list, blocks: list) -> dict:

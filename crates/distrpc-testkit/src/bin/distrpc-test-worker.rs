@@ -65,6 +65,12 @@ fn double(t: Tensor) -> Result<Tensor, distrpc::TensorError> {
     distrpc::ops::add(&t, &t)
 }
 
+/// A tensor's element count (what the bandwidth benchmarks call).
+#[distrpc::function(name = "polyglot.numel")]
+fn numel(t: Tensor) -> usize {
+    t.shape().iter().product()
+}
+
 /// Fails with Rust's error type for text that is not a number.
 #[distrpc::function(name = "polyglot.parse")]
 fn parse(text: String) -> Result<i64, std::num::ParseIntError> {
@@ -114,6 +120,20 @@ fn polyglot() -> anyhow::Result<()> {
         }
         println!("{}: called {}", rpc.name(), peer.name);
     }
+    rpc.shutdown()?;
+    Ok(())
+}
+
+/// Joins the group (`DISTRPC_INIT_METHOD`) and serves until every worker shuts down: a Rust
+/// callee for other workers' measurements.
+fn serve() -> anyhow::Result<()> {
+    let init = std::env::var("DISTRPC_INIT_METHOD").context("DISTRPC_INIT_METHOD")?;
+    let rpc = Rpc::init(
+        &name()?,
+        None,
+        None,
+        RpcOptions::default().init_method(init),
+    )?;
     rpc.shutdown()?;
     Ok(())
 }
@@ -276,6 +296,7 @@ fn main() -> anyhow::Result<()> {
         Some("store_fd") => store_fd(),
         Some("liveness") => liveness(),
         Some("polyglot") => polyglot(),
+        Some("serve") => serve(),
         other => bail!("unknown scenario {other:?}"),
     }
 }
