@@ -272,6 +272,10 @@ def run_udf(
     profiler, and its events go back with the result (:mod:`distrpc._profiler`)."""
     try:
         udf = deserialize(payload, buffers, sender)
+        if isinstance(buffers, list):
+            # From here the received buffers live only as long as the arrays made of them: a
+            # buffer freed before the answer goes is reused for the caller's next frame.
+            buffers.clear()
         for rref in received_rrefs():
             if not rref._handle.wait_confirmed(60.0):
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
@@ -288,6 +292,7 @@ def run_udf(
                 done, result = _invoke(udf.udf, this, worker_info, answer)
         else:
             done, result = _invoke(udf, this, worker_info, answer)
+        udf = None  # the arguments go before the answer (see above)
         if not done:
             return
     except Exception as e:

@@ -77,6 +77,8 @@ def run(call: Any, name: str, args: list, worker_info: Any) -> None:
                 f"no function named {name!r} on {worker_info.name}: register it with "
                 "@distrpc.function(name=...) in a module the worker imports"
             )
-        call.reply_named(func(*args))
+        result = func(*args)
+        args.clear()  # the arguments (and the receive buffer under their arrays) go first
+        call.reply_named(result)
     except Exception as e:  # the function's, or a result MessagePack cannot carry
         call.fail(type(e).__name__, f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}")
