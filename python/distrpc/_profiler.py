@@ -121,6 +121,12 @@ def func_name(func: Callable[..., Any] | str, torch: Any) -> str:
     return getattr(func, "__qualname__", repr(func))
 
 
+def active() -> bool:
+    """Whether torch's autograd profiler is on for this thread (never without torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.autograd._profiler_enabled()
+
+
 @contextlib.contextmanager
 def profiled(
     exec_type: str, func: Callable[..., Any] | str, current: str, dst: str, dst_rank: int

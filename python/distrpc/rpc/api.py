@@ -302,32 +302,48 @@ def rpc_sync(
     ``#[distrpc::function]`` or a Python ``@distrpc.function(name=...)`` — called with
     ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
     state = _require()
-    name, dst = _qualname(func), _to_name(to)
+    dst = _to_name(to)
     rank = _rank_of(dst)
-    with _profiler.profiled("sync", func, state.me.name, dst, rank) as recording:
-        if isinstance(func, str):
-            args = _named_args(func, args, kwargs)
-            held = _pool.block()
-            try:
-                return state.agent.rpc_sync_named(dst, func, args, _timeout(timeout))
-            finally:
-                _pool.unblock(held)
-        udf = _internal.PythonUDF(func, args or (), kwargs or {})
-        if recording is None:
-            payload, buffers = _internal.serialize(udf)
-        else:
-            with recording.hidden():
-                payload, buffers = _internal.serialize(recording.wrap(udf))
+    if _profiler.active():
+        with _profiler.profiled("sync", func, state.me.name, dst, rank) as recording:
+            return _sync(state, dst, rank, func, args, kwargs, timeout, recording)
+    return _sync(state, dst, rank, func, args, kwargs, timeout, None)
+
+
+def _sync(
+    state: _State,
+    dst: str,
+    rank: int,
+    func: Callable[..., Any] | str,
+    args: tuple | None,
+    kwargs: dict | None,
+    timeout: float,
+    recording: _profiler.Recording | None,
+) -> Any:
+    """:func:`rpc_sync` once its destination is known (and its profiling, if any, begun)."""
+    if isinstance(func, str):
+        named = _named_args(func, args, kwargs)
         held = _pool.block()
         try:
-            reply = state.agent.rpc_sync(dst, name, payload, buffers, _timeout(timeout))
+            return state.agent.rpc_sync_named(dst, func, named, _timeout(timeout))
         finally:
             _pool.unblock(held)
-        if recording is None:
-            result = _internal.deserialize(*reply, rank)
-        else:
-            with recording.hidden():
-                result = recording.received(_internal.deserialize(*reply, rank))
+    udf = _internal.PythonUDF(func, args or (), kwargs or {})
+    if recording is None:
+        payload, buffers = _internal.serialize(udf)
+    else:
+        with recording.hidden():
+            payload, buffers = _internal.serialize(recording.wrap(udf))
+    held = _pool.block()
+    try:
+        reply = state.agent.rpc_sync(dst, _qualname(func), payload, buffers, _timeout(timeout))
+    finally:
+        _pool.unblock(held)
+    if recording is None:
+        result = _internal.deserialize(*reply, rank)
+    else:
+        with recording.hidden():
+            result = recording.received(_internal.deserialize(*reply, rank))
     return _internal._handle_exception(result)
 
 
@@ -342,32 +358,48 @@ def rpc_async(
     the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API). ``func``
     may be a name, as for :func:`rpc_sync`."""
     state = _require()
-    name, dst = _qualname(func), _to_name(to)
+    dst = _to_name(to)
+    rank = _rank_of(dst)
+    if _profiler.active():
+        with _profiler.profiled("async", func, state.me.name, dst, rank) as recording:
+            fut = _async(state, dst, rank, func, args, kwargs, timeout, recording)
+            # The call's event ends when its future completes, as torch's does.
+            return recording.until(fut) if recording is not None else fut
+    return _async(state, dst, rank, func, args, kwargs, timeout, None)
+
+
+def _async(
+    state: _State,
+    dst: str,
+    rank: int,
+    func: Callable[..., Any] | str,
+    args: tuple | None,
+    kwargs: dict | None,
+    timeout: float,
+    recording: _profiler.Recording | None,
+) -> Any:
+    """:func:`rpc_async` once its destination is known (and its profiling, if any, begun)."""
     torch = sys.modules.get("torch")
     # torch's own future when the program uses torch (torch.futures.wait_all, then, ...).
     fut: Any = torch.futures.Future() if torch is not None else Future()
-    rank = _rank_of(dst)
-    with _profiler.profiled("async", func, state.me.name, dst, rank) as recording:
-        if isinstance(func, str):
-            named_args = _named_args(func, args, kwargs)
+    if isinstance(func, str):
+        named = _named_args(func, args, kwargs)
 
-            def start() -> int:
-                return state.agent.rpc_async_named(dst, func, named_args, _timeout(timeout))
+        def start() -> int:
+            return state.agent.rpc_async_named(dst, func, named, _timeout(timeout))
+    else:
+        udf = _internal.PythonUDF(func, args or (), kwargs or {})
+        if recording is None:
+            payload, buffers = _internal.serialize(udf)
         else:
-            udf = _internal.PythonUDF(func, args or (), kwargs or {})
-            if recording is None:
-                payload, buffers = _internal.serialize(udf)
-            else:
-                with recording.hidden():
-                    payload, buffers = _internal.serialize(recording.wrap(udf))
+            with recording.hidden():
+                payload, buffers = _internal.serialize(recording.wrap(udf))
+        name = _qualname(func)
 
-            def start() -> int:
-                return state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
+        def start() -> int:
+            return state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
 
-        state.track(start, fut, rank, recording)
-        if recording is not None:
-            # The call's event ends when its future completes, as torch's does.
-            return recording.until(fut)
+    state.track(start, fut, rank, recording)
     return fut
 
 
