@@ -310,6 +310,18 @@ def rpc_sync(
     return _sync(state, dst, rank, func, args, kwargs, timeout, None)
 
 
+def _pickled_call(
+    func: Callable[..., Any], args: tuple | None, kwargs: dict | None, recording: Any
+) -> tuple[bytes, list]:
+    """The call as torch's ``internal.py`` sends it: a ``PythonUDF`` pickled, with the profiler
+    configuration when the caller profiles it (distrpc's own pickling left out of the profile)."""
+    udf = _internal.PythonUDF(func, args or (), kwargs or {})
+    if recording is None:
+        return _internal.serialize(udf)
+    with recording.hidden():
+        return _internal.serialize(recording.wrap(udf))
+
+
 def _sync(
     state: _State,
     dst: str,
@@ -328,12 +340,7 @@ def _sync(
             return state.agent.rpc_sync_named(dst, func, named, _timeout(timeout))
         finally:
             _pool.unblock(held)
-    udf = _internal.PythonUDF(func, args or (), kwargs or {})
-    if recording is None:
-        payload, buffers = _internal.serialize(udf)
-    else:
-        with recording.hidden():
-            payload, buffers = _internal.serialize(recording.wrap(udf))
+    payload, buffers = _pickled_call(func, args, kwargs, recording)
     held = _pool.block()
     try:
         reply = state.agent.rpc_sync(dst, _qualname(func), payload, buffers, _timeout(timeout))
@@ -388,12 +395,7 @@ def _async(
         def start() -> int:
             return state.agent.rpc_async_named(dst, func, named, _timeout(timeout))
     else:
-        udf = _internal.PythonUDF(func, args or (), kwargs or {})
-        if recording is None:
-            payload, buffers = _internal.serialize(udf)
-        else:
-            with recording.hidden():
-                payload, buffers = _internal.serialize(recording.wrap(udf))
+        payload, buffers = _pickled_call(func, args, kwargs, recording)
         name = _qualname(func)
 
         def start() -> int:
