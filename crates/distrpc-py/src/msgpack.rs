@@ -22,7 +22,7 @@ use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple,
 };
 
-use crate::{Lent, held};
+use crate::buffers::{Lent, held};
 
 /// How deep values may nest, either way (a peer's payload must not exhaust the stack).
 const MAX_DEPTH: usize = 128;
