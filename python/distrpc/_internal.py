@@ -229,13 +229,20 @@ def _plain(obj: Any) -> bool:
     )
 
 
+def _wire(obj: Any) -> Any:
+    """What goes on the wire for ``obj``: a ``PythonUDF`` as a plain ``(func, args, kwargs)``
+    tuple (pickling the named tuple's class by reference costs more than the rest of a small
+    call, both ways); anything else as it is."""
+    return tuple(obj) if type(obj) is PythonUDF else obj
+
+
 def serialize(obj: Any) -> tuple[bytes, list[Buffer]]:
     """Pickles ``obj`` for the wire: the pickle, and the buffers taken out of band. Fails
     before anything is sent if something in it cannot be pickled. (What the reducers would
     leave as it is goes through ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     if _default_pickler is _internal_rpc_pickler and _plain(obj):
-        return pickle.dumps(obj, protocol=5), []
-    return _default_pickler.serialize(obj)
+        return pickle.dumps(_wire(obj), protocol=5), []
+    return _default_pickler.serialize(_wire(obj))
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
@@ -329,11 +336,14 @@ def _invoke(
 ) -> tuple[bool, Any]:
     """Runs ``udf``: ``(True, result)``, or ``(False, None)`` when an ``@async_execution``
     function returned a future that will hand ``answer`` its result."""
-    if not isinstance(udf, PythonUDF):
+    # A PythonUDF, or the plain (func, args, kwargs) tuple it travels as.
+    if not isinstance(udf, tuple) or len(udf) != 3:
         raise TypeError(f"expected a PythonUDF, got {type(udf).__name__}")
-    args = udf.args if this is None else (this, *udf.args)
-    result: Any = udf.func(*args, **udf.kwargs)
-    if getattr(udf.func, "_wrapped_async_rpc_function", None) is None:
+    func, args, kwargs = udf
+    if this is not None:
+        args = (this, *args)
+    result: Any = func(*args, **kwargs)
+    if getattr(func, "_wrapped_async_rpc_function", None) is None:
         return True, result
 
     def when_done(fut: Any) -> None:

@@ -137,19 +137,25 @@ pub(crate) struct Call {
 impl Call {
     /// Sends the pickled result and its out-of-band buffers (an exception is pickled too:
     /// see `distrpc._internal`).
-    fn reply(&self, py: Python<'_>, payload: Vec<u8>, buffers: Vec<Loan>) -> PyResult<()> {
+    ///
+    /// The interpreter lock is kept while the reply goes: sending never waits (the socket is
+    /// non-blocking; what does not fit is queued for the connection's writer) nor needs a
+    /// thread that waits for the lock, and letting the lock go here handed it to another
+    /// worker thread on every call under load (`rpc_async` at window 128: 19–22k calls/s with
+    /// the hand-over, 29–31k without).
+    fn reply(&self, payload: Vec<u8>, buffers: Vec<Loan>) -> PyResult<()> {
         let reply = self.take()?;
-        let tensors = lent(buffers)?;
-        py.detach(|| reply.ok(payload, tensors));
+        reply.ok(payload, lent(buffers)?);
         Ok(())
     }
 
     /// Sends `result` of a call by name, in MessagePack (a `TypeError` if it has something
     /// MessagePack cannot carry; the call is still unanswered then).
-    fn reply_named(&self, py: Python<'_>, result: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// The interpreter lock is kept while it goes, as in [`Call::reply`].
+    fn reply_named(&self, result: &Bound<'_, PyAny>) -> PyResult<()> {
         let (payload, tensors) = msgpack::encode(result)?;
         let reply = self.take()?;
-        py.detach(|| reply.ok(payload, tensors));
+        reply.ok(payload, tensors);
         Ok(())
     }
 
