@@ -48,7 +48,13 @@ def _lend(buffer: pickle.PickleBuffer) -> Buffer:
     view = buffer.raw()
     if view.nbytes == 0:
         return (0, 0, view)
+    base = view.obj
+    if isinstance(base, ctypes.Array):  # a tensor's memory (_reduce_tensor)
+        return (ctypes.addressof(base), view.nbytes, view)
     import numpy as np  # out-of-band buffers come from arrays, so numpy is there
+
+    if type(base) is np.ndarray:  # contiguous (raw() checked): its data is the buffer
+        return (base.__array_interface__["data"][0], view.nbytes, view)
 
     address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
     return (address, view.nbytes, view)
@@ -160,12 +166,20 @@ def _rebuild_rref(fork: bytes) -> Any:
     return rref
 
 
+#: Values the default pickler's reducers never change: pickled by ``pickle`` alone.
+_ATOMS = frozenset({type(None), bool, int, float, str, bytes})
+#: Functions pickled by reference, as ``pickle`` does: script functions are not among them.
+_PLAIN_FUNCTIONS = frozenset({types.FunctionType, types.BuiltinFunctionType})
+
+
 class _Pickler(pickle.Pickler):
     """Protocol 5; torch tensors reduced as :func:`_reduce_tensor` says, when the program
     uses torch (it is never imported here otherwise); an ``RRef`` forked (seed's
     ``_py_rref_reducer``)."""
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _PLAIN_FUNCTIONS:  # the call's function, a rebuilding function
+            return NotImplemented
         torch = sys.modules.get("torch")
         if torch is not None:
             reduced = _reduce_torch(obj, torch)
@@ -207,12 +221,6 @@ class _InternalRPCPickler:
 _internal_rpc_pickler = _InternalRPCPickler()
 #: The pickler in use (``rpc.api._use_rpc_pickler`` swaps it for one with custom reducers).
 _default_pickler = _internal_rpc_pickler
-
-
-#: Values the default pickler's reducers never change: pickled by ``pickle`` alone.
-_ATOMS = frozenset({type(None), bool, int, float, str, bytes})
-#: Functions pickled by reference, as ``pickle`` does: script functions are not among them.
-_PLAIN_FUNCTIONS = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
 def _plain(obj: Any) -> bool:
