@@ -54,15 +54,6 @@ class Agent:
     """One worker of a group."""
 
     @staticmethod
-    def init(
-        name: str,
-        rank: int,
-        world_size: int,
-        init_method: str,
-        num_worker_threads: int,
-        rpc_timeout: float,
-    ) -> Agent: ...
-    @staticmethod
     def bind(
         name: str,
         rank: int,

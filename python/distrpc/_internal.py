@@ -88,32 +88,42 @@ def _rebuild_tensor(buffer: Any, dtype: str, shape: tuple, requires_grad: bool) 
     return tensor
 
 
-def _reduce_tensor(tensor: Any) -> tuple:
-    """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are:
-    lent from the tensor's own memory (no torch operator runs for a contiguous tensor, so a
-    profile shows none)."""
-    import torch
-
+def _tensor_bytes(tensor: Any) -> Any:
+    """A CPU tensor's memory as bytes to lend without a copy: a ctypes array over it that keeps
+    it alive (an empty ``bytearray`` for no bytes), made contiguous first. No torch operator
+    runs for a contiguous tensor, so a profile shows none."""
     if tensor.device.type != "cpu":
         raise RuntimeError(
             f"distrpc sends CPU tensors only, and this one is on {tensor.device}: "
             "move it with .cpu() (device maps are not supported)"
         )
-    if tensor.layout != torch.strided or tensor.is_quantized:
-        return tensor.__reduce_ex__(5)  # torch's own pickling, in band
     data = tensor
     if data.is_conj() or data.is_neg():
         data = data.resolve_conj().resolve_neg()
     if not data.is_contiguous():
         data = data.contiguous()
     nbytes = data.numel() * data.element_size()
-    raw: Any = bytearray()
-    if nbytes:
-        raw = (ctypes.c_char * nbytes).from_address(data.data_ptr())
-        raw._owner = data  # keeps the tensor's memory alive while the bytes are lent
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    args = (pickle.PickleBuffer(raw), dtype, tuple(tensor.shape), tensor.requires_grad)
-    return (_rebuild_tensor, args)
+    if not nbytes:
+        return bytearray()
+    raw = (ctypes.c_char * nbytes).from_address(data.data_ptr())
+    raw._owner = data  # keeps the tensor's memory alive while the bytes are lent
+    return raw
+
+
+def _dtype_name(tensor: Any) -> str:
+    """``float32`` for ``torch.float32``: numpy's name too, for the five dtypes they share."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _reduce_tensor(tensor: Any) -> tuple:
+    """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are:
+    lent from the tensor's own memory."""
+    import torch
+
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return tensor.__reduce_ex__(5)  # torch's own pickling, in band
+    raw = pickle.PickleBuffer(_tensor_bytes(tensor))
+    return (_rebuild_tensor, (raw, _dtype_name(tensor), tuple(tensor.shape), tensor.requires_grad))
 
 
 def _script_function(module: str, name: str) -> Any:
@@ -371,10 +381,10 @@ def typed_buffer(obj: Any) -> Any:
     (a non-contiguous one is made contiguous first); a numpy scalar's Python number; ``None``
     for anything else."""
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        if obj.device.type != "cpu":
-            raise RuntimeError(f"distrpc sends CPU tensors only, and this one is on {obj.device}")
-        obj = obj.detach().contiguous().numpy()  # a view of the tensor's memory
+    if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided:
+        raw = _tensor_bytes(obj)
+        address = ctypes.addressof(raw) if len(raw) else 0
+        return (address, len(raw), raw, _dtype_name(obj), tuple(obj.shape))
     np = sys.modules.get("numpy")
     if np is None:
         return None

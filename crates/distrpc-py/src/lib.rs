@@ -192,28 +192,9 @@ struct Agent {
 
 #[pymethods]
 impl Agent {
-    /// Joins the group (torch's `init_rpc`), waiting with the interpreter lock released.
-    #[staticmethod]
-    #[pyo3(signature = (name, rank, world_size, init_method, num_worker_threads, rpc_timeout))]
-    fn init(
-        py: Python<'_>,
-        name: String,
-        rank: usize,
-        world_size: usize,
-        init_method: String,
-        num_worker_threads: usize,
-        rpc_timeout: f64,
-    ) -> PyResult<Agent> {
-        let (options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
-        let rpc = py
-            .detach(|| Rpc::init(&name, rank, world_size, options))
-            .map_err(error)?;
-        Ok(Agent::new(rpc, front))
-    }
-
-    /// The first half of [`Agent::init`]: binds this worker (rank 0 also its store, whose
-    /// port [`PendingAgent::store_port`] gives: pass it to the others), without meeting the
-    /// group yet.
+    /// Binds this worker (rank 0 also its store, whose port [`PendingAgent::store_port`]
+    /// gives: pass it to the others); [`PendingAgent::join`] then meets the group (torch's
+    /// `init_rpc` is both), each waiting with the interpreter lock released.
     #[staticmethod]
     #[pyo3(signature = (name, rank, world_size, init_method, num_worker_threads, rpc_timeout))]
     fn bind(

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use distrpc::{DType, TENSOR_EXT, Tensor};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple,
 };
@@ -54,28 +55,32 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// `distrpc._internal.typed_buffer` (an array's `(address, length, owner, dtype, shape)`, a
+/// numpy scalar's Python number, or `None`) and `distrpc._internal.array` (a received
+/// tensor's numpy array), looked up once.
+static TYPED_BUFFER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static ARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
 /// Encodes `obj` (the arguments, or a result), its arrays into a tensor table.
 pub(crate) fn encode(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, Vec<Tensor>)> {
-    let internal = obj.py().import("distrpc._internal")?;
     let mut encoder = Encoder {
         out: Vec::with_capacity(64),
         tensors: Vec::new(),
-        typed_buffer: internal.getattr("typed_buffer")?,
+        typed_buffer: TYPED_BUFFER.import(obj.py(), "distrpc._internal", "typed_buffer")?,
     };
     encoder.value(obj, 0)?;
     Ok((encoder.out, encoder.tensors))
 }
 
-struct Encoder<'py> {
+struct Encoder<'a, 'py> {
     out: Vec<u8>,
     tensors: Vec<Tensor>,
-    /// `distrpc._internal.typed_buffer`: an array's `(address, length, owner, dtype, shape)`,
-    /// a numpy scalar's Python number, or `None`.
-    typed_buffer: Bound<'py, PyAny>,
+    /// [`TYPED_BUFFER`].
+    typed_buffer: &'a Bound<'py, PyAny>,
 }
 
 // Writing to a Vec cannot fail: rmp's `Result`s are `Ok` here.
-impl Encoder<'_> {
+impl Encoder<'_, '_> {
     fn value(&mut self, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<()> {
         if depth > MAX_DEPTH {
             return Err(PyValueError::new_err(format!(
@@ -174,7 +179,6 @@ pub(crate) fn decode<'py>(
         py,
         input: payload,
         tensors: tensors.into_iter().map(Some).collect(),
-        array: None,
     };
     let value = decoder.value(0)?;
     if !decoder.input.is_empty() {
@@ -195,8 +199,6 @@ struct Decoder<'a, 'py> {
     input: &'a [u8],
     /// The frame's tensors; each can be taken once.
     tensors: Vec<Option<Tensor>>,
-    /// `distrpc._internal.array`, imported at the first tensor.
-    array: Option<Bound<'py, PyAny>>,
 }
 
 impl<'py> Decoder<'_, 'py> {
@@ -342,14 +344,7 @@ impl<'py> Decoder<'_, 'py> {
             })?;
         let py = self.py;
         let (dtype, shape) = (dtype_name(tensor.dtype()), tensor.shape().to_vec());
-        let array = match &self.array {
-            Some(array) => array.clone(),
-            None => {
-                let array = py.import("distrpc._internal")?.getattr("array")?;
-                self.array = Some(array.clone());
-                array
-            }
-        };
+        let array = ARRAY.import(py, "distrpc._internal", "array")?;
         let (addr, len, owner) = held(py, vec![tensor])?.remove(0);
         array.call1((addr, len, owner, dtype, shape))
     }

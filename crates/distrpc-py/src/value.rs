@@ -55,7 +55,7 @@ impl PyValue {
 }
 
 /// `distrpc._internal.serialize`, looked up once.
-pub(crate) static SERIALIZE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+static SERIALIZE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
 
 impl Value for PyValue {
     fn encode(&self) -> Result<Reply, String> {

@@ -255,6 +255,9 @@ fn rust_calls_a_fronts_function_by_name() {
             && r.worker == "worker1" && r.function == "front.missing"),
         "{e:?}"
     );
+    // `remote()` by name reaches the front too: the value it answers is kept on worker1.
+    let product: distrpc::RRef<i64> = rpcs[0].remote("worker1", &mul, (6, 7));
+    assert_eq!(product.to_here().unwrap(), 42);
     // Without a MessagePack front, an unknown name is the usual error naming it.
     let e = rpcs[1].rpc_sync("worker0", &mul, (6, 7)).unwrap_err();
     assert!(e.to_string().contains("front.mul"), "{e}");

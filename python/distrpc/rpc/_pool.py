@@ -3,13 +3,9 @@ one more for each that blocks waiting on a call of its own — a function callin
 or ``to_here`` inside — so that nested calls never run out of threads, however many are in
 flight. A thread beyond the pool's size ends once it is idle again.
 
-Example (how a blocking wait on a pool thread is marked)::
+Example (a blocking wait, marked for the pool if a pool thread makes it)::
 
-    held = _pool.block()        # None off the pool's threads: nothing to do
-    try:
-        reply = agent.rpc_sync(...)
-    finally:
-        _pool.unblock(held)
+    reply = _pool.waiting(agent.rpc_sync, to, name, payload, buffers, timeout)
 """
 
 from __future__ import annotations
@@ -82,16 +78,14 @@ class Pool:
             self._blocked -= 1
 
 
-def block() -> Pool | None:
-    """Marks the calling thread as blocked in a wait if it is a pool thread (another thread
-    takes its place in the pool); returns what :func:`unblock` takes."""
+def waiting(wait: Callable[..., Any], *args: Any) -> Any:
+    """``wait(*args)``, the calling thread counted as blocked meanwhile if it is a pool thread
+    (another thread takes its place in the pool)."""
     pool = getattr(_local, "pool", None)
-    if pool is not None:
-        pool._block()
-    return pool
-
-
-def unblock(pool: Pool | None) -> None:
-    """Ends what :func:`block` began."""
-    if pool is not None:
+    if pool is None:
+        return wait(*args)
+    pool._block()
+    try:
+        return wait(*args)
+    finally:
         pool._unblock()

@@ -28,7 +28,7 @@ def timeout(seconds: float) -> float | None:
 
 def rank_of(name: str) -> int:
     """The rank of the worker named ``name``."""
-    for info in require().infos:
-        if info.name == name:
-            return info.id
-    raise RuntimeError(f"Unknown destination worker {name}")
+    rank = require().ranks.get(name)
+    if rank is None:
+        raise RuntimeError(f"Unknown destination worker {name}")
+    return rank

@@ -97,6 +97,7 @@ class _State:
         self.agent = agent
         self.me = WorkerInfo(agent.name, agent.rank)
         self.infos = [WorkerInfo(name, rank) for rank, name in agent.worker_infos()]
+        self.ranks = {info.name: info.id for info in self.infos}
         self.stopping = threading.Event()
         self.pending: dict[int, tuple[Any, int]] = {}
         self.pending_lock = threading.Lock()
@@ -112,7 +113,8 @@ class _State:
         call, function, payload, buffers, caller, this, keep = item
         try:
             if buffers is None:  # a call by name: `payload` is its decoded arguments
-                _named.run(call, function, payload, self.me)
+                args = payload if this is None else [this, *payload]  # a method: its value first
+                _named.run(call, function, args, self.me)
                 return
             _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
         except Exception:  # noqa: BLE001 - the thread must go on serving
@@ -213,7 +215,7 @@ def init_rpc(
         if options.init_method == "env://" and _under_torchrun():
             agent = _join_through_torchrun(name, rank, world_size, *args)
         else:
-            agent = Agent.init(name, rank, world_size, options.init_method, *args)
+            agent = Agent.bind(name, rank, world_size, options.init_method, *args).join()
         _state.current = _State(agent, options.num_worker_threads)
     _profiler.install()
 
@@ -245,7 +247,7 @@ def _join_through_torchrun(
         store.set(key, f"{host}:{pending.store_port}")
         return pending.join()
     address = store.get(key).decode()
-    return Agent.init(name, rank, world_size, f"tcp://{address}", num_threads, timeout)
+    return Agent.bind(name, rank, world_size, f"tcp://{address}", num_threads, timeout).join()
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
@@ -253,10 +255,7 @@ def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
     state = _require()
     if worker_name is None:
         return state.me
-    for info in state.infos:
-        if info.name == worker_name:
-            return info
-    raise RuntimeError(f"Unknown destination worker {worker_name}")
+    return state.infos[_rank_of(worker_name)]  # in rank order
 
 
 def _to_name(to: str | int | WorkerInfo) -> str:
@@ -335,17 +334,10 @@ def _sync(
     """:func:`rpc_sync` once its destination is known (and its profiling, if any, begun)."""
     if isinstance(func, str):
         named = _named_args(func, args, kwargs)
-        held = _pool.block()
-        try:
-            return state.agent.rpc_sync_named(dst, func, named, _timeout(timeout))
-        finally:
-            _pool.unblock(held)
+        return _pool.waiting(state.agent.rpc_sync_named, dst, func, named, _timeout(timeout))
     payload, buffers = _pickled_call(func, args, kwargs, recording)
-    held = _pool.block()
-    try:
-        reply = state.agent.rpc_sync(dst, _qualname(func), payload, buffers, _timeout(timeout))
-    finally:
-        _pool.unblock(held)
+    agent, name = state.agent, _qualname(func)
+    reply = _pool.waiting(agent.rpc_sync, dst, name, payload, buffers, _timeout(timeout))
     if recording is None:
         result = _internal.deserialize(*reply, rank)
     else:

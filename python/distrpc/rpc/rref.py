@@ -82,11 +82,7 @@ class RRef(Generic[T]):
 
     def to_here(self, timeout: float = -1) -> T:
         """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default)."""
-        held = _pool.block()
-        try:
-            payload, buffers = self._handle.to_here(None if timeout == -1 else float(timeout))
-        finally:
-            _pool.unblock(held)
+        payload, buffers = _pool.waiting(self._handle.to_here, _state.timeout(timeout))
         owner = self._handle.owner()[0]
         return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
 
@@ -144,11 +140,7 @@ def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeo
     name, handle = f"{rref.owner_name()}.{method}", rref._handle
     owner = handle.owner()[0]
     if kind == "sync":
-        held = _pool.block()
-        try:
-            reply = handle.rpc_sync(name, payload, buffers, _state.timeout(timeout))
-        finally:
-            _pool.unblock(held)
+        reply = _pool.waiting(handle.rpc_sync, name, payload, buffers, _state.timeout(timeout))
         return _internal._handle_exception(_internal.deserialize(*reply, owner))
     if kind == "remote":
         return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))

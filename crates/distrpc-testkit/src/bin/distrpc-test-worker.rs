@@ -88,11 +88,7 @@ struct Stats {
 /// Python functions registered by name on every other worker through typed handles, checks
 /// what comes back, serves the Python workers' calls, and shuts down with them.
 fn polyglot() -> anyhow::Result<()> {
-    let init = std::env::var("DISTRPC_INIT_METHOD").context("DISTRPC_INIT_METHOD")?;
-    let options = RpcOptions::default()
-        .init_method(init)
-        .rpc_timeout(Duration::from_secs(30));
-    let rpc = Rpc::init(&name()?, None, None, options)?;
+    let rpc = join_python_group(Duration::from_secs(30))?;
     let mul = distrpc::Function::<(i64, i64), i64>::named("py.mul");
     let py_double = distrpc::Function::<(Tensor,), Tensor>::named("py.double");
     let stats = distrpc::Function::<(Vec<f64>,), Stats>::named("py.stats");
@@ -124,16 +120,18 @@ fn polyglot() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Joins the group of Python workers the tests started (`DISTRPC_INIT_METHOD`, with `RANK`
+/// and `WORLD_SIZE`) as `worker{RANK}`.
+fn join_python_group(timeout: Duration) -> anyhow::Result<Rpc> {
+    let init = std::env::var("DISTRPC_INIT_METHOD").context("DISTRPC_INIT_METHOD")?;
+    let options = RpcOptions::default().init_method(init).rpc_timeout(timeout);
+    Ok(Rpc::init(&name()?, None, None, options)?)
+}
+
 /// Joins the group (`DISTRPC_INIT_METHOD`) and serves until every worker shuts down: a Rust
 /// callee for other workers' measurements.
 fn serve() -> anyhow::Result<()> {
-    let init = std::env::var("DISTRPC_INIT_METHOD").context("DISTRPC_INIT_METHOD")?;
-    let rpc = Rpc::init(
-        &name()?,
-        None,
-        None,
-        RpcOptions::default().init_method(init),
-    )?;
+    let rpc = join_python_group(Duration::from_secs(60))?;
     rpc.shutdown()?;
     Ok(())
 }

@@ -303,22 +303,13 @@ impl RRefService {
             None => Completion::Reply(Kind::Result),
         };
         let name = name_str(&name);
-        match Codec::of(frame.flags) {
-            Some(Codec::MessagePack) => {
-                let request = self.server.request(args, frame.tensors, from);
-                self.dispatch(reply_to, frame.id, name, request, this, completion);
-            }
-            codec => {
-                let call = ForeignCall {
-                    function: name.to_string(),
-                    payload: args,
-                    tensors: frame.tensors,
-                    from,
-                    this: None,
-                    keep: created.is_some(),
-                };
-                self.dispatch_foreign(reply_to, frame.id, codec, call, this, completion);
-            }
+        let codec = Codec::of(frame.flags);
+        if self.server.for_front(codec, name) {
+            let call = ForeignCall::arrived(name, args, frame.tensors, from, created.is_some());
+            self.dispatch_foreign(reply_to, frame.id, codec, call, this, completion);
+        } else {
+            let request = self.server.request(args, frame.tensors, from);
+            self.dispatch(reply_to, frame.id, name, request, this, completion);
         }
         Ok(())
     }

@@ -47,6 +47,26 @@ pub struct ForeignCall {
     pub keep: bool,
 }
 
+impl ForeignCall {
+    /// The call of `function` from worker `from`, as it arrived (not yet on a value).
+    pub(crate) fn arrived(
+        function: &str,
+        payload: Bytes,
+        tensors: Vec<Tensor>,
+        from: u32,
+        keep: bool,
+    ) -> Self {
+        Self {
+            function: function.to_string(),
+            payload,
+            tensors,
+            from,
+            this: None,
+            keep,
+        }
+    }
+}
+
 impl std::fmt::Debug for ForeignCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ForeignCall")
@@ -145,6 +165,19 @@ impl Value for Encoded {
 }
 
 impl Server {
+    /// Whether a call of `name` in `codec` (`None`: a mark this build does not know) goes to
+    /// a front rather than to the registry: every call Rust cannot read, and a MessagePack call
+    /// to a name Rust lacks when a front takes MessagePack calls (a function of the front's own,
+    /// Python's `@distrpc.function(name=...)`). Plain calls, `remote()` and method calls alike.
+    pub(crate) fn for_front(&self, codec: Option<Codec>, name: &str) -> bool {
+        match codec {
+            Some(Codec::MessagePack) => {
+                self.foreign.contains_key(&Codec::MessagePack) && self.registry.get(name).is_none()
+            }
+            _ => true,
+        }
+    }
+
     /// A call whose arguments are in `codec` (`None`: a mark this build does not know): to the
     /// foreign handler registered for it, or an error that names what is missing.
     pub(crate) fn on_foreign_call(

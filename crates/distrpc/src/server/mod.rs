@@ -281,30 +281,11 @@ impl Server {
             crate::call::payload::parse_call_head(&frame.payload).ok_or("malformed call")?;
         let name = crate::call::payload::name_str(&name);
         let codec = Codec::of(frame.flags);
-        // A MessagePack call goes to the registry, unless a front registered a handler for
-        // MessagePack and the name is not a Rust function: a function of the front's own
-        // (Python's `@distrpc.function(name=...)`).
-        let foreign = match codec {
-            Some(Codec::MessagePack) => {
-                self.registry.get(name).is_none() && self.foreign.contains_key(&Codec::MessagePack)
-            }
-            _ => true,
-        };
-        match codec {
-            _ if !foreign => {}
-            codec => {
-                let call = ForeignCall {
-                    function: name.to_string(),
-                    payload: args,
-                    tensors: frame.tensors,
-                    from,
-                    this: None,
-                    keep: false,
-                };
-                let completion = Completion::Reply(Kind::Result);
-                self.on_foreign_call(reply_to, frame.id, codec, call, completion);
-                return Ok(());
-            }
+        if self.for_front(codec, name) {
+            let call = ForeignCall::arrived(name, args, frame.tensors, from, false);
+            let completion = Completion::Reply(Kind::Result);
+            self.on_foreign_call(reply_to, frame.id, codec, call, completion);
+            return Ok(());
         }
         let request = self.request(args, frame.tensors, from);
         let completion = Completion::Reply(Kind::Result);
