@@ -27,14 +27,15 @@ pub(crate) struct BenchArgs {
     /// instructions per call.
     #[arg(long)]
     calls: Option<usize>,
-    /// Workloads to run (default: all): latency, latency_busy, echo, throughput, bandwidth,
-    /// remote, scaling, memory, raw.
+    /// Workloads to run (default: all): latency, latency_busy, latency_pool, echo, throughput,
+    /// bandwidth, remote, scaling, memory, raw.
     workloads: Vec<String>,
 }
 
 const WORKLOADS: &[&str] = &[
     "latency",
     "latency_busy",
+    "latency_pool",
     "echo",
     "throughput",
     "bandwidth",
@@ -51,6 +52,11 @@ const SIZES: [usize; 4] = [4 << 10, 1 << 20, 16 << 20, 128 << 20];
 
 #[distrpc::function(inline)]
 fn noop() {}
+
+/// A no-op run on the worker pool, not on the reader (`latency_pool`): the hop a call to a
+/// Python function always makes, measured for Rust.
+#[distrpc::function]
+fn noop_pool() {}
 
 #[distrpc::function(inline)]
 fn echo(t: Tensor) -> Tensor {
@@ -222,6 +228,10 @@ fn measure(rpc: &Rpc, workload: &str, scale: Scale) -> anyhow::Result<()> {
     match workload {
         "latency" | "latency_busy" => {
             let mut s = time_calls(scale.calls, || Ok(rpc.rpc_sync(0, noop, ())?))?;
+            println!("{}", percentiles_json(workload, &mut s));
+        }
+        "latency_pool" => {
+            let mut s = time_calls(scale.calls, || Ok(rpc.rpc_sync(0, noop_pool, ())?))?;
             println!("{}", percentiles_json(workload, &mut s));
         }
         "echo" => {

@@ -16,6 +16,7 @@ static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const LATENCY: &[(&str, &str)] = &[
     ("raw_pingpong", "raw TCP"),
     ("latency", "rpc_sync"),
+    ("latency_pool", "rpc_sync on the pool"),
     ("echo", "echo tensor"),
     ("remote", "remote+to_here"),
     ("raw_pingpong_busy", "raw TCP busy"),

@@ -277,7 +277,8 @@ def _qualname(func: Callable[..., Any] | str) -> str:
     if isinstance(func, str):
         return func
     module = getattr(func, "__module__", None) or "?"
-    return f"{module}.{getattr(func, '__qualname__', repr(func))}"
+    qualname = getattr(func, "__qualname__", None)
+    return f"{module}.{qualname if qualname is not None else repr(func)}"
 
 
 def _named_args(func: str, args: tuple | None, kwargs: dict | None) -> list:
