@@ -61,6 +61,8 @@ class Agent:
         init_method: str,
         num_worker_threads: int,
         rpc_timeout: float,
+        auth_token: str | None = None,
+        listen_ip: str | None = None,
     ) -> PendingAgent: ...
     @property
     def name(self) -> str: ...

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     rpc.init_rpc(f"worker{rank}")  # rank, world size and store from the environment
     peer = f"worker{(rank + 1) % int(os.environ['WORLD_SIZE'])}"
     print("sum", rpc.rpc_sync(peer, operator.add, args=(rank, 100)))
+    print("token", len(os.environ.get("DISTRPC_AUTH_TOKEN", "")))
     rpc.shutdown()
     """
 )
@@ -34,6 +35,8 @@ def test_launch_starts_a_group_by_env(tmp_path):
     assert out.returncode == 0, out.stderr
     for rank in range(3):
         assert f"[{rank}] sum {rank + 100}" in out.stdout, out.stdout
+        # The launcher gave its group a token: the ranks authenticated each other.
+        assert f"[{rank}] token 64" in out.stdout, out.stdout
 
 
 def test_torchrun_starts_a_group_by_env(tmp_path):

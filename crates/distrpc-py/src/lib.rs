@@ -195,8 +195,16 @@ impl Agent {
     /// Binds this worker (rank 0 also its store, whose port [`PendingAgent::store_port`]
     /// gives: pass it to the others); [`PendingAgent::join`] then meets the group (torch's
     /// `init_rpc` is both), each waiting with the interpreter lock released.
+    ///
+    /// `auth_token`: the group's shared secret (else `DISTRPC_AUTH_TOKEN` or the file
+    /// `DISTRPC_AUTH_TOKEN_FILE` names); `listen_ip`: the address to listen on (else the
+    /// interface toward the store).
     #[staticmethod]
-    #[pyo3(signature = (name, rank, world_size, init_method, num_worker_threads, rpc_timeout))]
+    #[pyo3(signature = (
+        name, rank, world_size, init_method, num_worker_threads, rpc_timeout,
+        auth_token=None, listen_ip=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
         name: String,
@@ -205,8 +213,19 @@ impl Agent {
         init_method: String,
         num_worker_threads: usize,
         rpc_timeout: f64,
+        auth_token: Option<String>,
+        listen_ip: Option<String>,
     ) -> PyResult<PendingAgent> {
-        let (options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
+        let (mut options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
+        if let Some(token) = auth_token {
+            options = options.auth_token(token);
+        }
+        if let Some(ip) = listen_ip {
+            let ip = ip
+                .parse()
+                .map_err(|e| PyValueError::new_err(format!("listen_ip {ip:?}: {e}")))?;
+            options = options.listen_ip(ip);
+        }
         let pending = py
             .detach(|| Rpc::bind(&name, rank, world_size, options))
             .map_err(error)?;

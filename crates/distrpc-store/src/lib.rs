@@ -15,7 +15,9 @@ mod tcp;
 use std::time::Duration;
 
 pub use file::FileStore;
-pub use tcp::{MAX_MESSAGE, TcpStoreClient, TcpStoreServer};
+pub use tcp::{
+    MAX_CLIENTS, MAX_KEY, MAX_MESSAGE, MAX_STORED, MAX_WAIT, TcpStoreClient, TcpStoreServer,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,9 @@ pub enum StoreError {
     /// The store sent or holds something that is not a valid store message.
     #[error("store protocol error: {0}")]
     Protocol(String),
+    /// The store and this client do not share the group's auth token.
+    #[error("store authentication: {0}")]
+    Auth(#[from] distrpc_secure::AuthError),
     /// A counter key holds a value that is not a counter.
     #[error("store key {0:?} does not hold a counter")]
     NotACounter(String),

@@ -1,8 +1,12 @@
 //! The TCP store: a server task hosted by rank 0 and a client per worker.
 //!
 //! Each request and response is a 4-byte little-endian length followed by a MessagePack value.
-//! Lengths are checked against [`MAX_MESSAGE`] before anything is allocated; a client that sends
-//! a malformed message is disconnected with a logged error and the server keeps serving.
+//! Lengths are checked against [`MAX_MESSAGE`], and a body's memory grows only as its bytes
+//! arrive; keys, values, what the store holds in all, how many clients it serves and how long
+//! a wait lasts are bounded too ([`MAX_KEY`], [`MAX_STORED`], [`MAX_CLIENTS`], [`MAX_WAIT`]). A
+//! client that sends a malformed message is disconnected with a logged error and the server
+//! keeps serving. With a [`Secret`], both ends prove they know it before the first message
+//! ([`distrpc_secure::auth`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,9 +21,22 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::{StoreError, parse_counter};
+use distrpc_secure::{Secret, auth};
 
 /// Largest request or response accepted, in bytes.
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Longest key accepted, in bytes.
+pub const MAX_KEY: usize = 4096;
+/// Most bytes the store holds in all (keys and values); a set beyond is refused.
+pub const MAX_STORED: usize = 256 << 20;
+/// Most clients served at once; more wait to be accepted.
+pub const MAX_CLIENTS: usize = 4096;
+/// Longest wait a client may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(366 * 86400);
+/// How long a client has to authenticate.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause of the accept loop after an accept error (too many open files, …).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
@@ -43,6 +60,8 @@ enum Response {
 #[derive(Default)]
 struct Keys {
     map: HashMap<String, Vec<u8>>,
+    /// The bytes of every key and value in `map`.
+    stored: usize,
     /// Who waits for a key that does not exist yet. A key is only ever added, so its waiters
     /// are woken once, when it appears: a group of hundreds joining does not wake every waiter
     /// at every write.
@@ -50,12 +69,23 @@ struct Keys {
 }
 
 impl Keys {
-    /// Inserts `k`, waking whoever waited for it to appear.
-    fn insert(&mut self, k: String, v: Vec<u8>) {
+    /// Inserts `k`, waking whoever waited for it to appear; refused if the store would hold
+    /// more than [`MAX_STORED`] bytes.
+    fn insert(&mut self, k: String, v: Vec<u8>) -> Result<(), String> {
+        let old = self.map.get(&k).map_or(0, |old| k.len() + old.len());
+        let stored = self.stored - old + k.len() + v.len();
+        if stored > MAX_STORED {
+            return Err(format!(
+                "the store holds {} bytes; setting {k:?} would make it more than {MAX_STORED}",
+                self.stored
+            ));
+        }
+        self.stored = stored;
         if let Some(appeared) = self.waiters.remove(&k) {
             appeared.notify_waiters();
         }
         self.map.insert(k, v);
+        Ok(())
     }
 }
 
@@ -72,11 +102,21 @@ impl State {
     }
 
     async fn handle(&self, req: Request) -> Response {
+        let keys = match &req {
+            Request::Set(k, _) | Request::Get(k) | Request::Add(k, _) => std::slice::from_ref(k),
+            Request::MultiGet(keys) | Request::Wait(keys, _) => keys.as_slice(),
+        };
+        if let Some(k) = keys.iter().find(|k| k.len() > MAX_KEY) {
+            return Response::Error(format!(
+                "a key of {} bytes is longer than the limit of {MAX_KEY}",
+                k.len()
+            ));
+        }
         match req {
-            Request::Set(k, v) => {
-                self.lock().insert(k, v);
-                Response::Ok
-            }
+            Request::Set(k, v) => match self.lock().insert(k, v) {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::Error(e),
+            },
             Request::Get(k) => Response::Value(self.lock().map.get(&k).cloned().map(Into::into)),
             Request::MultiGet(keys) => {
                 let state = self.lock();
@@ -92,14 +132,17 @@ impl State {
                 match current {
                     Ok(c) => {
                         let n = c.unwrap_or(0).saturating_add(delta);
-                        state.insert(k, n.to_string().into_bytes());
-                        Response::Counter(n)
+                        match state.insert(k, n.to_string().into_bytes()) {
+                            Ok(()) => Response::Counter(n),
+                            Err(e) => Response::Error(e),
+                        }
                     }
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
             Request::Wait(keys, timeout_ms) => {
-                let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+                // A client's number: capped, so that the deadline cannot overflow.
+                let deadline = Instant::now() + Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 loop {
                     // Wait for the first missing key to appear. The wait is registered under the
                     // lock that its insert takes to notify, so the insert cannot slip in between
@@ -132,6 +175,9 @@ impl State {
 async fn read_message<T: for<'de> Deserialize<'de>>(
     stream: &mut TcpStream,
 ) -> std::io::Result<Option<T>> {
+    /// What is reserved for a body before its bytes arrive: a declared length alone makes
+    /// the reader allocate no more.
+    const FIRST_PIECE: usize = 64 << 10;
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len).await {
         Ok(_) => {}
@@ -144,8 +190,14 @@ async fn read_message<T: for<'de> Deserialize<'de>>(
             "store message of {len} bytes exceeds {MAX_MESSAGE}"
         )));
     }
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).await?;
+    let mut buf = Vec::with_capacity(len.min(FIRST_PIECE));
+    (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .await?;
+    if buf.len() < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     rmp_serde::from_slice(&buf)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -167,24 +219,32 @@ pub struct TcpStoreServer {
 }
 
 impl TcpStoreServer {
-    /// Serves on `listener` (already bound; use port 0 to let the OS choose).
-    pub fn serve(listener: TcpListener) -> std::io::Result<Self> {
+    /// Serves on `listener` (already bound; use port 0 to let the OS choose). With `auth`,
+    /// a client must prove it knows that secret before its first request is read.
+    pub fn serve(listener: TcpListener, auth: Option<Secret>) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
+            let mut backoff = Duration::ZERO;
             loop {
                 tokio::select! {
-                    accepted = listener.accept() => match accepted {
+                    accepted = listener.accept(), if conns.len() < MAX_CLIENTS => match accepted {
                         Ok((stream, peer)) => {
-                            let state = state.clone();
+                            backoff = Duration::ZERO;
+                            let (state, auth) = (state.clone(), auth.clone());
                             conns.spawn(async move {
-                                if let Err(e) = serve_conn(stream, &state).await {
+                                if let Err(e) = serve_conn(stream, &state, auth.as_ref()).await {
                                     tracing::warn!(%peer, error = %e, "store connection closed");
                                 }
                             });
                         }
-                        Err(e) => tracing::warn!(error = %e, "store accept failed"),
+                        Err(e) => {
+                            // Out of descriptors, say: wait before trying again, not spin.
+                            backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                            tracing::warn!(error = %e, ?backoff, "store accept failed");
+                            tokio::time::sleep(backoff).await;
+                        }
                     },
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
@@ -206,8 +266,32 @@ impl Drop for TcpStoreServer {
     }
 }
 
-async fn serve_conn(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
+async fn serve_conn(
+    mut stream: TcpStream,
+    state: &State,
+    auth: Option<&Secret>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    if let Some(secret) = auth {
+        match tokio::time::timeout(AUTH_TIMEOUT, auth::accept(&mut stream, secret)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if matches!(e, auth::AuthError::NotAuthenticating) {
+                    // A client without a token sent a request: tell it why it gets no answer.
+                    let why = "this store admits only the group's workers: set the group's auth \
+                               token (DISTRPC_AUTH_TOKEN, DISTRPC_AUTH_TOKEN_FILE or \
+                               RpcOptions::auth_token) on this worker too";
+                    let _ = write_message(&mut stream, &Response::Error(why.into())).await;
+                }
+                return Err(std::io::Error::other(format!("not authenticated: {e}")));
+            }
+            Err(_) => {
+                return Err(std::io::Error::other(format!(
+                    "not authenticated within {AUTH_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
     while let Some(req) = read_message::<Request>(&mut stream).await? {
         let resp = state.handle(req).await;
         write_message(&mut stream, &resp).await?;
@@ -224,14 +308,31 @@ pub struct TcpStoreClient {
 
 impl TcpStoreClient {
     /// Connects to the store at `addr`, retrying until `timeout` while it is not up yet (rank 0
-    /// may start after the others).
-    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, StoreError> {
+    /// may start after the others), and proves it knows `auth` if given.
+    pub async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        auth: Option<&Secret>,
+    ) -> Result<Self, StoreError> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(5);
         loop {
             match TcpStream::connect(addr).await {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     let _ = stream.set_nodelay(true);
+                    if let Some(secret) = auth {
+                        let proved =
+                            tokio::time::timeout(AUTH_TIMEOUT, auth::dial(&mut stream, secret));
+                        match proved.await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return Err(StoreError::Auth(e)),
+                            Err(_) => {
+                                return Err(StoreError::Protocol(format!(
+                                    "the store at {addr} did not authenticate within {AUTH_TIMEOUT:?}"
+                                )));
+                            }
+                        }
+                    }
                     return Ok(Self {
                         addr,
                         stream: tokio::sync::Mutex::new(stream),
@@ -318,8 +419,8 @@ mod tests {
 
     async fn server_and_client() -> (TcpStoreServer, Store) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = TcpStoreServer::serve(listener).unwrap();
-        let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+        let server = TcpStoreServer::serve(listener, None).unwrap();
+        let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
             .await
             .unwrap();
         (server, Store::Tcp(client))
@@ -344,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn wait_wakes_on_set_and_times_out_naming_keys() {
         let (server, store) = server_and_client().await;
-        let other = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+        let other = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
             .await
             .unwrap();
         let keys = vec!["k1".to_string(), "k2".to_string()];
@@ -366,7 +467,7 @@ mod tests {
         let (server, _store) = server_and_client().await;
         let mut waiters = Vec::new();
         for i in 0..40 {
-            let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+            let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
                 .await
                 .unwrap();
             let keys = vec![format!("a{}", i % 4), "counter".to_string()];
@@ -374,7 +475,7 @@ mod tests {
                 client.wait(&keys, Duration::from_secs(30)).await
             }));
         }
-        let writer = TcpStoreClient::connect(server.addr(), Duration::from_secs(5))
+        let writer = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
             .await
             .unwrap();
         writer.set("unrelated", b"").await.unwrap();
@@ -400,5 +501,71 @@ mod tests {
         );
         store.set("still", b"works").await.unwrap();
         assert!(store.get("still").await.unwrap().is_some());
+    }
+
+    /// A client's numbers cannot hurt the server: a wait of u64::MAX milliseconds (an
+    /// overflowing deadline once) and an over-long key are answered, and it keeps serving.
+    #[tokio::test]
+    async fn hostile_numbers_get_answers_not_panics() {
+        let (server, store) = server_and_client().await;
+        let raw = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
+            .await
+            .unwrap();
+        let waiting =
+            tokio::spawn(async move { raw.call(Request::Wait(vec!["k".into()], u64::MAX)).await });
+        let long = "k".repeat(MAX_KEY + 1);
+        let err = store.set(&long, b"").await.unwrap_err();
+        assert!(err.to_string().contains("longer than the limit"), "{err}");
+        store.set("k", b"v").await.unwrap();
+        let answered = waiting.await.unwrap().unwrap();
+        assert!(matches!(answered, Response::Ok), "{answered:?}");
+    }
+
+    #[tokio::test]
+    async fn the_store_refuses_to_hold_more_than_its_bound() {
+        let (_server, store) = server_and_client().await;
+        let chunk = vec![0u8; MAX_MESSAGE - 1024];
+        let mut stored = 0;
+        let err = loop {
+            match store.set(&format!("k{stored}"), &chunk).await {
+                Ok(()) => stored += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(stored, MAX_STORED / chunk.len(), "{err}");
+        assert!(err.to_string().contains("would make it more than"), "{err}");
+        // Replacing a value frees its bytes.
+        store.set("k0", b"small").await.unwrap();
+        store.set("k-after", &chunk).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn authenticated_store_admits_only_the_group() {
+        let secret = Secret::new("the group's shared token").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = TcpStoreServer::serve(listener, Some(secret.clone())).unwrap();
+        let timeout = Duration::from_secs(5);
+        let member = TcpStoreClient::connect(server.addr(), timeout, Some(&secret))
+            .await
+            .unwrap();
+        member.set("a", b"1").await.unwrap();
+
+        let stranger = Secret::new("another group's token").unwrap();
+        let err = TcpStoreClient::connect(server.addr(), timeout, Some(&stranger))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Auth(_)), "{err}");
+
+        // No token at all: its first request is never read; the connection closes.
+        let bare = TcpStoreClient::connect(server.addr(), timeout, None)
+            .await
+            .unwrap();
+        let err = bare.get("a").await.unwrap_err();
+        assert!(
+            err.to_string().contains("set the group's auth token"),
+            "{err}"
+        );
+
+        assert_eq!(member.get("a").await.unwrap().as_deref(), Some(&b"1"[..]));
     }
 }

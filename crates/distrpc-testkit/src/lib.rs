@@ -109,3 +109,20 @@ pub fn rref_leaks(rpcs: &[Rpc]) -> Vec<(String, String, i64)> {
         })
         .collect()
 }
+
+/// Reads from `s` until the worker at the other end closes it (what it sends first is
+/// skipped); whether it did within 10 seconds.
+pub fn closed_by_peer(mut s: std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("a read timeout");
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use distrpc::{Error, FaultInjection, MessageKind, Rpc, RpcOptions};
-use distrpc_testkit::{in_process, shutdown_all, wait_until};
+use distrpc_testkit::{closed_by_peer, in_process, shutdown_all, wait_until};
 use distrpc_wire::{Kind, OutFrame};
 
 static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
@@ -254,20 +254,6 @@ fn file_init_method() {
         .collect();
     assert_eq!(rpcs[2].rpc_sync("f0", echo, (9,)).unwrap(), 9);
     shutdown_all(rpcs).unwrap();
-}
-
-/// Reads until the worker closes the connection; returns whether it did within the bound.
-fn closed_by_peer(mut s: TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 256];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
 }
 
 #[test]

@@ -60,3 +60,36 @@ fn the_caller_can_take_each_ranks_output() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// What each rank of a group launched with `sh -c script` printed, in rank order.
+fn printed(launch: Launch) -> Vec<String> {
+    let mut group = launch.capture_output(true).spawn().unwrap();
+    let lines = group.output().unwrap();
+    group.wait_timeout(BOUND).unwrap();
+    let mut got: Vec<_> = lines.iter().map(|l| (l.rank, l.line)).collect();
+    got.sort();
+    got.into_iter().map(|(_, l)| l).collect()
+}
+
+/// A group the launcher starts whole (it hosts the store's socket) gets one fresh auth token
+/// for all its ranks; one whose other ranks start elsewhere (a fixed port) gets none, nor does
+/// one whose environment already has a token.
+#[test]
+fn a_group_launched_whole_shares_a_fresh_auth_token() {
+    let script = "echo ${DISTRPC_AUTH_TOKEN:-none}";
+    let tokens = printed(Launch::new(2, "sh").args(["-c", script]));
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[0].len(), 64, "{tokens:?}");
+    assert_eq!(tokens[0], tokens[1], "one token for the group");
+    let again = printed(Launch::new(1, "sh").args(["-c", script]));
+    assert_ne!(again[0], tokens[0], "a fresh token per group");
+
+    let fixed_port = printed(Launch::new(1, "sh").args(["-c", script]).master_port(1));
+    assert_eq!(fixed_port, ["none"]);
+    let given = printed(
+        Launch::new(1, "sh")
+            .args(["-c", script])
+            .env("DISTRPC_AUTH_TOKEN", "the user's own token"),
+    );
+    assert_eq!(given, ["the user's own token"]);
+}

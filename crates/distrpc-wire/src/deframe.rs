@@ -63,6 +63,12 @@ impl Deframer {
         }
     }
 
+    /// Changes the limits for the frames not yet parsed: a connection takes only a small hello
+    /// first, then frames of any size its receiver accepts.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Whether bytes of a frame not yet handed out are held (the stream may not end here).
     pub fn holds_bytes(&self) -> bool {
         !self.buf.is_empty() || self.large.is_some()

@@ -4,8 +4,10 @@
 //! Each process gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`. With no
 //! fixed port, the launcher binds the store's socket on port 0 itself and hands it to rank 0
 //! (inherited descriptor, [`STORE_FD_ENV`](crate::STORE_FD_ENV)), so the port is known before
-//! any worker starts and no other process can take it. Each output line is prefixed with its
-//! rank. If a process fails, the others are stopped.
+//! any worker starts and no other process can take it. Such a group — every rank started here —
+//! is also given a fresh auth token (`DISTRPC_AUTH_TOKEN`), unless the environment has one: its
+//! connections are closed to every process but its own ([`crate::RpcOptions::auth_token`]).
+//! Each output line is prefixed with its rank. If a process fails, the others are stopped.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -160,6 +162,14 @@ impl Launch {
             (None, Some(p)) => p,
             (None, None) => 0,
         };
+        // Only a group started whole here can make up its own token: ranks launched elsewhere
+        // would not know it.
+        let inherited =
+            |key: &str| std::env::var_os(key).is_some() || self.envs.iter().any(|(k, _)| k == key);
+        let token = (store.is_some()
+            && !inherited(distrpc_secure::auth::TOKEN_ENV)
+            && !inherited(distrpc_secure::auth::TOKEN_FILE_ENV))
+        .then(distrpc_secure::Secret::generate_token);
         let (events_tx, events) = mpsc::channel();
         let (lines_tx, lines) = match self.capture {
             true => {
@@ -191,6 +201,7 @@ impl Launch {
                 .env("MASTER_ADDR", &self.master_addr)
                 .env("MASTER_PORT", port.to_string())
                 .env_remove(crate::STORE_FD_ENV)
+                .envs(token.iter().map(|t| (distrpc_secure::auth::TOKEN_ENV, t)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());

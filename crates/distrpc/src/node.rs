@@ -28,6 +28,7 @@ pub(crate) struct NodeConfig {
     pub(crate) busy_poll: Duration,
     pub(crate) liveness: Duration,
     pub(crate) foreign: crate::server::Foreign,
+    pub(crate) auth: Option<distrpc_secure::Secret>,
 }
 
 /// The layers of one worker.
@@ -54,9 +55,11 @@ impl Node {
             busy_poll,
             liveness,
             foreign,
+            auth,
         } = config;
         let me = group.workers[rank as usize].clone();
         let sockets = crate::transport::SocketOptions {
+            auth,
             busy_poll,
             liveness,
         };

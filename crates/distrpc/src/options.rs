@@ -57,6 +57,30 @@ pub struct RpcOptions {
     pub(crate) liveness: Duration,
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
     pub(crate) foreign: Vec<(Codec, Arc<dyn ForeignHandler>)>,
+    pub(crate) auth: Auth,
+}
+
+/// Where a worker's auth token comes from.
+#[derive(Clone, Default)]
+pub(crate) enum Auth {
+    /// `DISTRPC_AUTH_TOKEN`, else the file `DISTRPC_AUTH_TOKEN_FILE` names, else none.
+    #[default]
+    Env,
+    /// [`RpcOptions::auth_token`].
+    Token(String),
+}
+
+impl Auth {
+    /// The group's secret, if it has one.
+    pub(crate) fn secret(&self) -> Result<Option<distrpc_secure::Secret>, crate::Error> {
+        let invalid = |e: distrpc_secure::AuthError| crate::Error::InvalidArgument(e.to_string());
+        match self {
+            Auth::Env => distrpc_secure::Secret::from_env().map_err(invalid),
+            Auth::Token(token) => distrpc_secure::Secret::new(token)
+                .map(Some)
+                .map_err(invalid),
+        }
+    }
 }
 
 impl Default for RpcOptions {
@@ -73,6 +97,7 @@ impl Default for RpcOptions {
             liveness: DEFAULT_LIVENESS,
             functions: Vec::new(),
             foreign: Vec::new(),
+            auth: Auth::Env,
         }
     }
 }
@@ -89,6 +114,13 @@ impl fmt::Debug for RpcOptions {
             .field("check_rref_leaks", &self.check_rref_leaks)
             .field("busy_poll", &self.busy_poll)
             .field("liveness", &self.liveness)
+            .field(
+                "auth",
+                &match self.auth {
+                    Auth::Env => "from the environment",
+                    Auth::Token(_) => "a token (not shown)",
+                },
+            )
             .field(
                 "foreign",
                 &self.foreign.iter().map(|(c, _)| c).collect::<Vec<_>>(),
@@ -175,6 +207,22 @@ impl RpcOptions {
     /// affected. Whole seconds, at least 2; zero turns it off. Default [`DEFAULT_LIVENESS`].
     pub fn liveness(mut self, bound: Duration) -> Self {
         self.liveness = bound;
+        self
+    }
+
+    /// The group's shared secret: every connection — worker to worker, worker to store — is
+    /// opened only after both ends prove they know it (an HMAC-SHA256 challenge–response,
+    /// before anything else is read), and a connection that fails is closed and logged. At
+    /// least 16 bytes; every worker of the group needs the same. Without this option a worker
+    /// takes the token from `DISTRPC_AUTH_TOKEN`, or from the file `DISTRPC_AUTH_TOKEN_FILE`
+    /// names (what `distrpc launch` sets), and a group with neither authenticates nothing.
+    ///
+    /// ```
+    /// let options = distrpc::RpcOptions::default().auth_token("the group's shared secret");
+    /// assert!(format!("{options:?}").contains("not shown"));
+    /// ```
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth = Auth::Token(token.into());
         self
     }
 

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use distrpc_secure::Secret;
 use distrpc_store::{FileStore, Store, StoreError, TcpStoreClient, TcpStoreServer};
 use tokio::net::TcpListener;
 
@@ -138,6 +139,8 @@ pub(crate) struct Bound {
     pub(crate) target: StoreTarget,
     pub(crate) listener: TcpListener,
     pub(crate) advertise: SocketAddr,
+    /// The group's secret (store and peers), if it has one.
+    pub(crate) secret: Option<Secret>,
 }
 
 static STORE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -209,6 +212,7 @@ pub(crate) async fn bind(
     method: &InitMethod,
     rank: u32,
     listen_ip: Option<IpAddr>,
+    secret: Option<Secret>,
 ) -> Result<Bound, Error> {
     let (server, target, store_ip) = match method {
         InitMethod::Tcp { host, port } => {
@@ -229,7 +233,7 @@ pub(crate) async fn bind(
                         Error::Rendezvous(format!("rank 0 cannot host the store on {addr}: {e}"))
                     })?,
                 };
-                let server = TcpStoreServer::serve(listener)?;
+                let server = TcpStoreServer::serve(listener, secret.clone())?;
                 let target = StoreTarget::Tcp(server.addr());
                 (Some(server), target, Some(addr))
             } else {
@@ -238,22 +242,44 @@ pub(crate) async fn bind(
         }
         InitMethod::File(path) => (None, StoreTarget::File(path.clone()), None),
     };
+    // By default a worker listens only on the interface toward the store (loopback for a
+    // store on this host), and advertises that address.
     let (bind_ip, advertise_ip) = match (listen_ip, store_ip) {
         (Some(ip), _) => (ip, ip),
         (None, None) => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
         (None, Some(s)) if s.ip().is_loopback() => (s.ip(), s.ip()),
-        (None, Some(s)) => (
-            Ipv4Addr::UNSPECIFIED.into(),
-            local_ip_towards(s).unwrap_or(Ipv4Addr::LOCALHOST.into()),
-        ),
+        (None, Some(s)) => match local_ip_towards(s) {
+            Some(ip) => (ip, ip),
+            None => (Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::LOCALHOST.into()),
+        },
     };
     let listener = crate::net::listen_async(SocketAddr::new(bind_ip, 0))?;
     let advertise = SocketAddr::new(advertise_ip, listener.local_addr()?.port());
+    if secret.is_none() {
+        let exposed = [
+            Some(listener.local_addr()?),
+            server.as_ref().map(TcpStoreServer::addr),
+        ];
+        for addr in exposed
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                %addr,
+                "distrpc listens beyond loopback without authentication: anyone who can reach \
+                 this address can join the group and run code in it (pickled calls). Set an \
+                 auth token (RpcOptions::auth_token, DISTRPC_AUTH_TOKEN or \
+                 DISTRPC_AUTH_TOKEN_FILE) on every worker"
+            );
+        }
+    }
     Ok(Bound {
         server,
         target,
         listener,
         advertise,
+        secret,
     })
 }
 
@@ -328,6 +354,7 @@ fn key_worker(rank: u32) -> String {
 /// Phase two: publish this worker, wait for the others, check the group.
 pub(crate) async fn join(
     target: &StoreTarget,
+    secret: Option<&Secret>,
     me: &str,
     rank: u32,
     world: u32,
@@ -342,7 +369,7 @@ pub(crate) async fn join(
     let store_err = |e: StoreError| Error::Rendezvous(e.to_string());
     let store = match target {
         StoreTarget::Tcp(addr) => Store::Tcp(
-            TcpStoreClient::connect(*addr, timeout)
+            TcpStoreClient::connect(*addr, timeout, secret)
                 .await
                 .map_err(store_err)?,
         ),

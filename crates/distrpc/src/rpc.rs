@@ -116,6 +116,7 @@ impl PendingRpc {
         }
         let group = crate::runtime::block_on(rendezvous::join(
             &bound.target,
+            bound.secret.as_ref(),
             &name,
             rank,
             world,
@@ -138,6 +139,7 @@ impl PendingRpc {
                 busy_poll: options.busy_poll,
                 liveness: options.liveness,
                 foreign: options.foreign.iter().cloned().collect(),
+                auth: bound.secret.clone(),
             },
             rt.clone(),
         );
@@ -194,7 +196,9 @@ impl Rpc {
         let (rank, world) = rendezvous::rank_and_world(rank.into(), world_size.into())?;
         let method = rendezvous::parse_init_method(&options.init_method)?;
         crate::runtime::start()?;
-        let bound = crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip))?;
+        let secret = options.auth.secret()?;
+        let bound =
+            crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip, secret))?;
         Ok(PendingRpc {
             name: name.to_string(),
             rank,

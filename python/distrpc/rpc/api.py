@@ -67,7 +67,23 @@ class BackendType(enum.Enum):
 
 
 class TensorPipeRpcBackendOptions:
-    """torch's backend options. CPU only: a device map to a GPU is an error."""
+    """torch's backend options. CPU only: a device map to a GPU is an error.
+
+    Two options are distrpc's own. ``auth_token``: the group's shared secret (at least 16
+    bytes, the same on every worker): every connection — worker to worker, worker to store —
+    opens only after both ends prove they know it, so no outsider can run code in the group
+    (torch has no such option). Without it, ``DISTRPC_AUTH_TOKEN`` or the file
+    ``DISTRPC_AUTH_TOKEN_FILE`` names give it, and ``python -m distrpc.launch`` gives its
+    group a fresh one. ``listen_ip``: the address the worker listens on (default: its
+    interface toward ``MASTER_ADDR``; loopback for a group on one host).
+
+    Example::
+
+        options = rpc.TensorPipeRpcBackendOptions(
+            init_method="tcp://10.0.0.1:29500", auth_token=os.environ["MY_GROUP_SECRET"]
+        )
+        rpc.init_rpc("worker1", rank=1, world_size=2, rpc_backend_options=options)
+    """
 
     def __init__(
         self,
@@ -79,6 +95,8 @@ class TensorPipeRpcBackendOptions:
         devices: list | None = None,
         _transports: list | None = None,
         _channels: list | None = None,
+        auth_token: str | None = None,
+        listen_ip: str | None = None,
     ) -> None:
         if device_maps or devices:
             raise ValueError("distrpc runs on CPU only: device_maps and devices must be empty")
@@ -87,6 +105,17 @@ class TensorPipeRpcBackendOptions:
         self.init_method = init_method
         self.device_maps = {}
         self.devices = []
+        self.auth_token = auth_token
+        self.listen_ip = listen_ip
+
+    def __repr__(self) -> str:
+        # The token stays out of logs.
+        token = None if self.auth_token is None else "<not shown>"
+        return (
+            f"TensorPipeRpcBackendOptions(num_worker_threads={self.num_worker_threads}, "
+            f"rpc_timeout={self.rpc_timeout}, init_method={self.init_method!r}, "
+            f"auth_token={token}, listen_ip={self.listen_ip!r})"
+        )
 
 
 class _State:
@@ -211,7 +240,12 @@ def init_rpc(
     with _lock:
         if _state.current is not None:
             raise RuntimeError("RPC is already initialized")
-        args = (options.num_worker_threads, float(options.rpc_timeout))
+        args = (
+            options.num_worker_threads,
+            float(options.rpc_timeout),
+            getattr(options, "auth_token", None),
+            getattr(options, "listen_ip", None),
+        )
         if options.init_method == "env://" and _under_torchrun():
             agent = _join_through_torchrun(name, rank, world_size, *args)
         else:
@@ -226,7 +260,13 @@ def _under_torchrun() -> bool:
 
 
 def _join_through_torchrun(
-    name: str, rank: int, world_size: int, num_threads: int, timeout: float
+    name: str,
+    rank: int,
+    world_size: int,
+    num_threads: int,
+    timeout: float,
+    auth_token: str | None,
+    listen_ip: str | None,
 ) -> Any:
     """env:// under torchrun, whose agent hosts a torch store on ``MASTER_PORT``: rank 0
     hosts distrpc's store on a free port and posts its address in torch's store, where the
@@ -242,12 +282,13 @@ def _join_through_torchrun(
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "")
     key = f"distrpc/store/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    extra = (num_threads, timeout, auth_token, listen_ip)
     if rank == 0:
-        pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", num_threads, timeout)
+        pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", *extra)
         store.set(key, f"{host}:{pending.store_port}")
         return pending.join()
     address = store.get(key).decode()
-    return Agent.bind(name, rank, world_size, f"tcp://{address}", num_threads, timeout).join()
+    return Agent.bind(name, rank, world_size, f"tcp://{address}", *extra).join()
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:

@@ -36,10 +36,16 @@ use crate::error::Error;
 use crate::rendezvous::Group;
 use crate::runtime::Tasks;
 use crate::worker::{To, WorkerInfo};
+use distrpc_secure::{Secret, auth};
 use reader::{ReadSide, Step};
 
 /// How long an accepted connection may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a connection may send before its hello is read: one small frame (a rank and a name).
+const HELLO_LIMITS: Limits = Limits {
+    max_body: 4096,
+    max_tensors: 0,
+};
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -90,6 +96,8 @@ pub(crate) struct Transport {
     pub(crate) busy_poll: Duration,
     /// The liveness bound (zero: off); see [`SocketOptions`].
     liveness: Duration,
+    /// The group's secret, if connections authenticate.
+    auth: Option<Secret>,
     next_conn: AtomicU64,
     /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
     hand_offs: AtomicU64,
@@ -124,6 +132,7 @@ impl Transport {
             limits,
             busy_poll: sockets.busy_poll,
             liveness: sockets.liveness,
+            auth: sockets.auth,
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
             hand_offs: AtomicU64::new(0),
@@ -243,7 +252,7 @@ impl Transport {
         let addr = self.group.addrs[rank as usize];
         let c = conn.clone();
         self.tasks.spawn(async move {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, transport.dial(addr)).await {
                 Ok(Ok(stream)) => transport.start_io(c, stream),
                 Ok(Err(e)) => transport.on_closed(&c, ReadEnd::Io(e)),
                 Err(_) => transport.on_closed(
@@ -273,10 +282,39 @@ impl Transport {
         ))
     }
 
-    /// An accepted connection: it must introduce itself with a Hello before anything else.
-    async fn handshake(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+    /// A connection to `addr`, authenticated if the group has a secret.
+    async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let mut stream = TcpStream::connect(addr).await?;
+        if let Some(secret) = &self.auth {
+            auth::dial(&mut stream, secret).await.map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+            })?;
+        }
+        Ok(stream)
+    }
+
+    /// An accepted connection: it must authenticate, if the group has a secret, then
+    /// introduce itself with a hello (a small frame) before anything else.
+    async fn handshake(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr) {
+        if let Some(secret) = &self.auth {
+            let proved = tokio::select! {
+                _ = self.tasks.cancelled() => return,
+                p = tokio::time::timeout(HELLO_TIMEOUT, auth::accept(&mut stream, secret)) => p,
+            };
+            match proved {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(worker = %self.me.name, %addr, error = %e, "connection did not authenticate; closed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::error!(worker = %self.me.name, %addr, "connection did not authenticate within {HELLO_TIMEOUT:?}; closed");
+                    return;
+                }
+            }
+        }
         let (r, w) = stream.into_split();
-        let mut reader = FrameReader::new(self.limits);
+        let mut reader = FrameReader::new(HELLO_LIMITS);
         let hello = tokio::select! {
             _ = self.tasks.cancelled() => return,
             h = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&r)) => h,
@@ -317,6 +355,7 @@ impl Transport {
                 return;
             }
         };
+        reader.set_limits(self.limits);
         let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
         {
             let mut peers = lock(&self.peers);
@@ -489,8 +528,10 @@ impl Transport {
 }
 
 /// How a worker's sockets behave.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct SocketOptions {
+    /// The group's secret: both ends of every connection prove they know it first.
+    pub(crate) auth: Option<Secret>,
     /// How long reader tasks and blocked callers spin before sleeping (the latency option).
     pub(crate) busy_poll: Duration,
     /// The liveness bound (zero: off): a peer that stops answering at the TCP level is

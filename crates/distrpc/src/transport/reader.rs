@@ -60,6 +60,11 @@ impl FrameReader {
         }
     }
 
+    /// Changes the limits for the frames not yet read (see [`Deframer::set_limits`]).
+    pub(crate) fn set_limits(&mut self, limits: Limits) {
+        self.frames.set_limits(limits);
+    }
+
     /// The next frame, reading from `src` without waiting. `Ok(None)` means `src` has nothing
     /// more right now, and said so (the socket's readiness is cleared: its next wake-up means
     /// new bytes).

@@ -1,0 +1,20 @@
+//! What protects a distrpc group's connections from outsiders: a shared secret that both ends
+//! of every connection — worker to worker, worker to store — prove they know before anything
+//! else is parsed ([`auth`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use distrpc_secure::{Secret, auth};
+//! let secret = Secret::new(Secret::generate_token()).unwrap();
+//! let (mut a, mut b) = tokio::io::duplex(256);
+//! let s = secret.clone();
+//! let acceptor = tokio::spawn(async move { auth::accept(&mut b, &s).await });
+//! auth::dial(&mut a, &secret).await.unwrap();
+//! acceptor.await.unwrap().unwrap();
+//! # }
+//! ```
+
+pub mod auth;
+
+pub use auth::{AuthError, Secret};
