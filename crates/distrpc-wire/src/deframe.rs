@@ -161,7 +161,10 @@ impl Deframer {
             .map_err(|_| FrameError::Malformed("frame body larger than memory"))?;
         if len >= BufPool::MIN_POOLED {
             self.buf.advance(HEADER_LEN);
-            let mut body = self.buffers.take(len);
+            let mut body = self
+                .buffers
+                .take(len)
+                .ok_or(FrameError::Malformed("no memory for the frame body"))?;
             let have = self.buf.len().min(len);
             body.as_mut_slice()[..have].copy_from_slice(&self.buf[..have]);
             self.buf.advance(have);

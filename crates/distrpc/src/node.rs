@@ -29,6 +29,7 @@ pub(crate) struct NodeConfig {
     pub(crate) liveness: Duration,
     pub(crate) foreign: crate::server::Foreign,
     pub(crate) auth: Option<distrpc_secure::Secret>,
+    pub(crate) queue: crate::transport::QueueBound,
 }
 
 /// The layers of one worker.
@@ -56,10 +57,12 @@ impl Node {
             liveness,
             foreign,
             auth,
+            queue,
         } = config;
         let me = group.workers[rank as usize].clone();
         let sockets = crate::transport::SocketOptions {
             auth,
+            queue,
             busy_poll,
             liveness,
         };

@@ -30,6 +30,10 @@ pub const DEFAULT_NUM_WORKER_THREADS: usize = 16;
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(10);
 /// torch's default init method.
 pub const DEFAULT_INIT_METHOD: &str = "env://";
+/// Bytes a connection may hold for its peer before callers wait ([`RpcOptions::max_queued_bytes`]).
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 << 20;
+/// How long a waiting caller gives a peer that reads nothing ([`RpcOptions::send_stall`]).
+pub const DEFAULT_SEND_STALL: Duration = Duration::from_secs(30);
 
 /// Options of [`Rpc::init`](crate::Rpc::init). Defaults match torch: 16 worker threads, a 60 s
 /// timeout, `env://` rendezvous.
@@ -58,6 +62,8 @@ pub struct RpcOptions {
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
     pub(crate) foreign: Vec<(Codec, Arc<dyn ForeignHandler>)>,
     pub(crate) auth: Auth,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) send_stall: Duration,
 }
 
 /// Where a worker's auth token comes from.
@@ -98,6 +104,8 @@ impl Default for RpcOptions {
             functions: Vec::new(),
             foreign: Vec::new(),
             auth: Auth::Env,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            send_stall: DEFAULT_SEND_STALL,
         }
     }
 }
@@ -114,6 +122,8 @@ impl fmt::Debug for RpcOptions {
             .field("check_rref_leaks", &self.check_rref_leaks)
             .field("busy_poll", &self.busy_poll)
             .field("liveness", &self.liveness)
+            .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("send_stall", &self.send_stall)
             .field(
                 "auth",
                 &match self.auth {
@@ -207,6 +217,28 @@ impl RpcOptions {
     /// affected. Whole seconds, at least 2; zero turns it off. Default [`DEFAULT_LIVENESS`].
     pub fn liveness(mut self, bound: Duration) -> Self {
         self.liveness = bound;
+        self
+    }
+
+    /// How many bytes a connection may hold for its peer (default 256 MiB). Past this, a call
+    /// made on the caller's own thread (`rpc_sync`, `rpc_async`, `remote`) waits until the
+    /// peer reads — backpressure — and fails with [`Error::SendFailed`](crate::Error) if it
+    /// reads nothing for [`RpcOptions::send_stall`]; replies and messages sent from handlers
+    /// never wait, and past four times this the connection is closed as stuck. A single frame
+    /// larger than this is still sent, alone.
+    ///
+    /// ```
+    /// let options = distrpc::RpcOptions::default().max_queued_bytes(64 << 20);
+    /// ```
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes;
+        self
+    }
+
+    /// How long a call waiting for room ([`RpcOptions::max_queued_bytes`]) gives a peer that
+    /// reads none of what is queued for it before failing (default 30 s).
+    pub fn send_stall(mut self, stall: Duration) -> Self {
+        self.send_stall = stall;
         self
     }
 

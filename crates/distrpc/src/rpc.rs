@@ -140,6 +140,10 @@ impl PendingRpc {
                 liveness: options.liveness,
                 foreign: options.foreign.iter().cloned().collect(),
                 auth: bound.secret.clone(),
+                queue: crate::transport::QueueBound {
+                    bytes: options.max_queued_bytes,
+                    stall: options.send_stall,
+                },
             },
             rt.clone(),
         );

@@ -23,7 +23,7 @@ use super::payload::encode_call;
 use super::pending::{Done, Pending, PendingTable};
 use super::scope::{self, ValueScope};
 use crate::error::{Error, Failure};
-use crate::transport::{Claim, LOCAL, Source, Transport};
+use crate::transport::{Claim, LOCAL, SendError, Source, Transport};
 
 /// A request to send: to whom, what, and how.
 pub(crate) struct Outgoing<'a> {
@@ -297,11 +297,14 @@ impl Client {
             let client = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(reason) = conn.send(frame, delivery != Delivery::Queued) {
+                    if let Err(e) = conn.send(frame, delivery != Delivery::Queued, true) {
                         let t = &client.transport;
-                        client.pending.fail(id, |p| Error::PeerGone {
-                            worker: t.name_of(p.peer).into(),
-                            reason,
+                        client.pending.fail(id, |p| {
+                            let worker = t.name_of(p.peer).into();
+                            match e {
+                                SendError::Closed(reason) => Error::PeerGone { worker, reason },
+                                SendError::Stalled(reason) => Error::SendFailed { worker, reason },
+                            }
                         });
                     }
                 }

@@ -121,7 +121,7 @@ impl Server {
                 });
                 match frame {
                     Ok(frame) => {
-                        if conn.send(frame, true).is_err() {
+                        if conn.send(frame, true, false).is_err() {
                             tracing::debug!(id, "reply dropped: connection closed");
                         }
                     }

@@ -7,12 +7,18 @@
 //!  callers ──send(direct)──────────────────────────────write_vectored──► socket (when idle)
 //! ```
 //!
+//! What is queued is bounded ([`QueueBound`]): past the bound, a caller on its own thread waits
+//! for the peer to read (and fails if it reads nothing for a while); a reply or a message sent
+//! from the runtime never waits, and past four times the bound the connection is closed — a
+//! peer that stops reading cannot make this worker hold its results without bound.
+//!
 //! A connection closes when either side fails, when the peer closes it, or when the transport
 //! closes it; the transport then tells whoever listens for lost peers.
 
 use crate::sync::lock;
 use std::io::IoSlice;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use distrpc_wire::OutFrame;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -28,6 +34,32 @@ struct Queue {
     /// Someone (a direct sender or the writer task) is writing: only one may.
     writing: bool,
     closed: Option<String>,
+    /// Why [`Connection::abort`] dropped the connection, if it did.
+    aborted: Option<String>,
+    /// Bytes accepted and not yet written (queued, or in the writer's batch).
+    pending: usize,
+    /// Bytes written so far: a waiting sender sees the peer make progress.
+    written: u64,
+    /// Senders waiting for room.
+    waiting: usize,
+}
+
+/// How much a connection may hold for its peer (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueueBound {
+    /// Past this many bytes, callers wait for room.
+    pub(crate) bytes: usize,
+    /// A waiting caller fails once the peer has read nothing for this long.
+    pub(crate) stall: Duration,
+}
+
+/// Why a frame was not sent.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The connection is closed, for this reason.
+    Closed(String),
+    /// The peer has not read what is queued for it: the frame was not accepted.
+    Stalled(String),
 }
 
 /// The sending side of a connection, shared by everyone who sends on it.
@@ -38,6 +70,9 @@ pub(crate) struct Connection {
     pub(crate) peer: u32,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Where senders wait for room.
+    room: Condvar,
+    bound: QueueBound,
     /// The socket, once connected: senders write to it directly when it is idle.
     sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
     /// The receiving side, once connected.
@@ -54,12 +89,14 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(id: u64, peer: u32) -> Arc<Self> {
+    pub(crate) fn new(id: u64, peer: u32, bound: QueueBound) -> Arc<Self> {
         Arc::new(Self {
             id,
             peer,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            room: Condvar::new(),
+            bound,
             sink: Mutex::new(None),
             read: std::sync::OnceLock::new(),
         })
@@ -76,13 +113,20 @@ impl Connection {
     /// Sends a frame. With `direct`, it is written at once from this thread when the socket is
     /// idle (no thread hand-off, no wake-up: for a caller about to block on the reply, or a
     /// handler's reply); otherwise it is queued for the writer task, which batches whatever
-    /// accumulates into one `writev` (for callers that pipeline). Fails with the close reason if
-    /// the connection is closed.
-    pub(crate) fn send(&self, frame: OutFrame, direct: bool) -> Result<(), String> {
-        let mut q = self.lock();
-        if let Some(reason) = &q.closed {
-            return Err(reason.clone());
-        }
+    /// accumulates into one `writev` (for callers that pipeline). Past the queue's bound, a
+    /// sender that `may_wait` (a caller on its own thread) waits for room; others never wait,
+    /// and past four times the bound close the connection (see the module docs). Fails with
+    /// the close reason if the connection is closed.
+    pub(crate) fn send(
+        &self,
+        frame: OutFrame,
+        direct: bool,
+        may_wait: bool,
+    ) -> Result<(), SendError> {
+        let mut q = self.admit(
+            frame.len(),
+            may_wait && !crate::runtime::on_runtime_thread(),
+        )?;
         let sink = if !direct || q.writing || !q.frames.is_empty() {
             None
         } else {
@@ -103,6 +147,7 @@ impl Connection {
         let written = write_now(&sink, &frame);
         let mut q = self.lock();
         q.writing = false;
+        Self::wrote(&mut q, &self.room, written);
         if written < frame.len() {
             // The socket is full (or failed): the writer task finishes the frame, or meets the
             // error and closes the connection.
@@ -117,6 +162,61 @@ impl Connection {
         Ok(())
     }
 
+    /// Takes `len` more bytes into the queue, waiting for room if `wait` (see [`Self::send`]);
+    /// returns the queue, locked.
+    fn admit(&self, len: usize, wait: bool) -> Result<MutexGuard<'_, Queue>, SendError> {
+        let mut q = self.lock();
+        let mut progress = (q.written, Instant::now());
+        loop {
+            if let Some(reason) = &q.closed {
+                return Err(SendError::Closed(reason.clone()));
+            }
+            // A frame larger than the bound still goes, alone.
+            if q.pending == 0 || q.pending + len <= self.bound.bytes {
+                break;
+            }
+            if !wait {
+                if q.pending + len <= 4 * self.bound.bytes {
+                    break;
+                }
+                let reason = format!(
+                    "the peer stopped reading: {} bytes were queued for it",
+                    q.pending
+                );
+                drop(q);
+                self.abort(&reason);
+                return Err(SendError::Closed(reason));
+            }
+            if q.written != progress.0 {
+                progress = (q.written, Instant::now());
+            }
+            let Some(left) = self.bound.stall.checked_sub(progress.1.elapsed()) else {
+                return Err(SendError::Stalled(format!(
+                    "{} bytes are queued for the peer, which has read none of them for {:?}",
+                    q.pending, self.bound.stall
+                )));
+            };
+            q.waiting += 1;
+            q = self
+                .room
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            q.waiting -= 1;
+        }
+        q.pending += len;
+        Ok(q)
+    }
+
+    /// Accounts for `n` bytes written, waking senders waiting for room.
+    fn wrote(q: &mut Queue, room: &Condvar, n: usize) {
+        q.pending = q.pending.saturating_sub(n);
+        q.written += n as u64;
+        if q.waiting > 0 && n > 0 {
+            room.notify_all();
+        }
+    }
+
     /// Closes the connection: queued frames are still written, new ones are refused. Returns
     /// whether this call closed it.
     pub(crate) fn close(&self, reason: &str) -> bool {
@@ -125,12 +225,41 @@ impl Connection {
             return false;
         }
         q.closed = Some(reason.to_string());
+        if q.waiting > 0 {
+            self.room.notify_all();
+        }
         drop(q);
         // Without our handle, the writer task holds the last one: the socket's write side shuts
         // down when it ends.
         lock(&self.sink).take();
         self.wake.notify_one();
         true
+    }
+
+    /// Closes the connection at once, dropping what is queued (a peer that stopped reading
+    /// would never take it): the socket is shut down both ways, so its reader and writer end
+    /// and the transport learns of the loss.
+    pub(crate) fn abort(&self, reason: &str) {
+        tracing::warn!(peer = self.peer, %reason, "dropping the connection");
+        let sink = lock(&self.sink).clone();
+        {
+            let mut q = self.lock();
+            q.frames.clear();
+            q.skip = 0;
+            q.pending = 0;
+            q.aborted.get_or_insert_with(|| reason.to_string());
+        }
+        self.close(reason);
+        if let Some(sink) = sink {
+            let socket: &tokio::net::TcpStream = (*sink).as_ref();
+            let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Why [`Connection::abort`] dropped the connection (what its reader and writer then meet
+    /// is only the consequence).
+    pub(crate) fn aborted(&self) -> Option<String> {
+        self.lock().aborted.clone()
     }
 
     /// Writes queued frames until the connection is closed and its queue drained.
@@ -163,7 +292,10 @@ impl Connection {
             };
             let mut slices: Vec<&[u8]> = batch.iter().flat_map(OutFrame::slices).collect();
             advance(&mut slices, skip);
-            let result = write_all_slices(&w, &mut slices).await;
+            let result = write_all_slices(&w, &mut slices, |n| {
+                Self::wrote(&mut self.lock(), &self.room, n);
+            })
+            .await;
             self.lock().writing = false;
             result?;
         }
@@ -228,13 +360,21 @@ fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
     written
 }
 
-/// Writes every slice, in as few `writev` calls as the kernel allows.
-async fn write_all_slices(w: &OwnedWriteHalf, slices: &mut Vec<&[u8]>) -> std::io::Result<()> {
+/// Writes every slice, in as few `writev` calls as the kernel allows, telling `wrote` each
+/// amount written.
+async fn write_all_slices(
+    w: &OwnedWriteHalf,
+    slices: &mut Vec<&[u8]>,
+    mut wrote: impl FnMut(usize),
+) -> std::io::Result<()> {
     while !slices.is_empty() {
         w.writable().await?;
         match w.try_write_vectored(&iov(slices)) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => advance(slices, n),
+            Ok(n) => {
+                advance(slices, n);
+                wrote(n);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

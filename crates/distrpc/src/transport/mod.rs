@@ -18,7 +18,7 @@ mod connection;
 mod reader;
 
 pub(crate) use claim::Claim;
-pub(crate) use connection::Connection;
+pub(crate) use connection::{Connection, QueueBound, SendError};
 pub(crate) use reader::{FrameReader, ReadEnd};
 
 use crate::sync::lock;
@@ -98,6 +98,8 @@ pub(crate) struct Transport {
     liveness: Duration,
     /// The group's secret, if connections authenticate.
     auth: Option<Secret>,
+    /// What each connection may hold for its peer.
+    queue: QueueBound,
     next_conn: AtomicU64,
     /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
     hand_offs: AtomicU64,
@@ -133,6 +135,7 @@ impl Transport {
             busy_poll: sockets.busy_poll,
             liveness: sockets.liveness,
             auth: sockets.auth,
+            queue: sockets.queue,
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
             hand_offs: AtomicU64::new(0),
@@ -235,7 +238,11 @@ impl Transport {
         if let Some(conn) = &peer.conn {
             return Ok(conn.clone());
         }
-        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        let conn = Connection::new(
+            self.next_conn.fetch_add(1, Ordering::Relaxed),
+            rank,
+            self.queue,
+        );
         // The hello is queued before the connection is visible to other callers, so that it is
         // always the first frame the peer reads.
         let hello = crate::codec::encode_inline(&(self.me.id, &self.me.name))
@@ -244,7 +251,7 @@ impl Transport {
                 OutFrame::new(Kind::Hello, 0, &p, &[])
                     .map_err(|e| Error::InvalidArgument(e.to_string()))
             })?;
-        let _ = conn.send(hello, false);
+        let _ = conn.send(hello, false, false);
         peer.conn = Some(conn.clone());
         drop(peers);
         lock(&self.conns).insert(conn.id, conn.clone());
@@ -356,7 +363,11 @@ impl Transport {
             }
         };
         reader.set_limits(self.limits);
-        let conn = Connection::new(self.next_conn.fetch_add(1, Ordering::Relaxed), rank);
+        let conn = Connection::new(
+            self.next_conn.fetch_add(1, Ordering::Relaxed),
+            rank,
+            self.queue,
+        );
         {
             let mut peers = lock(&self.peers);
             if let Some(peer) = peers.get_mut(rank as usize)
@@ -475,7 +486,7 @@ impl Transport {
                 tracing::debug!(worker = %self.me.name, peer = %worker, reason = %end, "connection closed")
             }
         }
-        let reason = end.to_string();
+        let reason = conn.aborted().unwrap_or_else(|| end.to_string());
         conn.close(&reason);
         // Whoever reads next (the reader task, a claimant) stops.
         if let Some(read) = conn.read.get() {
@@ -532,6 +543,8 @@ impl Transport {
 pub(crate) struct SocketOptions {
     /// The group's secret: both ends of every connection prove they know it first.
     pub(crate) auth: Option<Secret>,
+    /// What each connection may hold for its peer.
+    pub(crate) queue: QueueBound,
     /// How long reader tasks and blocked callers spin before sleeping (the latency option).
     pub(crate) busy_poll: Duration,
     /// The liveness bound (zero: off): a peer that stops answering at the TCP level is

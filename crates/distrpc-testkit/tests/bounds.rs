@@ -1,0 +1,181 @@
+//! What a peer controls is bounded: a declared body costs memory only as its bytes come, and a
+//! peer that stops reading makes callers wait and then fail (calls), or gets disconnected
+//! (replies) — while the worker keeps serving everyone else. One test per process-wide RSS
+//! reading would be disturbed by tests running beside it: this file's tests run one at a time.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use distrpc::{Error, RpcOptions, Tensor};
+use distrpc_testkit::in_process;
+use distrpc_wire::{Kind, OutFrame};
+
+/// One test at a time: they read this process's RSS.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[distrpc::function]
+fn echo(i: u64) -> u64 {
+    i
+}
+
+#[distrpc::function]
+fn numel(t: Tensor) -> u64 {
+    t.numel() as u64
+}
+
+/// `n` bytes of result.
+#[distrpc::function]
+fn bytes_of(n: u64) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(vec![7u8; n as usize])
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+fn hello(rank: u32, name: &str) -> Vec<u8> {
+    let payload = distrpc_wire::codec::encode_inline(&(rank, name)).unwrap();
+    OutFrame::new(Kind::Hello, 0, &payload, &[])
+        .unwrap()
+        .to_vec()
+}
+
+fn call(id: u64, function: &str, args: &impl serde::Serialize) -> Vec<u8> {
+    let mut payload = (function.len() as u16).to_le_bytes().to_vec();
+    payload.extend_from_slice(function.as_bytes());
+    payload.extend_from_slice(&distrpc_wire::codec::encode_inline(args).unwrap());
+    OutFrame::new(Kind::Call, id, &payload, &[])
+        .unwrap()
+        .to_vec()
+}
+
+/// A body declared at 1 GiB that never comes costs the worker nothing like 1 GiB; the
+/// connection is closed when the peer goes, and the worker serves on.
+#[test]
+fn a_declared_body_costs_memory_only_as_it_arrives() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rpcs = in_process(2, |_| RpcOptions::default().max_frame_bytes(2 << 30)).unwrap();
+    let before = rss_mib();
+    let mut header = OutFrame::new(Kind::Call, 9, b"xx", &[]).unwrap().to_vec();
+    header[24..32].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    let mut s = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    s.write_all(
+        &[
+            hello(0, "worker0"),
+            header[..32].to_vec(),
+            vec![1u8; 1 << 20],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    // The worker has read the header and the first MiB once it answers a call made after.
+    assert_eq!(rpcs[0].rpc_sync("worker1", echo, (1,)).unwrap(), 1);
+    let grew = rss_mib() - before;
+    assert!(
+        grew < 256.0,
+        "RSS grew by {grew:.0} MiB for a body that did not come"
+    );
+    drop(s);
+    assert_eq!(rpcs[0].rpc_sync("worker1", echo, (2,)).unwrap(), 2);
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}
+
+/// A peer that never reads: calls to it queue up to the bound, then wait, then fail naming
+/// the peer — the queue (and RSS) stays bounded — and the worker keeps serving the others.
+#[test]
+fn calls_to_a_peer_that_stops_reading_wait_then_fail() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let options = |_| {
+        RpcOptions::default()
+            .max_queued_bytes(4 << 20)
+            .send_stall(Duration::from_millis(500))
+    };
+    let rpcs = in_process(3, options).unwrap();
+    // A fake "worker0" connects to worker1 first, so that worker1's calls to worker0 go to it;
+    // it then reads nothing. Its call shows that worker1 took the connection in.
+    let mut fake = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    fake.write_all(&[hello(0, "worker0"), call(1, "nope", &(0u8,))].concat())
+        .unwrap();
+    let mut head = [0u8; 32];
+    fake.read_exact(&mut head).unwrap();
+    assert_eq!(
+        head[5],
+        Kind::Exception as u8,
+        "worker1 answers the unknown call"
+    );
+    let body = u64::from_le_bytes(head[24..32].try_into().unwrap());
+    std::io::copy(&mut (&mut fake).take(body), &mut std::io::sink()).unwrap();
+
+    let tensor = Tensor::from_slice(&vec![1.0f32; 1 << 18]); // 1 MiB
+    let mut futures = Vec::new();
+    let err = loop {
+        assert!(
+            futures.len() < 1000,
+            "1 GB accepted for a peer that reads nothing"
+        );
+        let f = rpcs[1].rpc_async_timeout("worker0", numel, (tensor.clone(),), Duration::ZERO);
+        match f.wait_timeout(Duration::ZERO) {
+            Ok(Err(e)) => break e,
+            Ok(Ok(n)) => panic!("the fake answered {n}"),
+            Err(pending) => futures.push(pending),
+        }
+    };
+    assert!(
+        matches!(&err, Error::SendFailed { worker, reason } if worker == "worker0" && reason.contains("has read none")),
+        "{err}"
+    );
+    // worker1 serves worker2, both ways.
+    assert_eq!(rpcs[2].rpc_sync("worker1", echo, (5,)).unwrap(), 5);
+    assert_eq!(rpcs[1].rpc_sync("worker2", echo, (6,)).unwrap(), 6);
+    drop(fake);
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}
+
+/// A peer that sends calls and never reads their results: the results queue up to four times
+/// the bound, then the worker drops the connection instead of holding more.
+#[test]
+fn a_peer_that_never_reads_its_results_is_disconnected() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rpcs = in_process(2, |_| RpcOptions::default().max_queued_bytes(4 << 20)).unwrap();
+    let before = rss_mib();
+    let mut fake = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    fake.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    fake.write_all(&hello(0, "worker0")).unwrap();
+    // Results of 1 MiB each, 2 GB in all: without the bound the worker would hold them all.
+    let calls: Vec<u8> = (1..=2000u64)
+        .flat_map(|id| call(id, "bounds::bytes_of", &(1u64 << 20,)))
+        .collect();
+    let _ = fake.write_all(&calls); // it may be cut off before the last
+    // The fake is worker1's connection to "worker0": once worker1 drops it, a call to worker0
+    // fails at once with the reason (one made before fails as soon as the drop comes).
+    let err = rpcs[1]
+        .rpc_sync_timeout("worker0", echo, (1,), Duration::from_secs(60))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerGone { worker, reason } if worker == "worker0" && reason.contains("stopped reading")),
+        "{err}"
+    );
+    let grew = rss_mib() - before;
+    assert!(grew < 256.0, "RSS grew by {grew:.0} MiB");
+    drop(fake);
+    // worker1 still serves (the real worker0 opens a connection of its own).
+    assert_eq!(rpcs[0].rpc_sync("worker1", echo, (3,)).unwrap(), 3);
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}
