@@ -179,3 +179,66 @@ fn a_peer_that_never_reads_its_results_is_disconnected() {
         rpc.shutdown_local();
     }
 }
+
+/// Reads one whole frame from the fake: its kind and body.
+fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 32];
+    s.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u64::from_le_bytes(head[24..32].try_into().unwrap()) as usize];
+    s.read_exact(&mut body).unwrap();
+    (head[5], body)
+}
+
+/// Gather rounds take a member's report only from that member, an answer only from the
+/// round's leader, and no round far ahead: a member cannot fill another's slot, end a round
+/// it does not lead, or make the worker hold rounds without bound.
+#[test]
+fn gather_messages_are_taken_only_from_the_worker_they_concern() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // worker3 is a fake (its connection to worker1 is this socket), and stays out of the
+    // group's own rounds.
+    let rpcs = in_process(4, |_| RpcOptions::default()).unwrap();
+    let mut fake = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    fake.write_all(&hello(3, "worker3")).unwrap();
+    let obj = serde_bytes::ByteBuf::from(vec![1u8]);
+    let cases = [
+        (
+            call(1, "#distrpc/gather_to_leader", &("k#0", "worker2", &obj)),
+            "reported for worker2",
+        ),
+        (
+            call(2, "#distrpc/gather_to_leader", &("k#5000", "worker3", &obj)),
+            "too far ahead",
+        ),
+        (
+            call(3, "#distrpc/broadcast_to_followers", &("k#0", &obj)),
+            "no round k#0 awaits",
+        ),
+    ];
+    for (request, refusal) in cases {
+        fake.write_all(&request).unwrap();
+        let (kind, body) = read_frame(&mut fake);
+        assert_eq!(kind, Kind::Exception as u8, "{refusal}");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains(refusal), "{refusal}: {text}");
+    }
+    // The group's own rounds still work.
+    let members = ["worker0", "worker1", "worker2"];
+    let handles: Vec<_> = rpcs[..3]
+        .iter()
+        .cloned()
+        .map(|rpc| {
+            std::thread::spawn(move || {
+                rpc.all_gather_among(&rpc.rank(), &members, Duration::from_secs(30))
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().len(), 3);
+    }
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}

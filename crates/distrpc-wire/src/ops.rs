@@ -2,9 +2,14 @@
 //!
 //! Elementwise operations broadcast like torch (and numpy). Both operands must have the same
 //! dtype: distrpc does not promote types, it says which dtypes it got.
+//!
+//! A result is refused, with an error, when it would have more than [`max_elements`]
+//! elements (a `[1, N]` + `[N, 1]` broadcast asks for N², from two small arguments) or when
+//! its memory cannot be had: a caller's numbers never abort the worker.
 
 use std::cell::Cell;
 use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytemuck::Zeroable;
 use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayViewD, Ix1, Ix2, IxDyn};
@@ -16,6 +21,51 @@ fn op_err(op: &'static str, reason: impl Into<String>) -> TensorError {
         op,
         reason: reason.into(),
     }
+}
+
+/// The default of [`max_elements`]: 2^28 elements (1 GiB of `float32`).
+pub const DEFAULT_MAX_ELEMENTS: usize = 1 << 28;
+
+static MAX_ELEMENTS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_ELEMENTS);
+
+/// The most elements a result of these operations may have, in this process.
+pub fn max_elements() -> usize {
+    MAX_ELEMENTS.load(Ordering::Relaxed)
+}
+
+/// Sets [`max_elements`] for this process (distrpc's `RpcOptions::max_builtin_elements`).
+///
+/// ```
+/// use distrpc_wire::{DType, ops};
+/// let before = ops::max_elements();
+/// ops::set_max_elements(100);
+/// assert!(ops::ones(vec![10, 11], DType::F32).is_err());
+/// assert!(ops::ones(vec![10, 10], DType::F32).is_ok());
+/// ops::set_max_elements(before);
+/// ```
+pub fn set_max_elements(n: usize) {
+    MAX_ELEMENTS.store(n, Ordering::Relaxed);
+}
+
+/// The number of elements of a result of `shape`, if it is allowed.
+fn elements(op: &'static str, shape: &[usize]) -> Result<usize, TensorError> {
+    let limit = max_elements();
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= limit => Ok(n),
+        _ => Err(op_err(
+            op,
+            format!("a result of shape {shape:?} has more than the limit of {limit} elements"),
+        )),
+    }
+}
+
+/// `n` copies of `value`, or an error if the memory cannot be had.
+fn filled<T: Clone>(op: &'static str, n: usize, value: T) -> Result<Vec<T>, TensorError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| op_err(op, format!("cannot allocate {n} elements: {e}")))?;
+    v.resize(n, value);
+    Ok(v)
 }
 
 fn same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType, TensorError> {
@@ -70,10 +120,12 @@ where
             ),
         )
     })?;
+    let n = elements(op, &shape)?;
     let (Some(va), Some(vb)) = (va.broadcast(shape.clone()), vb.broadcast(shape.clone())) else {
         return Err(op_err(op, "broadcast failed"));
     };
-    let mut out = ArrayD::<T>::from_elem(IxDyn(&shape), T::zeroed());
+    let mut out = ArrayD::<T>::from_shape_vec(IxDyn(&shape), filled(op, n, T::zeroed())?)
+        .map_err(|e| op_err(op, e.to_string()))?;
     ndarray::Zip::from(&mut out)
         .and(&va)
         .and(&vb)
@@ -179,6 +231,17 @@ where
     if !inner_ok {
         return Err(mismatch());
     }
+    let rows = if a.shape().len() == 2 {
+        a.shape()[0]
+    } else {
+        1
+    };
+    let cols = if b.shape().len() == 2 {
+        b.shape()[1]
+    } else {
+        1
+    };
+    elements("matmul", &[rows, cols])?;
     fn as1<'a, T>(v: ArrayViewD<'a, T>) -> Option<ArrayView1<'a, T>> {
         v.into_dimensionality::<Ix1>().ok()
     }
@@ -209,25 +272,35 @@ where
     })
 }
 
+/// A tensor of `shape` filled with `value`.
+fn full<T: crate::tensor::Element>(
+    op: &'static str,
+    shape: Vec<usize>,
+    value: T,
+) -> Result<Tensor, TensorError> {
+    let n = elements(op, &shape)?;
+    Tensor::from_vec(shape, filled(op, n, value)?)
+}
+
 /// A tensor of `shape` filled with ones.
 pub fn ones(shape: Vec<usize>, dtype: DType) -> Result<Tensor, TensorError> {
     match dtype {
-        DType::F32 => Tensor::full(shape, 1f32),
-        DType::F64 => Tensor::full(shape, 1f64),
-        DType::I64 => Tensor::full(shape, 1i64),
-        DType::I32 => Tensor::full(shape, 1i32),
-        DType::U8 => Tensor::full(shape, 1u8),
+        DType::F32 => full("ones", shape, 1f32),
+        DType::F64 => full("ones", shape, 1f64),
+        DType::I64 => full("ones", shape, 1i64),
+        DType::I32 => full("ones", shape, 1i32),
+        DType::U8 => full("ones", shape, 1u8),
     }
 }
 
 /// A tensor of `shape` filled with zeros.
 pub fn zeros(shape: Vec<usize>, dtype: DType) -> Result<Tensor, TensorError> {
     match dtype {
-        DType::F32 => Tensor::full(shape, 0f32),
-        DType::F64 => Tensor::full(shape, 0f64),
-        DType::I64 => Tensor::full(shape, 0i64),
-        DType::I32 => Tensor::full(shape, 0i32),
-        DType::U8 => Tensor::full(shape, 0u8),
+        DType::F32 => full("zeros", shape, 0f32),
+        DType::F64 => full("zeros", shape, 0f64),
+        DType::I64 => full("zeros", shape, 0i64),
+        DType::I32 => full("zeros", shape, 0i32),
+        DType::U8 => full("zeros", shape, 0u8),
     }
 }
 
@@ -254,12 +327,23 @@ fn next_u64() -> u64 {
 /// A tensor of `shape` with values uniform in `[0, 1)`. Like torch's `rand`, only floating
 /// dtypes are accepted.
 pub fn rand(shape: Vec<usize>, dtype: DType) -> Result<Tensor, TensorError> {
-    let n: usize = shape.iter().product();
     let unit = || (next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     match dtype {
-        DType::F32 => Tensor::from_vec(shape, (0..n).map(|_| unit() as f32).collect()),
-        DType::F64 => Tensor::from_vec(shape, (0..n).map(|_| unit()).collect()),
-        other => Err(op_err("rand", format!("{other} is not a floating dtype"))),
+        DType::F32 | DType::F64 => {}
+        other => return Err(op_err("rand", format!("{other} is not a floating dtype"))),
+    }
+    let n = elements("rand", &shape)?;
+    match dtype {
+        DType::F32 => {
+            let mut v = filled("rand", n, 0f32)?;
+            v.iter_mut().for_each(|x| *x = unit() as f32);
+            Tensor::from_vec(shape, v)
+        }
+        _ => {
+            let mut v = filled("rand", n, 0f64)?;
+            v.iter_mut().for_each(|x| *x = unit());
+            Tensor::from_vec(shape, v)
+        }
     }
 }
 
@@ -383,5 +467,31 @@ mod tests {
                 .iter()
                 .all(|&x| (0.0..1.0).contains(&x))
         );
+    }
+
+    /// Shapes past the limit, and sizes no memory holds, are errors — never an abort:
+    /// `ones`/`zeros`/`rand` of a huge shape (or one whose product overflows) and a `[1, N]` +
+    /// `[N, 1]` broadcast.
+    #[test]
+    fn results_past_the_limit_are_errors() {
+        let huge = vec![1usize << 20, 1 << 20];
+        for r in [
+            ones(huge.clone(), DType::F32),
+            zeros(huge.clone(), DType::I64),
+            rand(huge.clone(), DType::F64),
+            ones(vec![usize::MAX, 2], DType::U8),
+        ] {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("more than the limit"), "{e}");
+        }
+        let n = 1usize << 16;
+        let row = Tensor::from_vec(vec![1, n], vec![1f32; n]).unwrap();
+        let col = Tensor::from_vec(vec![n, 1], vec![1f32; n]).unwrap();
+        let e = add(&row, &col).unwrap_err().to_string();
+        assert!(e.contains("[65536, 65536]"), "{e}");
+        let e = matmul(&col, &row).unwrap_err().to_string();
+        assert!(e.contains("more than the limit"), "{e}");
+        let e = filled("ones", usize::MAX / 2, 0u8).unwrap_err().to_string();
+        assert!(e.contains("cannot allocate"), "{e}");
     }
 }

@@ -64,6 +64,7 @@ pub struct RpcOptions {
     pub(crate) auth: Auth,
     pub(crate) max_queued_bytes: usize,
     pub(crate) send_stall: Duration,
+    pub(crate) max_builtin_elements: usize,
 }
 
 /// Where a worker's auth token comes from.
@@ -106,6 +107,7 @@ impl Default for RpcOptions {
             auth: Auth::Env,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             send_stall: DEFAULT_SEND_STALL,
+            max_builtin_elements: distrpc_wire::ops::DEFAULT_MAX_ELEMENTS,
         }
     }
 }
@@ -124,6 +126,7 @@ impl fmt::Debug for RpcOptions {
             .field("liveness", &self.liveness)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("send_stall", &self.send_stall)
+            .field("max_builtin_elements", &self.max_builtin_elements)
             .field(
                 "auth",
                 &match self.auth {
@@ -239,6 +242,19 @@ impl RpcOptions {
     /// reads none of what is queued for it before failing (default 30 s).
     pub fn send_stall(mut self, stall: Duration) -> Self {
         self.send_stall = stall;
+        self
+    }
+
+    /// The most elements a builtin's result may have (`aten::ones`, a broadcasting
+    /// `aten::add`, …; default 2^28): past it, or when the memory cannot be had, the call
+    /// fails with an error instead of exhausting the worker. Process-wide: the last worker
+    /// initialised in a process sets it.
+    ///
+    /// ```
+    /// let options = distrpc::RpcOptions::default().max_builtin_elements(1 << 24);
+    /// ```
+    pub fn max_builtin_elements(mut self, n: usize) -> Self {
+        self.max_builtin_elements = n;
         self
     }
 

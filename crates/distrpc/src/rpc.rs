@@ -201,6 +201,7 @@ impl Rpc {
         let method = rendezvous::parse_init_method(&options.init_method)?;
         crate::runtime::start()?;
         let secret = options.auth.secret()?;
+        distrpc_wire::ops::set_max_elements(options.max_builtin_elements);
         let bound =
             crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip, secret))?;
         Ok(PendingRpc {

@@ -32,9 +32,15 @@ const PROBE_AFTER: Duration = Duration::from_millis(100);
 /// How long a leader that lost a member waits for the others to report, to tell them why the
 /// round failed.
 const LOSS_GRACE: Duration = Duration::from_secs(2);
+/// How many rounds a member may report ahead of the leader, per group.
+const MAX_AHEAD: u64 = 1024;
+/// How many rounds a worker holds at once: a member cannot make it hold more.
+const MAX_ROUNDS: usize = 4096;
 
 #[derive(Default)]
 struct Round {
+    /// On a follower: the leader, whose answer alone it takes.
+    leader: Option<u32>,
     objects: BTreeMap<String, ByteBuf>,
     done: bool,
     /// The leader's word that the round failed: the member lost, and why.
@@ -112,27 +118,69 @@ impl Gather {
             GATHER_FN,
             inline_handler(
                 GATHER_FN,
-                move |(round, name, obj): (String, String, ByteBuf)| g.gathered(&round, name, obj),
+                move |caller, (round, name, obj): (String, String, ByteBuf)| {
+                    // A member reports for itself only.
+                    let sender = caller.map(|c| g.client.transport.name_of(c));
+                    if sender != Some(name.as_str()) {
+                        return Err(format!("{sender:?} reported for {name}"));
+                    }
+                    g.check_ahead(&round)?;
+                    g.gathered(&round, name, obj)
+                },
             ),
         );
         let g = self.clone();
         registry.insert_internal(
             BROADCAST_FN,
-            inline_handler(BROADCAST_FN, move |(round, encoded): (String, ByteBuf)| {
-                let answer: Result<BTreeMap<String, ByteBuf>, (String, String)> =
-                    crate::codec::decode_inline(&encoded).map_err(|e| e.to_string())?;
-                let mut state = g.lock();
-                let r = state.rounds.entry(round).or_default();
-                match answer {
-                    Ok(objects) => r.objects = objects,
-                    Err(lost) => r.failed = Some(lost),
-                }
-                r.done = true;
-                drop(state);
-                g.changed.notify_all();
-                Ok(())
-            }),
+            inline_handler(
+                BROADCAST_FN,
+                move |caller, (round, encoded): (String, ByteBuf)| {
+                    let mut state = g.lock();
+                    // Only for a round this worker reported in, from that round's leader.
+                    let r = match state.rounds.get_mut(&round) {
+                        Some(r) if r.leader.is_some() && r.leader == caller => r,
+                        _ => {
+                            return Err(format!(
+                                "no round {round} awaits an answer from {caller:?}"
+                            ));
+                        }
+                    };
+                    let answer: Result<BTreeMap<String, ByteBuf>, (String, String)> =
+                        crate::codec::decode_inline(&encoded).map_err(|e| e.to_string())?;
+                    match answer {
+                        Ok(objects) => r.objects = objects,
+                        Err(lost) => r.failed = Some(lost),
+                    }
+                    r.done = true;
+                    drop(state);
+                    g.changed.notify_all();
+                    Ok(())
+                },
+            ),
         );
+    }
+
+    /// Refuses a reported round that is over, or too far ahead of this worker's rounds (or
+    /// one more than the worker holds): what members report stays bounded.
+    fn check_ahead(&self, round: &str) -> Result<(), String> {
+        let state = self.lock();
+        if state.rounds.contains_key(round) {
+            return Ok(());
+        }
+        let (key, n) = round
+            .rsplit_once('#')
+            .and_then(|(k, n)| Some((k, n.parse::<u64>().ok()?)))
+            .ok_or_else(|| format!("{round:?} is not a round"))?;
+        let next = state.sequence.get(key).copied().unwrap_or(0);
+        if n + 1 < next {
+            return Err(format!("round {round} is over"));
+        }
+        if n >= next + MAX_AHEAD || state.rounds.len() >= MAX_ROUNDS {
+            return Err(format!(
+                "round {round} is too far ahead of this worker's rounds"
+            ));
+        }
+        Ok(())
     }
 
     fn gathered(&self, round: &str, name: String, obj: ByteBuf) -> Result<(), String> {
@@ -295,9 +343,20 @@ fn gather_round(
             .gathered(&round, me.to_string(), obj)
             .map_err(Error::InvalidArgument)?;
     } else {
+        // The leader's answer is taken for this round, from it alone.
         gather
+            .lock()
+            .rounds
+            .entry(round.clone())
+            .or_default()
+            .leader = Some(leader_rank);
+        let reported = gather
             .call(leader_rank, GATHER_FN, &(&round, me, obj), timeout)
-            .wait()?;
+            .wait();
+        if let Err(e) = reported {
+            gather.lock().rounds.remove(&round);
+            return Err(e);
+        }
     }
 
     // Wait for the round to fill (leader) or for the answer (followers). Whether a member was

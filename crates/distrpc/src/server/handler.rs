@@ -332,14 +332,16 @@ where
     })))
 }
 
-/// An inline handler for distrpc's own control functions.
+/// An inline handler for distrpc's own control functions, told which worker called (`None`
+/// for a call with no sender, which only this worker can make).
 pub(crate) fn inline_handler<A, R, F>(name: &'static str, f: F) -> Handler
 where
     A: DeserializeOwned,
     R: Serialize + Send + Sync + 'static,
-    F: Fn(A) -> Result<R, String> + Send + Sync + 'static,
+    F: Fn(Option<u32>, A) -> Result<R, String> + Send + Sync + 'static,
 {
     Handler(HandlerKind::Inline(Arc::new(move |req| {
-        run_sync(name, &f, req, kept::<R>)
+        let caller = req.scope.as_ref().map(|(_, from)| *from);
+        run_sync(name, &|args| f(caller, args), req, kept::<R>)
     })))
 }
