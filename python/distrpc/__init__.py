@@ -9,10 +9,14 @@ Change one import and a torch RPC program runs on distrpc::
     rpc.shutdown()
 
 Python and Rust workers call each other's functions by name: :func:`function` registers a
-Python one (see :mod:`distrpc._named`).
+Python one (see :mod:`distrpc._named`). :func:`make_certificates` makes a group's TLS
+certificates (``TensorPipeRpcBackendOptions(tls=...)``)::
+
+    distrpc.make_certificates("certs", ["worker0", "worker1"])
 """
 
+from ._core import make_certificates
 from ._named import function
 
-__all__ = ["function"]
+__all__ = ["function", "make_certificates"]
 __version__ = "0.1.0"

@@ -28,7 +28,8 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     calls: Option<usize>,
     /// Workloads to run (default: all): latency, latency_busy, latency_pool, echo, throughput,
-    /// bandwidth, remote, scaling, memory, raw.
+    /// bandwidth, remote, scaling, memory, raw, tls (latency and bandwidth over mutual TLS, as
+    /// ratios to plain TCP measured in the same run).
     workloads: Vec<String>,
 }
 
@@ -43,6 +44,7 @@ const WORKLOADS: &[&str] = &[
     "scaling",
     "memory",
     "raw",
+    "tls",
 ];
 
 /// How long the latency option spins before parking, in `latency_busy`.
@@ -131,6 +133,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     for w in chosen {
         match w {
             "raw" => raw(scale)?,
+            "tls" => tls(scale)?,
             "scaling" => scaling(scale)?,
             two_process => {
                 Launch::new(2, exe()?)
@@ -260,6 +263,16 @@ fn measure(rpc: &Rpc, workload: &str, scale: Scale) -> anyhow::Result<()> {
         }
         "bandwidth" => {
             for bytes in SIZES {
+                let gbps = bandwidth(rpc, bytes, scale)?;
+                println!(
+                    "{{\"workload\": \"bandwidth\", \"bytes\": {bytes}, \"gb_per_s\": {gbps:.3}}}"
+                );
+            }
+        }
+        "tls_probe" => {
+            let mut s = time_calls(scale.calls, || Ok(rpc.rpc_sync(0, noop, ())?))?;
+            println!("{}", percentiles_json("latency", &mut s));
+            for bytes in [1 << 20, 16 << 20] {
                 let gbps = bandwidth(rpc, bytes, scale)?;
                 println!(
                     "{{\"workload\": \"bandwidth\", \"bytes\": {bytes}, \"gb_per_s\": {gbps:.3}}}"
@@ -441,6 +454,82 @@ fn in_process_group(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> 
             .map_err(|_| anyhow::anyhow!("shutdown thread panicked"))??;
     }
     Ok((init, barrier, t.elapsed()))
+}
+
+/// Latency and bandwidth over mutual TLS (certificates made for the run) against plain TCP,
+/// the two taking turns (plain, TLS, plain, TLS): each figure with `"tls": true|false`, then
+/// the medians' ratios, TLS over plain.
+fn tls(scale: Scale) -> anyhow::Result<()> {
+    use distrpc_secure::tls::{CA_ENV, CERT_ENV, KEY_ENV, generate};
+    let dir = std::env::temp_dir().join(format!("distrpc-bench-tls-{}", std::process::id()));
+    generate(&dir, &["bench"])?;
+    let rounds = if scale.quick { 1 } else { 2 };
+    let mut figures: Vec<(bool, String, f64)> = Vec::new();
+    let run = (|| -> anyhow::Result<()> {
+        for _ in 0..rounds {
+            for on in [false, true] {
+                let mut launch = Launch::new(2, exe()?)
+                    .args(["__bench-worker", "tls_probe", &scale.arg()])
+                    .prefix_output(false)
+                    .capture_output(true);
+                if on {
+                    launch = launch
+                        .env(CA_ENV, dir.join("ca.pem"))
+                        .env(CERT_ENV, dir.join("bench.pem"))
+                        .env(KEY_ENV, dir.join("bench-key.pem"));
+                }
+                let mut group = launch.spawn()?;
+                let lines = group
+                    .output()
+                    .ok_or_else(|| anyhow::anyhow!("no output captured"))?;
+                group.wait_timeout(Some(Duration::from_secs(600)))?;
+                for line in lines.iter().filter(|l| !l.stderr) {
+                    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&line.line) else {
+                        eprintln!("{}", line.line);
+                        continue;
+                    };
+                    let key = match (v.get("bytes"), v.get("p50_us"), v.get("gb_per_s")) {
+                        (Some(b), _, Some(g)) => g.as_f64().map(|g| (format!("bandwidth {b}"), g)),
+                        (None, Some(p), _) => p.as_f64().map(|p| ("latency p50".to_string(), p)),
+                        _ => None,
+                    };
+                    if let Some((k, x)) = key {
+                        figures.push((on, k, x));
+                    }
+                    // One workload, "tls": its figures say which they are.
+                    v["figure"] = v["workload"].clone();
+                    v["workload"] = serde_json::Value::from("tls");
+                    v["tls"] = serde_json::Value::Bool(on);
+                    println!("{v}");
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    run?;
+    let median = |on: bool, key: &str| {
+        let mut xs: Vec<f64> = figures
+            .iter()
+            .filter(|(o, k, _)| *o == on && k == key)
+            .map(|f| f.2)
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied()
+    };
+    let mut keys: Vec<&String> = figures.iter().map(|f| &f.1).collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        if let (Some(tls), Some(plain)) = (median(true, key), median(false, key)) {
+            println!(
+                "{{\"workload\": \"tls\", \"figure\": \"{key}\", \"plain\": {plain}, \"tls\": {tls}, \"tls_over_plain\": {:.3}}}",
+                tls / plain
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The raw limits, with plain blocking sockets and no async runtime.

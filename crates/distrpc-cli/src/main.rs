@@ -7,6 +7,8 @@
 //! - `distrpc bench [--quick] [WORKLOAD...]` measures distrpc against the machine's raw limits
 //!   and prints one JSON line per workload.
 //! - `distrpc plot RUN.jsonl OUT.png` draws the latency and bandwidth picture of a saved run.
+//! - `distrpc cert DIR NAME...` makes a group's TLS certificates: a CA (kept and reused in
+//!   `DIR`) and one certificate and key per worker name.
 
 mod bench;
 mod plot;
@@ -57,6 +59,17 @@ enum Command {
         /// The PNG to write.
         output: std::path::PathBuf,
     },
+    /// Make a group's TLS certificates in DIR: a CA (`ca.pem`, `ca-key.pem`; reused if there)
+    /// and, for each NAME, `NAME.pem` and `NAME-key.pem` (keys readable by their owner only).
+    /// Give each worker the CA's certificate and its own pair (`RpcOptions::tls`, or
+    /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`).
+    Cert {
+        /// Where the certificates go.
+        dir: std::path::PathBuf,
+        /// The workers' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Internal: a worker process of `distrpc bench`.
     #[command(hide = true, name = "__bench-worker")]
     BenchWorker { workload: String, scale: String },
@@ -77,6 +90,7 @@ fn main() -> ExitCode {
         } => launch(nproc, master_addr, master_port, grace, command),
         Command::Bench(args) => bench::run(args),
         Command::Plot { input, output } => plot::run(&input, &output),
+        Command::Cert { dir, names } => cert(&dir, &names),
         Command::BenchWorker { workload, scale } if workload == "scaling" => {
             bench::scaling_worker(&scale)
         }
@@ -90,6 +104,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cert(dir: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    distrpc_secure::tls::generate(dir, &names)?;
+    for name in &names {
+        println!(
+            "{name}: DISTRPC_TLS_CA={ca} DISTRPC_TLS_CERT={cert} DISTRPC_TLS_KEY={key}",
+            ca = dir.join("ca.pem").display(),
+            cert = dir.join(format!("{name}.pem")).display(),
+            key = dir.join(format!("{name}-key.pem")).display(),
+        );
+    }
+    Ok(())
 }
 
 fn launch(

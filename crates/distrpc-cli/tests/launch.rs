@@ -105,6 +105,7 @@ fn bench_quick_prints_every_workload_as_json() {
         ("raw_pingpong_busy", "p50_us"),
         ("raw_echo", "msgs_per_s"),
         ("raw_bandwidth", "gb_per_s"),
+        ("tls", "tls_over_plain"),
     ] {
         assert!(
             has(workload, field),
@@ -120,7 +121,10 @@ fn bench_quick_prints_every_workload_as_json() {
         "one line per window"
     );
     assert_eq!(
-        lines.iter().filter(|l| l.contains("\"bandwidth\"")).count(),
+        lines
+            .iter()
+            .filter(|l| l.contains("\"workload\": \"bandwidth\""))
+            .count(),
         4,
         "one line per size"
     );
@@ -188,4 +192,29 @@ fn plot_draws_a_png_from_a_run_and_rejects_junk() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no latency or bandwidth"));
+}
+
+/// `distrpc cert` makes a CA and a certificate per name, and reuses the CA when run again
+/// (a worker added later joins the same group).
+#[test]
+fn cert_makes_a_group_ca_and_worker_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |names: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distrpc"))
+            .arg("cert")
+            .arg(dir.path())
+            .args(names)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = run(&["worker0", "worker1"]);
+    assert!(printed.contains("worker1: DISTRPC_TLS_CA="), "{printed}");
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    run(&["worker2"]);
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca, "the CA is reused");
+    for f in ["worker0.pem", "worker0-key.pem", "worker1.pem", "worker2-key.pem"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
 }

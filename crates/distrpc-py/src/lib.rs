@@ -198,11 +198,12 @@ impl Agent {
     ///
     /// `auth_token`: the group's shared secret (else `DISTRPC_AUTH_TOKEN` or the file
     /// `DISTRPC_AUTH_TOKEN_FILE` names); `listen_ip`: the address to listen on (else the
-    /// interface toward the store).
+    /// interface toward the store); `tls`: `(ca, cert, key)` PEM files for mutual TLS (else
+    /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`).
     #[staticmethod]
     #[pyo3(signature = (
         name, rank, world_size, init_method, num_worker_threads, rpc_timeout,
-        auth_token=None, listen_ip=None
+        auth_token=None, listen_ip=None, tls=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
@@ -215,6 +216,7 @@ impl Agent {
         rpc_timeout: f64,
         auth_token: Option<String>,
         listen_ip: Option<String>,
+        tls: Option<(String, String, String)>,
     ) -> PyResult<PendingAgent> {
         let (mut options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
         if let Some(token) = auth_token {
@@ -225,6 +227,9 @@ impl Agent {
                 .parse()
                 .map_err(|e| PyValueError::new_err(format!("listen_ip {ip:?}: {e}")))?;
             options = options.listen_ip(ip);
+        }
+        if let Some((ca, cert, key)) = tls {
+            options = options.tls(ca, cert, key);
         }
         let pending = py
             .detach(|| Rpc::bind(&name, rank, world_size, options))
@@ -557,6 +562,14 @@ fn launch(
     }
 }
 
+/// Makes a group's TLS certificates in `dir` (what `distrpc cert` does): a CA, reused if
+/// there, and `<name>.pem` / `<name>-key.pem` for each name.
+#[pyfunction]
+fn make_certificates(dir: std::path::PathBuf, names: Vec<String>) -> PyResult<()> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    distrpc::secure::tls::generate(&dir, &names).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// `obj` in MessagePack as a call by name sends it (arrays excepted: they travel beside a
 /// call, not inside bytes).
 #[pyfunction]
@@ -583,6 +596,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(launch, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack_loads, m)?)?;
+    m.add_function(wrap_pyfunction!(make_certificates, m)?)?;
     m.add_class::<Agent>()?;
     m.add_class::<PendingAgent>()?;
     m.add_class::<Call>()?;

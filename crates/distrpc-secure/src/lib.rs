@@ -1,6 +1,6 @@
 //! What protects a distrpc group's connections from outsiders: a shared secret that both ends
 //! of every connection — worker to worker, worker to store — prove they know before anything
-//! else is parsed ([`auth`]).
+//! else is parsed ([`auth`]), and mutual TLS with a group CA ([`tls`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -16,5 +16,23 @@
 //! ```
 
 pub mod auth;
+pub mod tls;
 
 pub use auth::{AuthError, Secret};
+pub use tls::{Tls, TlsError, TlsStream};
+
+/// What protects a group's connections: its secret and its TLS, each if configured.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// Both ends prove they know this secret ([`auth`]).
+    pub auth: Option<Secret>,
+    /// Mutual TLS with the group CA ([`tls`]); the auth handshake, if any, runs inside it.
+    pub tls: Option<Tls>,
+}
+
+impl Security {
+    /// Whether anything protects the connections.
+    pub fn is_on(&self) -> bool {
+        self.auth.is_some() || self.tls.is_some()
+    }
+}

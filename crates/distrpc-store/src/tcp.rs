@@ -5,8 +5,8 @@
 //! arrive; keys, values, what the store holds in all, how many clients it serves and how long
 //! a wait lasts are bounded too ([`MAX_KEY`], [`MAX_STORED`], [`MAX_CLIENTS`], [`MAX_WAIT`]). A
 //! client that sends a malformed message is disconnected with a logged error and the server
-//! keeps serving. With a [`Secret`], both ends prove they know it before the first message
-//! ([`distrpc_secure::auth`]).
+//! keeps serving. With the group's [`Security`], connections run over mutual TLS, and both
+//! ends prove they know the group's secret before the first message ([`distrpc_secure`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +21,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::{StoreError, parse_counter};
-use distrpc_secure::{Secret, auth};
+use distrpc_secure::{Security, auth};
+
+/// A store connection's stream: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Io for T {}
+type Stream = Box<dyn Io>;
 
 /// Largest request or response accepted, in bytes.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -173,7 +178,7 @@ impl State {
 }
 
 async fn read_message<T: for<'de> Deserialize<'de>>(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> std::io::Result<Option<T>> {
     /// What is reserved for a body before its bytes arrive: a declared length alone makes
     /// the reader allocate no more.
@@ -203,7 +208,10 @@ async fn read_message<T: for<'de> Deserialize<'de>>(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-async fn write_message<T: Serialize>(stream: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+async fn write_message<T: Serialize>(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &T,
+) -> std::io::Result<()> {
     let body = rmp_serde::to_vec(msg).map_err(std::io::Error::other)?;
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -219,9 +227,10 @@ pub struct TcpStoreServer {
 }
 
 impl TcpStoreServer {
-    /// Serves on `listener` (already bound; use port 0 to let the OS choose). With `auth`,
-    /// a client must prove it knows that secret before its first request is read.
-    pub fn serve(listener: TcpListener, auth: Option<Secret>) -> std::io::Result<Self> {
+    /// Serves on `listener` (already bound; use port 0 to let the OS choose). With TLS in
+    /// `security`, a client must have a certificate of the group's CA; with a secret, it must
+    /// prove it knows it — before its first request is read.
+    pub fn serve(listener: TcpListener, security: Security) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let task = tokio::spawn(async move {
@@ -232,9 +241,9 @@ impl TcpStoreServer {
                     accepted = listener.accept(), if conns.len() < MAX_CLIENTS => match accepted {
                         Ok((stream, peer)) => {
                             backoff = Duration::ZERO;
-                            let (state, auth) = (state.clone(), auth.clone());
+                            let (state, security) = (state.clone(), security.clone());
                             conns.spawn(async move {
-                                if let Err(e) = serve_conn(stream, &state, auth.as_ref()).await {
+                                if let Err(e) = serve_conn(stream, &state, &security).await {
                                     tracing::warn!(%peer, error = %e, "store connection closed");
                                 }
                             });
@@ -266,13 +275,21 @@ impl Drop for TcpStoreServer {
     }
 }
 
-async fn serve_conn(
-    mut stream: TcpStream,
-    state: &State,
-    auth: Option<&Secret>,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    if let Some(secret) = auth {
+async fn serve_conn(tcp: TcpStream, state: &State, security: &Security) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut stream: Stream = match &security.tls {
+        None => Box::new(tcp),
+        Some(tls) => match tokio::time::timeout(AUTH_TIMEOUT, tls.accept(tcp)).await {
+            Ok(Ok(tls)) => Box::new(tls),
+            Ok(Err(e)) => return Err(std::io::Error::other(format!("TLS: {e}"))),
+            Err(_) => {
+                return Err(std::io::Error::other(format!(
+                    "no TLS handshake within {AUTH_TIMEOUT:?}"
+                )));
+            }
+        },
+    };
+    if let Some(secret) = &security.auth {
         match tokio::time::timeout(AUTH_TIMEOUT, auth::accept(&mut stream, secret)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -303,36 +320,38 @@ async fn serve_conn(
 #[derive(Debug)]
 pub struct TcpStoreClient {
     addr: SocketAddr,
-    stream: tokio::sync::Mutex<TcpStream>,
+    stream: tokio::sync::Mutex<Stream>,
+}
+
+impl std::fmt::Debug for dyn Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("store connection")
+    }
 }
 
 impl TcpStoreClient {
     /// Connects to the store at `addr`, retrying until `timeout` while it is not up yet (rank 0
-    /// may start after the others), and proves it knows `auth` if given.
+    /// may start after the others), secured as `security` says (TLS, then the secret's proof).
     pub async fn connect(
         addr: SocketAddr,
         timeout: Duration,
-        auth: Option<&Secret>,
+        security: &Security,
     ) -> Result<Self, StoreError> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(5);
         loop {
             match TcpStream::connect(addr).await {
-                Ok(mut stream) => {
-                    let _ = stream.set_nodelay(true);
-                    if let Some(secret) = auth {
-                        let proved =
-                            tokio::time::timeout(AUTH_TIMEOUT, auth::dial(&mut stream, secret));
-                        match proved.await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => return Err(StoreError::Auth(e)),
-                            Err(_) => {
-                                return Err(StoreError::Protocol(format!(
-                                    "the store at {addr} did not authenticate within {AUTH_TIMEOUT:?}"
-                                )));
-                            }
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    let secured = tokio::time::timeout(AUTH_TIMEOUT, secure(tcp, security));
+                    let stream = match secured.await {
+                        Ok(result) => result?,
+                        Err(_) => {
+                            return Err(StoreError::Protocol(format!(
+                                "the store at {addr} did not authenticate within {AUTH_TIMEOUT:?}"
+                            )));
                         }
-                    }
+                    };
                     return Ok(Self {
                         addr,
                         stream: tokio::sync::Mutex::new(stream),
@@ -357,8 +376,8 @@ impl TcpStoreClient {
             source,
         };
         let mut stream = self.stream.lock().await;
-        write_message(&mut stream, &req).await.map_err(io)?;
-        match read_message::<Response>(&mut stream).await.map_err(io)? {
+        write_message(&mut *stream, &req).await.map_err(io)?;
+        match read_message::<Response>(&mut *stream).await.map_err(io)? {
             Some(Response::Error(e)) => Err(StoreError::Protocol(e)),
             Some(resp) => Ok(resp),
             None => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -408,6 +427,22 @@ impl TcpStoreClient {
     }
 }
 
+/// A client's connection to the store, secured as `security` says.
+async fn secure(tcp: TcpStream, security: &Security) -> Result<Stream, StoreError> {
+    let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut stream: Stream = match &security.tls {
+        None => Box::new(tcp),
+        Some(tls) => Box::new(tls.connect(tcp).await.map_err(|source| StoreError::Io {
+            addr: format!("{addr} (TLS)"),
+            source,
+        })?),
+    };
+    if let Some(secret) = &security.auth {
+        auth::dial(&mut stream, secret).await?;
+    }
+    Ok(stream)
+}
+
 fn unexpected(resp: Response) -> StoreError {
     StoreError::Protocol(format!("unexpected response {resp:?}"))
 }
@@ -416,13 +451,15 @@ fn unexpected(resp: Response) -> StoreError {
 mod tests {
     use super::*;
     use crate::Store;
+    use distrpc_secure::Secret;
 
     async fn server_and_client() -> (TcpStoreServer, Store) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = TcpStoreServer::serve(listener, None).unwrap();
-        let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let server = TcpStoreServer::serve(listener, Security::default()).unwrap();
+        let client =
+            TcpStoreClient::connect(server.addr(), Duration::from_secs(5), &Security::default())
+                .await
+                .unwrap();
         (server, Store::Tcp(client))
     }
 
@@ -445,9 +482,10 @@ mod tests {
     #[tokio::test]
     async fn wait_wakes_on_set_and_times_out_naming_keys() {
         let (server, store) = server_and_client().await;
-        let other = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let other =
+            TcpStoreClient::connect(server.addr(), Duration::from_secs(5), &Security::default())
+                .await
+                .unwrap();
         let keys = vec!["k1".to_string(), "k2".to_string()];
         let waiter = tokio::spawn(async move { store.wait(&keys, Duration::from_secs(30)).await });
         other.set("k1", b"").await.unwrap();
@@ -467,17 +505,22 @@ mod tests {
         let (server, _store) = server_and_client().await;
         let mut waiters = Vec::new();
         for i in 0..40 {
-            let client = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
-                .await
-                .unwrap();
+            let client = TcpStoreClient::connect(
+                server.addr(),
+                Duration::from_secs(5),
+                &Security::default(),
+            )
+            .await
+            .unwrap();
             let keys = vec![format!("a{}", i % 4), "counter".to_string()];
             waiters.push(tokio::spawn(async move {
                 client.wait(&keys, Duration::from_secs(30)).await
             }));
         }
-        let writer = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let writer =
+            TcpStoreClient::connect(server.addr(), Duration::from_secs(5), &Security::default())
+                .await
+                .unwrap();
         writer.set("unrelated", b"").await.unwrap();
         for k in ["a3", "a1", "a0", "a2"] {
             writer.set(k, b"").await.unwrap();
@@ -508,9 +551,10 @@ mod tests {
     #[tokio::test]
     async fn hostile_numbers_get_answers_not_panics() {
         let (server, store) = server_and_client().await;
-        let raw = TcpStoreClient::connect(server.addr(), Duration::from_secs(5), None)
-            .await
-            .unwrap();
+        let raw =
+            TcpStoreClient::connect(server.addr(), Duration::from_secs(5), &Security::default())
+                .await
+                .unwrap();
         let waiting =
             tokio::spawn(async move { raw.call(Request::Wait(vec!["k".into()], u64::MAX)).await });
         let long = "k".repeat(MAX_KEY + 1);
@@ -543,21 +587,25 @@ mod tests {
     async fn authenticated_store_admits_only_the_group() {
         let secret = Secret::new("the group's shared token").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = TcpStoreServer::serve(listener, Some(secret.clone())).unwrap();
+        let with = |auth: Option<&Secret>| Security {
+            auth: auth.cloned(),
+            tls: None,
+        };
+        let server = TcpStoreServer::serve(listener, with(Some(&secret))).unwrap();
         let timeout = Duration::from_secs(5);
-        let member = TcpStoreClient::connect(server.addr(), timeout, Some(&secret))
+        let member = TcpStoreClient::connect(server.addr(), timeout, &with(Some(&secret)))
             .await
             .unwrap();
         member.set("a", b"1").await.unwrap();
 
         let stranger = Secret::new("another group's token").unwrap();
-        let err = TcpStoreClient::connect(server.addr(), timeout, Some(&stranger))
+        let err = TcpStoreClient::connect(server.addr(), timeout, &with(Some(&stranger)))
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Auth(_)), "{err}");
 
         // No token at all: its first request is never read; the connection closes.
-        let bare = TcpStoreClient::connect(server.addr(), timeout, None)
+        let bare = TcpStoreClient::connect(server.addr(), timeout, &with(None))
             .await
             .unwrap();
         let err = bare.get("a").await.unwrap_err();

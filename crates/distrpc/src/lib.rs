@@ -95,6 +95,9 @@ pub use options::{MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{Metrics, PendingRpc, Rpc};
 pub use rref::RRef;
+/// What keeps a group closed to outsiders: the auth token's handshake and mutual TLS
+/// (certificates for a group: [`secure::tls::generate`]).
+pub use distrpc_secure as secure;
 pub use worker::{To, WorkerInfo};
 
 /// The README's example, compiled and run as a doctest so that it stays true.

@@ -28,7 +28,7 @@ pub(crate) struct NodeConfig {
     pub(crate) busy_poll: Duration,
     pub(crate) liveness: Duration,
     pub(crate) foreign: crate::server::Foreign,
-    pub(crate) auth: Option<distrpc_secure::Secret>,
+    pub(crate) security: distrpc_secure::Security,
     pub(crate) queue: crate::transport::QueueBound,
 }
 
@@ -56,12 +56,13 @@ impl Node {
             busy_poll,
             liveness,
             foreign,
-            auth,
+            security,
             queue,
         } = config;
         let me = group.workers[rank as usize].clone();
         let sockets = crate::transport::SocketOptions {
-            auth,
+            auth: security.auth,
+            tls: security.tls,
             queue,
             busy_poll,
             liveness,

@@ -62,6 +62,7 @@ pub struct RpcOptions {
     pub(crate) functions: Vec<(Arc<str>, Handler)>,
     pub(crate) foreign: Vec<(Codec, Arc<dyn ForeignHandler>)>,
     pub(crate) auth: Auth,
+    pub(crate) tls: TlsFiles,
     pub(crate) max_queued_bytes: usize,
     pub(crate) send_stall: Duration,
     pub(crate) max_builtin_elements: usize,
@@ -75,6 +76,36 @@ pub(crate) enum Auth {
     Env,
     /// [`RpcOptions::auth_token`].
     Token(String),
+}
+
+/// Where a worker's TLS certificates come from: `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT` and
+/// `DISTRPC_TLS_KEY` (none: no TLS), or [`RpcOptions::tls`].
+#[derive(Clone, Debug, Default)]
+pub(crate) enum TlsFiles {
+    #[default]
+    Env,
+    Paths {
+        ca: std::path::PathBuf,
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+    },
+}
+
+impl RpcOptions {
+    /// What protects the group's connections, from these options and the environment.
+    pub(crate) fn security(&self) -> Result<distrpc_secure::Security, crate::Error> {
+        let invalid = |e: distrpc_secure::TlsError| crate::Error::InvalidArgument(e.to_string());
+        let tls = match &self.tls {
+            TlsFiles::Env => distrpc_secure::Tls::from_env().map_err(invalid)?,
+            TlsFiles::Paths { ca, cert, key } => {
+                Some(distrpc_secure::Tls::from_pem_files(ca, cert, key).map_err(invalid)?)
+            }
+        };
+        Ok(distrpc_secure::Security {
+            auth: self.auth.secret()?,
+            tls,
+        })
+    }
 }
 
 impl Auth {
@@ -105,6 +136,7 @@ impl Default for RpcOptions {
             functions: Vec::new(),
             foreign: Vec::new(),
             auth: Auth::Env,
+            tls: TlsFiles::Env,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             send_stall: DEFAULT_SEND_STALL,
             max_builtin_elements: distrpc_wire::ops::DEFAULT_MAX_ELEMENTS,
@@ -124,6 +156,7 @@ impl fmt::Debug for RpcOptions {
             .field("check_rref_leaks", &self.check_rref_leaks)
             .field("busy_poll", &self.busy_poll)
             .field("liveness", &self.liveness)
+            .field("tls", &self.tls)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("send_stall", &self.send_stall)
             .field("max_builtin_elements", &self.max_builtin_elements)
@@ -255,6 +288,32 @@ impl RpcOptions {
     /// ```
     pub fn max_builtin_elements(mut self, n: usize) -> Self {
         self.max_builtin_elements = n;
+        self
+    }
+
+    /// Mutual TLS on every connection — worker to worker, worker to store — with the group's
+    /// CA: `ca` (PEM) is the CA's certificate, `cert` and `key` (PEM) this worker's, signed by
+    /// it (`distrpc cert DIR worker0 worker1 …` makes them). Both ends check the other's
+    /// certificate; a connection that fails is closed and logged. Without this option a worker
+    /// takes the files `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT` and `DISTRPC_TLS_KEY` name, if
+    /// set. With an auth token as well, its handshake runs inside TLS. A TLS connection gives
+    /// up the plain one's direct socket paths (its own tasks encrypt and decrypt).
+    ///
+    /// ```no_run
+    /// let options = distrpc::RpcOptions::default()
+    ///     .tls("certs/ca.pem", "certs/worker1.pem", "certs/worker1-key.pem");
+    /// ```
+    pub fn tls(
+        mut self,
+        ca: impl Into<std::path::PathBuf>,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls = TlsFiles::Paths {
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+        };
         self
     }
 

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use distrpc_secure::Secret;
+use distrpc_secure::Security;
 use distrpc_store::{FileStore, Store, StoreError, TcpStoreClient, TcpStoreServer};
 use tokio::net::TcpListener;
 
@@ -139,8 +139,8 @@ pub(crate) struct Bound {
     pub(crate) target: StoreTarget,
     pub(crate) listener: TcpListener,
     pub(crate) advertise: SocketAddr,
-    /// The group's secret (store and peers), if it has one.
-    pub(crate) secret: Option<Secret>,
+    /// What protects the group's connections (store and peers).
+    pub(crate) security: Security,
 }
 
 static STORE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -212,7 +212,7 @@ pub(crate) async fn bind(
     method: &InitMethod,
     rank: u32,
     listen_ip: Option<IpAddr>,
-    secret: Option<Secret>,
+    security: Security,
 ) -> Result<Bound, Error> {
     let (server, target, store_ip) = match method {
         InitMethod::Tcp { host, port } => {
@@ -233,7 +233,7 @@ pub(crate) async fn bind(
                         Error::Rendezvous(format!("rank 0 cannot host the store on {addr}: {e}"))
                     })?,
                 };
-                let server = TcpStoreServer::serve(listener, secret.clone())?;
+                let server = TcpStoreServer::serve(listener, security.clone())?;
                 let target = StoreTarget::Tcp(server.addr());
                 (Some(server), target, Some(addr))
             } else {
@@ -255,7 +255,7 @@ pub(crate) async fn bind(
     };
     let listener = crate::net::listen_async(SocketAddr::new(bind_ip, 0))?;
     let advertise = SocketAddr::new(advertise_ip, listener.local_addr()?.port());
-    if secret.is_none() {
+    if security.auth.is_none() {
         let exposed = [
             Some(listener.local_addr()?),
             server.as_ref().map(TcpStoreServer::addr),
@@ -279,7 +279,7 @@ pub(crate) async fn bind(
         target,
         listener,
         advertise,
-        secret,
+        security,
     })
 }
 
@@ -354,7 +354,7 @@ fn key_worker(rank: u32) -> String {
 /// Phase two: publish this worker, wait for the others, check the group.
 pub(crate) async fn join(
     target: &StoreTarget,
-    secret: Option<&Secret>,
+    security: &Security,
     me: &str,
     rank: u32,
     world: u32,
@@ -369,7 +369,7 @@ pub(crate) async fn join(
     let store_err = |e: StoreError| Error::Rendezvous(e.to_string());
     let store = match target {
         StoreTarget::Tcp(addr) => Store::Tcp(
-            TcpStoreClient::connect(*addr, timeout, secret)
+            TcpStoreClient::connect(*addr, timeout, security)
                 .await
                 .map_err(store_err)?,
         ),

@@ -116,7 +116,7 @@ impl PendingRpc {
         }
         let group = crate::runtime::block_on(rendezvous::join(
             &bound.target,
-            bound.secret.as_ref(),
+            &bound.security,
             &name,
             rank,
             world,
@@ -139,7 +139,7 @@ impl PendingRpc {
                 busy_poll: options.busy_poll,
                 liveness: options.liveness,
                 foreign: options.foreign.iter().cloned().collect(),
-                auth: bound.secret.clone(),
+                security: bound.security.clone(),
                 queue: crate::transport::QueueBound {
                     bytes: options.max_queued_bytes,
                     stall: options.send_stall,
@@ -200,10 +200,10 @@ impl Rpc {
         let (rank, world) = rendezvous::rank_and_world(rank.into(), world_size.into())?;
         let method = rendezvous::parse_init_method(&options.init_method)?;
         crate::runtime::start()?;
-        let secret = options.auth.secret()?;
+        let security = options.security()?;
         distrpc_wire::ops::set_max_elements(options.max_builtin_elements);
         let bound =
-            crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip, secret))?;
+            crate::runtime::block_on(rendezvous::bind(&method, rank, options.listen_ip, security))?;
         Ok(PendingRpc {
             name: name.to_string(),
             rank,

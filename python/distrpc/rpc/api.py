@@ -69,12 +69,15 @@ class BackendType(enum.Enum):
 class TensorPipeRpcBackendOptions:
     """torch's backend options. CPU only: a device map to a GPU is an error.
 
-    Two options are distrpc's own. ``auth_token``: the group's shared secret (at least 16
+    Three options are distrpc's own. ``auth_token``: the group's shared secret (at least 16
     bytes, the same on every worker): every connection — worker to worker, worker to store —
     opens only after both ends prove they know it, so no outsider can run code in the group
     (torch has no such option). Without it, ``DISTRPC_AUTH_TOKEN`` or the file
     ``DISTRPC_AUTH_TOKEN_FILE`` names give it, and ``python -m distrpc.launch`` gives its
-    group a fresh one. ``listen_ip``: the address the worker listens on (default: its
+    group a fresh one. ``tls``: ``(ca, cert, key)``, PEM files of the group's CA and of this
+    worker's certificate and key (:func:`distrpc.make_certificates` or ``distrpc cert`` make
+    them): every connection is mutual TLS (else ``DISTRPC_TLS_CA``, ``DISTRPC_TLS_CERT`` and
+    ``DISTRPC_TLS_KEY``). ``listen_ip``: the address the worker listens on (default: its
     interface toward ``MASTER_ADDR``; loopback for a group on one host).
 
     Example::
@@ -97,6 +100,7 @@ class TensorPipeRpcBackendOptions:
         _channels: list | None = None,
         auth_token: str | None = None,
         listen_ip: str | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
         if device_maps or devices:
             raise ValueError("distrpc runs on CPU only: device_maps and devices must be empty")
@@ -107,6 +111,9 @@ class TensorPipeRpcBackendOptions:
         self.devices = []
         self.auth_token = auth_token
         self.listen_ip = listen_ip
+        self.tls = None if tls is None else tuple(str(p) for p in tls)
+        if self.tls is not None and len(self.tls) != 3:
+            raise ValueError("tls is (ca, cert, key): three PEM files")
 
     def __repr__(self) -> str:
         # The token stays out of logs.
@@ -114,7 +121,7 @@ class TensorPipeRpcBackendOptions:
         return (
             f"TensorPipeRpcBackendOptions(num_worker_threads={self.num_worker_threads}, "
             f"rpc_timeout={self.rpc_timeout}, init_method={self.init_method!r}, "
-            f"auth_token={token}, listen_ip={self.listen_ip!r})"
+            f"auth_token={token}, listen_ip={self.listen_ip!r}, tls={self.tls!r})"
         )
 
 
@@ -245,6 +252,7 @@ def init_rpc(
             float(options.rpc_timeout),
             getattr(options, "auth_token", None),
             getattr(options, "listen_ip", None),
+            getattr(options, "tls", None),
         )
         if options.init_method == "env://" and _under_torchrun():
             agent = _join_through_torchrun(name, rank, world_size, *args)
@@ -267,6 +275,7 @@ def _join_through_torchrun(
     timeout: float,
     auth_token: str | None,
     listen_ip: str | None,
+    tls: tuple[str, str, str] | None,
 ) -> Any:
     """env:// under torchrun, whose agent hosts a torch store on ``MASTER_PORT``: rank 0
     hosts distrpc's store on a free port and posts its address in torch's store, where the
@@ -282,7 +291,7 @@ def _join_through_torchrun(
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "")
     key = f"distrpc/store/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    extra = (num_threads, timeout, auth_token, listen_ip)
+    extra = (num_threads, timeout, auth_token, listen_ip, tls)
     if rank == 0:
         pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", *extra)
         store.set(key, f"{host}:{pending.store_port}")

@@ -73,8 +73,10 @@ pub(crate) struct Connection {
     /// Where senders wait for room.
     room: Condvar,
     bound: QueueBound,
-    /// The socket, once connected: senders write to it directly when it is idle.
+    /// The socket, once connected: senders write to it directly when it is idle (plain TCP).
     sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    /// The socket under the connection, for [`Connection::abort`] to shut down.
+    socket: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The receiving side, once connected.
     pub(crate) read: std::sync::OnceLock<Arc<ReadSide>>,
 }
@@ -98,6 +100,7 @@ impl Connection {
             room: Condvar::new(),
             bound,
             sink: Mutex::new(None),
+            socket: Mutex::new(None),
             read: std::sync::OnceLock::new(),
         })
     }
@@ -241,7 +244,6 @@ impl Connection {
     /// and the transport learns of the loss.
     pub(crate) fn abort(&self, reason: &str) {
         tracing::warn!(peer = self.peer, %reason, "dropping the connection");
-        let sink = lock(&self.sink).clone();
         {
             let mut q = self.lock();
             q.frames.clear();
@@ -250,8 +252,7 @@ impl Connection {
             q.aborted.get_or_insert_with(|| reason.to_string());
         }
         self.close(reason);
-        if let Some(sink) = sink {
-            let socket: &tokio::net::TcpStream = (*sink).as_ref();
+        if let Some(socket) = lock(&self.socket).as_ref() {
             let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
         }
     }
@@ -271,6 +272,25 @@ impl Connection {
                 *lock(&self.sink) = Some(w.clone());
             }
         }
+        self.drain(&mut PlainWriter(w)).await
+    }
+
+    /// Writes queued frames through `w` (a TLS stream: no direct writes from senders) until
+    /// the connection is closed and its queue drained.
+    pub(crate) async fn write_loop_tls<W>(&self, w: W) -> std::io::Result<()>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        self.drain(&mut StreamWriter(w)).await
+    }
+
+    /// Remembers the socket under the connection, so that [`Connection::abort`] can shut it
+    /// down whoever holds its halves (a TLS stream's tasks).
+    pub(crate) fn set_socket(&self, socket: std::os::fd::OwnedFd) {
+        *lock(&self.socket) = Some(socket);
+    }
+
+    async fn drain(&self, w: &mut impl BatchWriter) -> std::io::Result<()> {
         loop {
             let work = {
                 let mut q = self.lock();
@@ -292,14 +312,75 @@ impl Connection {
             };
             let mut slices: Vec<&[u8]> = batch.iter().flat_map(OutFrame::slices).collect();
             advance(&mut slices, skip);
-            let result = write_all_slices(&w, &mut slices, |n| {
-                Self::wrote(&mut self.lock(), &self.room, n);
-            })
-            .await;
+            let result = w
+                .write_batch(&mut slices, &mut |n| {
+                    Self::wrote(&mut self.lock(), &self.room, n);
+                })
+                .await;
             self.lock().writing = false;
             result?;
         }
+        w.finish().await
+    }
+}
+
+/// Where a connection's writer task writes a batch of frames.
+trait BatchWriter {
+    /// Writes every slice, telling `wrote` each amount written.
+    async fn write_batch(
+        &mut self,
+        slices: &mut Vec<&[u8]>,
+        wrote: &mut (dyn FnMut(usize) + Send),
+    ) -> std::io::Result<()>;
+    /// Ends the stream once everything is written.
+    async fn finish(&mut self) -> std::io::Result<()>;
+}
+
+/// A plain socket's write half: vectored writes straight from the frames.
+struct PlainWriter(Arc<OwnedWriteHalf>);
+
+impl BatchWriter for PlainWriter {
+    async fn write_batch(
+        &mut self,
+        slices: &mut Vec<&[u8]>,
+        wrote: &mut (dyn FnMut(usize) + Send),
+    ) -> std::io::Result<()> {
+        write_all_slices(&self.0, slices, wrote).await
+    }
+
+    async fn finish(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Any stream (TLS): each slice written in turn, then flushed.
+struct StreamWriter<W>(W);
+
+impl<W: tokio::io::AsyncWrite + Unpin> BatchWriter for StreamWriter<W> {
+    async fn write_batch(
+        &mut self,
+        slices: &mut Vec<&[u8]>,
+        wrote: &mut (dyn FnMut(usize) + Send),
+    ) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        for slice in slices.iter() {
+            let mut rest = *slice;
+            while !rest.is_empty() {
+                let n = self.0.write(rest).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                rest = &rest[n..];
+                wrote(n);
+            }
+        }
+        slices.clear();
+        self.0.flush().await
+    }
+
+    async fn finish(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.0.shutdown().await
     }
 }
 
@@ -365,7 +446,7 @@ fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
 async fn write_all_slices(
     w: &OwnedWriteHalf,
     slices: &mut Vec<&[u8]>,
-    mut wrote: impl FnMut(usize),
+    wrote: &mut (dyn FnMut(usize) + Send),
 ) -> std::io::Result<()> {
     while !slices.is_empty() {
         w.writable().await?;

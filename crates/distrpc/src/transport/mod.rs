@@ -16,6 +16,7 @@
 mod claim;
 mod connection;
 mod reader;
+mod secure;
 
 pub(crate) use claim::Claim;
 pub(crate) use connection::{Connection, QueueBound, SendError};
@@ -36,8 +37,9 @@ use crate::error::Error;
 use crate::rendezvous::Group;
 use crate::runtime::Tasks;
 use crate::worker::{To, WorkerInfo};
-use distrpc_secure::{Secret, auth};
+use distrpc_secure::{Secret, Tls, auth};
 use reader::{ReadSide, Step};
+use secure::{Stream, dup};
 
 /// How long an accepted connection may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,6 +100,8 @@ pub(crate) struct Transport {
     liveness: Duration,
     /// The group's secret, if connections authenticate.
     auth: Option<Secret>,
+    /// The group's TLS, if connections use it.
+    tls: Option<Tls>,
     /// What each connection may hold for its peer.
     queue: QueueBound,
     next_conn: AtomicU64,
@@ -135,6 +139,7 @@ impl Transport {
             busy_poll: sockets.busy_poll,
             liveness: sockets.liveness,
             auth: sockets.auth,
+            tls: sockets.tls,
             queue: sockets.queue,
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
@@ -260,7 +265,10 @@ impl Transport {
         let c = conn.clone();
         self.tasks.spawn(async move {
             match tokio::time::timeout(CONNECT_TIMEOUT, transport.dial(addr)).await {
-                Ok(Ok(stream)) => transport.start_io(c, stream),
+                Ok(Ok(stream)) => {
+                    let frames = FrameReader::new(transport.limits);
+                    transport.start_io(c, stream, frames)
+                }
                 Ok(Err(e)) => transport.on_closed(&c, ReadEnd::Io(e)),
                 Err(_) => transport.on_closed(
                     &c,
@@ -289,78 +297,73 @@ impl Transport {
         ))
     }
 
-    /// A connection to `addr`, authenticated if the group has a secret.
-    async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let mut stream = TcpStream::connect(addr).await?;
-        if let Some(secret) = &self.auth {
-            auth::dial(&mut stream, secret).await.map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-            })?;
+    /// A connection to `addr`: TLS and authenticated if the group uses them.
+    async fn dial(&self, addr: SocketAddr) -> std::io::Result<Stream> {
+        let tcp = TcpStream::connect(addr).await?;
+        self.prepare(&tcp);
+        let denied = |e: distrpc_secure::AuthError| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        };
+        match &self.tls {
+            None => {
+                let mut tcp = tcp;
+                if let Some(secret) = &self.auth {
+                    auth::dial(&mut tcp, secret).await.map_err(denied)?;
+                }
+                Ok(Stream::Plain(tcp))
+            }
+            Some(tls) => {
+                let socket = dup(&tcp)?;
+                let mut tls = tls.connect(tcp).await.map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!("TLS with {addr}: {e}"),
+                    )
+                })?;
+                if let Some(secret) = &self.auth {
+                    auth::dial(&mut tls, secret).await.map_err(denied)?;
+                }
+                Ok(Stream::Tls(Box::new(tls), socket))
+            }
         }
-        Ok(stream)
     }
 
-    /// An accepted connection: it must authenticate, if the group has a secret, then
-    /// introduce itself with a hello (a small frame) before anything else.
-    async fn handshake(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr) {
-        if let Some(secret) = &self.auth {
-            let proved = tokio::select! {
-                _ = self.tasks.cancelled() => return,
-                p = tokio::time::timeout(HELLO_TIMEOUT, auth::accept(&mut stream, secret)) => p,
-            };
-            match proved {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(worker = %self.me.name, %addr, error = %e, "connection did not authenticate; closed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::error!(worker = %self.me.name, %addr, "connection did not authenticate within {HELLO_TIMEOUT:?}; closed");
-                    return;
-                }
-            }
+    /// Socket options every connection gets.
+    fn prepare(&self, tcp: &TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (r, w) = stream.into_split();
-        let mut reader = FrameReader::new(HELLO_LIMITS);
-        let hello = tokio::select! {
+        if let Err(e) = watch_liveness(tcp, self.liveness) {
+            tracing::warn!(error = %e, "cannot set TCP keepalive and user timeout: a vanished peer is found only by call timeouts");
+        }
+    }
+
+    /// An accepted connection: it must complete TLS and authenticate, if the group uses them,
+    /// then introduce itself with a hello (a small frame) before anything else.
+    async fn handshake(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr) {
+        self.prepare(&tcp);
+        let secured = tokio::select! {
             _ = self.tasks.cancelled() => return,
-            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&r)) => h,
+            s = tokio::time::timeout(HELLO_TIMEOUT, self.secure_accepted(tcp)) => s,
         };
-        let rank = match hello {
-            Ok(Ok(frame)) if frame.kind == Kind::Hello => {
-                match crate::codec::decode_inline::<(u32, String)>(&frame.payload) {
-                    Ok((rank, name))
-                        if self
-                            .group
-                            .workers
-                            .get(rank as usize)
-                            .is_some_and(|w| w.name == name) =>
-                    {
-                        rank
-                    }
-                    Ok((rank, name)) => {
-                        tracing::error!(%addr, rank, %name, "connection introduced itself as an unknown worker; closed");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(%addr, error = %e, "malformed hello; connection closed");
-                        return;
-                    }
-                }
-            }
-            Ok(Ok(frame)) => {
-                tracing::error!(%addr, kind = ?frame.kind, "first frame was not a hello; connection closed");
-                return;
-            }
-            Ok(Err(ReadEnd::Closed)) => return,
+        let mut stream = match secured {
+            Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                tracing::error!(%addr, error = %e, "connection closed before its hello");
+                tracing::error!(worker = %self.me.name, %addr, error = %e, "connection did not authenticate; closed");
                 return;
             }
             Err(_) => {
-                tracing::error!(%addr, "no hello within {HELLO_TIMEOUT:?}; connection closed");
+                tracing::error!(worker = %self.me.name, %addr, "connection did not authenticate within {HELLO_TIMEOUT:?}; closed");
                 return;
             }
+        };
+        let mut reader = FrameReader::new(HELLO_LIMITS);
+        let hello = tokio::select! {
+            _ = self.tasks.cancelled() => return,
+            h = tokio::time::timeout(HELLO_TIMEOUT, stream.read_frame(&mut reader)) => h,
+        };
+        let Some(rank) = self.admit_hello(hello, addr) else {
+            return;
         };
         reader.set_limits(self.limits);
         let conn = Connection::new(
@@ -378,39 +381,113 @@ impl Transport {
             }
         }
         lock(&self.conns).insert(conn.id, conn.clone());
-        self.spawn_halves(conn, r, reader, w);
+        self.start_io(conn, stream, reader);
     }
 
-    fn start_io(self: &Arc<Self>, conn: Arc<Connection>, stream: TcpStream) {
-        let (r, w) = stream.into_split();
-        self.spawn_halves(conn, r, FrameReader::new(self.limits), w);
-    }
-
-    fn spawn_halves(
-        self: &Arc<Self>,
-        conn: Arc<Connection>,
-        r: tokio::net::tcp::OwnedReadHalf,
-        frames: FrameReader,
-        w: tokio::net::tcp::OwnedWriteHalf,
-    ) {
-        if let Err(e) = w.as_ref().set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-        if let Err(e) = watch_liveness(w.as_ref(), self.liveness) {
-            tracing::warn!(error = %e, "cannot set TCP keepalive and user timeout: a vanished peer is found only by call timeouts");
-        }
-        let read = ReadSide::new(r, frames);
-        let _ = conn.read.set(read.clone());
-        let (transport, c) = (self.clone(), conn.clone());
-        self.writers.spawn_on(
-            async move {
-                if let Err(e) = c.write_loop(w).await {
-                    transport.on_closed(&c, ReadEnd::Io(e));
+    /// TLS and the auth handshake on an accepted connection, as the group uses them.
+    async fn secure_accepted(&self, tcp: TcpStream) -> Result<Stream, String> {
+        match &self.tls {
+            None => {
+                let mut tcp = tcp;
+                if let Some(secret) = &self.auth {
+                    auth::accept(&mut tcp, secret)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
-            },
-            self.tasks.handle(),
-        );
-        self.spawn_reader(conn, read);
+                Ok(Stream::Plain(tcp))
+            }
+            Some(tls) => {
+                let socket = dup(&tcp).map_err(|e| e.to_string())?;
+                let mut tls = tls.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                if let Some(secret) = &self.auth {
+                    auth::accept(&mut tls, secret)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(Stream::Tls(Box::new(tls), socket))
+            }
+        }
+    }
+
+    /// The rank a hello names, if it is a worker of the group (else logged; `None`).
+    fn admit_hello(
+        &self,
+        hello: Result<Result<distrpc_wire::Frame, ReadEnd>, tokio::time::error::Elapsed>,
+        addr: SocketAddr,
+    ) -> Option<u32> {
+        match hello {
+            Ok(Ok(frame)) if frame.kind == Kind::Hello => {
+                match crate::codec::decode_inline::<(u32, String)>(&frame.payload) {
+                    Ok((rank, name))
+                        if self
+                            .group
+                            .workers
+                            .get(rank as usize)
+                            .is_some_and(|w| w.name == name) =>
+                    {
+                        Some(rank)
+                    }
+                    Ok((rank, name)) => {
+                        tracing::error!(%addr, rank, %name, "connection introduced itself as an unknown worker; closed");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "malformed hello; connection closed");
+                        None
+                    }
+                }
+            }
+            Ok(Ok(frame)) => {
+                tracing::error!(%addr, kind = ?frame.kind, "first frame was not a hello; connection closed");
+                None
+            }
+            Ok(Err(ReadEnd::Closed)) => None,
+            Ok(Err(e)) => {
+                tracing::error!(%addr, error = %e, "connection closed before its hello");
+                None
+            }
+            Err(_) => {
+                tracing::error!(%addr, "no hello within {HELLO_TIMEOUT:?}; connection closed");
+                None
+            }
+        }
+    }
+
+    /// Starts the reader and the writer of a connection.
+    fn start_io(self: &Arc<Self>, conn: Arc<Connection>, stream: Stream, frames: FrameReader) {
+        let (transport, c) = (self.clone(), conn.clone());
+        match stream {
+            Stream::Plain(tcp) => {
+                if let Ok(socket) = dup(&tcp) {
+                    conn.set_socket(socket);
+                }
+                let (r, w) = tcp.into_split();
+                let read = ReadSide::new(r, frames);
+                let _ = conn.read.set(read.clone());
+                self.writers.spawn_on(
+                    async move {
+                        if let Err(e) = c.write_loop(w).await {
+                            transport.on_closed(&c, ReadEnd::Io(e));
+                        }
+                    },
+                    self.tasks.handle(),
+                );
+                self.spawn_reader(conn, read);
+            }
+            Stream::Tls(tls, socket) => {
+                conn.set_socket(socket);
+                let (r, w) = tokio::io::split(*tls);
+                self.writers.spawn_on(
+                    async move {
+                        if let Err(e) = c.write_loop_tls(w).await {
+                            transport.on_closed(&c, ReadEnd::Io(e));
+                        }
+                    },
+                    self.tasks.handle(),
+                );
+                self.spawn_tls_reader(conn, Arc::new(tokio::sync::Mutex::new((r, frames))));
+            }
+        }
     }
 
     /// Starts the task that reads `conn` whenever no blocked caller has claimed it.
@@ -432,14 +509,10 @@ impl Transport {
                 match read.step(false) {
                     Step::Frame(frame) => {
                         idle_since = None;
-                        let (handled, handed_off) = crate::runtime::as_reader(&hand_off, || {
-                            transport.on_frame(&conn, frame)
-                        });
-                        if let Err(e) = handled {
-                            break ReadEnd::Malformed(e);
-                        }
-                        if handed_off {
-                            return;
+                        match transport.on_read(&conn, frame, &hand_off) {
+                            Err(end) => break end,
+                            Ok(true) => return,
+                            Ok(false) => {}
                         }
                     }
                     Step::Ended(Some(end)) => break end,
@@ -473,6 +546,20 @@ impl Transport {
     /// One frame from `conn`'s peer.
     fn on_frame(&self, conn: &Arc<Connection>, frame: Frame) -> Result<(), String> {
         self.deliver(Source::Peer(conn.clone()), conn.peer, frame)
+    }
+
+    /// A frame a reader task read: handled in the task's frame, handing reading to a new task
+    /// if the handler blocks (`Ok(true)`: this task stops). `Err` ends the connection.
+    fn on_read(
+        &self,
+        conn: &Arc<Connection>,
+        frame: Frame,
+        hand_off: &crate::runtime::HandOff,
+    ) -> Result<bool, ReadEnd> {
+        let (handled, handed_off) =
+            crate::runtime::as_reader(hand_off, || self.on_frame(conn, frame));
+        handled.map_err(ReadEnd::Malformed)?;
+        Ok(handed_off)
     }
 
     /// A connection ended: forget it, mark the peer gone, tell the listeners.
@@ -543,6 +630,8 @@ impl Transport {
 pub(crate) struct SocketOptions {
     /// The group's secret: both ends of every connection prove they know it first.
     pub(crate) auth: Option<Secret>,
+    /// Mutual TLS on every connection, if configured.
+    pub(crate) tls: Option<Tls>,
     /// What each connection may hold for its peer.
     pub(crate) queue: QueueBound,
     /// How long reader tasks and blocked callers spin before sleeping (the latency option).

@@ -122,13 +122,33 @@ impl FrameReader {
         }
     }
 
-    /// The next frame, waiting for its bytes.
-    pub(crate) async fn next(&mut self, src: &OwnedReadHalf) -> Result<Frame, ReadEnd> {
+    /// The next frame from any stream (a TLS stream; a socket before it is split), waiting
+    /// for its bytes.
+    pub(crate) async fn next_from<R>(&mut self, src: &mut R) -> Result<Frame, ReadEnd>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
         loop {
-            if let Some(frame) = self.try_next(src, false)? {
+            if let Some(frame) = self.frames.next_frame().map_err(malformed)? {
                 return Ok(frame);
             }
-            src.readable().await.map_err(ReadEnd::Io)?;
+            let n = {
+                let mut buf = tokio::io::ReadBuf::uninit(self.frames.read_buf());
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut *src).poll_read(cx, &mut buf))
+                    .await
+                    .map_err(ReadEnd::Io)?;
+                buf.filled().len()
+            };
+            if n == 0 {
+                return Err(if self.frames.holds_bytes() {
+                    ReadEnd::Malformed("connection closed inside a frame".into())
+                } else {
+                    ReadEnd::Closed
+                });
+            }
+            // SAFETY: the read initialised the first `n` bytes of `read_buf`'s slice.
+            unsafe { self.frames.filled(n) };
         }
     }
 }
