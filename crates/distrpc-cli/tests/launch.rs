@@ -206,15 +206,28 @@ fn cert_makes_a_group_ca_and_worker_certificates() {
             .args(names)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let printed = run(&["worker0", "worker1"]);
     assert!(printed.contains("worker1: DISTRPC_TLS_CA="), "{printed}");
     let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
     run(&["worker2"]);
-    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca, "the CA is reused");
-    for f in ["worker0.pem", "worker0-key.pem", "worker1.pem", "worker2-key.pem"] {
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.pem")).unwrap(),
+        ca,
+        "the CA is reused"
+    );
+    for f in [
+        "worker0.pem",
+        "worker0-key.pem",
+        "worker1.pem",
+        "worker2-key.pem",
+    ] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
 }

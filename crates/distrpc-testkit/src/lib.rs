@@ -1,6 +1,8 @@
 //! Fixtures for distrpc's tests: groups of workers in one process, and the worker binary that
 //! multi-process tests start (`distrpc-test-worker`).
 
+pub mod netns;
+
 use std::sync::Once;
 use std::thread;
 

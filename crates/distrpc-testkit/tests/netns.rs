@@ -1,131 +1,23 @@
-//! Workers on separate "hosts": network namespaces joined by a veth pair, made by the test
-//! (it needs root and `ip`, as CI has) and removed after it.
+//! Workers on separate "hosts": network namespaces on one bridge, made by the test (it needs
+//! root and `ip`, as CI has; elsewhere the tests say SKIPPED) and removed after it
+//! ([`distrpc_testkit::netns`]).
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
+use distrpc_testkit::netns::{Lan, Proc, available};
+
 const WORKER: &str = env!("CARGO_BIN_EXE_distrpc-test-worker");
+const LIVENESS_SECS: u64 = 3;
+const LINE: Duration = Duration::from_secs(60);
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+fn skipped() -> bool {
+    if available() {
+        return false;
     }
-}
-
-/// Two namespaces, `a` and `b`, each with one end of a veth pair; removed on drop.
-struct Hosts {
-    a: String,
-    b: String,
-    addr_a: String,
-    addr_b: String,
-}
-
-impl Hosts {
-    fn new() -> Result<Self, String> {
-        let pid = std::process::id();
-        let net = pid % 250 + 1;
-        let hosts = Hosts {
-            a: format!("drpc{pid}a"),
-            b: format!("drpc{pid}b"),
-            addr_a: format!("10.231.{net}.1"),
-            addr_b: format!("10.231.{net}.2"),
-        };
-        ip(&["netns", "add", &hosts.a])?;
-        ip(&["netns", "add", &hosts.b])?;
-        let (va, vb) = (format!("v{pid}a"), format!("v{pid}b"));
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &hosts.a])?;
-        ip(&["link", "set", &vb, "netns", &hosts.b])?;
-        for (ns, dev, addr) in [
-            (&hosts.a, &va, &hosts.addr_a),
-            (&hosts.b, &vb, &hosts.addr_b),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(hosts)
-    }
-
-    /// Cuts the link from `b`'s side: `a` is unreachable from `b` and the reverse, with no
-    /// FIN or RST on any connection.
-    fn cut(&self) -> Result<(), String> {
-        ip(&[
-            "-n",
-            &self.b,
-            "link",
-            "set",
-            &format!("v{}b", std::process::id()),
-            "down",
-        ])
-    }
-
-    fn spawn(&self, ns: &str, envs: &[(&str, String)]) -> (Child, mpsc::Receiver<String>) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, WORKER, "liveness"])
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        (child, child_lines(stdout))
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
-
-/// The lines a child prints, as they come.
-fn child_lines(out: ChildStdout) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("> {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits (bounded) for a line starting with `prefix`.
-fn expect_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with(prefix) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line starting with {prefix:?}: {e}"),
-        }
-    }
-}
-
-/// Kills the child when dropped (a failing test must not leave workers behind).
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    eprintln!("SKIPPED: network namespaces need root and `ip` (CI has both)");
+    true
 }
 
 /// A peer whose host vanishes — the link between cut, so no FIN or RST ever arrives — fails
@@ -133,42 +25,151 @@ impl Drop for Reaped {
 /// call waited forever.
 #[test]
 fn a_vanished_host_fails_calls_within_the_liveness_bound() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    if !is_root {
-        eprintln!("SKIPPED: network namespaces need root (CI runs as root)");
+    if skipped() {
         return;
     }
-    let hosts = Hosts::new().unwrap();
-    let bound = "3".to_string();
-    let (w0, lines0) = hosts.spawn(
-        &hosts.a,
+    let lan = Lan::new(2).unwrap();
+    let bound = LIVENESS_SECS.to_string();
+    let w0 = lan.spawn(
+        0,
+        WORKER,
+        &["liveness"],
         &[
             ("RANK", "0".into()),
-            ("HOST_ADDR", hosts.addr_a.clone()),
+            ("HOST_ADDR", lan.addr(0).into()),
             ("LIVENESS_SECS", bound.clone()),
         ],
     );
-    let _w0 = Reaped(w0);
-    let port = expect_line(&lines0, "store ")["store ".len()..].to_string();
-    let (w1, lines1) = hosts.spawn(
-        &hosts.b,
+    let port = w0.expect("store ", LINE)["store ".len()..].to_string();
+    let w1 = lan.spawn(
+        1,
+        WORKER,
+        &["liveness"],
         &[
             ("RANK", "1".into()),
-            ("HOST_ADDR", hosts.addr_b.clone()),
-            ("MASTER_ADDR", hosts.addr_a.clone()),
+            ("HOST_ADDR", lan.addr(1).into()),
+            ("MASTER_ADDR", lan.addr(0).into()),
             ("MASTER_PORT", port),
             ("LIVENESS_SECS", bound),
         ],
     );
-    let mut w1 = Reaped(w1);
-    expect_line(&lines1, "calling");
+    w1.expect("calling", LINE);
     // The call is in flight (running on worker0) before the link goes.
-    expect_line(&lines0, "hanging");
-    hosts.cut().unwrap();
-    let failed = expect_line(&lines1, "failed after");
-    let status = w1.0.wait().unwrap();
-    assert!(status.success(), "worker1: {failed}");
+    w0.expect("hanging", LINE);
+    lan.cut(1).unwrap();
+    let failed = w1.expect("failed after", LINE);
+    assert!(w1.wait(), "worker1: {failed}");
+}
+
+/// A group of three hosts (a fourth holds a stranger), secured by `security(rank)`'s
+/// environment: calls and references across hosts; the stranger is closed and cannot join; a
+/// partition fails the call waiting on the cut host within the liveness bound (it has no
+/// timeout) while the others keep working, and once the link is back a new call reaches the
+/// host again; then the group shuts down together.
+fn three_hosts(security: impl Fn(usize) -> Vec<(&'static str, String)>) {
+    let lan = Lan::new(4).unwrap();
+    let env = |rank: usize, store: Option<&str>| {
+        let mut env = vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "3".to_string()),
+            ("HOST_ADDR", lan.addr(rank).to_string()),
+            ("LIVENESS_SECS", LIVENESS_SECS.to_string()),
+        ];
+        if let Some(port) = store {
+            env.push(("MASTER_ADDR", lan.addr(0).to_string()));
+            env.push(("MASTER_PORT", port.to_string()));
+        }
+        env.extend(security(rank));
+        env
+    };
+    let mut w0 = lan.spawn(0, WORKER, &["hosts"], &env(0, None));
+    let port = w0.expect("store ", LINE)["store ".len()..].to_string();
+    let mut w1 = lan.spawn(1, WORKER, &["hosts"], &env(1, Some(&port)));
+    let mut w2 = lan.spawn(2, WORKER, &["hosts"], &env(2, Some(&port)));
+    let w1_addr = w1.expect("ready ", LINE)["ready ".len()..].to_string();
+    for w in [&w0, &w2] {
+        w.expect("ready ", LINE);
+    }
+    let all_call = |ws: [&mut Proc; 3]| {
+        for w in ws {
+            w.send("calls");
+            assert_eq!(w.expect("calls", LINE), "calls ok");
+        }
+    };
+    all_call([&mut w0, &mut w1, &mut w2]);
+
+    // A stranger on a fourth host, without the group's token or certificate.
+    let stranger = lan.spawn(
+        3,
+        WORKER,
+        &["outsider"],
+        &[
+            ("TARGET", w1_addr),
+            ("STORE", format!("{}:{port}", lan.addr(0))),
+        ],
+    );
+    assert_eq!(stranger.expect("stranger", LINE), "stranger closed");
+    let join = stranger.expect("join", LINE);
+    assert!(join.starts_with("join refused"), "{join}");
+    assert!(stranger.wait());
+    all_call([&mut w0, &mut w1, &mut w2]);
+
+    // A partition: host 2's link goes down while worker1 waits on a call to it.
+    w1.send("hang 2");
+    w2.expect("hanging", LINE);
+    lan.cut(2).unwrap();
+    let failed = w1.expect("hang ", LINE);
+    let ms: u64 = failed
+        .strip_prefix("hang failed after ")
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{failed}"));
+    assert!(
+        ms < 3 * LIVENESS_SECS * 1000,
+        "the call failed only after {ms} ms: {failed}"
+    );
+    assert!(failed.contains("worker2"), "{failed}");
+    w1.send("call 0");
+    assert_eq!(w1.expect("call 0", LINE), "call 0 ok");
+    w0.send("call 1");
+    assert_eq!(w0.expect("call 1", LINE), "call 1 ok");
+
+    // The link comes back: a new call reaches host 2 again.
+    lan.heal(2).unwrap();
+    w1.send("call 2");
+    assert_eq!(w1.expect("call 2", LINE), "call 2 ok");
+    w2.send("release");
+    w2.expect("released", LINE);
+    all_call([&mut w0, &mut w1, &mut w2]);
+
+    for w in [&mut w0, &mut w1, &mut w2] {
+        w.send("shutdown");
+    }
+    for w in [&w0, &w1, &w2] {
+        assert_eq!(w.expect("shutdown", LINE), "shutdown ok");
+    }
+}
+
+#[test]
+fn three_hosts_with_an_auth_token() {
+    if skipped() {
+        return;
+    }
+    three_hosts(|_| vec![("DISTRPC_AUTH_TOKEN", "the three hosts' token".to_string())]);
+}
+
+#[test]
+fn three_hosts_over_tls() {
+    if skipped() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    distrpc::secure::tls::generate(dir.path(), &["worker0", "worker1", "worker2"]).unwrap();
+    let path = |f: String| dir.path().join(f).display().to_string();
+    three_hosts(|rank| {
+        vec![
+            ("DISTRPC_TLS_CA", path("ca.pem".into())),
+            ("DISTRPC_TLS_CERT", path(format!("worker{rank}.pem"))),
+            ("DISTRPC_TLS_KEY", path(format!("worker{rank}-key.pem"))),
+        ]
+    });
 }

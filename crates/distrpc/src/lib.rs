@@ -84,6 +84,9 @@ pub(crate) use distrpc_wire::{codec, tensor};
 
 pub use call::{RawCall, RawReply, RpcFuture, wait_all};
 pub use distrpc_macros::function;
+/// What keeps a group closed to outsiders: the auth token's handshake and mutual TLS
+/// (certificates for a group: [`secure::tls::generate`]).
+pub use distrpc_secure as secure;
 pub use distrpc_wire::codec::TENSOR_EXT;
 pub use distrpc_wire::ops;
 pub use distrpc_wire::{Codec, DType, Element, Tensor, TensorError};
@@ -95,9 +98,6 @@ pub use options::{MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{Metrics, PendingRpc, Rpc};
 pub use rref::RRef;
-/// What keeps a group closed to outsiders: the auth token's handshake and mutual TLS
-/// (certificates for a group: [`secure::tls::generate`]).
-pub use distrpc_secure as secure;
 pub use worker::{To, WorkerInfo};
 
 /// The README's example, compiled and run as a doctest so that it stays true.

@@ -37,6 +37,20 @@ fn hang() -> u64 {
     0
 }
 
+/// Set by the `release` command of the `hosts` scenario: `gated_hang` may answer.
+static RELEASED: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+/// Answers once the test releases it (bounded): a call to it stays in flight meanwhile.
+#[distrpc::function]
+fn gated_hang() -> u64 {
+    println!("hanging");
+    let (released, cv) = &RELEASED;
+    let guard = released.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = cv.wait_timeout_while(guard, Duration::from_secs(120), |r| !*r);
+    0
+}
+
 /// Called from Python by name (issue 9, polyglot): every MessagePack kind, checked and echoed.
 #[distrpc::function(name = "polyglot.describe")]
 fn describe(
@@ -238,10 +252,9 @@ fn store_fd() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Two hosts (network namespaces the test made): rank 0 at `HOST_ADDR` hosts the store and
-/// prints its port; rank 1 calls rank 0's `hang` with no timeout, and the test cuts the link.
-/// Rank 1 must see the call fail with `PeerGone` within its liveness bound (`LIVENESS_SECS`).
-fn liveness() -> anyhow::Result<()> {
+/// A worker on a host of its own: its rank, `HOST_ADDR` (where it listens), the liveness
+/// bound `LIVENESS_SECS`, and its options.
+fn on_host() -> anyhow::Result<(usize, std::net::IpAddr, Duration, RpcOptions)> {
     let var = |k: &str| std::env::var(k).with_context(|| k.to_string());
     let rank: usize = var("RANK")?.parse()?;
     let ip: std::net::IpAddr = var("HOST_ADDR")?.parse()?;
@@ -250,6 +263,15 @@ fn liveness() -> anyhow::Result<()> {
         .listen_ip(ip)
         .liveness(bound)
         .rpc_timeout(Duration::from_secs(30));
+    Ok((rank, ip, bound, options))
+}
+
+/// Two hosts (network namespaces the test made): rank 0 at `HOST_ADDR` hosts the store and
+/// prints its port; rank 1 calls rank 0's `hang` with no timeout, and the test cuts the link.
+/// Rank 1 must see the call fail with `PeerGone` within its liveness bound (`LIVENESS_SECS`).
+fn liveness() -> anyhow::Result<()> {
+    let var = |k: &str| std::env::var(k).with_context(|| k.to_string());
+    let (rank, ip, bound, options) = on_host()?;
     if rank == 0 {
         let pending = Rpc::bind(
             "worker0",
@@ -286,6 +308,153 @@ fn liveness() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker on a "host" of its own (a network namespace the test made), driven by commands on
+/// its standard input, one per line, each answered with a line:
+///
+/// - `calls`: a call to every other worker and a remote reference from the next one
+///   (`calls ok` / `calls failed: …`);
+/// - `call R`: one call to rank R (`call R ok` / `call R failed: …`);
+/// - `hang R`: a call with no timeout to rank R that answers only when released, in the
+///   background (`hang failed after N ms: …` once it fails);
+/// - `release`: lets this worker's hanging calls answer;
+/// - `shutdown`: a graceful shutdown, then the process ends (`shutdown ok` / `… failed: …`).
+///
+/// Security comes from the environment (`DISTRPC_AUTH_TOKEN`, `DISTRPC_TLS_*`).
+fn hosts() -> anyhow::Result<()> {
+    let var = |k: &str| std::env::var(k).with_context(|| k.to_string());
+    let world: usize = var("WORLD_SIZE")?.parse()?;
+    let (rank, ip, _, options) = on_host()?;
+    let name = format!("worker{rank}");
+    let rpc = if rank == 0 {
+        let pending = Rpc::bind(
+            &name,
+            0,
+            world,
+            options.init_method(format!("tcp://{ip}:0")),
+        )?;
+        println!(
+            "store {}",
+            pending.store_addr().context("no TCP store")?.port()
+        );
+        pending.join()?
+    } else {
+        let store = format!("tcp://{}:{}", var("MASTER_ADDR")?, var("MASTER_PORT")?);
+        Rpc::init(&name, rank, world, options.init_method(store))?
+    };
+    println!("ready {}", rpc.listen_addr());
+    for line in std::io::stdin().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["calls"] => {
+                let result = (|| -> Result<(), Error> {
+                    for to in (0..world).filter(|&r| r != rank) {
+                        let got = rpc.rpc_sync(to, echo, (to as u64,))?;
+                        if got != to as u64 {
+                            return Err(Error::InvalidArgument(format!("{to} echoed {got}")));
+                        }
+                    }
+                    let next = (rank + 1) % world;
+                    let r: distrpc::RRef<Tensor> = rpc.remote(next, make_tensor, (3,));
+                    let t = r.to_here()?;
+                    if t.as_slice::<f64>()? != [1.5; 3] {
+                        return Err(Error::InvalidArgument("wrong remote value".into()));
+                    }
+                    Ok(())
+                })();
+                match result {
+                    Ok(()) => println!("calls ok"),
+                    Err(e) => println!("calls failed: {e}"),
+                }
+            }
+            ["call", to] => {
+                let to: usize = to.parse()?;
+                match rpc.rpc_sync_timeout(to, echo, (5,), Duration::from_secs(30)) {
+                    Ok(_) => println!("call {to} ok"),
+                    Err(e) => println!("call {to} failed: {e}"),
+                }
+            }
+            ["hang", to] => {
+                let (to, rpc) = (to.parse::<usize>()?, rpc.clone());
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    match rpc.rpc_sync_timeout(to, gated_hang, (), Duration::ZERO) {
+                        Ok(_) => println!("hang returned"),
+                        Err(e) => {
+                            let ms = started.elapsed().as_millis();
+                            println!("hang failed after {ms} ms: {e}");
+                        }
+                    }
+                });
+            }
+            ["release"] => {
+                let (released, cv) = &RELEASED;
+                *released.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                cv.notify_all();
+                println!("released");
+            }
+            ["shutdown"] => {
+                match rpc.shutdown() {
+                    Ok(()) => println!("shutdown ok"),
+                    Err(e) => println!("shutdown failed: {e}"),
+                }
+                return Ok(());
+            }
+            other => bail!("unknown command {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A stranger on a host of its own: no token, no certificate. Connects to the worker at
+/// `TARGET` with a real hello (the worker must close it), then tries to join the group through
+/// the store at `STORE` (it must be refused). Prints what happened.
+fn outsider() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let var = |k: &str| std::env::var(k).with_context(|| k.to_string());
+    let target: std::net::SocketAddr = var("TARGET")?.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+    let payload = distrpc_wire::codec::encode_inline(&(0u32, "worker0"))?;
+    s.write_all(
+        &distrpc_wire::OutFrame::new(distrpc_wire::Kind::Hello, 0, &payload, &[])?.to_vec(),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    println!(
+        "{}",
+        if closed {
+            "stranger closed"
+        } else {
+            "stranger kept"
+        }
+    );
+    let store = format!("tcp://{}", var("STORE")?);
+    let joined = Rpc::init(
+        "worker1",
+        1,
+        3,
+        RpcOptions::default()
+            .rpc_timeout(Duration::from_secs(5))
+            .init_method(store),
+    );
+    match joined {
+        Ok(rpc) => {
+            rpc.shutdown_local();
+            println!("join accepted");
+        }
+        Err(e) => println!("join refused: {e}"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     distrpc_testkit::init_tracing();
     match std::env::args().nth(1).as_deref() {
@@ -293,6 +462,8 @@ fn main() -> anyhow::Result<()> {
         Some("peer_death") => peer_death(),
         Some("store_fd") => store_fd(),
         Some("liveness") => liveness(),
+        Some("hosts") => hosts(),
+        Some("outsider") => outsider(),
         Some("polyglot") => polyglot(),
         Some("serve") => serve(),
         other => bail!("unknown scenario {other:?}"),

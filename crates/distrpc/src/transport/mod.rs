@@ -84,6 +84,9 @@ pub(crate) type LossListener = Box<dyn Fn(&Loss<'_>) + Send + Sync>;
 #[derive(Default)]
 struct Peer {
     conn: Option<Arc<Connection>>,
+    /// Why the last connection to the peer was lost. Calls waiting on it failed at once; the
+    /// next call dials the peer again (it may be back: a partition healed), as does the peer
+    /// itself, which clears this. While the worker shuts down, calls fail with it.
     gone: Option<String>,
 }
 
@@ -107,6 +110,8 @@ pub(crate) struct Transport {
     next_conn: AtomicU64,
     /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
     hand_offs: AtomicU64,
+    /// Shutting down: lost peers are not dialed again, nor taken back.
+    closing: std::sync::atomic::AtomicBool,
     peers: Mutex<Vec<Peer>>,
     conns: Mutex<HashMap<u64, Arc<Connection>>>,
     inbound: OnceLock<Weak<dyn Inbound>>,
@@ -144,6 +149,7 @@ impl Transport {
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
             hand_offs: AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::new(peers),
             conns: Mutex::new(HashMap::new()),
             inbound: OnceLock::new(),
@@ -235,10 +241,16 @@ impl Transport {
             .get_mut(rank as usize)
             .ok_or_else(|| Error::UnknownWorker(format!("rank {rank}")))?;
         if let Some(reason) = &peer.gone {
-            return Err(Error::PeerGone {
-                worker: self.name_of(rank).to_string(),
-                reason: reason.clone(),
-            });
+            if self.closing.load(Ordering::Relaxed) {
+                return Err(Error::PeerGone {
+                    worker: self.name_of(rank).to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            // The peer may be back. Dial again; if that fails, the calls on the new
+            // connection fail with why (at once for a peer whose process is gone).
+            tracing::debug!(worker = %self.me.name, peer = rank, %reason, "dialing a lost peer again");
+            peer.gone = None;
         }
         if let Some(conn) = &peer.conn {
             return Ok(conn.clone());
@@ -373,11 +385,13 @@ impl Transport {
         );
         {
             let mut peers = lock(&self.peers);
+            // A peer lost before is back: it dialed us.
             if let Some(peer) = peers.get_mut(rank as usize)
                 && peer.conn.is_none()
-                && peer.gone.is_none()
+                && !self.closing.load(Ordering::Relaxed)
             {
                 peer.conn = Some(conn.clone());
+                peer.gone = None;
             }
         }
         lock(&self.conns).insert(conn.id, conn.clone());
@@ -601,6 +615,7 @@ impl Transport {
 
     /// Closes every connection: queued frames are still written, new ones refused.
     pub(crate) fn close_all(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         let conns: Vec<_> = lock(&self.conns).values().cloned().collect();
         for conn in &conns {
             conn.close("shut down");
