@@ -14,6 +14,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The most threads a pool runs, blocked ones included: nested calls cannot make a worker
+/// start threads without bound.
+pub(crate) const MAX_THREADS: usize = 512;
+
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
@@ -41,9 +45,12 @@ impl Shared {
     }
 
     /// Whether queued jobs outnumber the idle threads that will take them while the pool may
-    /// still run another thread.
+    /// still run another thread (never past [`MAX_THREADS`], blocked ones included: past it,
+    /// jobs wait in the queue).
     fn short_of_threads(state: &State, size: usize) -> bool {
-        state.jobs.len() > state.idle && Self::running(state) < size
+        state.jobs.len() > state.idle
+            && Self::running(state) < size
+            && state.threads < MAX_THREADS.max(size)
     }
 }
 
@@ -219,6 +226,42 @@ mod tests {
         }
         for _ in 0..4 {
             done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        pool.close();
+    }
+
+    /// However many jobs block, the pool runs at most MAX_THREADS threads; the rest wait in
+    /// the queue and run once blocked ones finish.
+    #[test]
+    fn blocked_jobs_grow_the_pool_only_up_to_its_maximum() {
+        let pool = Pool::new(1, "test".into());
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (done_tx, done_rx) = mpsc::channel();
+        let jobs = MAX_THREADS + 40;
+        for _ in 0..jobs {
+            let (gate, done) = (gate.clone(), done_tx.clone());
+            let _ = pool.execute(Box::new(move || {
+                let _guard = enter_blocking();
+                let (open, cv) = &*gate;
+                let open = open.lock().unwrap();
+                let _ = cv.wait_timeout_while(open, Duration::from_secs(30), |o| !*o);
+                done.send(()).unwrap();
+            }));
+        }
+        // Threads start as jobs block: wait (bounded) until every running one is blocked.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pool.shared.lock().blocked < MAX_THREADS && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (threads, queued) = {
+            let state = pool.shared.lock();
+            (state.threads, state.jobs.len())
+        };
+        assert_eq!((threads, queued), (MAX_THREADS, 40), "{jobs} blocked jobs");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        for _ in 0..jobs {
+            done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         }
         pool.close();
     }

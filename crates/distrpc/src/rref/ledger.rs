@@ -137,6 +137,9 @@ pub struct Ledger {
     /// Users deleted before the owner saw their creation (a delayed `remote()`): the creation,
     /// when it comes, must not keep the value for them.
     tombstones: HashSet<ForkId>,
+    /// The worker holding each fork of an owned value, where the owner learnt it (the creator
+    /// of a `remote()`, a child's fork request): only that worker may delete the fork.
+    holders: HashMap<ForkId, u32>,
 }
 
 /// Counters for debug info, with torch's names.
@@ -168,6 +171,7 @@ impl Ledger {
             users: HashMap::new(),
             pending_children: HashMap::new(),
             tombstones: HashSet::new(),
+            holders: HashMap::new(),
         }
     }
 
@@ -223,6 +227,8 @@ impl Ledger {
             Some(f) if self.tombstones.remove(&f) => return self.maybe_drop(rref),
             Some(f) => {
                 owned.forks.insert(f);
+                // The creator made its user's id.
+                self.holders.insert(f, f.0.created_on);
             }
             None => owned.handles += 1,
         }
@@ -253,6 +259,41 @@ impl Ledger {
     /// value ahead of it, as torch's `getOrCreateOwnerRRef` does.
     pub fn fork_request(&mut self, rref: RRefId, fork: ForkId) {
         self.owned_ahead(rref).forks.insert(fork);
+    }
+
+    /// Whether `msg` may come from worker `from`: a fork is deleted only by the worker that
+    /// holds it, when the owner knows who that is (the creator of a `remote()`, a child that
+    /// asked for its fork; a fork the owner sent itself is not tracked), and a delete of a
+    /// fork the owner has never seen only by the worker that made it (the creator giving up
+    /// before its creation arrived). Records who asked for a fork.
+    pub fn admit(&mut self, msg: &Control, from: u32) -> Result<(), LedgerError> {
+        match *msg {
+            Control::ForkRequest { fork, .. } => {
+                self.holders.insert(fork, from);
+                Ok(())
+            }
+            Control::UserDelete { rref, fork } => {
+                let known = self
+                    .owned
+                    .get(&rref)
+                    .is_some_and(|o| o.forks.contains(&fork));
+                let allowed = match self.holders.get(&fork) {
+                    Some(&holder) => holder == from,
+                    None => known || fork.0.created_on == from,
+                };
+                if !allowed {
+                    return Err(violation(format!(
+                        "worker {from} may not delete fork {} of {}",
+                        fork.0, rref.0
+                    )));
+                }
+                if known {
+                    self.holders.remove(&fork);
+                }
+                Ok(())
+            }
+            Control::ChildAccept { .. } => Ok(()),
+        }
     }
 
     /// The entry of an owned value, registering it if a message about it overtook its creation

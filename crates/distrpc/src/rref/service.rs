@@ -369,6 +369,16 @@ impl RRefService {
     fn on_control(self: &Arc<Self>, incoming: Incoming) -> Result<(), String> {
         let msg: Control = crate::codec::decode_inline(&incoming.frame.payload)
             .map_err(|e| format!("malformed reference control message: {e}"))?;
+        let from = incoming.from;
+        let admitted = self.ctx.ledger(|l| l.admit(&msg, from));
+        if let Err(e) = admitted {
+            // Acknowledged all the same: a confused peer must not retry it forever.
+            tracing::warn!(from, error = %e, "reference control message refused");
+            let (reply_to, id) = (&incoming.reply_to, incoming.frame.id);
+            self.server
+                .send_reply(reply_to, id, Kind::RRefAck, Ok(Default::default()));
+            return Ok(());
+        }
         let effects = self.ctx.ledger(|l| match msg {
             Control::ForkRequest { rref, fork } => {
                 l.fork_request(rref, fork);

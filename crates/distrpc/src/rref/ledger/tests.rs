@@ -463,3 +463,37 @@ fn protocol_violations_are_errors() {
     assert!(c.fork_sent(rref, C, None).is_err());
     assert!(c.fork_sent(rref, C, Some(ForkId(rref.0))).is_err());
 }
+
+/// Only the worker holding a fork may delete it, where the owner knows who holds it; a fork
+/// the owner never saw only the worker that made it.
+#[test]
+fn deletes_are_admitted_only_from_the_fork_holder() {
+    let (_a, mut c, rref, fork) = created();
+    let delete = Control::UserDelete { rref, fork };
+    assert!(c.admit(&delete, B).is_err(), "B does not hold A's fork");
+    assert!(c.admit(&delete, A).is_ok());
+
+    // A child that asked for its fork holds it.
+    let child = ForkId(GlobalId {
+        created_on: A,
+        local_id: 99,
+    });
+    let request = Control::ForkRequest { rref, fork: child };
+    c.admit(&request, B).unwrap();
+    c.fork_request(rref, child);
+    let delete = Control::UserDelete { rref, fork: child };
+    assert!(
+        c.admit(&delete, A).is_err(),
+        "A made the fork but B holds it"
+    );
+    assert!(c.admit(&delete, B).is_ok());
+
+    // A fork never seen here: only its maker may give it up.
+    let unseen = ForkId(GlobalId {
+        created_on: B,
+        local_id: 7,
+    });
+    let delete = Control::UserDelete { rref, fork: unseen };
+    assert!(c.admit(&delete, A).is_err());
+    assert!(c.admit(&delete, B).is_ok());
+}
