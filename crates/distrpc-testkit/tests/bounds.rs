@@ -242,3 +242,84 @@ fn gather_messages_are_taken_only_from_the_worker_they_concern() {
         rpc.shutdown_local();
     }
 }
+
+static GATE: (Mutex<bool>, std::sync::Condvar) = (Mutex::new(false), std::sync::Condvar::new());
+
+/// Answers once the test opens the gate (bounded).
+#[distrpc::function]
+fn gated(_padding: serde_bytes::ByteBuf) -> u64 {
+    let (open, cv) = &GATE;
+    let open = open.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = cv.wait_timeout_while(open, Duration::from_secs(60), |o| !*o);
+    1
+}
+
+/// A peer that sends calls faster than they are answered: the worker takes at most
+/// `max_calls_in` of them and stops reading the connection — the peer's writes block (TCP
+/// pushes back) — instead of queueing them all; once they are answered, it reads on, and
+/// every call is answered.
+#[test]
+fn a_peer_flooding_calls_is_pushed_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    *GATE.0.lock().unwrap() = false;
+    let rpcs = in_process(2, |_| RpcOptions::default().max_calls_in(64)).unwrap();
+    let mut fake = TcpStream::connect(rpcs[1].listen_addr()).unwrap();
+    fake.write_all(&hello(0, "worker0")).unwrap();
+    // 20 000 calls of 1 KiB: far more than the socket buffers hold.
+    let padding = serde_bytes::ByteBuf::from(vec![0u8; 1024]);
+    let calls = 20_000u64;
+    let flood: Vec<u8> = (1..=calls)
+        .flat_map(|id| call(id, "bounds::gated", &(&padding,)))
+        .collect();
+    // Written without blocking: the worker stops reading, so the socket stays full.
+    fake.set_nonblocking(true).unwrap();
+    let mut written = 0;
+    let pushed_back = loop {
+        match fake.write(&flood[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Still full after a while: the worker is not reading.
+                if !writable_within(&fake, 2000) {
+                    break true;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if written == flood.len() {
+            break false;
+        }
+    };
+    assert!(pushed_back, "the worker read all {calls} calls");
+    let active = rpcs[1].metrics()["agent.server_active_calls"];
+    assert!(active <= 64, "{active} calls taken, more than the bound");
+    // Answered, the calls make room: the rest is read and answered too.
+    *GATE.0.lock().unwrap() = true;
+    GATE.1.notify_all();
+    fake.set_nonblocking(false).unwrap();
+    let reader = {
+        let mut r = fake.try_clone().unwrap();
+        std::thread::spawn(move || {
+            (0..calls)
+                .map(|_| read_frame(&mut r).0)
+                .filter(|&k| k == Kind::Result as u8)
+                .count() as u64
+        })
+    };
+    fake.write_all(&flood[written..]).unwrap();
+    assert_eq!(reader.join().unwrap(), calls, "every call answered");
+    for rpc in &rpcs {
+        rpc.shutdown_local();
+    }
+}
+
+/// Whether `s` becomes writable within `ms` milliseconds.
+fn writable_within(s: &TcpStream, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for an open socket.
+    unsafe { libc::poll(&mut fd, 1, ms) > 0 }
+}

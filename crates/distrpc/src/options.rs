@@ -32,6 +32,8 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(10);
 pub const DEFAULT_INIT_METHOD: &str = "env://";
 /// Bytes a connection may hold for its peer before callers wait ([`RpcOptions::max_queued_bytes`]).
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 << 20;
+/// How many of one peer's calls a worker takes at once ([`RpcOptions::max_calls_in`]).
+pub const DEFAULT_MAX_CALLS_IN: usize = 16384;
 /// How long a waiting caller gives a peer that reads nothing ([`RpcOptions::send_stall`]).
 pub const DEFAULT_SEND_STALL: Duration = Duration::from_secs(30);
 
@@ -65,6 +67,7 @@ pub struct RpcOptions {
     pub(crate) tls: TlsFiles,
     pub(crate) max_queued_bytes: usize,
     pub(crate) send_stall: Duration,
+    pub(crate) max_calls_in: usize,
     pub(crate) max_builtin_elements: usize,
 }
 
@@ -139,6 +142,7 @@ impl Default for RpcOptions {
             tls: TlsFiles::Env,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             send_stall: DEFAULT_SEND_STALL,
+            max_calls_in: DEFAULT_MAX_CALLS_IN,
             max_builtin_elements: distrpc_wire::ops::DEFAULT_MAX_ELEMENTS,
         }
     }
@@ -159,6 +163,7 @@ impl fmt::Debug for RpcOptions {
             .field("tls", &self.tls)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("send_stall", &self.send_stall)
+            .field("max_calls_in", &self.max_calls_in)
             .field("max_builtin_elements", &self.max_builtin_elements)
             .field(
                 "auth",
@@ -268,6 +273,21 @@ impl RpcOptions {
     /// ```
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
         self.max_queued_bytes = bytes;
+        self
+    }
+
+    /// How many of one peer's calls (and reference messages) a worker takes at once — queued
+    /// or running, not yet answered (default 16 384). With that many, the worker stops
+    /// reading the peer's connection until one is answered, so TCP pushes back on the peer
+    /// instead of the worker queueing without bound. (A peer's nested calls that wait on
+    /// replies queued behind the calls it sent can then wait for one another: keep it well
+    /// above the calls in flight a program makes.)
+    ///
+    /// ```
+    /// let options = distrpc::RpcOptions::default().max_calls_in(1024);
+    /// ```
+    pub fn max_calls_in(mut self, calls: usize) -> Self {
+        self.max_calls_in = calls.max(1);
         self
     }
 

@@ -143,6 +143,7 @@ impl PendingRpc {
                 queue: crate::transport::QueueBound {
                     bytes: options.max_queued_bytes,
                     stall: options.send_stall,
+                    calls: options.max_calls_in,
                 },
             },
             rt.clone(),

@@ -127,6 +127,7 @@ impl Server {
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build a reply frame"),
                 }
+                conn.call_answered();
             }
         }
     }

@@ -44,6 +44,19 @@ impl Inbound for Server {
             }
             Kind::Heartbeat => Ok(()),
             kind => {
+                if let (
+                    Source::Peer(conn),
+                    Kind::Call
+                    | Kind::RemoteCall
+                    | Kind::RRefFetch
+                    | Kind::RRefUserDelete
+                    | Kind::RRefForkRequest
+                    | Kind::RRefChildAccept,
+                ) = (&source, kind)
+                {
+                    // Answered on the same connection (see `ReplyTo::Remote`).
+                    conn.call_taken();
+                }
                 let incoming = Incoming {
                     reply_to: source.into(),
                     from,

@@ -79,7 +79,13 @@ impl Claim {
                     };
                     self.read.poll_readable(left.min(CLAIM_SLICE));
                 }
-                Some(true) => {}
+                Some(true) => {
+                    if self.conn.calls_full() {
+                        // The peer's calls fill the connection: it is read again only once
+                        // one is answered, by the reader task.
+                        return false;
+                    }
+                }
             }
             if is_done() {
                 return false;
@@ -112,7 +118,11 @@ impl Drop for Claim {
     fn drop(&mut self) {
         self.read.release();
         // What came after our last read: the reader task let its wake-up go while we held
-        // the claim.
-        while self.step() == Some(true) {}
+        // the claim. A connection full of the peer's calls is left to the reader task, woken
+        // to wait for room.
+        while !self.conn.calls_full() && self.step() == Some(true) {}
+        if self.conn.calls_full() {
+            self.read.wake_reader();
+        }
     }
 }

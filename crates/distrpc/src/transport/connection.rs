@@ -44,13 +44,17 @@ struct Queue {
     waiting: usize,
 }
 
-/// How much a connection may hold for its peer (see the module docs).
+/// How much a connection may hold for its peer (see the module docs), and how many of its
+/// peer's calls it takes at once.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct QueueBound {
     /// Past this many bytes, callers wait for room.
     pub(crate) bytes: usize,
     /// A waiting caller fails once the peer has read nothing for this long.
     pub(crate) stall: Duration,
+    /// With this many of the peer's calls unanswered, the connection is not read (TCP pushes
+    /// back on the peer) until one is answered.
+    pub(crate) calls: usize,
 }
 
 /// Why a frame was not sent.
@@ -73,6 +77,10 @@ pub(crate) struct Connection {
     /// Where senders wait for room.
     room: Condvar,
     bound: QueueBound,
+    /// The peer's calls taken and not yet answered.
+    calls_in: std::sync::atomic::AtomicUsize,
+    /// Wakes the reader once a call is answered while the connection was full.
+    room_for_calls: Notify,
     /// The socket, once connected: senders write to it directly when it is idle (plain TCP).
     sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
     /// The socket under the connection, for [`Connection::abort`] to shut down.
@@ -99,6 +107,8 @@ impl Connection {
             wake: Notify::new(),
             room: Condvar::new(),
             bound,
+            calls_in: std::sync::atomic::AtomicUsize::new(0),
+            room_for_calls: Notify::new(),
             sink: Mutex::new(None),
             socket: Mutex::new(None),
             read: std::sync::OnceLock::new(),
@@ -209,6 +219,43 @@ impl Connection {
         }
         q.pending += len;
         Ok(q)
+    }
+
+    /// A call from the peer was taken (its answer will go back on this connection).
+    pub(crate) fn call_taken(&self) {
+        self.calls_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A call from the peer was answered: if the connection was full, its reader goes on.
+    pub(crate) fn call_answered(&self) {
+        use std::sync::atomic::Ordering;
+        let before = self
+            .calls_in
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if before >= self.bound.calls {
+            self.room_for_calls.notify_one();
+        }
+    }
+
+    /// Whether the peer has as many calls unanswered as the connection takes: it must not be
+    /// read until one is answered.
+    pub(crate) fn calls_full(&self) -> bool {
+        self.calls_in.load(std::sync::atomic::Ordering::Relaxed) >= self.bound.calls
+    }
+
+    /// Waits until the connection takes calls again.
+    pub(crate) async fn room_for_calls(&self) {
+        while self.calls_full() {
+            let notified = self.room_for_calls.notified();
+            if !self.calls_full() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Accounts for `n` bytes written, waking senders waiting for room.

@@ -520,6 +520,14 @@ impl Transport {
             let spin = transport.busy_poll;
             let mut idle_since: Option<std::time::Instant> = None;
             let end = loop {
+                // With as many of the peer's calls unanswered as it takes, the connection is
+                // not read: TCP pushes back on the peer.
+                if conn.calls_full() {
+                    tokio::select! {
+                        _ = transport.tasks.cancelled() => break ReadEnd::Closed,
+                        () = conn.room_for_calls() => {}
+                    }
+                }
                 match read.step(false) {
                     Step::Frame(frame) => {
                         idle_since = None;

@@ -271,6 +271,11 @@ impl ReadSide {
         lock(&self.state).claimed = false;
     }
 
+    /// Wakes the reader task to look again (a claimant left bytes it did not read).
+    pub(crate) fn wake_reader(&self) {
+        self.nudge.notify_one();
+    }
+
     /// Stops reading: the reader task ends at its next step.
     pub(crate) fn end(&self) {
         lock(&self.state).ended = true;

@@ -64,6 +64,12 @@ impl Transport {
                 })
             };
             let end = loop {
+                if conn.calls_full() {
+                    tokio::select! {
+                        _ = transport.tasks.cancelled() => break ReadEnd::Closed,
+                        () = conn.room_for_calls() => {}
+                    }
+                }
                 let next = {
                     let mut guard = reading.lock().await;
                     let (r, frames) = &mut *guard;
