@@ -31,11 +31,13 @@ mod front;
 mod msgpack;
 mod rref;
 mod value;
+mod waits;
 
 use buffers::{Held, Loan, Pickled, held, lent};
 use front::{Call, Front, Queue, Taken, taken};
 use rref::PyRRef;
 use value::PyValue;
+use waits::sending;
 
 /// How often a waiting `rpc_sync` looks for signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(50);
@@ -308,8 +310,8 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let reply = wait(py, self.rpc.rpc_sync_raw_future(to, call, timeout))?;
-        unpickled(py, reply)
+        let fut = sending(py, || self.rpc.rpc_sync_raw_future(to, call, timeout));
+        unpickled(py, wait(py, fut)?)
     }
 
     /// Calls the function registered as `function` on `to` (a Rust function, or a Python one
@@ -324,7 +326,8 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (call, timeout) = named(function, args, timeout)?;
-        let reply = wait(py, self.rpc.rpc_sync_raw_future(to, call, timeout))?;
+        let fut = sending(py, || self.rpc.rpc_sync_raw_future(to, call, timeout));
+        let reply = wait(py, fut)?;
         msgpack::decode(py, &reply.payload, reply.tensors)
     }
 
@@ -338,7 +341,7 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = named(function, args, timeout)?;
-        let fut = self.rpc.rpc_async_raw(to, call, timeout);
+        let fut = sending(args.py(), || self.rpc.rpc_async_raw(to, call, timeout));
         Ok(self.complete_later(Codec::MessagePack, fut))
     }
 
@@ -347,6 +350,7 @@ impl Agent {
     #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
     fn rpc_async(
         &self,
+        py: Python<'_>,
         to: &str,
         function: String,
         payload: Vec<u8>,
@@ -354,7 +358,7 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let fut = self.rpc.rpc_async_raw(to, call, timeout);
+        let fut = sending(py, || self.rpc.rpc_async_raw(to, call, timeout));
         Ok(self.complete_later(Codec::Pickle, fut))
     }
 
@@ -391,6 +395,7 @@ impl Agent {
     #[pyo3(signature = (to, function, payload, buffers, timeout=None))]
     fn remote(
         &self,
+        py: Python<'_>,
         to: &str,
         function: String,
         payload: Vec<u8>,
@@ -399,7 +404,7 @@ impl Agent {
     ) -> PyResult<PyRRef> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(PyRRef {
-            rref: self.rpc.remote_raw(to, call, timeout),
+            rref: sending(py, || self.rpc.remote_raw(to, call, timeout)),
         })
     }
 
@@ -420,6 +425,7 @@ impl Agent {
     #[pyo3(signature = (rref, function, payload, buffers, timeout=None))]
     fn rref_rpc_async(
         &self,
+        py: Python<'_>,
         rref: &PyRRef,
         function: String,
         payload: Vec<u8>,
@@ -427,7 +433,8 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        Ok(self.complete_later(Codec::Pickle, rref.rref.rpc_async_raw(call, timeout)))
+        let fut = sending(py, || rref.rref.rpc_async_raw(call, timeout));
+        Ok(self.complete_later(Codec::Pickle, fut))
     }
 
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
@@ -597,6 +604,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(msgpack_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack_loads, m)?)?;
     m.add_function(wrap_pyfunction!(make_certificates, m)?)?;
+    distrpc::set_wait_hook(waits::release_while_waiting);
     m.add_class::<Agent>()?;
     m.add_class::<PendingAgent>()?;
     m.add_class::<Call>()?;

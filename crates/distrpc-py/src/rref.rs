@@ -70,6 +70,7 @@ impl PyRRef {
     #[pyo3(signature = (function, payload, buffers, timeout=None))]
     fn remote(
         &self,
+        py: Python<'_>,
         function: String,
         payload: Vec<u8>,
         buffers: Vec<Loan>,
@@ -77,7 +78,7 @@ impl PyRRef {
     ) -> PyResult<PyRRef> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(PyRRef {
-            rref: self.rref.remote_raw(call, timeout),
+            rref: crate::waits::sending(py, || self.rref.remote_raw(call, timeout)),
         })
     }
 

@@ -92,11 +92,22 @@ fn a_declared_body_costs_memory_only_as_it_arrives() {
     }
 }
 
-/// A peer that never reads: calls to it queue up to the bound, then wait, then fail naming
-/// the peer — the queue (and RSS) stays bounded — and the worker keeps serving the others.
+static HOOKED_WAITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts the waits distrpc runs inside the front's hook.
+fn counting_hook(wait: &mut dyn FnMut()) {
+    HOOKED_WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    wait();
+}
+
+/// A peer that never reads: calls to it queue up to the bound, then wait — inside the
+/// front's wait hook (where the Python binding lets its interpreter lock go) — then fail
+/// naming the peer; the queue (and RSS) stays bounded, and the worker keeps serving the
+/// others.
 #[test]
 fn calls_to_a_peer_that_stops_reading_wait_then_fail() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(distrpc::set_wait_hook(counting_hook));
     let options = |_| {
         RpcOptions::default()
             .max_queued_bytes(4 << 20)
@@ -135,6 +146,10 @@ fn calls_to_a_peer_that_stops_reading_wait_then_fail() {
     assert!(
         matches!(&err, Error::SendFailed { worker, reason } if worker == "worker0" && reason.contains("has read none")),
         "{err}"
+    );
+    assert!(
+        HOOKED_WAITS.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no wait in the hook"
     );
     // worker1 serves worker2, both ways.
     assert_eq!(rpcs[2].rpc_sync("worker1", echo, (5,)).unwrap(), 5);

@@ -98,6 +98,7 @@ pub use options::{MessageKind, RpcOptions};
 pub use rendezvous::STORE_FD_ENV;
 pub use rpc::{Metrics, PendingRpc, Rpc};
 pub use rref::RRef;
+pub use sync::set_wait_hook;
 pub use worker::{To, WorkerInfo};
 
 /// The README's example, compiled and run as a doctest so that it stays true.

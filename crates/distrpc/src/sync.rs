@@ -43,3 +43,31 @@ pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
+
+static WAIT_HOOK: std::sync::OnceLock<fn(&mut dyn FnMut())> = std::sync::OnceLock::new();
+
+/// Sets what runs around the waits a caller's thread makes inside a send (for room in a full
+/// connection, see [`crate::RpcOptions::max_queued_bytes`]): the hook must call the function
+/// it gets exactly once. A front whose threads hold a lock of their own while they call
+/// distrpc lets it go there — the Python binding, its interpreter lock. Once per process;
+/// `false` if a hook was already set.
+///
+/// ```
+/// fn hook(wait: &mut dyn FnMut()) {
+///     // let a lock go…
+///     wait();
+///     // …and take it back
+/// }
+/// let _ = distrpc::set_wait_hook(hook);
+/// ```
+pub fn set_wait_hook(hook: fn(&mut dyn FnMut())) -> bool {
+    WAIT_HOOK.set(hook).is_ok()
+}
+
+/// Runs `wait` inside the hook of [`set_wait_hook`], if one is set.
+pub(crate) fn around_wait(wait: &mut dyn FnMut()) {
+    match WAIT_HOOK.get() {
+        Some(hook) => hook(wait),
+        None => wait(),
+    }
+}

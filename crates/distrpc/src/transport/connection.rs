@@ -209,12 +209,19 @@ impl Connection {
                     q.pending, self.bound.stall
                 )));
             };
+            // The wait runs inside the front's hook (the Python binding lets its interpreter
+            // lock go there), with the queue's lock let go first: a thread holding the
+            // interpreter lock may be about to take the queue's.
             q.waiting += 1;
-            q = self
-                .room
-                .wait_timeout(q, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            let seen = q.written;
+            drop(q);
+            crate::sync::around_wait(&mut || {
+                let q = self.lock();
+                if q.written == seen && q.closed.is_none() {
+                    let _ = self.room.wait_timeout(q, left);
+                }
+            });
+            q = self.lock();
             q.waiting -= 1;
         }
         q.pending += len;
