@@ -9,7 +9,9 @@ use std::time::Duration;
 use distrpc_testkit::netns::{Lan, Proc, available};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_distrpc-test-worker");
-const LIVENESS_SECS: u64 = 3;
+/// The liveness bound of the tests' workers: short enough to see a partition quickly, long
+/// enough that a loaded CI machine answering late is not taken for one.
+const LIVENESS_SECS: u64 = 6;
 const LINE: Duration = Duration::from_secs(60);
 
 fn skipped() -> bool {

@@ -286,9 +286,10 @@ impl Connection {
             self.room.notify_all();
         }
         drop(q);
-        // Without our handle, the writer task holds the last one: the socket's write side shuts
-        // down when it ends.
+        // Without our handles, the writer task holds the last one: the socket's write side
+        // shuts down when it ends (and closes once its reader's half goes too).
         lock(&self.sink).take();
+        lock(&self.socket).take();
         self.wake.notify_one();
         true
     }
@@ -305,10 +306,10 @@ impl Connection {
             q.pending = 0;
             q.aborted.get_or_insert_with(|| reason.to_string());
         }
-        self.close(reason);
         if let Some(socket) = lock(&self.socket).as_ref() {
             let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
         }
+        self.close(reason);
     }
 
     /// Why [`Connection::abort`] dropped the connection (what its reader and writer then meet
