@@ -158,6 +158,8 @@ def _reduce_torch(obj: Any, torch: Any) -> Any:
 
 
 _decoding = threading.local()
+#: The worker the message being pickled on this thread goes to (``serialize``'s ``to``).
+_encoding = threading.local()
 
 
 #: The RRef class and how to rebuild one from a fork: set by ``distrpc.rpc.rref`` when it is
@@ -196,7 +198,8 @@ class _Pickler(pickle.Pickler):
             if reduced is not NotImplemented:
                 return reduced
         if rref_type is not None and isinstance(obj, rref_type):
-            return (_rebuild_rref, (obj._handle.fork(),))
+            # The fork is the destination's: its owner takes its delete from that worker only.
+            return (_rebuild_rref, (obj._handle.fork(getattr(_encoding, "to", None)),))
         return NotImplemented
 
 
@@ -254,13 +257,18 @@ def _wire(obj: Any) -> Any:
     return tuple(obj) if type(obj) is PythonUDF else obj
 
 
-def serialize(obj: Any) -> tuple[bytes, list[Buffer]]:
-    """Pickles ``obj`` for the wire: the pickle, and the buffers taken out of band. Fails
-    before anything is sent if something in it cannot be pickled. (What the reducers would
-    leave as it is goes through ``pickle.dumps`` directly: the same bytes, in half the time.)"""
+def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
+    """Pickles ``obj`` for the wire (to worker ``to``, the rank references in it are forked
+    for): the pickle, and the buffers taken out of band. Fails before anything is sent if
+    something in it cannot be pickled. (What the reducers would leave as it is goes through
+    ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     if _default_pickler is _internal_rpc_pickler and _plain(obj):
         return pickle.dumps(_wire(obj), protocol=5), []
-    return _default_pickler.serialize(_wire(obj))
+    previous, _encoding.to = getattr(_encoding, "to", None), to
+    try:
+        return _default_pickler.serialize(_wire(obj))
+    finally:
+        _encoding.to = previous
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
@@ -298,12 +306,12 @@ def _failure(e: BaseException, worker_info: Any) -> RemoteException:
     return RemoteException(f"On {worker_info}:\n{e!r}\n{traceback.format_exc()}", type(e))
 
 
-def pickled(result: Any, worker_info: Any) -> tuple[bytes, list[Buffer]]:
-    """``result`` pickled for the wire; if it cannot be, the error it raised, pickled."""
+def pickled(result: Any, worker_info: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
+    """``result`` pickled for worker ``to``; if it cannot be, the error it raised, pickled."""
     try:
-        return serialize(result)
+        return serialize(result, to)
     except Exception as e:  # an unpicklable result
-        return serialize(_failure(e, worker_info))
+        return serialize(_failure(e, worker_info), to)
 
 
 def run_udf(

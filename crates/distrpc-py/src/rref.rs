@@ -82,10 +82,12 @@ impl PyRRef {
         })
     }
 
-    /// Forks this reference for a pickle being made (the receiver rebuilds it with
-    /// `Agent.rref_from_fork`).
-    fn fork(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
-        let bytes = self.rref.fork_raw().map_err(error)?;
+    /// Forks this reference for a pickle being made for worker `to` (the receiver rebuilds it
+    /// with `Agent.rref_from_fork`); without `to`, the worker distrpc is encoding a message
+    /// for on this thread, if any.
+    #[pyo3(signature = (to=None))]
+    fn fork(&self, py: Python<'_>, to: Option<u32>) -> PyResult<Py<PyBytes>> {
+        let bytes = self.rref.fork_raw(to).map_err(error)?;
         Ok(PyBytes::new(py, &bytes).unbind())
     }
 

@@ -152,13 +152,15 @@ class _State:
                 args = payload if this is None else [this, *payload]  # a method: its value first
                 _named.run(call, function, args, self.me)
                 return
-            _internal.run_udf(payload, buffers, self.me, self._answer(call, keep), this, caller)
+            answer = self._answer(call, keep, caller)
+            _internal.run_udf(payload, buffers, self.me, answer, this, caller)
         except Exception:  # noqa: BLE001 - the thread must go on serving
             # The answer itself failed; the call, dropped unanswered, fails on its caller.
             _log.exception("a call on %s could not be answered", self.me.name)
 
-    def _answer(self, call: Any, keep: bool) -> Callable[[Any], None]:
-        """How the result of ``call`` goes back: pickled, or kept behind a reference."""
+    def _answer(self, call: Any, keep: bool, caller: int) -> Callable[[Any], None]:
+        """How the result of ``call`` goes back to ``caller``: pickled, or kept behind a
+        reference."""
         me = self.me
 
         def answer(result: Any) -> None:
@@ -166,7 +168,7 @@ class _State:
                 # A failed creation keeps its RemoteException: every use raises it.
                 call.keep(result)
             else:
-                call.reply(*_internal.pickled(result, me))
+                call.reply(*_internal.pickled(result, me, caller))
 
         return answer
 
@@ -361,15 +363,20 @@ def rpc_sync(
 
 
 def _pickled_call(
-    func: Callable[..., Any], args: tuple | None, kwargs: dict | None, recording: Any
+    func: Callable[..., Any],
+    args: tuple | None,
+    kwargs: dict | None,
+    recording: Any,
+    rank: int,
 ) -> tuple[bytes, list]:
-    """The call as torch's ``internal.py`` sends it: a ``PythonUDF`` pickled, with the profiler
-    configuration when the caller profiles it (distrpc's own pickling left out of the profile)."""
+    """The call to worker ``rank`` as torch's ``internal.py`` sends it: a ``PythonUDF``
+    pickled, with the profiler configuration when the caller profiles it (distrpc's own
+    pickling left out of the profile)."""
     udf = _internal.PythonUDF(func, args or (), kwargs or {})
     if recording is None:
-        return _internal.serialize(udf)
+        return _internal.serialize(udf, rank)
     with recording.hidden():
-        return _internal.serialize(recording.wrap(udf))
+        return _internal.serialize(recording.wrap(udf), rank)
 
 
 def _sync(
@@ -386,7 +393,7 @@ def _sync(
     if isinstance(func, str):
         named = _named_args(func, args, kwargs)
         return _pool.waiting(state.agent.rpc_sync_named, dst, func, named, _timeout(timeout))
-    payload, buffers = _pickled_call(func, args, kwargs, recording)
+    payload, buffers = _pickled_call(func, args, kwargs, recording, rank)
     agent, name = state.agent, _qualname(func)
     reply = _pool.waiting(agent.rpc_sync, dst, name, payload, buffers, _timeout(timeout))
     if recording is None:
@@ -438,7 +445,7 @@ def _async(
         def start() -> int:
             return state.agent.rpc_async_named(dst, func, named, _timeout(timeout))
     else:
-        payload, buffers = _pickled_call(func, args, kwargs, recording)
+        payload, buffers = _pickled_call(func, args, kwargs, recording, rank)
         name = _qualname(func)
 
         def start() -> int:
@@ -547,7 +554,8 @@ def remote(
     name, dst = _qualname(func), _to_name(to)
     # The value stays on the callee: the key is recorded, the callee's events are not asked for.
     with _profiler.profiled("remote", func, state.me.name, dst, _rank_of(dst)):
-        payload, buffers = _internal.serialize(_internal.PythonUDF(func, args or (), kwargs or {}))
+        udf = _internal.PythonUDF(func, args or (), kwargs or {})
+        payload, buffers = _internal.serialize(udf, _rank_of(dst))
         handle = state.agent.remote(dst, name, payload, buffers, _timeout(timeout))
     return RRef(_handle=handle)
 

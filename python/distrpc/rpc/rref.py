@@ -136,9 +136,9 @@ def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeo
     """A proxy's call: ``method`` of the referenced object, run on its owner."""
     state = _state.require()
     udf = _internal.PythonUDF(_invoke_method, (method, args, kwargs), {})
-    payload, buffers = _internal.serialize(udf)
     name, handle = f"{rref.owner_name()}.{method}", rref._handle
     owner = handle.owner()[0]
+    payload, buffers = _internal.serialize(udf, owner)
     if kind == "sync":
         reply = _pool.waiting(handle.rpc_sync, name, payload, buffers, _state.timeout(timeout))
         return _internal._handle_exception(_internal.deserialize(*reply, owner))

@@ -376,7 +376,7 @@ impl Client {
         } = call;
         let (fut, done) = RpcFuture::pending_spinning(self.transport.busy_poll);
         let scope = self.scope();
-        let encoded = scope::encoding(scope.as_deref(), || {
+        let encoded = scope::encoding(scope.as_deref(), dest, || {
             encode_call(prefix, function, |out| crate::codec::encode(args, out))
         });
         let (payload, tensors) = match encoded {

@@ -15,8 +15,8 @@ pub(crate) type Settled = Pin<Box<dyn Future<Output = Result<(), Failure>> + Sen
 
 /// The context of values crossing this worker (implemented by the reference layer).
 pub(crate) trait ValueScope: Send + Sync {
-    /// Runs `f`, an encode of a value leaving this worker.
-    fn encoding(&self, f: &mut dyn FnMut());
+    /// Runs `f`, an encode of a value leaving this worker for worker `to`.
+    fn encoding(&self, to: u32, f: &mut dyn FnMut());
     /// Runs `f`, a decode of a value that `from` sent.
     fn decoding(&self, from: u32, f: &mut dyn FnMut());
     /// After a decode of a handler's arguments on this thread: waits until what they carried
@@ -26,13 +26,13 @@ pub(crate) trait ValueScope: Send + Sync {
     fn settle_async(&self, function: &str) -> Settled;
 }
 
-/// Runs `f` inside `scope.encoding`, if there is a scope.
-pub(crate) fn encoding<R>(scope: Option<&dyn ValueScope>, f: impl FnOnce() -> R) -> R {
+/// Runs `f` inside `scope.encoding` for worker `to`, if there is a scope.
+pub(crate) fn encoding<R>(scope: Option<&dyn ValueScope>, to: u32, f: impl FnOnce() -> R) -> R {
     match scope {
         None => f(),
         Some(scope) => {
             let (mut f, mut out) = (Some(f), None);
-            scope.encoding(&mut || out = f.take().map(|f| f()));
+            scope.encoding(to, &mut || out = f.take().map(|f| f()));
             match out {
                 Some(out) => out,
                 // `encoding` runs its closure exactly once; if it did not, run it here.

@@ -358,11 +358,11 @@ pub(super) struct ForkData {
 impl<T> RRef<T> {
     /// Forks this reference for a message: the ledger records the new user, which the
     /// receiver becomes with [`RRef::received`].
-    pub(super) fn fork(&self) -> Result<ForkData, String> {
+    pub(super) fn fork(&self, to: Option<u32>) -> Result<ForkData, String> {
         let service = &self.inner.service;
         let fork = service
             .ctx
-            .ledger(|l| l.fork_sent(self.inner.id, self.inner.owner, self.inner.fork))
+            .ledger(|l| l.fork_sent(self.inner.id, self.inner.owner, self.inner.fork, to))
             .map_err(|e| e.to_string())?;
         Ok(ForkData {
             owner: self.inner.owner,
@@ -404,7 +404,7 @@ impl<T> RRef<T> {
 impl<T> Serialize for RRef<T> {
     /// Serializing an `RRef` forks it, so it is allowed only inside an RPC encode.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let service = super::service::encoding_service().ok_or_else(|| {
+        let (service, to) = super::service::encoding_service().ok_or_else(|| {
             S::Error::custom("an RRef can be serialized only as part of an RPC call or result")
         })?;
         if !Arc::ptr_eq(&service, &self.inner.service) {
@@ -412,7 +412,9 @@ impl<T> Serialize for RRef<T> {
                 "an RRef can be sent only by a worker of its own group",
             ));
         }
-        self.fork().map_err(S::Error::custom)?.serialize(serializer)
+        self.fork(Some(to))
+            .map_err(S::Error::custom)?
+            .serialize(serializer)
     }
 }
 

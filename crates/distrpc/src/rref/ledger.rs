@@ -131,9 +131,10 @@ pub struct Ledger {
     owned: HashMap<RRefId, Owned>,
     users: HashMap<ForkId, User>,
     /// Children this worker forked from a user that the owner has not confirmed yet, with that
-    /// user, which must stay alive until then (G2). Forks from the owner need no such hold:
-    /// the owner registers them when it sends them.
-    pending_children: HashMap<ForkId, ForkId>,
+    /// user, which must stay alive until then (G2), and the worker the child went to, if known
+    /// (only it, or the owner, accepts the child). Forks from the owner need no such hold: the
+    /// owner registers them when it sends them.
+    pending_children: HashMap<ForkId, (ForkId, Option<u32>)>,
     /// Users deleted before the owner saw their creation (a delayed `remote()`): the creation,
     /// when it comes, must not keep the value for them.
     tombstones: HashSet<ForkId>,
@@ -262,10 +263,11 @@ impl Ledger {
     }
 
     /// Whether `msg` may come from worker `from`: a fork is deleted only by the worker that
-    /// holds it, when the owner knows who that is (the creator of a `remote()`, a child that
-    /// asked for its fork; a fork the owner sent itself is not tracked), and a delete of a
-    /// fork the owner has never seen only by the worker that made it (the creator giving up
-    /// before its creation arrived). Records who asked for a fork.
+    /// holds it, when the owner knows who that is (the creator of a `remote()`, the worker the
+    /// owner sent it to, a child that asked for it), and a delete of a fork the owner has never
+    /// seen only by the worker that made it (the creator giving up before its creation
+    /// arrived); a child is accepted only by the worker it went to, or the owner. Records who
+    /// asked for a fork.
     pub fn admit(&mut self, msg: &Control, from: u32) -> Result<(), LedgerError> {
         match *msg {
             Control::ForkRequest { fork, .. } => {
@@ -292,7 +294,18 @@ impl Ledger {
                 }
                 Ok(())
             }
-            Control::ChildAccept { .. } => Ok(()),
+            Control::ChildAccept { fork } => match self.pending_children.get(&fork) {
+                // From the child, or from the owner (a fork sent to the owner itself).
+                Some(&(parent, Some(to)))
+                    if to != from && self.users.get(&parent).is_some_and(|u| u.owner != from) =>
+                {
+                    Err(violation(format!(
+                        "worker {from} may not accept child {}, sent to worker {to}",
+                        fork.0
+                    )))
+                }
+                _ => Ok(()),
+            },
         }
     }
 
@@ -343,14 +356,15 @@ impl Ledger {
 
     // ---- forking (either side) ----
 
-    /// This worker serializes a reference to `rref` (owned by `owner`) into a message, to any
-    /// worker, itself included. `from` is the sending user (`None` if this worker is the owner).
-    /// Returns the child's fork id.
+    /// This worker serializes a reference to `rref` (owned by `owner`) into a message to
+    /// worker `to` (if known), itself included. `from` is the sending user (`None` if this
+    /// worker is the owner). Returns the child's fork id.
     pub fn fork_sent(
         &mut self,
         rref: RRefId,
         owner: u32,
         from: Option<ForkId>,
+        to: Option<u32>,
     ) -> Result<ForkId, LedgerError> {
         let child = ForkId(self.next_id());
         match from {
@@ -365,13 +379,16 @@ impl Ledger {
                 // send to itself registers one, which holds the value while the message is in
                 // flight; it is removed when the message arrives.
                 self.owned.entry(rref).or_default().forks.insert(child);
+                if let Some(to) = to {
+                    self.holders.insert(child, to);
+                }
             }
             Some(parent) => {
                 let user = self.users.get_mut(&parent).ok_or_else(|| {
                     violation(format!("forking from an unknown user {:?}", parent.0))
                 })?;
                 user.pending_children += 1;
-                self.pending_children.insert(child, parent);
+                self.pending_children.insert(child, (parent, to));
             }
         }
         Ok(child)
@@ -446,7 +463,7 @@ impl Ledger {
 
     /// A child this worker forked was accepted (idempotent).
     pub fn child_accepted(&mut self, child: ForkId) -> Vec<Effect> {
-        let Some(parent) = self.pending_children.remove(&child) else {
+        let Some((parent, _)) = self.pending_children.remove(&child) else {
             return Vec::new();
         };
         if let Some(user) = self.users.get_mut(&parent) {

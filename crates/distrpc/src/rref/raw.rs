@@ -58,11 +58,14 @@ impl<T> RRef<T> {
         })
     }
 
-    /// Forks this reference for a message a front encodes itself (a pickle): the bytes to put
-    /// in it, from which the receiver rebuilds its own reference with
-    /// [`Rpc::rref_from_fork`](crate::Rpc::rref_from_fork).
-    pub fn fork_raw(&self) -> Result<Vec<u8>, Error> {
-        let data = self.fork().map_err(Error::InvalidArgument)?;
+    /// Forks this reference for a message to worker `to` that a front encodes itself (a
+    /// pickle): the bytes to put in it, from which the receiver rebuilds its own reference with
+    /// [`Rpc::rref_from_fork`](crate::Rpc::rref_from_fork). Without `to`, the worker the
+    /// message being encoded goes to, if distrpc encodes one on this thread (a value fetched
+    /// with `to_here`); the owner then takes a delete of the fork from any worker.
+    pub fn fork_raw(&self, to: Option<u32>) -> Result<Vec<u8>, Error> {
+        let to = to.or_else(|| super::service::encoding_service().map(|(_, to)| to));
+        let data = self.fork(to).map_err(Error::InvalidArgument)?;
         crate::codec::encode_inline(&data).map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 

@@ -83,7 +83,7 @@ pub(crate) fn remote_encoded<E: std::fmt::Display>(
         put_id(&mut prefix, id);
     }
     let flags = codec.flags() | if target.is_some() { FLAG_METHOD } else { 0 };
-    let encoded = service.encoding(|| encode_call(&prefix, function, encode_args));
+    let encoded = service.encoding(to, || encode_call(&prefix, function, encode_args));
     let (payload, tensors) = match encoded {
         Ok(encoded) => encoded,
         Err(e) => {

@@ -33,7 +33,7 @@ const CONTROL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// The service encoding a message on this thread (RRefs fork only inside one).
-    static ENCODING: RefCell<Option<Arc<RRefService>>> = const { RefCell::new(None) };
+    static ENCODING: RefCell<Option<(Arc<RRefService>, u32)>> = const { RefCell::new(None) };
     /// The service decoding a message on this thread, and the worker that sent it.
     static DECODING: RefCell<Option<(Arc<RRefService>, u32)>> = const { RefCell::new(None) };
     /// User references created by the decode that just ran on this thread, not yet confirmed.
@@ -105,9 +105,10 @@ impl RRefService {
         self.client.transport.name_of(rank)
     }
 
-    /// Runs `f` (an encode) with this service as the one references fork in.
-    pub(crate) fn encoding<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
-        scoped(&ENCODING, self.clone(), f)
+    /// Runs `f` (an encode of a message to worker `to`) with this service as the one
+    /// references fork in: the forks made are `to`'s.
+    pub(crate) fn encoding<R>(self: &Arc<Self>, to: u32, f: impl FnOnce() -> R) -> R {
+        scoped(&ENCODING, (self.clone(), to), f)
     }
 
     /// Runs `f` (a decode of a message from `from`) with this service receiving references.
@@ -190,7 +191,8 @@ impl RRefService {
         this: Option<RRefId>,
         encode_args: impl FnOnce(&mut Vec<u8>) -> Result<Vec<Tensor>, E>,
     ) {
-        let encoded = self.encoding(|| encode_call(&[], function, encode_args));
+        let me = self.me();
+        let encoded = self.encoding(me, || encode_call(&[], function, encode_args));
         let (payload, tensors) = match encoded {
             Ok(encoded) => encoded,
             Err(e) => return self.ctx.set_value(rref, Err(Failure::Other(e.to_string()))),
@@ -416,8 +418,8 @@ impl Service for RRefService {
 }
 
 impl ValueScope for RRefService {
-    fn encoding(&self, f: &mut dyn FnMut()) {
-        RRefService::encoding(&self.arc(), f)
+    fn encoding(&self, to: u32, f: &mut dyn FnMut()) {
+        RRefService::encoding(&self.arc(), to, f)
     }
 
     fn decoding(&self, from: u32, f: &mut dyn FnMut()) {
@@ -475,8 +477,9 @@ fn scoped<T: Clone + 'static, R>(
     f()
 }
 
-/// The service encoding a message on this thread, if any (references fork only inside one).
-pub(crate) fn encoding_service() -> Option<Arc<RRefService>> {
+/// The service encoding a message on this thread, and the worker the message goes to, if
+/// any (references fork only inside one).
+pub(crate) fn encoding_service() -> Option<(Arc<RRefService>, u32)> {
     ENCODING.with(|c| c.borrow().clone())
 }
 

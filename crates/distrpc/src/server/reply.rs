@@ -65,8 +65,12 @@ impl Server {
         match completion {
             Completion::Reply(kind) => {
                 let scope = self.client.scope();
+                let to = match reply_to {
+                    ReplyTo::Remote(conn) => conn.peer,
+                    ReplyTo::Local | ReplyTo::Nobody => self.client.transport.me.id,
+                };
                 let outcome = out.and_then(|value| {
-                    scope::encoding(scope.as_deref(), || value.encode()).map_err(|m| {
+                    scope::encoding(scope.as_deref(), to, || value.encode()).map_err(|m| {
                         super::handler::remote_error(
                             function,
                             "distrpc::EncodeError",

@@ -62,7 +62,7 @@ fn delete_before_confirmation_waits_for_it() {
 fn fork_user_to_user() {
     let (mut a, mut c, rref, parent) = created();
     let mut b = Ledger::new(B);
-    let child = a.fork_sent(rref, C, Some(parent)).unwrap();
+    let child = a.fork_sent(rref, C, Some(parent), None).unwrap();
     // A drops its handle right away: G2 keeps the parent until the child is accepted.
     assert_eq!(a.user_dropped(parent), vec![]);
     assert_eq!(
@@ -100,7 +100,7 @@ fn fork_user_to_user() {
 #[test]
 fn fork_user_to_owner() {
     let (mut a, mut c, rref, parent) = created();
-    let child = a.fork_sent(rref, C, Some(parent)).unwrap();
+    let child = a.fork_sent(rref, C, Some(parent), None).unwrap();
     assert_eq!(a.user_dropped(parent), vec![]);
     // The owner gets a local handle, adds no fork, and releases the parent.
     assert_eq!(
@@ -126,7 +126,7 @@ fn fork_from_owner() {
     let mut b = Ledger::new(B);
     let rref = RRefId(c.next_id());
     c.owner_created(rref, None);
-    let child = c.fork_sent(rref, C, None).unwrap();
+    let child = c.fork_sent(rref, C, None, None).unwrap();
     assert_eq!(c.info().num_forks, 1, "early fork registration");
     assert_eq!(
         c.owner_handle_dropped(rref),
@@ -150,7 +150,7 @@ fn owner_sends_to_itself() {
     let mut c = Ledger::new(C);
     let rref = RRefId(c.next_id());
     c.owner_created(rref, None);
-    let child = c.fork_sent(rref, C, None).unwrap();
+    let child = c.fork_sent(rref, C, None, None).unwrap();
     // The sender drops its handle while the message is in flight: the fork holds the value.
     assert_eq!(c.owner_handle_dropped(rref), vec![]);
     assert_eq!(c.fork_received(rref, C, child, C), vec![]);
@@ -162,7 +162,7 @@ fn owner_sends_to_itself() {
 fn child_dropped_before_its_fork_is_acked() {
     let (mut a, mut c, rref, parent) = created();
     let mut b = Ledger::new(B);
-    let child = a.fork_sent(rref, C, Some(parent)).unwrap();
+    let child = a.fork_sent(rref, C, Some(parent), None).unwrap();
     let _ = b.fork_received(rref, C, child, A);
     assert_eq!(b.user_dropped(child), vec![], "not confirmed yet");
     c.fork_request(rref, child);
@@ -362,7 +362,7 @@ mod simulation {
                             Handle::User(wk, r, f) => (wk, r, Some(f)),
                             Handle::Owner(r) => (C, r, None),
                         };
-                        let child = w.ledgers[from_worker as usize].fork_sent(rref, C, from).unwrap();
+                        let child = w.ledgers[from_worker as usize].fork_sent(rref, C, from, None).unwrap();
                         w.inflight.push(Msg::Fork { to, rref, child, parent: from_worker });
                     }
                     Op::Drop(i) if !w.handles.is_empty() => {
@@ -460,8 +460,8 @@ fn protocol_violations_are_errors() {
         created_on: A,
         local_id: 9,
     });
-    assert!(c.fork_sent(rref, C, None).is_err());
-    assert!(c.fork_sent(rref, C, Some(ForkId(rref.0))).is_err());
+    assert!(c.fork_sent(rref, C, None, None).is_err());
+    assert!(c.fork_sent(rref, C, Some(ForkId(rref.0)), None).is_err());
 }
 
 /// Only the worker holding a fork may delete it, where the owner knows who holds it; a fork
@@ -496,4 +496,21 @@ fn deletes_are_admitted_only_from_the_fork_holder() {
     let delete = Control::UserDelete { rref, fork: unseen };
     assert!(c.admit(&delete, A).is_err());
     assert!(c.admit(&delete, B).is_ok());
+}
+
+/// A fork the owner sends is deleted only by the worker it went to; a child a user forked is
+/// accepted only by the worker it went to, or by the owner.
+#[test]
+fn forks_sent_to_a_known_worker_are_theirs() {
+    let (mut a, mut c, rref, parent) = created();
+    let child = c.fork_sent(rref, C, None, Some(B)).unwrap();
+    let delete = Control::UserDelete { rref, fork: child };
+    assert!(c.admit(&delete, A).is_err(), "the owner sent it to B");
+    assert!(c.admit(&delete, B).is_ok());
+
+    let grandchild = a.fork_sent(rref, C, Some(parent), Some(B)).unwrap();
+    let accept = Control::ChildAccept { fork: grandchild };
+    assert!(a.admit(&accept, A).is_err(), "A sent it to B");
+    assert!(a.admit(&accept, B).is_ok(), "the child");
+    assert!(a.admit(&accept, C).is_ok(), "the owner");
 }
