@@ -64,6 +64,8 @@ class Agent:
         auth_token: str | None = None,
         listen_ip: str | None = None,
         tls: tuple[str, str, str] | None = None,
+        max_queued_bytes: int | None = None,
+        max_calls_in: int | None = None,
     ) -> PendingAgent: ...
     @property
     def name(self) -> str: ...

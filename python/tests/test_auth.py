@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import operator
 import os
+import threading
+import time
 
 import pytest
 
@@ -124,3 +126,80 @@ def test_a_group_over_tls_admits_only_its_certificates(tmp_path):
     got = _run_three(_tls_worker, lambda r: (r, init_method, files[r]))
     assert got[0]["member"] and got[1]["member"]
     assert "TLS" in got[2]["outsider"], got[2]
+
+
+_holding = threading.Event()
+_release = threading.Event()
+_held = [0]
+_sent = [0]
+_send_started: list = [None]
+
+
+def _hold(data):
+    """Runs on worker1: answers only once released (bounded)."""
+    _held[0] += 1
+    if _held[0] >= 2:
+        _holding.set()
+    _release.wait(60)
+    return len(data)
+
+
+def _report():
+    """Runs on worker0, on a pool thread: for how long its main thread has been inside one
+    send (``None``: it is not in one)."""
+    started = _send_started[0]
+    return None if started is None else time.monotonic() - started
+
+
+def _probe():
+    """Runs on worker2: asks worker0 (over a connection of their own) until worker0 answers
+    while its main thread is inside a send — which it can only if that send let the
+    interpreter lock go. Bounded: the send soon waits, and waits until worker1 reads."""
+    import distrpc.rpc as rpc
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        inside = rpc.rpc_sync("worker0", _report, timeout=10)
+        if inside is not None and inside > 0.2:  # a send takes microseconds: it waits
+            return True
+    return False
+
+
+def _backpressure_worker(rank, init_method, barrier, results):
+    import distrpc.rpc as rpc
+    import numpy as np
+
+    # worker1 takes 2 calls at once from a peer; worker0 holds at most 1 MiB for one.
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=init_method, rpc_timeout=60, max_queued_bytes=1 << 20, max_calls_in=2
+    )
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=3, rpc_backend_options=options)
+    out = {}
+    barrier.wait(30)
+    if rank == 0:
+        data = np.zeros(1 << 18, dtype=np.float32)  # 1 MiB
+        futures = []
+        for _ in range(64):  # 64 MiB: far more than worker1 reads while it holds 2
+            _send_started[0] = time.monotonic()
+            futures.append(rpc.rpc_async("worker1", _hold, args=(data,)))
+            _send_started[0] = None
+            _sent[0] += 1
+        out["answers"] = sum(f.wait() for f in futures)
+    elif rank == 1:
+        assert _holding.wait(60)
+        # worker1 reads no more from worker0, whose main thread soon waits in a send: its
+        # pool thread must still get the interpreter lock to answer worker2.
+        try:
+            out["answered_while_sending"] = rpc.rpc_sync("worker2", _probe, timeout=30)
+        finally:
+            _release.set()
+    barrier.wait(60)
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_a_send_waiting_for_room_lets_the_other_threads_run(tmp_path):
+    init_method = f"file://{tmp_path}/store"
+    got = _run_three(_backpressure_worker, lambda r: (r, init_method))
+    assert got[1]["answered_while_sending"], "worker0 never answered while it was sending"
+    assert got[0]["answers"] == 64 * (1 << 18)  # elements of each array

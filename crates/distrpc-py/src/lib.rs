@@ -201,11 +201,12 @@ impl Agent {
     /// `auth_token`: the group's shared secret (else `DISTRPC_AUTH_TOKEN` or the file
     /// `DISTRPC_AUTH_TOKEN_FILE` names); `listen_ip`: the address to listen on (else the
     /// interface toward the store); `tls`: `(ca, cert, key)` PEM files for mutual TLS (else
-    /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`).
+    /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`); `max_queued_bytes`,
+    /// `max_calls_in`: the bounds of [`RpcOptions`] of those names.
     #[staticmethod]
     #[pyo3(signature = (
         name, rank, world_size, init_method, num_worker_threads, rpc_timeout,
-        auth_token=None, listen_ip=None, tls=None
+        auth_token=None, listen_ip=None, tls=None, max_queued_bytes=None, max_calls_in=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
@@ -219,6 +220,8 @@ impl Agent {
         auth_token: Option<String>,
         listen_ip: Option<String>,
         tls: Option<(String, String, String)>,
+        max_queued_bytes: Option<usize>,
+        max_calls_in: Option<usize>,
     ) -> PyResult<PendingAgent> {
         let (mut options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
         if let Some(token) = auth_token {
@@ -232,6 +235,12 @@ impl Agent {
         }
         if let Some((ca, cert, key)) = tls {
             options = options.tls(ca, cert, key);
+        }
+        if let Some(bytes) = max_queued_bytes {
+            options = options.max_queued_bytes(bytes);
+        }
+        if let Some(calls) = max_calls_in {
+            options = options.max_calls_in(calls);
         }
         let pending = py
             .detach(|| Rpc::bind(&name, rank, world_size, options))

@@ -281,7 +281,8 @@ impl RpcOptions {
     /// reading the peer's connection until one is answered, so TCP pushes back on the peer
     /// instead of the worker queueing without bound. (A peer's nested calls that wait on
     /// replies queued behind the calls it sent can then wait for one another: keep it well
-    /// above the calls in flight a program makes.)
+    /// above the calls in flight a program makes. And a connection not read for longer than
+    /// half the liveness bound, its window full, is dropped by the kernel's user timeout.)
     ///
     /// ```
     /// let options = distrpc::RpcOptions::default().max_calls_in(1024);

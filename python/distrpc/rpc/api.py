@@ -78,7 +78,10 @@ class TensorPipeRpcBackendOptions:
     worker's certificate and key (:func:`distrpc.make_certificates` or ``distrpc cert`` make
     them): every connection is mutual TLS (else ``DISTRPC_TLS_CA``, ``DISTRPC_TLS_CERT`` and
     ``DISTRPC_TLS_KEY``). ``listen_ip``: the address the worker listens on (default: its
-    interface toward ``MASTER_ADDR``; loopback for a group on one host).
+    interface toward ``MASTER_ADDR``; loopback for a group on one host). ``max_queued_bytes``
+    (256 MiB) and ``max_calls_in`` (16 384): what one connection may hold for its peer before
+    calls wait for it to read, and how many of a peer's calls a worker takes at once before it
+    stops reading the peer (TCP pushes back).
 
     Example::
 
@@ -101,6 +104,8 @@ class TensorPipeRpcBackendOptions:
         auth_token: str | None = None,
         listen_ip: str | None = None,
         tls: tuple[str, str, str] | None = None,
+        max_queued_bytes: int | None = None,
+        max_calls_in: int | None = None,
     ) -> None:
         if device_maps or devices:
             raise ValueError("distrpc runs on CPU only: device_maps and devices must be empty")
@@ -114,6 +119,8 @@ class TensorPipeRpcBackendOptions:
         self.tls = None if tls is None else tuple(str(p) for p in tls)
         if self.tls is not None and len(self.tls) != 3:
             raise ValueError("tls is (ca, cert, key): three PEM files")
+        self.max_queued_bytes = max_queued_bytes
+        self.max_calls_in = max_calls_in
 
     def __repr__(self) -> str:
         # The token stays out of logs.
@@ -255,6 +262,8 @@ def init_rpc(
             getattr(options, "auth_token", None),
             getattr(options, "listen_ip", None),
             getattr(options, "tls", None),
+            getattr(options, "max_queued_bytes", None),
+            getattr(options, "max_calls_in", None),
         )
         if options.init_method == "env://" and _under_torchrun():
             agent = _join_through_torchrun(name, rank, world_size, *args)
@@ -278,6 +287,8 @@ def _join_through_torchrun(
     auth_token: str | None,
     listen_ip: str | None,
     tls: tuple[str, str, str] | None,
+    max_queued_bytes: int | None,
+    max_calls_in: int | None,
 ) -> Any:
     """env:// under torchrun, whose agent hosts a torch store on ``MASTER_PORT``: rank 0
     hosts distrpc's store on a free port and posts its address in torch's store, where the
@@ -293,7 +304,7 @@ def _join_through_torchrun(
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "")
     key = f"distrpc/store/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    extra = (num_threads, timeout, auth_token, listen_ip, tls)
+    extra = (num_threads, timeout, auth_token, listen_ip, tls, max_queued_bytes, max_calls_in)
     if rank == 0:
         pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", *extra)
         store.set(key, f"{host}:{pending.store_port}")
