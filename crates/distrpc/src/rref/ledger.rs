@@ -141,7 +141,14 @@ pub struct Ledger {
     /// The worker holding each fork of an owned value, where the owner learnt it (the creator
     /// of a `remote()`, a child's fork request): only that worker may delete the fork.
     holders: HashMap<ForkId, u32>,
+    /// Owned entries a message registered ahead of their creation (still waiting for it).
+    awaiting: usize,
 }
+
+/// The most entries messages may make ahead of what they refer to — values announced before
+/// their creation, deletes of users never seen — so that a peer cannot grow the ledger
+/// without bound.
+pub const MAX_AHEAD: usize = 1 << 16;
 
 /// Counters for debug info, with torch's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,6 +180,7 @@ impl Ledger {
             pending_children: HashMap::new(),
             tombstones: HashSet::new(),
             holders: HashMap::new(),
+            awaiting: 0,
         }
     }
 
@@ -223,7 +231,9 @@ impl Ledger {
     /// (its delete overtook a delayed creation) adds nothing, and the value may go at once.
     pub fn owner_created(&mut self, rref: RRefId, creator_fork: Option<ForkId>) -> Vec<Effect> {
         let owned = self.owned.entry(rref).or_default();
-        owned.awaiting_creation = false;
+        if std::mem::take(&mut owned.awaiting_creation) {
+            self.awaiting -= 1;
+        }
         match creator_fork {
             Some(f) if self.tombstones.remove(&f) => return self.maybe_drop(rref),
             Some(f) => {
@@ -270,7 +280,13 @@ impl Ledger {
     /// asked for a fork.
     pub fn admit(&mut self, msg: &Control, from: u32) -> Result<(), LedgerError> {
         match *msg {
-            Control::ForkRequest { fork, .. } => {
+            Control::ForkRequest { rref, fork } => {
+                if !self.owned.contains_key(&rref) && self.awaiting >= MAX_AHEAD {
+                    return Err(violation(format!(
+                        "{MAX_AHEAD} references already wait for their creation; {} refused",
+                        rref.0
+                    )));
+                }
                 self.holders.insert(fork, from);
                 Ok(())
             }
@@ -287,6 +303,12 @@ impl Ledger {
                     return Err(violation(format!(
                         "worker {from} may not delete fork {} of {}",
                         fork.0, rref.0
+                    )));
+                }
+                if !known && self.tombstones.len() >= MAX_AHEAD {
+                    return Err(violation(format!(
+                        "{MAX_AHEAD} deletes of unseen users already wait; {} refused",
+                        fork.0
                     )));
                 }
                 if known {
@@ -313,9 +335,14 @@ impl Ledger {
     /// (a value made elsewhere by `remote()`): it then waits for that creation.
     fn owned_ahead(&mut self, rref: RRefId) -> &mut Owned {
         let me = self.me;
-        self.owned.entry(rref).or_insert_with(|| Owned {
-            awaiting_creation: rref.0.created_on != me,
-            ..Owned::default()
+        let awaiting = &mut self.awaiting;
+        self.owned.entry(rref).or_insert_with(|| {
+            let ahead = rref.0.created_on != me;
+            *awaiting += usize::from(ahead);
+            Owned {
+                awaiting_creation: ahead,
+                ..Owned::default()
+            }
         })
     }
 
@@ -337,7 +364,9 @@ impl Ledger {
         }
         match self.owned.get_mut(&rref) {
             Some(owned) => {
-                owned.awaiting_creation = false;
+                if std::mem::take(&mut owned.awaiting_creation) {
+                    self.awaiting -= 1;
+                }
                 self.maybe_drop(rref)
             }
             None => Vec::new(),

@@ -514,3 +514,29 @@ fn forks_sent_to_a_known_worker_are_theirs() {
     assert!(a.admit(&accept, B).is_ok(), "the child");
     assert!(a.admit(&accept, C).is_ok(), "the owner");
 }
+
+/// Messages about values not created yet, or users never seen, make at most MAX_AHEAD entries.
+#[test]
+fn entries_made_ahead_are_bounded() {
+    let mut c = Ledger::new(C);
+    let id = |n: u64| GlobalId {
+        created_on: A,
+        local_id: n,
+    };
+    for n in 0..MAX_AHEAD as u64 {
+        let request = Control::ForkRequest {
+            rref: RRefId(id(2 * n)),
+            fork: ForkId(id(2 * n + 1)),
+        };
+        c.admit(&request, B).unwrap();
+        c.fork_request(RRefId(id(2 * n)), ForkId(id(2 * n + 1)));
+    }
+    let one_more = Control::ForkRequest {
+        rref: RRefId(id(u64::MAX - 1)),
+        fork: ForkId(id(u64::MAX)),
+    };
+    assert!(c.admit(&one_more, B).is_err());
+    // A creation that arrives makes room again.
+    assert_eq!(c.owner_created(RRefId(id(0)), None), vec![]);
+    assert!(c.admit(&one_more, B).is_ok());
+}
