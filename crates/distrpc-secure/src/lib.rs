@@ -16,23 +16,9 @@
 //! ```
 
 pub mod auth;
+mod secured;
 pub mod tls;
 
 pub use auth::{AuthError, Secret};
+pub use secured::{SecureError, Secured, Security};
 pub use tls::{Tls, TlsError, TlsStream};
-
-/// What protects a group's connections: its secret and its TLS, each if configured.
-#[derive(Clone, Debug, Default)]
-pub struct Security {
-    /// Both ends prove they know this secret ([`auth`]).
-    pub auth: Option<Secret>,
-    /// Mutual TLS with the group CA ([`tls`]); the auth handshake, if any, runs inside it.
-    pub tls: Option<Tls>,
-}
-
-impl Security {
-    /// Whether anything protects the connections.
-    pub fn is_on(&self) -> bool {
-        self.auth.is_some() || self.tls.is_some()
-    }
-}

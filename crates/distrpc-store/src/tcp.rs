@@ -21,12 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::{StoreError, parse_counter};
-use distrpc_secure::{Security, auth};
-
-/// A store connection's stream: TCP, or TLS over it.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Io for T {}
-type Stream = Box<dyn Io>;
+use distrpc_secure::{AuthError, SecureError, Secured, Security};
 
 /// Largest request or response accepted, in bytes.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -277,38 +272,29 @@ impl Drop for TcpStoreServer {
 
 async fn serve_conn(tcp: TcpStream, state: &State, security: &Security) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
-    let mut stream: Stream = match &security.tls {
-        None => Box::new(tcp),
-        Some(tls) => match tokio::time::timeout(AUTH_TIMEOUT, tls.accept(tcp)).await {
-            Ok(Ok(tls)) => Box::new(tls),
-            Ok(Err(e)) => return Err(std::io::Error::other(format!("TLS: {e}"))),
-            Err(_) => {
-                return Err(std::io::Error::other(format!(
-                    "no TLS handshake within {AUTH_TIMEOUT:?}"
-                )));
+    let secured = async {
+        let mut stream = security.accept_tls(tcp).await?;
+        if let Err(e) = security.authenticate(&mut stream).await {
+            if matches!(e, AuthError::NotAuthenticating) {
+                // A client without a token sent a request: tell it why it gets no answer.
+                let why = "this store admits only the group's workers: set the group's auth \
+                           token (DISTRPC_AUTH_TOKEN, DISTRPC_AUTH_TOKEN_FILE or \
+                           RpcOptions::auth_token) on this worker too";
+                let _ = write_message(&mut stream, &Response::Error(why.into())).await;
             }
-        },
-    };
-    if let Some(secret) = &security.auth {
-        match tokio::time::timeout(AUTH_TIMEOUT, auth::accept(&mut stream, secret)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                if matches!(e, auth::AuthError::NotAuthenticating) {
-                    // A client without a token sent a request: tell it why it gets no answer.
-                    let why = "this store admits only the group's workers: set the group's auth \
-                               token (DISTRPC_AUTH_TOKEN, DISTRPC_AUTH_TOKEN_FILE or \
-                               RpcOptions::auth_token) on this worker too";
-                    let _ = write_message(&mut stream, &Response::Error(why.into())).await;
-                }
-                return Err(std::io::Error::other(format!("not authenticated: {e}")));
-            }
-            Err(_) => {
-                return Err(std::io::Error::other(format!(
-                    "not authenticated within {AUTH_TIMEOUT:?}"
-                )));
-            }
+            return Err(SecureError::Auth(e));
         }
-    }
+        Ok(stream)
+    };
+    let mut stream = match tokio::time::timeout(AUTH_TIMEOUT, secured).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(std::io::Error::other(format!("not admitted: {e}"))),
+        Err(_) => {
+            return Err(std::io::Error::other(format!(
+                "not admitted within {AUTH_TIMEOUT:?}"
+            )));
+        }
+    };
     while let Some(req) = read_message::<Request>(&mut stream).await? {
         let resp = state.handle(req).await;
         write_message(&mut stream, &resp).await?;
@@ -320,13 +306,7 @@ async fn serve_conn(tcp: TcpStream, state: &State, security: &Security) -> std::
 #[derive(Debug)]
 pub struct TcpStoreClient {
     addr: SocketAddr,
-    stream: tokio::sync::Mutex<Stream>,
-}
-
-impl std::fmt::Debug for dyn Io {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("store connection")
-    }
+    stream: tokio::sync::Mutex<Secured>,
 }
 
 impl TcpStoreClient {
@@ -343,9 +323,16 @@ impl TcpStoreClient {
             match TcpStream::connect(addr).await {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
-                    let secured = tokio::time::timeout(AUTH_TIMEOUT, secure(tcp, security));
+                    let secured = tokio::time::timeout(AUTH_TIMEOUT, security.dial(tcp));
                     let stream = match secured.await {
-                        Ok(result) => result?,
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(SecureError::Auth(e))) => return Err(StoreError::Auth(e)),
+                        Ok(Err(e)) => {
+                            return Err(StoreError::Io {
+                                addr: addr.to_string(),
+                                source: std::io::Error::other(e),
+                            });
+                        }
                         Err(_) => {
                             return Err(StoreError::Protocol(format!(
                                 "the store at {addr} did not authenticate within {AUTH_TIMEOUT:?}"
@@ -425,22 +412,6 @@ impl TcpStoreClient {
             other => Err(unexpected(other)),
         }
     }
-}
-
-/// A client's connection to the store, secured as `security` says.
-async fn secure(tcp: TcpStream, security: &Security) -> Result<Stream, StoreError> {
-    let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let mut stream: Stream = match &security.tls {
-        None => Box::new(tcp),
-        Some(tls) => Box::new(tls.connect(tcp).await.map_err(|source| StoreError::Io {
-            addr: format!("{addr} (TLS)"),
-            source,
-        })?),
-    };
-    if let Some(secret) = &security.auth {
-        auth::dial(&mut stream, secret).await?;
-    }
-    Ok(stream)
 }
 
 fn unexpected(resp: Response) -> StoreError {

@@ -61,8 +61,7 @@ impl Node {
         } = config;
         let me = group.workers[rank as usize].clone();
         let sockets = crate::transport::SocketOptions {
-            auth: security.auth,
-            tls: security.tls,
+            security,
             queue,
             busy_poll,
             liveness,

@@ -37,9 +37,9 @@ use crate::error::Error;
 use crate::rendezvous::Group;
 use crate::runtime::Tasks;
 use crate::worker::{To, WorkerInfo};
-use distrpc_secure::{Secret, Tls, auth};
+use distrpc_secure::{Secured, Security};
 use reader::{ReadSide, Step};
-use secure::{Stream, dup};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// How long an accepted connection may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,10 +101,8 @@ pub(crate) struct Transport {
     pub(crate) busy_poll: Duration,
     /// The liveness bound (zero: off); see [`SocketOptions`].
     liveness: Duration,
-    /// The group's secret, if connections authenticate.
-    auth: Option<Secret>,
-    /// The group's TLS, if connections use it.
-    tls: Option<Tls>,
+    /// What protects the connections: the group's secret and TLS, if configured.
+    security: Security,
     /// What each connection may hold for its peer.
     queue: QueueBound,
     next_conn: AtomicU64,
@@ -143,8 +141,7 @@ impl Transport {
             limits,
             busy_poll: sockets.busy_poll,
             liveness: sockets.liveness,
-            auth: sockets.auth,
-            tls: sockets.tls,
+            security: sockets.security,
             queue: sockets.queue,
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
@@ -277,9 +274,9 @@ impl Transport {
         let c = conn.clone();
         self.tasks.spawn(async move {
             match tokio::time::timeout(CONNECT_TIMEOUT, transport.dial(addr)).await {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, socket))) => {
                     let frames = FrameReader::new(transport.limits);
-                    transport.start_io(c, stream, frames)
+                    transport.start_io(c, stream, socket, frames)
                 }
                 Ok(Err(e)) => transport.on_closed(&c, ReadEnd::Io(e)),
                 Err(_) => transport.on_closed(
@@ -310,34 +307,17 @@ impl Transport {
     }
 
     /// A connection to `addr`: TLS and authenticated if the group uses them.
-    async fn dial(&self, addr: SocketAddr) -> std::io::Result<Stream> {
+    async fn dial(&self, addr: SocketAddr) -> std::io::Result<(Secured, OwnedFd)> {
         let tcp = TcpStream::connect(addr).await?;
         self.prepare(&tcp);
-        let denied = |e: distrpc_secure::AuthError| {
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-        };
-        match &self.tls {
-            None => {
-                let mut tcp = tcp;
-                if let Some(secret) = &self.auth {
-                    auth::dial(&mut tcp, secret).await.map_err(denied)?;
-                }
-                Ok(Stream::Plain(tcp))
-            }
-            Some(tls) => {
-                let socket = dup(&tcp)?;
-                let mut tls = tls.connect(tcp).await.map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!("TLS with {addr}: {e}"),
-                    )
-                })?;
-                if let Some(secret) = &self.auth {
-                    auth::dial(&mut tls, secret).await.map_err(denied)?;
-                }
-                Ok(Stream::Tls(Box::new(tls), socket))
-            }
-        }
+        let socket = dup(&tcp)?;
+        let secured = self.security.dial(tcp).await.map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("securing the connection to {addr}: {e}"),
+            )
+        })?;
+        Ok((secured, socket))
     }
 
     /// Socket options every connection gets.
@@ -358,8 +338,8 @@ impl Transport {
             _ = self.tasks.cancelled() => return,
             s = tokio::time::timeout(HELLO_TIMEOUT, self.secure_accepted(tcp)) => s,
         };
-        let mut stream = match secured {
-            Ok(Ok(stream)) => stream,
+        let (mut stream, socket) = match secured {
+            Ok(Ok(secured)) => secured,
             Ok(Err(e)) => {
                 tracing::error!(worker = %self.me.name, %addr, error = %e, "connection did not authenticate; closed");
                 return;
@@ -372,7 +352,7 @@ impl Transport {
         let mut reader = FrameReader::new(HELLO_LIMITS);
         let hello = tokio::select! {
             _ = self.tasks.cancelled() => return,
-            h = tokio::time::timeout(HELLO_TIMEOUT, stream.read_frame(&mut reader)) => h,
+            h = tokio::time::timeout(HELLO_TIMEOUT, reader.next_from(&mut stream)) => h,
         };
         let Some(rank) = self.admit_hello(hello, addr) else {
             return;
@@ -395,32 +375,22 @@ impl Transport {
             }
         }
         lock(&self.conns).insert(conn.id, conn.clone());
-        self.start_io(conn, stream, reader);
+        self.start_io(conn, stream, socket, reader);
     }
 
     /// TLS and the auth handshake on an accepted connection, as the group uses them.
-    async fn secure_accepted(&self, tcp: TcpStream) -> Result<Stream, String> {
-        match &self.tls {
-            None => {
-                let mut tcp = tcp;
-                if let Some(secret) = &self.auth {
-                    auth::accept(&mut tcp, secret)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(Stream::Plain(tcp))
-            }
-            Some(tls) => {
-                let socket = dup(&tcp).map_err(|e| e.to_string())?;
-                let mut tls = tls.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
-                if let Some(secret) = &self.auth {
-                    auth::accept(&mut tls, secret)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(Stream::Tls(Box::new(tls), socket))
-            }
-        }
+    async fn secure_accepted(&self, tcp: TcpStream) -> Result<(Secured, OwnedFd), String> {
+        let socket = dup(&tcp).map_err(|e| e.to_string())?;
+        let mut secured = self
+            .security
+            .accept_tls(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.security
+            .authenticate(&mut secured)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((secured, socket))
     }
 
     /// The rank a hello names, if it is a worker of the group (else logged; `None`).
@@ -467,14 +437,19 @@ impl Transport {
         }
     }
 
-    /// Starts the reader and the writer of a connection.
-    fn start_io(self: &Arc<Self>, conn: Arc<Connection>, stream: Stream, frames: FrameReader) {
+    /// Starts the reader and the writer of a connection (`socket`: a handle on its socket,
+    /// for [`Connection::abort`]).
+    fn start_io(
+        self: &Arc<Self>,
+        conn: Arc<Connection>,
+        stream: Secured,
+        socket: OwnedFd,
+        frames: FrameReader,
+    ) {
         let (transport, c) = (self.clone(), conn.clone());
+        conn.set_socket(socket);
         match stream {
-            Stream::Plain(tcp) => {
-                if let Ok(socket) = dup(&tcp) {
-                    conn.set_socket(socket);
-                }
+            Secured::Plain(tcp) => {
                 let (r, w) = tcp.into_split();
                 let read = ReadSide::new(r, frames);
                 let _ = conn.read.set(read.clone());
@@ -488,8 +463,7 @@ impl Transport {
                 );
                 self.spawn_reader(conn, read);
             }
-            Stream::Tls(tls, socket) => {
-                conn.set_socket(socket);
+            Secured::Tls(tls) => {
                 let (r, w) = tokio::io::split(*tls);
                 self.writers.spawn_on(
                     async move {
@@ -651,10 +625,8 @@ impl Transport {
 /// How a worker's sockets behave.
 #[derive(Clone, Debug)]
 pub(crate) struct SocketOptions {
-    /// The group's secret: both ends of every connection prove they know it first.
-    pub(crate) auth: Option<Secret>,
-    /// Mutual TLS on every connection, if configured.
-    pub(crate) tls: Option<Tls>,
+    /// The group's secret and TLS: every connection is secured as they say.
+    pub(crate) security: Security,
     /// What each connection may hold for its peer.
     pub(crate) queue: QueueBound,
     /// How long reader tasks and blocked callers spin before sleeping (the latency option).
@@ -662,6 +634,11 @@ pub(crate) struct SocketOptions {
     /// The liveness bound (zero: off): a peer that stops answering at the TCP level is
     /// dropped within about this long.
     pub(crate) liveness: Duration,
+}
+
+/// A second handle on `tcp`'s socket.
+fn dup(tcp: &TcpStream) -> std::io::Result<OwnedFd> {
+    tcp.as_fd().try_clone_to_owned()
 }
 
 /// Makes the kernel watch a connection: once it is idle for half of `bound`, keepalive probes

@@ -1,5 +1,5 @@
-//! Connections over TLS: the stream a dial or an accept gives ([`Stream`]), and the reader
-//! task of a TLS connection.
+//! Connections over TLS: the reader task of a TLS connection (a dial or an accept is secured
+//! by [`distrpc_secure::Security`]).
 //!
 //! A plain connection's fast path reads and writes the socket directly, from whichever thread
 //! is there (a blocked caller claims the reading, a sender writes when the socket is idle). A
@@ -12,40 +12,15 @@
 //!  TLS:   socket ─► rustls ─► reader task ─► frames          senders ─► queue ─► writer ─► rustls ─► socket
 //! ```
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use distrpc_wire::Frame;
 use tokio::io::ReadHalf;
-use tokio::net::TcpStream;
 
 use super::reader::{FrameReader, ReadEnd};
 use super::{Connection, Transport};
 
 use distrpc_secure::TlsStream;
-
-/// A connection's stream once dialed or accepted (and secured, as the group asks).
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    /// A TLS stream, and a handle on its socket (to shut it down from outside).
-    Tls(Box<TlsStream>, OwnedFd),
-}
-
-impl Stream {
-    /// The next frame (the hello), read before the stream is split.
-    pub(crate) async fn read_frame(&mut self, frames: &mut FrameReader) -> Result<Frame, ReadEnd> {
-        match self {
-            Stream::Plain(tcp) => frames.next_from(tcp).await,
-            Stream::Tls(tls, _) => frames.next_from(&mut **tls).await,
-        }
-    }
-}
-
-/// A second handle on `tcp`'s socket.
-pub(crate) fn dup(tcp: &TcpStream) -> std::io::Result<OwnedFd> {
-    tcp.as_fd().try_clone_to_owned()
-}
 
 /// A TLS connection's read half and frame reader, shared by its reader task and the one that
 /// takes over if a handler run inline blocks.
