@@ -103,7 +103,7 @@ impl Agent {
 
 /// Waits for `fut` with the interpreter lock released, in slices, looking for signals in
 /// between: Ctrl-C interrupts the wait (the call itself goes on; its late reply is dropped).
-fn wait(py: Python<'_>, mut fut: distrpc::RpcFuture<RawReply>) -> PyResult<RawReply> {
+pub(crate) fn wait(py: Python<'_>, mut fut: distrpc::RpcFuture<RawReply>) -> PyResult<RawReply> {
     loop {
         match py.detach(|| fut.wait_timeout(SIGNAL_SLICE)) {
             Ok(result) => return result.map_err(error),

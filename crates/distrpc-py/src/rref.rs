@@ -6,7 +6,8 @@ use pyo3::types::PyBytes;
 
 use crate::buffers::{Loan, Pickled};
 use crate::value::PyValue;
-use crate::{error, pickled, seconds, unpickled};
+use crate::waits::sending;
+use crate::{error, pickled, seconds, unpickled, wait};
 
 /// A remote reference, as Python sees it (`distrpc.rpc.RRef` wraps it).
 #[pyclass(frozen)]
@@ -36,10 +37,8 @@ impl PyRRef {
     #[pyo3(signature = (timeout=None))]
     fn to_here(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Pickled> {
         let timeout = seconds(timeout)?;
-        let reply = py
-            .detach(|| self.rref.to_here_raw(timeout))
-            .map_err(error)?;
-        unpickled(py, reply)
+        let fut = sending(py, || self.rref.to_here_raw_future(timeout));
+        unpickled(py, wait(py, fut)?)
     }
 
     /// The object itself, on its owner.
@@ -59,10 +58,8 @@ impl PyRRef {
         timeout: Option<f64>,
     ) -> PyResult<Pickled> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let reply = py
-            .detach(|| self.rref.rpc_sync_raw(call, timeout))
-            .map_err(error)?;
-        unpickled(py, reply)
+        let fut = sending(py, || self.rref.rpc_sync_raw_future(call, timeout));
+        unpickled(py, wait(py, fut)?)
     }
 
     /// Runs the pickled call on the owner with the object as its subject, keeping the result
@@ -78,7 +75,7 @@ impl PyRRef {
     ) -> PyResult<PyRRef> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         Ok(PyRRef {
-            rref: crate::waits::sending(py, || self.rref.remote_raw(call, timeout)),
+            rref: sending(py, || self.rref.remote_raw(call, timeout)),
         })
     }
 

@@ -364,13 +364,29 @@ def rpc_sync(
     ``func`` may also be a name: the function registered under it on ``to`` — a Rust
     ``#[distrpc::function]`` or a Python ``@distrpc.function(name=...)`` — called with
     ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
+    return _dispatch("sync", _sync, to, func, args, kwargs, timeout)
+
+
+def _dispatch(
+    kind: str,
+    call: Callable[..., Any],
+    to: str | int | WorkerInfo,
+    func: Callable[..., Any] | str,
+    args: tuple | None,
+    kwargs: dict | None,
+    timeout: float,
+) -> Any:
+    """``call(state, dst, rank, func, args, kwargs, timeout, recording)`` for destination
+    ``to``, recorded as a ``kind`` call ("sync", "async") while torch's profiler is on."""
     state = _require()
     dst = _to_name(to)
     rank = _rank_of(dst)
-    if _profiler.active():
-        with _profiler.profiled("sync", func, state.me.name, dst, rank) as recording:
-            return _sync(state, dst, rank, func, args, kwargs, timeout, recording)
-    return _sync(state, dst, rank, func, args, kwargs, timeout, None)
+    if not _profiler.active():
+        return call(state, dst, rank, func, args, kwargs, timeout, None)
+    with _profiler.profiled(kind, func, state.me.name, dst, rank) as recording:
+        out = call(state, dst, rank, func, args, kwargs, timeout, recording)
+        # An rpc_async's event ends when its future completes, as torch's does.
+        return recording.until(out) if kind == "async" and recording is not None else out
 
 
 def _pickled_call(
@@ -425,15 +441,7 @@ def rpc_async(
     """Like :func:`rpc_sync`, without waiting: returns a future — ``torch.futures.Future`` when
     the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API). ``func``
     may be a name, as for :func:`rpc_sync`."""
-    state = _require()
-    dst = _to_name(to)
-    rank = _rank_of(dst)
-    if _profiler.active():
-        with _profiler.profiled("async", func, state.me.name, dst, rank) as recording:
-            fut = _async(state, dst, rank, func, args, kwargs, timeout, recording)
-            # The call's event ends when its future completes, as torch's does.
-            return recording.until(fut) if recording is not None else fut
-    return _async(state, dst, rank, func, args, kwargs, timeout, None)
+    return _dispatch("async", _async, to, func, args, kwargs, timeout)
 
 
 def _async(

@@ -16,11 +16,17 @@ impl<T> RRef<T> {
     /// A copy of the value as its owner encodes it (for a front's value, its `Value::encode`),
     /// within `timeout` (`None`: the default).
     pub fn to_here_raw(&self, timeout: Option<Duration>) -> Result<RawReply, Error> {
+        self.to_here_raw_future(timeout).wait()
+    }
+
+    /// [`RRef::to_here_raw`] as a future that the calling thread is about to wait on (as
+    /// [`Rpc::rpc_sync_raw_future`](crate::Rpc::rpc_sync_raw_future)): the waiting thread
+    /// reads its own reply.
+    pub fn to_here_raw_future(&self, timeout: Option<Duration>) -> RpcFuture<RawReply> {
         let service = &self.inner.service;
         let timeout = timeout.unwrap_or_else(|| service.client.default_timeout());
         let (owner, id) = (self.inner.owner, self.inner.id);
         self.guarded(|| super::remote::fetch_raw(service, owner, id, timeout, Delivery::Blocking))
-            .wait()
     }
 
     /// Runs `call` on the owner with the value as its subject (`rref.rpc_sync().method()`):
@@ -30,7 +36,17 @@ impl<T> RRef<T> {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> Result<RawReply, Error> {
-        self.method_raw(call, timeout, Delivery::Blocking).wait()
+        self.rpc_sync_raw_future(call, timeout).wait()
+    }
+
+    /// [`RRef::rpc_sync_raw`] as a future that the calling thread is about to wait on (see
+    /// [`RRef::to_here_raw_future`]).
+    pub fn rpc_sync_raw_future(
+        &self,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<RawReply> {
+        self.method_raw(call, timeout, Delivery::Blocking)
     }
 
     /// [`RRef::rpc_sync_raw`] without waiting.

@@ -494,13 +494,8 @@ impl Transport {
             let spin = transport.busy_poll;
             let mut idle_since: Option<std::time::Instant> = None;
             let end = loop {
-                // With as many of the peer's calls unanswered as it takes, the connection is
-                // not read: TCP pushes back on the peer.
-                if conn.calls_full() {
-                    tokio::select! {
-                        _ = transport.tasks.cancelled() => break ReadEnd::Closed,
-                        () = conn.room_for_calls() => {}
-                    }
+                if !transport.room_for_calls(&conn).await {
+                    break ReadEnd::Closed;
                 }
                 match read.step(false) {
                     Step::Frame(frame) => {
@@ -542,6 +537,18 @@ impl Transport {
     /// One frame from `conn`'s peer.
     fn on_frame(&self, conn: &Arc<Connection>, frame: Frame) -> Result<(), String> {
         self.deliver(Source::Peer(conn.clone()), conn.peer, frame)
+    }
+
+    /// Waits while `conn` holds as many of its peer's calls as it takes — the connection is
+    /// not read meanwhile, so TCP pushes back on the peer; `false` if the worker stops first.
+    async fn room_for_calls(&self, conn: &Connection) -> bool {
+        if !conn.calls_full() {
+            return true;
+        }
+        tokio::select! {
+            _ = self.tasks.cancelled() => false,
+            () = conn.room_for_calls() => true,
+        }
     }
 
     /// A frame a reader task read: handled in the task's frame, handing reading to a new task

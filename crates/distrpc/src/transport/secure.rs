@@ -39,11 +39,8 @@ impl Transport {
                 })
             };
             let end = loop {
-                if conn.calls_full() {
-                    tokio::select! {
-                        _ = transport.tasks.cancelled() => break ReadEnd::Closed,
-                        () = conn.room_for_calls() => {}
-                    }
+                if !transport.room_for_calls(&conn).await {
+                    break ReadEnd::Closed;
                 }
                 let next = {
                     let mut guard = reading.lock().await;
