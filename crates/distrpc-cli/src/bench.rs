@@ -517,10 +517,7 @@ fn tls(scale: Scale) -> anyhow::Result<()> {
         xs.sort_by(f64::total_cmp);
         xs.get(xs.len() / 2).copied()
     };
-    let mut keys: Vec<&String> = figures.iter().map(|f| &f.1).collect();
-    keys.dedup();
-    keys.sort();
-    keys.dedup();
+    let keys: std::collections::BTreeSet<&String> = figures.iter().map(|f| &f.1).collect();
     for key in keys {
         if let (Some(tls), Some(plain)) = (median(true, key), median(false, key)) {
             println!(
