@@ -22,7 +22,7 @@ import traceback
 import types
 from typing import Any, Callable, NamedTuple
 
-from . import _profiler
+from . import _autograd, _profiler
 
 #: A buffer as Rust takes it or gives it back: ``(address, length, owner)``.
 Buffer = tuple[int, int, Any]
@@ -70,8 +70,18 @@ def _view(buffer: Buffer) -> Any:
     return view
 
 
-def _rebuild_tensor(buffer: Any, dtype: str, shape: tuple, requires_grad: bool) -> Any:
-    """A torch tensor over ``buffer`` (a view of the receive buffer: no copy)."""
+def _rebuild_tensor(
+    buffer: Any,
+    dtype: str,
+    shape: tuple,
+    requires_grad: bool,
+    grad_index: int | None = None,
+    parameter: bool = False,
+) -> Any:
+    """A torch tensor over ``buffer`` (a view of the receive buffer: no copy). A tensor sent in
+    a distributed autograd context has its ``grad_index`` there: it is received through the
+    context (:func:`distrpc._autograd.received`). An ``nn.Parameter`` comes back as one (a
+    leaf, as torch's own pickling makes it)."""
     import torch
 
     kind = getattr(torch, dtype)
@@ -83,6 +93,10 @@ def _rebuild_tensor(buffer: Any, dtype: str, shape: tuple, requires_grad: bool) 
         tensor = torch.frombuffer(buffer, dtype=kind)
         if len(shape) != 1:
             tensor = tensor.reshape(shape)
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    if grad_index is not None:
+        return _autograd.received(tensor, grad_index)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
@@ -117,13 +131,20 @@ def _dtype_name(tensor: Any) -> str:
 
 def _reduce_tensor(tensor: Any) -> tuple:
     """A CPU torch tensor's bytes out of band (torch's ``_tensor_reducer``), as an array's are:
-    lent from the tensor's own memory."""
+    lent from the tensor's own memory; recorded as sent when the message is one of a
+    distributed autograd context and the tensor requires grad."""
     import torch
 
     if tensor.layout != torch.strided or tensor.is_quantized:
         return tensor.__reduce_ex__(5)  # torch's own pickling, in band
     raw = pickle.PickleBuffer(_tensor_bytes(tensor))
-    return (_rebuild_tensor, (raw, _dtype_name(tensor), tuple(tensor.shape), tensor.requires_grad))
+    parameter = type(tensor) is torch.nn.Parameter
+    index = None if parameter else _autograd.sent_index(tensor)
+    shape = tuple(tensor.shape)
+    return (
+        _rebuild_tensor,
+        (raw, _dtype_name(tensor), shape, tensor.requires_grad, index, parameter),
+    )
 
 
 def _script_function(module: str, name: str) -> Any:
@@ -262,19 +283,37 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     for): the pickle, and the buffers taken out of band. Fails before anything is sent if
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
-    if _default_pickler is _internal_rpc_pickler and _plain(obj):
+    ctx = _autograd.current()
+    if ctx is None and _default_pickler is _internal_rpc_pickler and _plain(obj):
         return pickle.dumps(_wire(obj), protocol=5), []
     previous, _encoding.to = getattr(_encoding, "to", None), to
     try:
-        return _default_pickler.serialize(_wire(obj))
+        if ctx is None:
+            return _default_pickler.serialize(_wire(obj))
+        # Sent in a distributed autograd context: its tensors that require grad are recorded.
+        with _autograd.sending(ctx, to, _wire(obj)) as message:
+            return _default_pickler.serialize(message)
     finally:
         _encoding.to = previous
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
     """Unpickles what :func:`serialize` made on worker ``sender``, arrays over the received
-    buffers."""
-    return _default_pickler.deserialize(data, buffers, sender)
+    buffers. What was sent in a distributed autograd context joins it
+    (:func:`received_context` tells which)."""
+    with _autograd.decoding(sender):
+        obj = _default_pickler.deserialize(data, buffers, sender)
+    if type(obj) is _autograd.Message:
+        _decoding.context = obj.meta
+        return obj.body
+    _decoding.context = None
+    return obj
+
+
+def received_context() -> Any:
+    """The distributed autograd context of what the last :func:`deserialize` on this thread
+    unpickled, if it came in one."""
+    return getattr(_decoding, "context", None)
 
 
 def received_rrefs() -> list:
@@ -338,23 +377,39 @@ def run_udf(
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
-        if isinstance(udf, _profiler.RemoteProfile):
-            events: list = []
-            unprofiled = answer
+        ctx = received_context()
+        if ctx is not None:
+            # Sent in a distributed autograd context: the function runs in it, and its result
+            # goes back in it, from whichever thread answers.
+            answer = _autograd_answer(ctx, answer)
+        with _autograd.running(ctx):
+            if isinstance(udf, _profiler.RemoteProfile):
+                events: list = []
+                unprofiled = answer
 
-            def answer(value: Any) -> None:
-                unprofiled(_profiler.ProfiledResult(value, events))
+                def answer(value: Any) -> None:
+                    unprofiled(_profiler.ProfiledResult(value, events))
 
-            with _profiler.run_profiled(udf, events):
-                done, result = _invoke(udf.udf, this, worker_info, answer)
-        else:
-            done, result = _invoke(udf, this, worker_info, answer)
+                with _profiler.run_profiled(udf, events):
+                    done, result = _invoke(udf.udf, this, worker_info, answer)
+            else:
+                done, result = _invoke(udf, this, worker_info, answer)
         udf = None  # the arguments go before the answer (see above)
         if not done:
             return
     except Exception as e:
         result = _failure(e, worker_info)
     answer(result)
+
+
+def _autograd_answer(ctx: Any, answer: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``answer``, pickling the result in the autograd context ``ctx``."""
+
+    def in_context(value: Any) -> None:
+        with _autograd.running(ctx):
+            answer(value)
+
+    return in_context
 
 
 def _invoke(

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from .. import _internal, _named, _profiler
+from .. import _autograd, _internal, _named, _profiler
 from ..futures import Future
 from . import _pool, _state
 from .rref import RRef
@@ -269,6 +269,7 @@ def init_rpc(
             agent = _join_through_torchrun(name, rank, world_size, *args)
         else:
             agent = Agent.bind(name, rank, world_size, options.init_method, *args).join()
+        _autograd.init(rank)
         _state.current = _State(agent, options.num_worker_threads)
     _profiler.install()
 
@@ -519,8 +520,10 @@ class _Agent:
         return {k: str(v) for k, v in self._state.agent.metrics().items() if k.startswith("agent.")}
 
     def get_debug_info(self) -> dict:
-        """Metrics and reference counts, as strings like torch's."""
-        return {k: str(v) for k, v in self._state.agent.metrics().items()}
+        """Metrics, reference counts and distributed autograd's counts, as strings like
+        torch's."""
+        info = {**self._state.agent.metrics(), **_autograd.debug_info()}
+        return {k: str(v) for k, v in info.items()}
 
 
 def _get_current_rpc_agent() -> _Agent:

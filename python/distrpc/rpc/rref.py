@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Generic, TypeVar
 
-from .. import _internal
+from .. import _autograd, _internal
 from ..futures import Future
 from . import _pool, _state
 from .worker import WorkerInfo
@@ -81,7 +81,15 @@ class RRef(Generic[T]):
         return _internal._handle_exception(self._handle.local_value())
 
     def to_here(self, timeout: float = -1) -> T:
-        """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default)."""
+        """A copy of the value, fetched from the owner (``timeout`` in seconds, -1: default).
+        On the owner, the value itself (as torch's). Inside a distributed autograd context
+        the fetch is recorded there, as torch's is: the gradient of a tensor fetched goes back
+        to the owner's graph."""
+        if self.is_owner():
+            return self.local_value()
+        if _autograd.current() is not None:
+            udf = _internal.PythonUDF(_value, (), {})
+            return call_with(self, "sync", udf, f"{self.owner_name()}.to_here", timeout)
         payload, buffers = _pool.waiting(self._handle.to_here, _state.timeout(timeout))
         owner = self._handle.owner()[0]
         return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
@@ -124,6 +132,24 @@ class RRef(Generic[T]):
         new ``RRef``."""
         return _Proxy(self, "remote", timeout)
 
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Runs backward from the value (a tensor), on its owner: a local backward into
+        ``.grad`` with ``dist_autograd_ctx_id`` -1, else the distributed pass of that
+        context (``distrpc.autograd.backward``), which the owner must have joined.
+
+        Example::
+
+            with distrpc.autograd.context() as context_id:
+                loss_rref = rpc.remote("worker1", compute_loss, args=(x,))
+                loss_rref.backward(context_id)
+        """
+        if self.is_owner():
+            _backward(self.local_value(), dist_autograd_ctx_id, retain_graph)
+            return
+        udf = _internal.PythonUDF(_backward, (dist_autograd_ctx_id, retain_graph), {})
+        with _autograd.running(None):  # the request itself is no part of the context's graph
+            call_with(self, "sync", udf, f"{self.owner_name()}.backward", -1)
+
     def __reduce__(self) -> Any:
         # Inside an RPC the pickler forks the reference instead (distrpc._internal).
         raise RuntimeError("RRef pickling is only allowed inside RPC calls.")
@@ -132,11 +158,36 @@ class RRef(Generic[T]):
         return repr(self._handle)
 
 
+def _value(obj: Any) -> Any:
+    """Runs on the owner: the referenced object itself (``to_here`` in an autograd context)."""
+    return _internal._handle_exception(obj)
+
+
+def _backward(value: Any, context_id: int, retain_graph: bool) -> None:
+    """Runs on the owner: ``RRef.backward`` from ``value``."""
+    value = _internal._handle_exception(value)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            f"RRef should contain a tensor for .backward(), this one holds {type(value).__name__}"
+        )
+    if context_id == -1:
+        value.backward(retain_graph=retain_graph)
+    else:
+        _autograd.engine().backward(context_id, [value], retain_graph=retain_graph)
+
+
 def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeout: float) -> Any:
     """A proxy's call: ``method`` of the referenced object, run on its owner."""
-    state = _state.require()
     udf = _internal.PythonUDF(_invoke_method, (method, args, kwargs), {})
-    name, handle = f"{rref.owner_name()}.{method}", rref._handle
+    return call_with(rref, kind, udf, f"{rref.owner_name()}.{method}", timeout)
+
+
+def call_with(rref: RRef, kind: str, udf: Any, name: str, timeout: float) -> Any:
+    """``udf`` run on ``rref``'s owner with the referenced object as its first argument: its
+    result (``kind`` "sync"), a future of it ("async"), or a reference to it ("remote")."""
+    state = _state.require()
+    handle = rref._handle
     owner = handle.owner()[0]
     payload, buffers = _internal.serialize(udf, owner)
     if kind == "sync":

@@ -1,0 +1,373 @@
+"""What distributed autograd records on each worker (torch's ``DistAutogradContainer`` and its
+send/receive functions, FAST mode): the contexts this worker created or joined, and how a call
+made inside one ties the graphs of its two ends together. The passes that carry gradients back
+are in :mod:`distrpc.autograd`; this module makes no call of its own.
+
+A call pickled while the thread runs in a context travels as ``Message(meta, body)``: the meta
+goes first in the pickle, so that when the receiver rebuilds it — joining the context, learning
+the message — every tensor unpickled after it knows where its gradient must go::
+
+    worker0 (context 7)                              worker1
+    rpc_sync(w1, f, (x,))
+      Message(Meta(7, m1), (f, (x,), {}))  ──────►  joins 7; x' = Recv[w0, m1, 0](x)
+      sends[m1] = [x]                               y = f(x')  (under context 7)
+                         ◄──────────────────────  Message(Meta(7, m2), y); sends[m2] = [y]
+      y' = Recv[w1, m2, 0](y)
+
+    backward(7, [loss(y')])
+      local pass reaches Recv[w1, m2, 0] ───grad──►  pass from sends[m2] reaches Recv[w0, m1, 0]
+      pass from sends[m1]: grads of x's graph ◄grad─┘
+      into context 7, never into .grad
+
+Each tensor that requires grad in a message gets an index (its order in the pickle): a
+received tensor becomes the output of a ``Recv`` node that remembers ``(sender, message,
+index)``; its backward hands the gradient to the pass running on its thread, which sends it to
+``sender`` when the local graph is done. A sent tensor is kept in ``sends[message]`` until the
+context is released.
+
+Example (what the front does for a call; ``distrpc.autograd.context`` makes the context)::
+
+    with running(ctx):
+        payload, buffers = _internal.serialize(udf, to)   # a Message, its tensors recorded
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+_local = threading.local()
+_lock = threading.Lock()
+_contexts: dict[int, Context] = {}
+#: Ids of contexts released here lately: a late message naming one does not bring it back.
+_released: collections.deque[int] = collections.deque(maxlen=4096)
+_released_set: set[int] = set()
+_rank = 0
+_next_context = itertools.count()
+_next_message = itertools.count()
+#: Ids carry the worker that made them in their top 16 bits, as torch's do.
+ID_BITS = 48
+
+
+class Context:
+    """One distributed autograd context on this worker: the workers it reached (to release it
+    there too), the tensors its messages sent (where gradients coming back start), and the
+    gradients accumulated for this worker's leaves."""
+
+    def __init__(self, context_id: int, registered: bool = True) -> None:
+        self.id = context_id
+        self.registered = registered
+        self.lock = threading.Lock()
+        self.known: set[int] = set()
+        self.sends: dict[int, list[Any]] = {}
+        self.grads: dict[Any, Any] = {}
+        self.passes = 0
+
+    def sent(self, message: int, tensor: Any) -> int:
+        """Records ``tensor`` as sent in ``message``: its index there."""
+        with self.lock:
+            tensors = self.sends.setdefault(message, [])
+            tensors.append(tensor)
+            return len(tensors) - 1
+
+    def sent_tensors(self, message: int) -> list[Any]:
+        """The tensors ``message`` sent (an error if this worker sent no such message)."""
+        with self.lock:
+            tensors = self.sends.get(message)
+        if tensors is None:
+            raise RuntimeError(
+                f"autograd context {self.id} on worker {_rank} sent no message {message} "
+                "with tensors that require grad"
+            )
+        return tensors
+
+    def has_sends(self) -> bool:
+        """Whether a message of this context sent tensors from here (a gradient may come
+        back through them and run this worker's graph again)."""
+        with self.lock:
+            return bool(self.sends)
+
+    def accumulate(self, leaves: list[Any], grads: tuple) -> None:
+        """Adds ``grads`` (one per leaf, ``None`` where it had none) into the context."""
+        with self.lock:
+            for leaf, grad in zip(leaves, grads):
+                if grad is None or leaf is _dummy_leaf:
+                    continue
+                held = self.grads.get(leaf)
+                self.grads[leaf] = grad if held is None else held + grad
+
+    def gradients(self) -> dict[Any, Any]:
+        """The gradients accumulated here, ``{tensor: grad}``."""
+        with self.lock:
+            return dict(self.grads)
+
+    def reached(self, worker: int) -> None:
+        """Notes that a message of this context went to or came from ``worker``."""
+        if worker != _rank:
+            with self.lock:
+                self.known.add(worker)
+
+    def workers(self) -> set[int]:
+        """The workers messages of this context went to or came from."""
+        with self.lock:
+            return set(self.known)
+
+    @contextlib.contextmanager
+    def backward_pass(self) -> Iterator[None]:
+        """Counts a backward pass running here (``num_current_backward_passes``)."""
+        with self.lock:
+            self.passes += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.passes -= 1
+
+    def __repr__(self) -> str:
+        return f"autograd context {self.id}"
+
+
+def init(rank: int) -> None:
+    """Makes this worker's context and message ids carry ``rank`` (``init_rpc`` calls it)."""
+    global _rank
+    _rank = rank
+
+
+def new_context() -> Context:
+    """A new context made here, registered."""
+    ctx = Context((_rank << ID_BITS) | next(_next_context))
+    with _lock:
+        _contexts[ctx.id] = ctx
+    return ctx
+
+
+def context(context_id: int) -> Context | None:
+    """The context ``context_id`` on this worker, if it is here."""
+    with _lock:
+        return _contexts.get(context_id)
+
+
+def join(context_id: int, worker: int) -> Context:
+    """The context ``context_id``, made here if ``worker``'s message is the first to bring it;
+    a context released here lately comes back unregistered (what it records goes with it)."""
+    with _lock:
+        ctx = _contexts.get(context_id)
+        if ctx is None:
+            ctx = Context(context_id, registered=context_id not in _released_set)
+            if ctx.registered:
+                _contexts[context_id] = ctx
+    ctx.reached(worker)
+    return ctx
+
+
+def release(context_id: int) -> Context | None:
+    """Forgets the context ``context_id`` here; the context, if it was here."""
+    with _lock:
+        ctx = _contexts.pop(context_id, None)
+        if context_id not in _released_set:
+            if len(_released) == _released.maxlen:
+                _released_set.discard(_released[0])
+            _released.append(context_id)
+            _released_set.add(context_id)
+    return ctx
+
+
+def debug_info() -> dict[str, int]:
+    """torch's distributed autograd debug keys."""
+    with _lock:
+        contexts = list(_contexts.values())
+    return {
+        "num_autograd_contexts": len(contexts),
+        "num_current_backward_passes": sum(1 for c in contexts if c.passes),
+    }
+
+
+def current() -> Context | None:
+    """The context this thread runs in, if any."""
+    return getattr(_local, "context", None)
+
+
+@contextlib.contextmanager
+def running(ctx: Context | None) -> Iterator[None]:
+    """Runs the block in ``ctx`` (none with ``None``): what it sends is recorded there."""
+    previous = getattr(_local, "context", None)
+    _local.context = ctx
+    try:
+        yield
+    finally:
+        _local.context = previous
+
+
+class Meta:
+    """The head of a message sent in a context: its context and message ids. Unpickled first,
+    it joins the receiver to the context (see the module docs)."""
+
+    __slots__ = ("context_id", "message_id")
+
+    def __init__(self, context_id: int, message_id: int) -> None:
+        self.context_id, self.message_id = context_id, message_id
+
+    def __reduce__(self) -> Any:
+        return (_receive, (self.context_id, self.message_id))
+
+
+class Message(NamedTuple):
+    """A call or result sent in a context: ``meta`` a :class:`Meta` when sent, the receiver's
+    :class:`Context` once unpickled; ``body`` what was sent."""
+
+    meta: Any
+    body: Any
+
+
+class _Sending(NamedTuple):
+    ctx: Context
+    message: int
+
+
+@contextlib.contextmanager
+def sending(ctx: Context, to: int | None, body: Any) -> Iterator[Message]:
+    """The message to pickle for ``body`` sent to ``to`` in ``ctx``; while the block pickles it,
+    tensors that require grad are recorded as sent (:func:`sent_index`)."""
+    message = (_rank << ID_BITS) | next(_next_message)
+    if to is not None:
+        ctx.reached(to)
+    previous = getattr(_local, "sending", None)
+    _local.sending = _Sending(ctx, message)
+    try:
+        yield Message(Meta(ctx.id, message), body)
+    finally:
+        _local.sending = previous
+
+
+def sent_index(tensor: Any) -> int | None:
+    """While a message is pickled: ``tensor``'s index among the message's tensors that require
+    grad, recorded as sent; ``None`` when it does not require grad or no message is pickled."""
+    out = getattr(_local, "sending", None)
+    if out is None or not tensor.requires_grad:
+        return None
+    return out.ctx.sent(out.message, tensor)
+
+
+class _Receiving(NamedTuple):
+    ctx: Context
+    sender: int
+    message: int
+
+
+@contextlib.contextmanager
+def decoding(sender: int | None) -> Iterator[None]:
+    """Unpickles a message from worker ``sender``: a :class:`Meta` in it joins its context."""
+    previous = getattr(_local, "decode", None)
+    _local.decode = (sender, None)
+    try:
+        yield
+    finally:
+        _local.decode = previous
+
+
+def _receive(context_id: int, message_id: int) -> Context:
+    """A :class:`Meta`, unpickled: joins the context; the tensors that follow are received
+    through it."""
+    decode = getattr(_local, "decode", None)
+    if decode is None or decode[0] is None:
+        raise RuntimeError("an autograd message can be unpickled only as part of an RPC")
+    sender = decode[0]
+    ctx = join(context_id, sender)
+    _local.decode = (sender, _Receiving(ctx, sender, message_id))
+    return ctx
+
+
+class Edge(NamedTuple):
+    """Where the gradient of a received tensor goes: tensor ``index`` of ``message`` from
+    ``sender``, in context ``ctx``."""
+
+    ctx: Context
+    sender: int
+    message: int
+    index: int
+
+
+def received(tensor: Any, index: int) -> Any:
+    """``tensor``, received as tensor ``index`` of the message being unpickled: the output of a
+    ``Recv`` node whose gradient goes back to the sender; outside a context's message, a leaf
+    that requires grad (torch's behaviour)."""
+    decode = getattr(_local, "decode", None)
+    into = None if decode is None else decode[1]
+    if into is None:
+        return tensor.requires_grad_(True)
+    edge = Edge(into.ctx, into.sender, into.message, index)
+    return _recv_function().apply(_dummy(), tensor, edge)
+
+
+#: Every ``Recv`` node takes this empty leaf as an input: a pass asks for its gradient, so the
+#: engine runs the ``Recv`` nodes it reaches (they are excluded from what accumulates).
+_dummy_leaf: Any = None
+_recv: Any = None
+
+
+def _dummy() -> Any:
+    global _dummy_leaf
+    if _dummy_leaf is None:
+        _dummy_leaf = sys.modules["torch"].empty(0, requires_grad=True)
+    return _dummy_leaf
+
+
+def is_dummy(tensor: Any) -> bool:
+    """Whether ``tensor`` is the leaf every ``Recv`` node hangs from."""
+    return tensor is _dummy_leaf
+
+
+@contextlib.contextmanager
+def collecting(outbox: list) -> Iterator[None]:
+    """A backward pass on this thread: the gradients its ``Recv`` nodes produce go into
+    ``outbox`` as ``(edge, grad)``."""
+    previous = getattr(_local, "outbox", None)
+    _local.outbox = outbox
+    try:
+        yield
+    finally:
+        _local.outbox = previous
+
+
+def _recv_function() -> Any:
+    """torch's ``RecvRpcBackward``, as a ``torch.autograd.Function`` (made once torch is
+    there)."""
+    global _recv
+    if _recv is not None:
+        return _recv
+    torch = sys.modules["torch"]
+
+    class RecvRpcBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, dummy: Any, tensor: Any, edge: Edge) -> Any:
+            ctx.edge = edge
+            # A new tensor over the same memory, not a view: the program may change it in
+            # place, as any received tensor.
+            return tensor.detach()
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            outbox = getattr(_local, "outbox", None)
+            if outbox is None:
+                raise RuntimeError(
+                    f"a tensor received in {ctx.edge.ctx} takes its gradient through "
+                    "distrpc.autograd.backward(context_id, roots), not a local backward"
+                )
+            outbox.append((ctx.edge, grad))
+            return None, None, None
+
+    _recv = RecvRpcBackward
+    return _recv
+
+
+def engine() -> Any:
+    """:mod:`distrpc.autograd`, where passes run (bound late: it sits above the RPC API, which
+    reaches it only for ``RRef.backward``)."""
+    import importlib
+
+    return importlib.import_module("distrpc.autograd")
