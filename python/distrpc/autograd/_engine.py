@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from .. import _autograd
-from ..rpc import api
+from ..rpc import _pool, api
 from ..rpc.functions import async_execution
 
 _log = logging.getLogger(__name__)
@@ -107,30 +107,77 @@ def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
 @async_execution
 def _propagate(context_id: int, message: int, items: list) -> Any:
     """Runs on the worker that sent ``message``: the pass from its tensors, with the gradients
-    ``items`` (``(index, grad)`` each); answers when that pass and those it started are done."""
+    ``items`` (``(index, grad)`` each), on the engine's thread; answers when that pass and
+    those it started are done. Holds no worker thread meanwhile."""
     import torch
 
-    ctx = _autograd.context(context_id)
-    if ctx is None:
-        raise RuntimeError(
-            f"Could not find autograd context with id: {context_id} "
-            f"on {api.get_worker_info().name} (released before its backward pass ended?)"
-        )
-    sent = ctx.sent_tensors(message)
-    outputs = [sent[i] for i, _ in items]
-    grads = [grad for _, grad in items]
-    with ctx.backward_pass():
-        futures = _run_pass(ctx, outputs, grads, retain=True)
     done: Any = torch.futures.Future()
+    _thread().put((context_id, message, items, done))
+    return done
+
+
+def _run_propagated(context_id: int, message: int, items: list, done: Any) -> None:
+    """On the engine's thread: the pass :func:`_propagate` asked for; completes ``done``."""
+    import torch
+
+    try:
+        ctx = _autograd.context(context_id)
+        if ctx is None:
+            raise RuntimeError(
+                f"Could not find autograd context with id: {context_id} "
+                f"on {api.get_worker_info().name} (released before its backward pass ended?)"
+            )
+        sent = ctx.sent_tensors(message)
+        outputs = [sent[i] for i, _ in items]
+        grads = [grad for _, grad in items]
+        with ctx.backward_pass():
+            futures = _run_pass(ctx, outputs, grads, retain=True)
+    except Exception as e:  # noqa: BLE001 - the caller raises it
+        done.set_exception(e)
+        return
     if not futures:
         done.set_result(None)
-        return done
+        return
 
     def finish(all_done: Any) -> None:
-        for fut in all_done.wait():
-            fut.wait()
+        try:
+            for fut in all_done.wait():
+                fut.wait()
+        except Exception as e:  # noqa: BLE001 - the first failure downstream
+            done.set_exception(e)
+            return
+        done.set_result(None)
 
-    return torch.futures.collect_all(futures).then(finish)
+    torch.futures.collect_all(futures).add_done_callback(finish)
+
+
+#: The thread that runs the passes gradients from other workers start (torch's distributed
+#: engine has one too): one thread, because torch's CPU kernels keep per-thread state (oneDNN's
+#: among them) that a thread builds on its first use — a pass on a fresh thread takes about
+#: ten times as long as on one that ran it before.
+_queue: Any = None
+_queue_lock = threading.Lock()
+
+
+def _thread() -> Any:
+    global _queue
+    if _queue is None:
+        with _queue_lock:
+            if _queue is None:
+                import queue
+
+                q: Any = queue.SimpleQueue()
+                threading.Thread(
+                    target=_serve, args=(q,), name="distrpc-autograd", daemon=True
+                ).start()
+                _queue = q
+    return _queue
+
+
+def _serve(q: Any) -> None:
+    _pool.torch_threads()
+    while True:
+        _run_propagated(*q.get())
 
 
 def release(ctx: Any) -> None:

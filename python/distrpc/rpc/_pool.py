@@ -11,6 +11,7 @@ Example (a blocking wait, marked for the pool if a pool thread makes it)::
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Callable
 
@@ -58,6 +59,7 @@ class Pool:
         while not self.stopping.is_set():
             item = self._next_call(0.05)
             if item is not None:
+                torch_threads()
                 self._run(item)
             with self._lock:
                 if self._alive - self._blocked > self.size:
@@ -76,6 +78,20 @@ class Pool:
     def _unblock(self) -> None:
         with self._lock:
             self._blocked -= 1
+
+
+def torch_threads() -> None:
+    """Gives this thread torch's intra-op thread count (``torch.set_num_threads``), once torch
+    is loaded: OpenMP keeps the count per thread, and a thread Python started has OpenMP's
+    default (every core) instead — its torch kernels then start a team of that many spinning
+    threads, on a machine the group's other workers share (an LSTM's backward took ten times
+    as long). torch does the same for the threads of its own pools."""
+    if getattr(_local, "torch_threads", False):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(torch.get_num_threads())
+        _local.torch_threads = True
 
 
 def waiting(wait: Callable[..., Any], *args: Any) -> Any:

@@ -192,6 +192,7 @@ class _State:
             if item is None:
                 continue
             token, error, payload, buffers = item
+            _pool.torch_threads()  # the futures' callbacks run here
             with self.pending_lock:
                 fut, sender, recording = self.pending.pop(token)
             try:

@@ -1,0 +1,282 @@
+"""``python -m distrpc.bench_train --impl distrpc|torch|both``: model-parallel training steps
+with distributed autograd and ``DistributedOptimizer``, on distrpc or on torch, timed in the
+same run (groups up at once, measuring in alternating blocks, the idle group stopped).
+
+Workloads (one JSON line each, step time p50/p90 in ms):
+
+- ``rnn``: torch's RNN tutorial (``examples/distributed/rpc/rnn``) on two workers: the
+  embedding table and the decoder live on the parameter server (worker1), used through
+  ``rpc_sync`` of their ``forward``; the LSTM is on the trainer (worker0). Tutorial-sized
+  model (10 tokens, 2 inputs, 3 hidden, 4 layers), a batch of 5 sequences of 20.
+- ``mlp``: an MLP of four stages of ``Linear(256, 256) + ReLU``, one per worker (the first on
+  the trainer, the others behind ``remote`` references, used through ``rpc_sync`` proxies),
+  batch 32, SGD.
+- ``noop``: a no-op ``rpc_sync`` outside any context, and the same inside one (what a context
+  costs a call that carries no tensor; p50 in µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+from .bench import _only_running, _percentiles
+
+IMPLS = {
+    "distrpc": ("distrpc.rpc", "distrpc.autograd", "distrpc.optim"),
+    "torch": ("torch.distributed.rpc", "torch.distributed.autograd", "torch.distributed.optim"),
+}
+
+
+def _modules(impl: str) -> list:
+    return [importlib.import_module(name) for name in IMPLS[impl]]
+
+
+def _noop() -> None:
+    return None
+
+
+class EmbeddingTable:
+    """The tutorial's embedding table (on the parameter server); made lazily so that this
+    module imports without torch."""
+
+    def __new__(cls, ntoken: int, ninp: int, dropout: float):  # noqa: D102
+        import torch
+
+        class _Table(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.drop = torch.nn.Dropout(dropout)
+                self.encoder = torch.nn.Embedding(ntoken, ninp)
+                self.encoder.weight.data.uniform_(-0.1, 0.1)
+
+            def forward(self, x):
+                return self.drop(self.encoder(x))
+
+        return _Table()
+
+
+class Decoder:
+    """The tutorial's decoder (on the parameter server)."""
+
+    def __new__(cls, ntoken: int, nhid: int, dropout: float):  # noqa: D102
+        import torch
+
+        class _Decoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.drop = torch.nn.Dropout(dropout)
+                self.decoder = torch.nn.Linear(nhid, ntoken)
+                self.decoder.weight.data.uniform_(-0.1, 0.1)
+                self.decoder.bias.data.zero_()
+
+            def forward(self, output):
+                return self.decoder(self.drop(output))
+
+        return _Decoder()
+
+
+def _call_method(method: str, rref, *args):
+    return getattr(rref.local_value(), method)(*args)
+
+
+def _remote_method(rpc, method: str, rref, *args):
+    """The tutorial's ``_remote_method``: ``method`` of the referenced module, on its owner."""
+    return rpc.rpc_sync(rref.owner(), _call_method, args=[method, rref, *args])
+
+
+def _param_rrefs(impl: str, module_rref) -> list:
+    rpc = _modules(impl)[0]
+    return [rpc.RRef(p) for p in module_rref.local_value().parameters()]
+
+
+def _rnn(impl: str, steps: int) -> list[float]:
+    import torch
+
+    rpc, dist_autograd, dist_optim = _modules(impl)
+    ntoken, ninp, nhid, nlayers, batch, seq = 10, 2, 3, 4, 5, 20
+    torch.manual_seed(0)
+    emb = rpc.remote("worker1", EmbeddingTable, args=(ntoken, ninp, 0.5))
+    dec = rpc.remote("worker1", Decoder, args=(ntoken, nhid, 0.5))
+    lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+    params = (
+        rpc.rpc_sync("worker1", _param_rrefs, args=(impl, emb))
+        + [rpc.RRef(p) for p in lstm.parameters()]
+        + rpc.rpc_sync("worker1", _param_rrefs, args=(impl, dec))
+    )
+    opt = dist_optim.DistributedOptimizer(torch.optim.SGD, params, lr=0.05)
+    criterion = torch.nn.CrossEntropyLoss()
+    hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
+
+    def step() -> None:
+        data = torch.randint(0, ntoken, (seq, batch))
+        target = torch.randint(0, ntoken, (seq * batch,))
+        with dist_autograd.context() as context_id:
+            h = tuple(t.detach() for t in hidden)
+            embedded = _remote_method(rpc, "forward", emb, data)
+            output, _ = lstm(embedded, h)
+            decoded = _remote_method(rpc, "forward", dec, output)
+            loss = criterion(decoded.view(-1, ntoken), target)
+            dist_autograd.backward(context_id, [loss])
+            opt.step(context_id)
+
+    return _steps(step, steps)
+
+
+def _stage(width: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU())
+
+
+def _mlp(impl: str, steps: int) -> list[float]:
+    import torch
+
+    rpc, dist_autograd, dist_optim = _modules(impl)
+    width, batch = 256, 32
+    first = _stage(width, 0)
+    stages = [rpc.remote(f"worker{r}", _stage, args=(width, r)) for r in (1, 2, 3)]
+    params = [rpc.RRef(p) for p in first.parameters()]
+    for r, stage in zip((1, 2, 3), stages):
+        params += rpc.rpc_sync(f"worker{r}", _param_rrefs, args=(impl, stage))
+    opt = dist_optim.DistributedOptimizer(torch.optim.SGD, params, lr=0.01)
+
+    def step() -> None:
+        x, y = torch.randn(batch, width), torch.randn(batch, width)
+        with dist_autograd.context() as context_id:
+            h = first(x)
+            for stage in stages:
+                h = stage.rpc_sync().forward(h)
+            loss = ((h - y) ** 2).mean()
+            dist_autograd.backward(context_id, [loss])
+            opt.step(context_id)
+
+    return _steps(step, steps)
+
+
+def _noop_calls(impl: str, calls: int) -> dict:
+    rpc, dist_autograd, _ = _modules(impl)
+    out = {}
+    out["outside_us"] = _percentiles(_steps(lambda: rpc.rpc_sync("worker1", _noop), calls))
+    with dist_autograd.context():
+        inside = _steps(lambda: rpc.rpc_sync("worker1", _noop), calls)
+    out["inside_us"] = _percentiles(inside)
+    return out
+
+
+def _steps(step, n: int) -> list[float]:
+    for _ in range(max(2, n // 10)):
+        step()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+_WORKLOADS = {"rnn": (_rnn, 2), "mlp": (_mlp, 4), "noop": (_noop_calls, 2)}
+
+
+def _member(rank: int, world: int, impl: str, store: str, commands, results) -> None:
+    """One worker of a group; rank 0 runs the workloads ``commands`` names."""
+    import torch
+
+    # One intra-op thread per worker, as torchrun sets for several workers on a host: four
+    # workers on a small machine would otherwise spin on each other's cores.
+    torch.set_num_threads(1)
+    rpc = _modules(impl)[0]
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{store}", rpc_timeout=120)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options)
+    if rank == 0:
+        results.put("up")
+        while (command := commands.get()) is not None:
+            name, count = command
+            results.put(_WORKLOADS[name][0](impl, count))
+    rpc.shutdown()
+
+
+def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
+    """Each workload on each of ``impls``, in alternating blocks; one line per workload and
+    implementation."""
+    ctx = mp.get_context("spawn")
+    lines = []
+    world = 4
+    groups: dict = {}
+    for impl in impls:
+        store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+        commands, results = ctx.Queue(), ctx.Queue()
+        procs = [
+            ctx.Process(target=_member, args=(r, world, impl, store, commands, results))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        groups[impl] = (procs, commands, results)
+        _only_running(groups, impl)
+        results.get(timeout=600)
+    for name in _WORKLOADS:
+        got: dict[str, list] = {impl: [] for impl in impls}
+        for block in range(blocks):
+            for impl in impls if block % 2 == 0 else impls[::-1]:
+                _only_running(groups, impl)
+                _, commands, results = groups[impl]
+                commands.put((name, max(1, steps // blocks)))
+                got[impl].append(results.get(timeout=1800))
+        for impl in impls:
+            if name == "noop":
+                merged = {key: [b[key] for b in got[impl]] for key in ("outside_us", "inside_us")}
+                lines.append({"workload": name, "impl": impl, **_middle(merged)})
+            else:
+                samples = [s for b in got[impl] for s in b]
+                ms = {k.replace("_us", "_ms"): v / 1e3 for k, v in _percentiles(samples).items()}
+                lines.append({"workload": name, "impl": impl, "steps": len(samples), **ms})
+    _only_running(groups, None)
+    for procs, commands, _ in groups.values():
+        commands.put(None)
+        for p in procs:
+            p.join(120)
+    return lines
+
+
+def _middle(merged: dict) -> dict:
+    """The median over blocks of each block's p50."""
+    out = {}
+    for key, blocks in merged.items():
+        p50s = sorted(b["p50_us"] for b in blocks)
+        out[f"{key.removesuffix('_us')}_p50_us"] = p50s[len(p50s) // 2]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line, runs, prints the JSON lines and distrpc/torch ratios."""
+    parser = argparse.ArgumentParser(prog="python -m distrpc.bench_train", description=__doc__)
+    parser.add_argument("--impl", choices=["distrpc", "torch", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="a smoke test, not a measurement")
+    opts = parser.parse_args(argv)
+    impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
+    lines = run(impls, 8 if opts.quick else opts.steps, 1 if opts.quick else 4)
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    if len(impls) == 2:
+        by = {(line["workload"], line["impl"]): line for line in lines}
+        for name in ("rnn", "mlp"):
+            ratio = by[(name, "distrpc")]["p50_ms"] / by[(name, "torch")]["p50_ms"]
+            print(
+                json.dumps(
+                    {"workload": name, "field": "p50_ms", "distrpc_over_torch": round(ratio, 3)}
+                )
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
