@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 _local = threading.local()
+#: ``context``: the context this thread runs in (:func:`running`).
+running_in = threading.local()
 _lock = threading.Lock()
 _contexts: dict[int, Context] = {}
 #: Ids of contexts released here lately: a late message naming one does not bring it back.
@@ -189,18 +191,18 @@ def debug_info() -> dict[str, int]:
 
 def current() -> Context | None:
     """The context this thread runs in, if any."""
-    return getattr(_local, "context", None)
+    return getattr(running_in, "context", None)
 
 
 @contextlib.contextmanager
 def running(ctx: Context | None) -> Iterator[None]:
     """Runs the block in ``ctx`` (none with ``None``): what it sends is recorded there."""
-    previous = getattr(_local, "context", None)
-    _local.context = ctx
+    previous = getattr(running_in, "context", None)
+    running_in.context = ctx
     try:
         yield
     finally:
-        _local.context = previous
+        running_in.context = previous
 
 
 class Meta:
@@ -259,26 +261,22 @@ class _Receiving(NamedTuple):
     message: int
 
 
-@contextlib.contextmanager
-def decoding(sender: int | None) -> Iterator[None]:
-    """Unpickles a message from worker ``sender``: a :class:`Meta` in it joins its context."""
-    previous = getattr(_local, "decode", None)
-    _local.decode = (sender, None)
-    try:
-        yield
-    finally:
-        _local.decode = previous
+#: What the thread unpickling a message knows: ``sender``, the worker it came from (set by
+#: ``_internal.deserialize`` before unpickling), and ``receiving``, the message whose tensors
+#: are being received once its :class:`Meta` was unpickled. (``receiving`` may be left over
+#: from a message whose unpickling failed: harmless, as only tensors of a message sent in a
+#: context have an index, and its Meta, unpickled first, replaces it.)
+decoding = threading.local()
 
 
 def _receive(context_id: int, message_id: int) -> Context:
     """A :class:`Meta`, unpickled: joins the context; the tensors that follow are received
     through it."""
-    decode = getattr(_local, "decode", None)
-    if decode is None or decode[0] is None:
+    sender = getattr(decoding, "sender", None)
+    if sender is None:
         raise RuntimeError("an autograd message can be unpickled only as part of an RPC")
-    sender = decode[0]
     ctx = join(context_id, sender)
-    _local.decode = (sender, _Receiving(ctx, sender, message_id))
+    decoding.receiving = _Receiving(ctx, sender, message_id)
     return ctx
 
 
@@ -296,8 +294,7 @@ def received(tensor: Any, index: int) -> Any:
     """``tensor``, received as tensor ``index`` of the message being unpickled: the output of a
     ``Recv`` node whose gradient goes back to the sender; outside a context's message, a leaf
     that requires grad (torch's behaviour)."""
-    decode = getattr(_local, "decode", None)
-    into = None if decode is None else decode[1]
+    into = getattr(decoding, "receiving", None)
     if into is None:
         return tensor.requires_grad_(True)
     edge = Edge(into.ctx, into.sender, into.message, index)

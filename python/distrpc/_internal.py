@@ -283,7 +283,7 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     for): the pickle, and the buffers taken out of band. Fails before anything is sent if
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
-    ctx = _autograd.current()
+    ctx = getattr(_autograd.running_in, "context", None)  # _autograd.current(), inlined
     if ctx is None and _default_pickler is _internal_rpc_pickler and _plain(obj):
         return pickle.dumps(_wire(obj), protocol=5), []
     previous, _encoding.to = getattr(_encoding, "to", None), to
@@ -301,9 +301,10 @@ def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = No
     """Unpickles what :func:`serialize` made on worker ``sender``, arrays over the received
     buffers. What was sent in a distributed autograd context joins it
     (:func:`received_context` tells which)."""
-    with _autograd.decoding(sender):
-        obj = _default_pickler.deserialize(data, buffers, sender)
+    _autograd.decoding.sender = sender
+    obj = _default_pickler.deserialize(data, buffers, sender)
     if type(obj) is _autograd.Message:
+        _autograd.decoding.receiving = None
         _decoding.context = obj.meta
         return obj.body
     _decoding.context = None
@@ -377,29 +378,34 @@ def run_udf(
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
-        ctx = received_context()
+        ctx = getattr(_decoding, "context", None)  # received_context()
         if ctx is not None:
             # Sent in a distributed autograd context: the function runs in it, and its result
             # goes back in it, from whichever thread answers.
             answer = _autograd_answer(ctx, answer)
-        with _autograd.running(ctx):
-            if isinstance(udf, _profiler.RemoteProfile):
-                events: list = []
-                unprofiled = answer
-
-                def answer(value: Any) -> None:
-                    unprofiled(_profiler.ProfiledResult(value, events))
-
-                with _profiler.run_profiled(udf, events):
-                    done, result = _invoke(udf.udf, this, worker_info, answer)
-            else:
-                done, result = _invoke(udf, this, worker_info, answer)
+            with _autograd.running(ctx):
+                done, result = _run(udf, this, worker_info, answer)
+        else:
+            done, result = _run(udf, this, worker_info, answer)
         udf = None  # the arguments go before the answer (see above)
         if not done:
             return
     except Exception as e:
         result = _failure(e, worker_info)
     answer(result)
+
+
+def _run(udf: Any, this: Any, worker_info: Any, answer: Callable[[Any], None]) -> tuple:
+    """:func:`_invoke`, under the profiler when the caller profiles the call."""
+    if not isinstance(udf, _profiler.RemoteProfile):
+        return _invoke(udf, this, worker_info, answer)
+    events: list = []
+
+    def profiled_answer(value: Any) -> None:
+        answer(_profiler.ProfiledResult(value, events))
+
+    with _profiler.run_profiled(udf, events):
+        return _invoke(udf.udf, this, worker_info, profiled_answer)
 
 
 def _autograd_answer(ctx: Any, answer: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -280,3 +280,96 @@ def test_a_worker_killed_during_backward_fails_it_naming_the_worker(run_group):
     assert out["error"] is not None and "worker1" in out["error"], out
     assert out["took"] < 20, f"backward failed only after {out['took']:.1f} s"
     assert out["released"]
+
+
+def _squared_sum(x):
+    return (x * x).sum()
+
+
+def _failing_backward(x):
+    return _FailInBackward.apply(x)
+
+
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("no gradient here")
+
+
+def _passes(impl):
+    return int(_modules(impl)[0]._get_debug_info()["num_current_backward_passes"])
+
+
+def _api(rank, world_size, init_method, results):
+    """RRef.backward, retain_graph, and what bad input gets."""
+    import distrpc.autograd as dist_autograd
+    import distrpc.rpc as rpc
+
+    join(rpc, rank, world_size, init_method, rpc_timeout=30)
+    out = None
+    if rank == 0:
+        out = {}
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        with dist_autograd.context() as context_id:
+            out["id_has_rank"] = context_id >> 48 == 0
+            # A loss that lives on worker1, reached through its reference.
+            loss = rpc.remote("worker1", _squared_sum, args=(x,))
+            loss.backward(context_id)
+            out["rref_backward"] = dist_autograd.get_gradients(context_id)[x].tolist()
+            # retain_graph: a second pass through the same graph adds to the first.
+            y = rpc.rpc_sync("worker1", torch.mul, args=(x, 3)).sum()
+            dist_autograd.backward(context_id, [y], retain_graph=True)
+            dist_autograd.backward(context_id, [y])
+            out["retained"] = dist_autograd.get_gradients(context_id)[x].tolist()
+            out["passes_after"] = _passes("distrpc")
+            try:
+                with dist_autograd.context():
+                    pass
+            except RuntimeError as e:
+                out["nested"] = str(e)
+            try:
+                dist_autograd.backward(
+                    context_id, [rpc.rpc_sync("worker1", torch.mul, args=(x, 2))]
+                )
+            except RuntimeError as e:
+                out["not_scalar"] = str(e)
+            try:
+                failing = rpc.rpc_sync("worker1", _failing_backward, args=(x,)).sum()
+                dist_autograd.backward(context_id, [failing])
+            except Exception as e:  # noqa: BLE001 - its type is checked
+                out["remote_failure"] = (type(e).__name__, str(e))
+        try:
+            dist_autograd.get_gradients(context_id)
+        except RuntimeError as e:
+            out["released"] = str(e)
+        # The owner's own reference, outside any context: a local backward into .grad.
+        z = torch.tensor([3.0], requires_grad=True)
+        rpc.RRef((z * 2).sum()).backward()
+        out["local_rref_backward"] = z.grad.tolist()
+        out["contexts"] = wait_until(
+            lambda: (
+                rpc.rpc_sync("worker1", _context_count, args=("distrpc",)) == 0
+                and _context_count("distrpc") == 0
+            )
+        )
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_rref_backward_retain_graph_and_errors(run_group):
+    out = run_group(_api, 2)[0]
+    assert out["id_has_rank"]
+    assert out["rref_backward"] == [2.0, 4.0]
+    assert out["retained"] == [2.0 + 6.0, 4.0 + 6.0]
+    assert out["passes_after"] == 0
+    assert out["nested"] == "Already have an autograd context id for this thread."
+    assert "is not a scalar" in out["not_scalar"]
+    kind, message = out["remote_failure"]
+    assert kind == "ValueError" and "worker1" in message and "no gradient here" in message
+    assert out["released"].startswith("Could not find autograd context with id")
+    assert out["local_rref_backward"] == [2.0]
+    assert out["contexts"]

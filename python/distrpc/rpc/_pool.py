@@ -35,6 +35,9 @@ class Pool:
         self._started = 0
         self.threads: list[threading.Thread] = []
         self.stopping = threading.Event()
+
+    def start(self) -> None:
+        """Starts the pool's threads."""
         for _ in range(self.size):
             self._spawn()
 

@@ -149,6 +149,11 @@ class _State:
         self.completing = threading.Thread(
             target=self._complete, name="distrpc-py-futures", daemon=True
         )
+
+    def start(self) -> None:
+        """Starts taking calls and completing futures: once this worker is ``_state.current``
+        (a call that arrived first waits for it, and may need it to unpickle a reference)."""
+        self.pool.start()
         self.completing.start()
 
     def _run(self, item: tuple) -> None:
@@ -271,7 +276,8 @@ def init_rpc(
         else:
             agent = Agent.bind(name, rank, world_size, options.init_method, *args).join()
         _autograd.init(rank)
-        _state.current = _State(agent, options.num_worker_threads)
+        _state.current = state = _State(agent, options.num_worker_threads)
+        state.start()
     _profiler.install()
 
 
