@@ -383,10 +383,14 @@ def run_udf(
             # Sent in a distributed autograd context: the function runs in it, and its result
             # goes back in it, from whichever thread answers.
             answer = _autograd_answer(ctx, answer)
-            with _autograd.running(ctx):
-                done, result = _run(udf, this, worker_info, answer)
+        if isinstance(udf, _profiler.RemoteProfile):
+            # The callee's events go back with the result (or the exception it raised).
+            events: list = []
+            answer = _profiled_answer(answer, events)
+            with _profiler.run_profiled(udf, events):
+                done, result = _run(ctx, udf.udf, this, worker_info, answer)
         else:
-            done, result = _run(udf, this, worker_info, answer)
+            done, result = _run(ctx, udf, this, worker_info, answer)
         udf = None  # the arguments go before the answer (see above)
         if not done:
             return
@@ -395,17 +399,21 @@ def run_udf(
     answer(result)
 
 
-def _run(udf: Any, this: Any, worker_info: Any, answer: Callable[[Any], None]) -> tuple:
-    """:func:`_invoke`, under the profiler when the caller profiles the call."""
-    if not isinstance(udf, _profiler.RemoteProfile):
+def _run(ctx: Any, udf: Any, this: Any, worker_info: Any, answer: Callable[[Any], None]) -> tuple:
+    """:func:`_invoke`, in the distributed autograd context ``ctx`` if there is one."""
+    if ctx is None:
         return _invoke(udf, this, worker_info, answer)
-    events: list = []
+    with _autograd.running(ctx):
+        return _invoke(udf, this, worker_info, answer)
 
-    def profiled_answer(value: Any) -> None:
+
+def _profiled_answer(answer: Callable[[Any], None], events: list) -> Callable[[Any], None]:
+    """``answer``, sending the callee's profiled ``events`` with the result."""
+
+    def profiled(value: Any) -> None:
         answer(_profiler.ProfiledResult(value, events))
 
-    with _profiler.run_profiled(udf, events):
-        return _invoke(udf.udf, this, worker_info, profiled_answer)
+    return profiled
 
 
 def _autograd_answer(ctx: Any, answer: Callable[[Any], None]) -> Callable[[Any], None]:
