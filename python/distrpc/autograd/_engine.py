@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from .. import _autograd
-from ..rpc import _pool, api
+from ..rpc import api
 from ..rpc.functions import async_execution
 
 _log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def backward(context_id: int, roots: list, retain_graph: bool = False) -> None:
     retain = retain_graph or ctx.has_sends()
     with ctx.backward_pass():
         futures = _run_pass(ctx, roots, grads, retain)
-        torch.futures.collect_all(futures).wait()
+        if len(futures) > 1:
+            torch.futures.collect_all(futures).wait()  # every pass ends before one raises
         for fut in futures:
             fut.wait()  # the first failure, as the worker it came from raised it
 
@@ -107,19 +108,13 @@ def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
 @async_execution
 def _propagate(context_id: int, message: int, items: list) -> Any:
     """Runs on the worker that sent ``message``: the pass from its tensors, with the gradients
-    ``items`` (``(index, grad)`` each), on the engine's thread; answers when that pass and
-    those it started are done. Holds no worker thread meanwhile."""
+    ``items`` (``(index, grad)`` each); answers when that pass and those it started are done,
+    holding no worker thread meanwhile. (torch runs passes on one engine thread; here the pool
+    threads run them, each with torch's thread count: an A/B of the two showed no difference
+    for the LSTM, one thread hop less per pass for the rest.)"""
     import torch
 
     done: Any = torch.futures.Future()
-    _thread().put((context_id, message, items, done))
-    return done
-
-
-def _run_propagated(context_id: int, message: int, items: list, done: Any) -> None:
-    """On the engine's thread: the pass :func:`_propagate` asked for; completes ``done``."""
-    import torch
-
     try:
         ctx = _autograd.context(context_id)
         if ctx is None:
@@ -134,10 +129,10 @@ def _run_propagated(context_id: int, message: int, items: list, done: Any) -> No
             futures = _run_pass(ctx, outputs, grads, retain=True)
     except Exception as e:  # noqa: BLE001 - the caller raises it
         done.set_exception(e)
-        return
+        return done
     if not futures:
         done.set_result(None)
-        return
+        return done
 
     def finish(all_done: Any) -> None:
         try:
@@ -149,35 +144,7 @@ def _run_propagated(context_id: int, message: int, items: list, done: Any) -> No
         done.set_result(None)
 
     torch.futures.collect_all(futures).add_done_callback(finish)
-
-
-#: The thread that runs the passes gradients from other workers start (torch's distributed
-#: engine has one too): one thread, because torch's CPU kernels keep per-thread state (oneDNN's
-#: among them) that a thread builds on its first use — a pass on a fresh thread takes about
-#: ten times as long as on one that ran it before.
-_queue: Any = None
-_queue_lock = threading.Lock()
-
-
-def _thread() -> Any:
-    global _queue
-    if _queue is None:
-        with _queue_lock:
-            if _queue is None:
-                import queue
-
-                q: Any = queue.SimpleQueue()
-                threading.Thread(
-                    target=_serve, args=(q,), name="distrpc-autograd", daemon=True
-                ).start()
-                _queue = q
-    return _queue
-
-
-def _serve(q: Any) -> None:
-    _pool.torch_threads()
-    while True:
-        _run_propagated(*q.get())
+    return done
 
 
 def release(ctx: Any) -> None:

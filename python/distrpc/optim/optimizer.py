@@ -67,11 +67,19 @@ class DistributedOptimizer:
     def step(self, context_id: int) -> None:
         """Steps every owner's optimizer with its gradients in ``context_id``, all at once;
         raises the first failure (naming its worker) once all have answered."""
+        # The others first, then this worker's own while they run (torch sends itself a call).
+        local = [opt for opt in self.remote_optimizers if opt.is_owner()]
         futures = [
             api.rpc_async(optimizer.owner(), _step, args=(optimizer, context_id))
             for optimizer in self.remote_optimizers
+            if not optimizer.is_owner()
         ]
         errors = []
+        for optimizer in local:
+            try:
+                _step(optimizer, context_id)
+            except Exception as e:  # noqa: BLE001 - raised once every owner has answered
+                errors.append(e)
         for fut in futures:
             try:
                 fut.wait()
