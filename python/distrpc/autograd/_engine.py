@@ -1,13 +1,29 @@
 """The backward passes of distributed autograd (torch's ``DistEngine``, FAST mode) and the
 release of contexts across the group.
 
-A pass runs this worker's graph from some tensors — the roots on the worker that calls
+A pass runs one worker's graph from some tensors — the roots on the worker that calls
 :func:`backward`, the tensors a message sent when their gradients come back — with
 ``torch.autograd.grad``, asking for the gradients of every leaf it reaches: the leaves' go into
-the context, and the ``Recv`` nodes it reaches hand theirs to the pass, which sends them, one call
-per message, to the workers the tensors came from (:func:`_propagate` there runs the next pass).
-A pass is done when its own graph is and every pass it started is: so :func:`backward` returns
-when the whole distributed pass is done, or raises the first failure, naming its worker.
+the context there, and the ``Recv`` nodes it reaches hand theirs to the pass, which returns them
+(:class:`~distrpc._autograd.Edge`: the worker a tensor came from, the message, its index).
+
+The worker that calls :func:`backward` drives the whole pass: it runs its own graph, sends each
+message's gradients to the worker that sent the message (:func:`_propagate` there runs that
+worker's graph and answers with the gradients *it* reached), runs those meant for itself, and so
+on until no gradient is left to deliver and no pass is running. So it returns when the whole
+distributed pass is done, raises the first failure (a worker's exception, a dead worker), naming
+its worker, and no thread anywhere waits on another worker meanwhile::
+
+    driver (w0)              w1                    w2
+    pass(roots) ──grads m2──► pass(sends[m2])
+                ◄─grads m1──┘ (for w0's message)
+    pass(sends[m1]) ──grads m5────────────────────► pass(sends[m5])
+                    ◄─────────────────────────────┘ (none left): done
+
+A model driven from one worker (the trainer calls each stage in turn, as torch's tutorials do)
+takes two messages per remote pass this way, against four when each worker forwards gradients
+itself and answers only once everything after it is done (torch's way); gradients for a tensor
+one worker sent another directly travel through the driver instead.
 
 A gradient may reach the same nodes twice (two messages whose graphs meet); each pass adds its
 part (gradients are linear in what flows in), and the graph is kept for the next one until the
@@ -17,12 +33,12 @@ context is released.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from typing import Any
 
 from .. import _autograd
 from ..rpc import api
-from ..rpc.functions import async_execution
 
 _log = logging.getLogger(__name__)
 
@@ -55,11 +71,54 @@ def backward(context_id: int, roots: list, retain_graph: bool = False) -> None:
     # The graph stays while a gradient may come back through what this worker sent.
     retain = retain_graph or ctx.has_sends()
     with ctx.backward_pass():
-        futures = _run_pass(ctx, roots, grads, retain)
-        if len(futures) > 1:
-            torch.futures.collect_all(futures).wait()  # every pass ends before one raises
-        for fut in futures:
-            fut.wait()  # the first failure, as the worker it came from raised it
+        _drive(ctx, _run_pass(ctx, roots, grads, retain))
+
+
+def _drive(ctx: Any, reached: list) -> None:
+    """Delivers the gradients ``reached`` (``(sender, message, index, grad)`` each) and those
+    the passes they start reach in turn, until none is left; raises the first failure once no
+    pass runs."""
+    me = api.get_worker_info().id
+    answers: Any = queue.SimpleQueue()
+    running = 0
+    failure: BaseException | None = None
+    while True:
+        for (sender, message), items in _by_message(reached).items():
+            if sender == me:  # what this worker sent: its own graph, here
+                try:
+                    answers.put((None, _local_pass(ctx, message, items)))
+                except Exception as e:  # noqa: BLE001 - raised once no pass runs
+                    answers.put((e, None))
+            else:
+                with _autograd.running(None):  # gradients travel outside any context
+                    fut = api.rpc_async(sender, _propagate, args=(ctx.id, message, items))
+                fut.add_done_callback(lambda f: answers.put(_outcome(f)))
+            running += 1
+        if running == 0:
+            break
+        error, reached = answers.get()
+        running -= 1
+        if error is not None:
+            failure = failure or error
+            reached = []
+    if failure is not None:
+        raise failure
+
+
+def _outcome(fut: Any) -> tuple:
+    try:
+        return None, fut.wait()
+    except Exception as e:  # noqa: BLE001 - the worker's failure, raised by _drive
+        return e, None
+
+
+def _by_message(reached: list) -> dict:
+    """Gradients ``(sender, message, index, grad)`` grouped by the message their tensors came
+    in: ``{(sender, message): [(index, grad), ...]}``."""
+    messages: dict[tuple[int, int], list] = {}
+    for sender, message, index, grad in reached:
+        messages.setdefault((sender, message), []).append((index, grad))
+    return messages
 
 
 def _leaves(roots: list) -> list:
@@ -86,65 +145,38 @@ def _leaves(roots: list) -> list:
 
 
 def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
-    """Runs this worker's graph from ``outputs`` with ``grads``; the futures of the passes it
-    started elsewhere."""
+    """Runs this worker's graph from ``outputs`` with ``grads``: its leaves' gradients go into
+    ``ctx``; returns those that reached received tensors, ``(sender, message, index, grad)``
+    each: the worker the tensor came from, its message, its index there."""
     import torch
 
     leaves = _leaves(outputs)
-    outbox: list = []
-    with _autograd.collecting(outbox):
+    reached: list = []
+    with _autograd.collecting(reached):
         got = torch.autograd.grad(outputs, leaves, grads, retain_graph=retain, allow_unused=True)
     ctx.accumulate(leaves, got)
-    messages: dict[tuple[int, int], list] = {}
-    for edge, grad in outbox:
-        messages.setdefault((edge.sender, edge.message), []).append((edge.index, grad))
-    with _autograd.running(None):  # gradients travel outside any context
-        return [
-            api.rpc_async(sender, _propagate, args=(ctx.id, message, items))
-            for (sender, message), items in messages.items()
-        ]
+    return [(edge.sender, edge.message, edge.index, grad) for edge, grad in reached]
 
 
-@async_execution
-def _propagate(context_id: int, message: int, items: list) -> Any:
-    """Runs on the worker that sent ``message``: the pass from its tensors, with the gradients
-    ``items`` (``(index, grad)`` each); answers when that pass and those it started are done,
-    holding no worker thread meanwhile. (torch runs passes on one engine thread; here the pool
-    threads run them, each with torch's thread count: an A/B of the two showed no difference
-    for the LSTM, one thread hop less per pass for the rest.)"""
-    import torch
+def _local_pass(ctx: Any, message: int, items: list) -> list:
+    """The pass from the tensors ``message`` sent, with the gradients ``items`` (``(index,
+    grad)`` each); the gradients it reached."""
+    sent = ctx.sent_tensors(message)
+    outputs = [sent[i] for i, _ in items]
+    return _run_pass(ctx, outputs, [grad for _, grad in items], retain=True)
 
-    done: Any = torch.futures.Future()
-    try:
-        ctx = _autograd.context(context_id)
-        if ctx is None:
-            raise RuntimeError(
-                f"Could not find autograd context with id: {context_id} "
-                f"on {api.get_worker_info().name} (released before its backward pass ended?)"
-            )
-        sent = ctx.sent_tensors(message)
-        outputs = [sent[i] for i, _ in items]
-        grads = [grad for _, grad in items]
-        with ctx.backward_pass():
-            futures = _run_pass(ctx, outputs, grads, retain=True)
-    except Exception as e:  # noqa: BLE001 - the caller raises it
-        done.set_exception(e)
-        return done
-    if not futures:
-        done.set_result(None)
-        return done
 
-    def finish(all_done: Any) -> None:
-        try:
-            for fut in all_done.wait():
-                fut.wait()
-        except Exception as e:  # noqa: BLE001 - the first failure downstream
-            done.set_exception(e)
-            return
-        done.set_result(None)
-
-    torch.futures.collect_all(futures).add_done_callback(finish)
-    return done
+def _propagate(context_id: int, message: int, items: list) -> list:
+    """Runs on the worker that sent ``message``, for the worker driving the pass: the pass from
+    that message's tensors; answers with the gradients it reached (see the module docs)."""
+    ctx = _autograd.context(context_id)
+    if ctx is None:
+        raise RuntimeError(
+            f"Could not find autograd context with id: {context_id} "
+            f"on {api.get_worker_info().name} (released before its backward pass ended?)"
+        )
+    with ctx.backward_pass():
+        return _local_pass(ctx, message, items)
 
 
 def release(ctx: Any) -> None:
