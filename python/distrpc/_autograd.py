@@ -17,12 +17,13 @@ the message — every tensor unpickled after it knows where its gradient must go
     backward(7, [loss(y')])
       local pass reaches Recv[w1, m2, 0] ───grad──►  pass from sends[m2] reaches Recv[w0, m1, 0]
       pass from sends[m1]: grads of x's graph ◄grad─┘
-      into context 7, never into .grad
+      into context 7, never into .grad      (the worker calling backward delivers every
+                                             gradient: distrpc.autograd._engine)
 
 Each tensor that requires grad in a message gets an index (its order in the pickle): a
 received tensor becomes the output of a ``Recv`` node that remembers ``(sender, message,
-index)``; its backward hands the gradient to the pass running on its thread, which sends it to
-``sender`` when the local graph is done. A sent tensor is kept in ``sends[message]`` until the
+index)``; its backward hands the gradient to the pass running on its thread, which delivers it
+to ``sender`` when the local graph is done. A sent tensor is kept in ``sends[message]`` until the
 context is released.
 
 Example (what the front does for a call; ``distrpc.autograd.context`` makes the context)::

@@ -38,7 +38,7 @@ import threading
 from typing import Any
 
 from .. import _autograd
-from ..rpc import api
+from ..rpc import _pool, api
 
 _log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def _drive(ctx: Any, reached: list) -> None:
             running += 1
         if running == 0:
             break
-        error, reached = answers.get()
+        # (A pool thread driving an RRef's backward counts as blocked meanwhile.)
+        error, reached = _pool.waiting(answers.get)
         running -= 1
         if error is not None:
             failure = failure or error
