@@ -26,7 +26,7 @@ index)``; its backward hands the gradient to the pass running on its thread, whi
 to ``sender`` when the local graph is done. A sent tensor is kept in ``sends[message]`` until the
 context is released.
 
-Example (what the front does for a call; ``distrpc.autograd.context`` makes the context)::
+Example (what the front does for a call, in a context made by the public ``context()``)::
 
     with running(ctx):
         payload, buffers = _internal.serialize(udf, to)   # a Message, its tensors recorded
@@ -361,11 +361,3 @@ def _recv_function() -> Any:
 
     _recv = RecvRpcBackward
     return _recv
-
-
-def engine() -> Any:
-    """:mod:`distrpc.autograd`, where passes run (bound late: it sits above the RPC API, which
-    reaches it only for ``RRef.backward``)."""
-    import importlib
-
-    return importlib.import_module("distrpc.autograd")

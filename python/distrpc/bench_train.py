@@ -11,6 +11,8 @@ Workloads (one JSON line each, step time p50/p90 in ms):
 - ``mlp``: an MLP of four stages of ``Linear(256, 256) + ReLU``, one per worker (the first on
   the trainer, the others behind ``remote`` references, used through ``rpc_sync`` proxies),
   batch 32, SGD.
+- ``phases``: the MLP's step cut into forward, backward and ``DistributedOptimizer.step``
+  (medians in ms).
 - ``noop``: a no-op ``rpc_sync`` outside any context, and the same inside one (what a context
   costs a call that carries no tensor; p50 in µs).
 """
@@ -22,6 +24,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -136,7 +139,9 @@ def _stage(width: int, seed: int):
     return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU())
 
 
-def _mlp(impl: str, steps: int) -> list[float]:
+def _mlp(impl: str, steps: int, phases: dict | None = None) -> list[float]:
+    """The MLP's step times; with ``phases``, each step's forward, backward and optimizer
+    times appended to its lists too."""
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
@@ -151,14 +156,30 @@ def _mlp(impl: str, steps: int) -> list[float]:
     def step() -> None:
         x, y = torch.randn(batch, width), torch.randn(batch, width)
         with dist_autograd.context() as context_id:
+            t0 = time.perf_counter()
             h = first(x)
             for stage in stages:
                 h = stage.rpc_sync().forward(h)
             loss = ((h - y) ** 2).mean()
+            t1 = time.perf_counter()
             dist_autograd.backward(context_id, [loss])
+            t2 = time.perf_counter()
             opt.step(context_id)
+            if phases is not None:
+                for name, seconds in zip(_PHASES, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                    phases[name].append(seconds)
 
     return _steps(step, steps)
+
+
+_PHASES = ("forward", "backward", "optimizer")
+
+
+def _mlp_phases(impl: str, steps: int) -> dict:
+    """The MLP's step, phase by phase: ``{phase: [seconds, ...]}`` (warm-up steps included)."""
+    phases: dict = {name: [] for name in _PHASES}
+    _mlp(impl, steps, phases)
+    return phases
 
 
 def _noop_calls(impl: str, calls: int) -> dict:
@@ -182,7 +203,7 @@ def _steps(step, n: int) -> list[float]:
     return samples
 
 
-_WORKLOADS = {"rnn": (_rnn, 2), "mlp": (_mlp, 4), "noop": (_noop_calls, 2)}
+_WORKLOADS = {"rnn": _rnn, "mlp": _mlp, "phases": _mlp_phases, "noop": _noop_calls}
 
 
 def _member(rank: int, world: int, impl: str, store: str, commands, results) -> None:
@@ -199,7 +220,7 @@ def _member(rank: int, world: int, impl: str, store: str, commands, results) -> 
         results.put("up")
         while (command := commands.get()) is not None:
             name, count = command
-            results.put(_WORKLOADS[name][0](impl, count))
+            results.put(_WORKLOADS[name](impl, count))
     rpc.shutdown()
 
 
@@ -234,6 +255,14 @@ def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
             if name == "noop":
                 merged = {key: [b[key] for b in got[impl]] for key in ("outside_us", "inside_us")}
                 lines.append({"workload": name, "impl": impl, **_middle(merged)})
+            elif name == "phases":
+                medians = {
+                    f"{phase}_p50_ms": round(
+                        statistics.median(s for b in got[impl] for s in b[phase]) * 1e3, 3
+                    )
+                    for phase in _PHASES
+                }
+                lines.append({"workload": "mlp_phases", "impl": impl, **medians})
             else:
                 samples = [s for b in got[impl] for s in b]
                 ms = {k.replace("_us", "_ms"): v / 1e3 for k, v in _percentiles(samples).items()}

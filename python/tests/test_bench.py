@@ -1,5 +1,5 @@
-"""``python -m distrpc.bench --quick`` prints every workload (a smoke test; no timing is
-asserted)."""
+"""``python -m distrpc.bench --quick`` and ``distrpc.bench_train --quick`` print every workload
+(smoke tests; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -25,4 +25,17 @@ def test_bench_quick_prints_every_workload():
     expected = {"init", "latency", "echo", "remote", "async", "bandwidth", "shutdown", "scale"}
     expected.add("rss")
     assert workloads == expected
+    assert all(line["impl"] == "distrpc" for line in lines)
+
+
+def test_bench_train_quick_prints_every_workload():
+    out = subprocess.run(
+        [sys.executable, "-m", "distrpc.bench_train", "--impl", "distrpc", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {line["workload"] for line in lines} == {"rnn", "mlp", "mlp_phases", "noop"}
     assert all(line["impl"] == "distrpc" for line in lines)

@@ -37,8 +37,7 @@ import queue
 import threading
 from typing import Any
 
-from .. import _autograd
-from ..rpc import _pool, api
+from .. import _autograd, _internal, _pool, _state
 
 _log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def _drive(ctx: Any, reached: list) -> None:
     """Delivers the gradients ``reached`` (``(sender, message, index, grad)`` each) and those
     the passes they start reach in turn, until none is left; raises the first failure once no
     pass runs."""
-    me = api.get_worker_info().id
+    me = _state.require().me.id
     answers: Any = queue.SimpleQueue()
     running = 0
     failure: BaseException | None = None
@@ -90,8 +89,7 @@ def _drive(ctx: Any, reached: list) -> None:
                 except Exception as e:  # noqa: BLE001 - raised once no pass runs
                     answers.put((e, None))
             else:
-                with _autograd.running(None):  # gradients travel outside any context
-                    fut = api.rpc_async(sender, _propagate, args=(ctx.id, message, items))
+                fut = _call(sender, _propagate, (ctx.id, message, items))
                 fut.add_done_callback(lambda f: answers.put(_outcome(f)))
             running += 1
         if running == 0:
@@ -104,6 +102,23 @@ def _drive(ctx: Any, reached: list) -> None:
             reached = []
     if failure is not None:
         raise failure
+
+
+def _call(rank: int, function: Any, args: tuple) -> Any:
+    """``rpc_async(rank, function, args)`` outside any context (what the engine sends is no
+    part of a graph), made here from the worker's agent: this engine sits below the RPC API,
+    as torch's does (``RRef.backward`` runs it)."""
+    import torch
+
+    state = _state.require()
+    with _autograd.running(None):
+        payload, buffers = _internal.serialize(_internal.PythonUDF(function, args, {}), rank)
+    name = f"{function.__module__}.{function.__qualname__}"
+    to = state.infos[rank].name
+    fut = torch.futures.Future()
+    timeout = _state.timeout(_state.UNSET)
+    state.track(lambda: state.agent.rpc_async(to, name, payload, buffers, timeout), fut, rank)
+    return fut
 
 
 def _outcome(fut: Any) -> tuple:
@@ -174,7 +189,7 @@ def _propagate(context_id: int, message: int, items: list) -> list:
     if ctx is None:
         raise RuntimeError(
             f"Could not find autograd context with id: {context_id} "
-            f"on {api.get_worker_info().name} (released before its backward pass ended?)"
+            f"on {_state.require().me.name} (released before its backward pass ended?)"
         )
     with ctx.backward_pass():
         return _local_pass(ctx, message, items)
@@ -204,9 +219,7 @@ def _send_release(worker: int, context_id: int, tries: int, delay: float) -> Non
     """Sends the release of ``context_id`` to ``worker``, again after ``delay`` seconds if it
     fails (``tries`` in all); idempotent on the receiver."""
     try:
-        with _autograd.running(None):
-            me = api.get_worker_info().id
-            fut = api.rpc_async(worker, _release_context, args=(context_id, me))
+        fut = _call(worker, _release_context, (context_id, _state.require().me.id))
     except RuntimeError:  # RPC is shut down here: the group's contexts go with it
         return
 

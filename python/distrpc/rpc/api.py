@@ -25,9 +25,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from .. import _autograd, _internal, _named, _profiler
+from .. import _autograd, _internal, _named, _pool, _profiler, _state
 from ..futures import Future
-from . import _pool, _state
 from .rref import RRef
 from .worker import WorkerInfo
 

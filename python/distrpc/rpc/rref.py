@@ -16,9 +16,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Generic, TypeVar
 
-from .. import _autograd, _internal
+from .. import _autograd, _internal, _pool, _state
+from ..autograd import _engine
 from ..futures import Future
-from . import _pool, _state
 from .worker import WorkerInfo
 
 T = TypeVar("T")
@@ -174,7 +174,7 @@ def _backward(value: Any, context_id: int, retain_graph: bool) -> None:
     if context_id == -1:
         value.backward(retain_graph=retain_graph)
     else:
-        _autograd.engine().backward(context_id, [value], retain_graph=retain_graph)
+        _engine.backward(context_id, [value], retain_graph=retain_graph)
 
 
 def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeout: float) -> Any:
