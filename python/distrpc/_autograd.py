@@ -55,6 +55,8 @@ _next_context = itertools.count()
 _next_message = itertools.count()
 #: Ids carry the worker that made them in their top 16 bits, as torch's do.
 ID_BITS = 48
+#: At most this many contexts live on a worker: a peer's messages naming more are refused.
+MAX_CONTEXTS = 1 << 16
 
 
 class Context:
@@ -161,6 +163,11 @@ def join(context_id: int, worker: int) -> Context:
     with _lock:
         ctx = _contexts.get(context_id)
         if ctx is None:
+            if len(_contexts) >= MAX_CONTEXTS:
+                raise RuntimeError(
+                    f"worker {_rank} holds {len(_contexts)} distributed autograd contexts, its "
+                    f"limit: a message of context {context_id} from worker {worker} is refused"
+                )
             ctx = Context(context_id, registered=context_id not in _released_set)
             if ctx.registered:
                 _contexts[context_id] = ctx

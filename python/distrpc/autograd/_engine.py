@@ -82,16 +82,20 @@ def _drive(ctx: Any, reached: list) -> None:
     running = 0
     failure: BaseException | None = None
     while True:
-        for (sender, message), items in _by_message(reached).items():
+        messages = _by_message(reached)
+        # The other workers' passes first, so that they run while this worker runs its own.
+        for (sender, message), items in messages.items():
+            if sender != me:
+                fut = _call(sender, _propagate, (ctx.id, message, items))
+                fut.add_done_callback(lambda f: answers.put(_outcome(f)))
+                running += 1
+        for (sender, message), items in messages.items():
             if sender == me:  # what this worker sent: its own graph, here
                 try:
                     answers.put((None, _local_pass(ctx, message, items)))
                 except Exception as e:  # noqa: BLE001 - raised once no pass runs
                     answers.put((e, None))
-            else:
-                fut = _call(sender, _propagate, (ctx.id, message, items))
-                fut.add_done_callback(lambda f: answers.put(_outcome(f)))
-            running += 1
+                running += 1
         if running == 0:
             break
         # (A pool thread driving an RRef's backward counts as blocked meanwhile.)
