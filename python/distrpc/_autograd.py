@@ -203,14 +203,19 @@ def current() -> Context | None:
 
 
 @contextlib.contextmanager
-def running(ctx: Context | None) -> Iterator[None]:
-    """Runs the block in ``ctx`` (none with ``None``): what it sends is recorded there."""
-    previous = getattr(running_in, "context", None)
-    running_in.context = ctx
+def _setting(local: threading.local, name: str, value: Any) -> Iterator[None]:
+    """The block runs with ``local.name`` set to ``value`` (on this thread), then as before."""
+    previous = getattr(local, name, None)
+    setattr(local, name, value)
     try:
         yield
     finally:
-        running_in.context = previous
+        setattr(local, name, previous)
+
+
+def running(ctx: Context | None) -> contextlib.AbstractContextManager:
+    """Runs the block in ``ctx`` (none with ``None``): what it sends is recorded there."""
+    return _setting(running_in, "context", ctx)
 
 
 class Meta:
@@ -327,16 +332,10 @@ def is_dummy(tensor: Any) -> bool:
     return tensor is _dummy_leaf
 
 
-@contextlib.contextmanager
-def collecting(outbox: list) -> Iterator[None]:
+def collecting(outbox: list) -> contextlib.AbstractContextManager:
     """A backward pass on this thread: the gradients its ``Recv`` nodes produce go into
     ``outbox`` as ``(edge, grad)``."""
-    previous = getattr(_local, "outbox", None)
-    _local.outbox = outbox
-    try:
-        yield
-    finally:
-        _local.outbox = previous
+    return _setting(_local, "outbox", outbox)
 
 
 def _recv_function() -> Any:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from .bench import _only_running, _percentiles
+from .bench import _only_running, _percentiles, _timed
 
 IMPLS = {
     "distrpc": ("distrpc.rpc", "distrpc.autograd", "distrpc.optim"),
@@ -129,7 +129,7 @@ def _rnn(impl: str, steps: int) -> list[float]:
             dist_autograd.backward(context_id, [loss])
             opt.step(context_id)
 
-    return _steps(step, steps)
+    return _timed(steps, step)
 
 
 def _stage(width: int, seed: int):
@@ -169,7 +169,7 @@ def _mlp(impl: str, steps: int, phases: dict | None = None) -> list[float]:
                 for name, seconds in zip(_PHASES, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
                     phases[name].append(seconds)
 
-    return _steps(step, steps)
+    return _timed(steps, step)
 
 
 _PHASES = ("forward", "backward", "optimizer")
@@ -185,22 +185,11 @@ def _mlp_phases(impl: str, steps: int) -> dict:
 def _noop_calls(impl: str, calls: int) -> dict:
     rpc, dist_autograd, _ = _modules(impl)
     out = {}
-    out["outside_us"] = _percentiles(_steps(lambda: rpc.rpc_sync("worker1", _noop), calls))
+    out["outside_us"] = _percentiles(_timed(calls, lambda: rpc.rpc_sync("worker1", _noop)))
     with dist_autograd.context():
-        inside = _steps(lambda: rpc.rpc_sync("worker1", _noop), calls)
+        inside = _timed(calls, lambda: rpc.rpc_sync("worker1", _noop))
     out["inside_us"] = _percentiles(inside)
     return out
-
-
-def _steps(step, n: int) -> list[float]:
-    for _ in range(max(2, n // 10)):
-        step()
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t)
-    return samples
 
 
 _WORKLOADS = {"rnn": _rnn, "mlp": _mlp, "phases": _mlp_phases, "noop": _noop_calls}

@@ -12,15 +12,20 @@ import pytest
 pytest.importorskip("torch")
 
 
-def test_bench_quick_prints_every_workload():
+def _quick(module: str) -> list[dict]:
+    """The JSON lines ``python -m module --impl distrpc --quick`` prints."""
     out = subprocess.run(
-        [sys.executable, "-m", "distrpc.bench", "--impl", "distrpc", "--quick"],
+        [sys.executable, "-m", module, "--impl", "distrpc", "--quick"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_quick_prints_every_workload():
+    lines = _quick("distrpc.bench")
     workloads = {line["workload"] for line in lines}
     expected = {"init", "latency", "echo", "remote", "async", "bandwidth", "shutdown", "scale"}
     expected.add("rss")
@@ -29,13 +34,6 @@ def test_bench_quick_prints_every_workload():
 
 
 def test_bench_train_quick_prints_every_workload():
-    out = subprocess.run(
-        [sys.executable, "-m", "distrpc.bench_train", "--impl", "distrpc", "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = _quick("distrpc.bench_train")
     assert {line["workload"] for line in lines} == {"rnn", "mlp", "mlp_phases", "noop"}
     assert all(line["impl"] == "distrpc" for line in lines)
