@@ -170,11 +170,21 @@ def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
     each: the worker the tensor came from, its message, its index there."""
     import torch
 
-    leaves = _leaves(outputs)
     reached: list = []
-    with _autograd.collecting(reached):
-        got = torch.autograd.grad(outputs, leaves, grads, retain_graph=retain, allow_unused=True)
-    ctx.accumulate(leaves, got)
+    # A tensor sent on as it was received (a trainer passing one stage's output to the next)
+    # is a receive node itself: its gradient goes straight back, without the engine.
+    through = [getattr(out.grad_fn, "edge", None) for out in outputs]
+    if any(through):
+        reached = [(edge, grad) for edge, grad in zip(through, grads) if edge is not None]
+        outputs = [out for out, edge in zip(outputs, through) if edge is None]
+        grads = [grad for grad, edge in zip(grads, through) if edge is None]
+    if outputs:
+        leaves = _leaves(outputs)
+        with _autograd.collecting(reached):
+            got = torch.autograd.grad(
+                outputs, leaves, grads, retain_graph=retain, allow_unused=True
+            )
+        ctx.accumulate(leaves, got)
     return [(edge.sender, edge.message, edge.index, grad) for edge, grad in reached]
 
 
