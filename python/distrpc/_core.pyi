@@ -66,6 +66,9 @@ class Agent:
         tls: tuple[str, str, str] | None = None,
         max_queued_bytes: int | None = None,
         max_calls_in: int | None = None,
+        max_builtin_elements: int | None = None,
+        send_stall: float | None = None,
+        liveness: float | None = None,
     ) -> PendingAgent: ...
     @property
     def name(self) -> str: ...

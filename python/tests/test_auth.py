@@ -203,3 +203,25 @@ def test_a_send_waiting_for_room_lets_the_other_threads_run(tmp_path):
     got = _run_three(_backpressure_worker, lambda r: (r, init_method))
     assert got[1]["answered_while_sending"], "worker0 never answered while it was sending"
     assert got[0]["answers"] == 64 * (1 << 18)  # elements of each array
+
+
+def test_the_bounds_are_options_and_bad_values_are_refused(tmp_path):
+    import distrpc.rpc as rpc
+
+    def options(store, **extra):
+        return rpc.TensorPipeRpcBackendOptions(init_method=f"file://{tmp_path}/{store}", **extra)
+
+    for store, bad, message in (
+        ("a", {"send_stall": -1.0}, "send_stall -1: a positive number of seconds"),
+        ("b", {"liveness": 1}, "liveness 1: whole seconds from 2 to 86400, or 0 for none"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=options(store, **bad))
+    bounded = options("c", max_builtin_elements=100, send_stall=5.0, liveness=4)
+    rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=bounded)
+    try:
+        assert rpc.rpc_sync("w", "aten::ones", args=([10], "F32")).shape == (10,)
+        with pytest.raises(RuntimeError, match="more than the limit of 100 elements"):
+            rpc.rpc_sync("w", "aten::ones", args=([1000], "F32"))
+    finally:
+        rpc.shutdown()

@@ -157,6 +157,18 @@ fn unpickled(py: Python<'_>, reply: RawReply) -> PyResult<Pickled> {
     ))
 }
 
+/// An option in seconds that must be positive (`None`: not given).
+fn positive(name: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds
+        .map(|s| match Duration::try_from_secs_f64(s) {
+            Ok(d) if s > 0.0 => Ok(d),
+            _ => Err(PyValueError::new_err(format!(
+                "{name} {s}: a positive number of seconds"
+            ))),
+        })
+        .transpose()
+}
+
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     timeout
         .map(|s| {
@@ -202,11 +214,13 @@ impl Agent {
     /// `DISTRPC_AUTH_TOKEN_FILE` names); `listen_ip`: the address to listen on (else the
     /// interface toward the store); `tls`: `(ca, cert, key)` PEM files for mutual TLS (else
     /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`); `max_queued_bytes`,
-    /// `max_calls_in`: the bounds of [`RpcOptions`] of those names.
+    /// `max_calls_in`, `max_builtin_elements`, `send_stall` and `liveness` (seconds): the
+    /// [`RpcOptions`] of those names (`None`: their defaults).
     #[staticmethod]
     #[pyo3(signature = (
         name, rank, world_size, init_method, num_worker_threads, rpc_timeout,
-        auth_token=None, listen_ip=None, tls=None, max_queued_bytes=None, max_calls_in=None
+        auth_token=None, listen_ip=None, tls=None, max_queued_bytes=None, max_calls_in=None,
+        max_builtin_elements=None, send_stall=None, liveness=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
@@ -222,6 +236,9 @@ impl Agent {
         tls: Option<(String, String, String)>,
         max_queued_bytes: Option<usize>,
         max_calls_in: Option<usize>,
+        max_builtin_elements: Option<usize>,
+        send_stall: Option<f64>,
+        liveness: Option<f64>,
     ) -> PyResult<PendingAgent> {
         let (mut options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
         if let Some(token) = auth_token {
@@ -241,6 +258,21 @@ impl Agent {
         }
         if let Some(calls) = max_calls_in {
             options = options.max_calls_in(calls);
+        }
+        if let Some(n) = max_builtin_elements {
+            options = options.max_builtin_elements(n);
+        }
+        if let Some(stall) = positive("send_stall", send_stall)? {
+            options = options.send_stall(stall);
+        }
+        if let Some(bound) = liveness {
+            // Whole seconds, at least 2; zero turns the watch off (RpcOptions::liveness).
+            if bound != 0.0 && !(2.0..=86_400.0).contains(&bound) {
+                return Err(PyValueError::new_err(format!(
+                    "liveness {bound}: whole seconds from 2 to 86400, or 0 for none"
+                )));
+            }
+            options = options.liveness(Duration::from_secs(bound as u64));
         }
         let pending = py
             .detach(|| Rpc::bind(&name, rank, world_size, options))

@@ -80,7 +80,10 @@ class TensorPipeRpcBackendOptions:
     interface toward ``MASTER_ADDR``; loopback for a group on one host). ``max_queued_bytes``
     (256 MiB) and ``max_calls_in`` (16 384): what one connection may hold for its peer before
     calls wait for it to read, and how many of a peer's calls a worker takes at once before it
-    stops reading the peer (TCP pushes back).
+    stops reading the peer (TCP pushes back); ``send_stall`` (30 s): how long a call waiting for
+    that room gives a peer that reads nothing; ``liveness`` (whole seconds, 0: off): within
+    about how long a peer whose host or network vanished is declared gone and the calls
+    waiting on it fail; ``max_builtin_elements`` (2^28): the largest result of a builtin.
 
     Example::
 
@@ -105,6 +108,9 @@ class TensorPipeRpcBackendOptions:
         tls: tuple[str, str, str] | None = None,
         max_queued_bytes: int | None = None,
         max_calls_in: int | None = None,
+        max_builtin_elements: int | None = None,
+        send_stall: float | None = None,
+        liveness: float | None = None,
     ) -> None:
         if device_maps or devices:
             raise ValueError("distrpc runs on CPU only: device_maps and devices must be empty")
@@ -120,6 +126,25 @@ class TensorPipeRpcBackendOptions:
             raise ValueError("tls is (ca, cert, key): three PEM files")
         self.max_queued_bytes = max_queued_bytes
         self.max_calls_in = max_calls_in
+        self.max_builtin_elements = max_builtin_elements
+        self.send_stall = send_stall
+        self.liveness = liveness
+
+    def _distrpc_options(self) -> dict:
+        """distrpc's own options, as ``Agent.bind`` takes them (``None``: the default)."""
+        return {
+            name: getattr(self, name, None)
+            for name in (
+                "auth_token",
+                "listen_ip",
+                "tls",
+                "max_queued_bytes",
+                "max_calls_in",
+                "max_builtin_elements",
+                "send_stall",
+                "liveness",
+            )
+        }
 
     def __repr__(self) -> str:
         # The token stays out of logs.
@@ -261,19 +286,14 @@ def init_rpc(
     with _lock:
         if _state.current is not None:
             raise RuntimeError("RPC is already initialized")
-        args = (
-            options.num_worker_threads,
-            float(options.rpc_timeout),
-            getattr(options, "auth_token", None),
-            getattr(options, "listen_ip", None),
-            getattr(options, "tls", None),
-            getattr(options, "max_queued_bytes", None),
-            getattr(options, "max_calls_in", None),
-        )
+        threads, timeout = options.num_worker_threads, float(options.rpc_timeout)
+        # torch's own options object has none of distrpc's.
+        extras = getattr(options, "_distrpc_options", dict)()
         if options.init_method == "env://" and _under_torchrun():
-            agent = _join_through_torchrun(name, rank, world_size, *args)
+            agent = _join_through_torchrun(name, rank, world_size, threads, timeout, extras)
         else:
-            agent = Agent.bind(name, rank, world_size, options.init_method, *args).join()
+            init = options.init_method
+            agent = Agent.bind(name, rank, world_size, init, threads, timeout, **extras).join()
         _autograd.init(rank)
         _state.current = state = _State(agent, options.num_worker_threads)
         state.start()
@@ -291,11 +311,7 @@ def _join_through_torchrun(
     world_size: int,
     num_threads: int,
     timeout: float,
-    auth_token: str | None,
-    listen_ip: str | None,
-    tls: tuple[str, str, str] | None,
-    max_queued_bytes: int | None,
-    max_calls_in: int | None,
+    extras: dict,
 ) -> Any:
     """env:// under torchrun, whose agent hosts a torch store on ``MASTER_PORT``: rank 0
     hosts distrpc's store on a free port and posts its address in torch's store, where the
@@ -311,13 +327,15 @@ def _join_through_torchrun(
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=wait)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "")
     key = f"distrpc/store/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    extra = (num_threads, timeout, auth_token, listen_ip, tls, max_queued_bytes, max_calls_in)
     if rank == 0:
-        pending = Agent.bind(name, rank, world_size, f"tcp://{host}:0", *extra)
+        pending = Agent.bind(
+            name, rank, world_size, f"tcp://{host}:0", num_threads, timeout, **extras
+        )
         store.set(key, f"{host}:{pending.store_port}")
         return pending.join()
     address = store.get(key).decode()
-    return Agent.bind(name, rank, world_size, f"tcp://{address}", *extra).join()
+    init = f"tcp://{address}"
+    return Agent.bind(name, rank, world_size, init, num_threads, timeout, **extras).join()
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
