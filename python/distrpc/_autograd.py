@@ -113,7 +113,7 @@ class Context:
 
     def reached(self, worker: int) -> None:
         """Notes that a message of this context went to or came from ``worker``."""
-        if worker != _rank:
+        if worker != _rank and worker not in self.known:  # (read without the lock: a set)
             with self.lock:
                 self.known.add(worker)
 
@@ -244,19 +244,27 @@ class _Sending(NamedTuple):
     message: int
 
 
-@contextlib.contextmanager
-def sending(ctx: Context, to: int | None, body: Any) -> Iterator[Message]:
-    """The message to pickle for ``body`` sent to ``to`` in ``ctx``; while the block pickles it,
-    tensors that require grad are recorded as sent (:func:`sent_index`)."""
-    message = (_rank << ID_BITS) | next(_next_message)
+def message(ctx: Context, to: int | None, body: Any) -> Message:
+    """The message to pickle for ``body`` sent to ``to`` in ``ctx``. While it is pickled with
+    :func:`sending` on, its tensors that require grad are recorded as sent (:func:`sent_index`);
+    a body with no tensor needs no more than ``pickle.dumps``."""
     if to is not None:
         ctx.reached(to)
+    return Message(Meta(ctx.id, (_rank << ID_BITS) | next(_next_message)), body)
+
+
+def sending(message: Message, ctx: Context) -> Any:
+    """Records the tensors pickled on this thread as sent in ``message`` of ``ctx``, until
+    :func:`sent` is given what this returned. (Two calls rather than a context manager: each
+    call in a context goes through them.)"""
     previous = getattr(_local, "sending", None)
-    _local.sending = _Sending(ctx, message)
-    try:
-        yield Message(Meta(ctx.id, message), body)
-    finally:
-        _local.sending = previous
+    _local.sending = _Sending(ctx, message.meta.message_id)
+    return previous
+
+
+def sent(previous: Any) -> None:
+    """The end of what :func:`sending` began."""
+    _local.sending = previous
 
 
 def sent_index(tensor: Any) -> int | None:

@@ -284,17 +284,24 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     ctx = getattr(_autograd.running_in, "context", None)  # _autograd.current(), inlined
-    if ctx is None and _default_pickler is _internal_rpc_pickler and _plain(obj):
-        return pickle.dumps(_wire(obj), protocol=5), []
+    plain = _default_pickler is _internal_rpc_pickler and _plain(obj)
+    if ctx is None:
+        if plain:
+            return pickle.dumps(_wire(obj), protocol=5), []
+    else:
+        # Sent in a distributed autograd context: it goes as a message of the context, and its
+        # tensors that require grad are recorded as sent.
+        obj = _autograd.message(ctx, to, _wire(obj))
+        if plain:
+            return pickle.dumps(obj, protocol=5), []
     previous, _encoding.to = getattr(_encoding, "to", None), to
+    recording = None if ctx is None else _autograd.sending(obj, ctx)
     try:
-        if ctx is None:
-            return _default_pickler.serialize(_wire(obj))
-        # Sent in a distributed autograd context: its tensors that require grad are recorded.
-        with _autograd.sending(ctx, to, _wire(obj)) as message:
-            return _default_pickler.serialize(message)
+        return _default_pickler.serialize(_wire(obj))
     finally:
         _encoding.to = previous
+        if ctx is not None:
+            _autograd.sent(recording)
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
@@ -403,8 +410,12 @@ def _run(ctx: Any, udf: Any, this: Any, worker_info: Any, answer: Callable[[Any]
     """:func:`_invoke`, in the distributed autograd context ``ctx`` if there is one."""
     if ctx is None:
         return _invoke(udf, this, worker_info, answer)
-    with _autograd.running(ctx):
+    running = _autograd.running_in
+    previous, running.context = getattr(running, "context", None), ctx
+    try:
         return _invoke(udf, this, worker_info, answer)
+    finally:
+        running.context = previous
 
 
 def _profiled_answer(answer: Callable[[Any], None], events: list) -> Callable[[Any], None]:
@@ -420,8 +431,12 @@ def _autograd_answer(ctx: Any, answer: Callable[[Any], None]) -> Callable[[Any],
     """``answer``, pickling the result in the autograd context ``ctx``."""
 
     def in_context(value: Any) -> None:
-        with _autograd.running(ctx):
+        running = _autograd.running_in
+        previous, running.context = getattr(running, "context", None), ctx
+        try:
             answer(value)
+        finally:
+            running.context = previous
 
     return in_context
 
