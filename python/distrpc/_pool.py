@@ -92,9 +92,16 @@ def torch_threads() -> None:
     if getattr(_local, "torch_threads", False):
         return
     torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(torch.get_num_threads())
-        _local.torch_threads = True
+    # None while another thread is still importing torch: tried again at the next call.
+    set_threads = getattr(torch, "set_num_threads", None)
+    get_threads = getattr(torch, "get_num_threads", None)
+    if set_threads is None or get_threads is None:
+        return
+    try:
+        set_threads(get_threads())
+    except Exception:  # noqa: BLE001 - torch half imported: a thread must never die of it
+        return
+    _local.torch_threads = True
 
 
 def waiting(wait: Callable[..., Any], *args: Any) -> Any:
