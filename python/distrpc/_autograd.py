@@ -213,6 +213,16 @@ def _setting(local: threading.local, name: str, value: Any) -> Iterator[None]:
         setattr(local, name, previous)
 
 
+def call_in(ctx: Context | None, function: Any, *args: Any) -> Any:
+    """``function(*args)`` run in ``ctx``: :func:`running` as one call (a callee's function and
+    its answer run this way, on every call made in a context; no generator to drive)."""
+    previous, running_in.context = getattr(running_in, "context", None), ctx
+    try:
+        return function(*args)
+    finally:
+        running_in.context = previous
+
+
 def running(ctx: Context | None) -> contextlib.AbstractContextManager:
     """Runs the block in ``ctx`` (none with ``None``): what it sends is recorded there."""
     return _setting(running_in, "context", ctx)

@@ -278,6 +278,16 @@ def _wire(obj: Any) -> Any:
     return tuple(obj) if type(obj) is PythonUDF else obj
 
 
+def qualname(func: Callable[..., Any] | str) -> str:
+    """The name a call of ``func`` goes by (in errors, metrics and profiles):
+    ``module.qualified_name``; a name stays as it is."""
+    if isinstance(func, str):
+        return func
+    module = getattr(func, "__module__", None) or "?"
+    name = getattr(func, "__qualname__", None)
+    return f"{module}.{name if name is not None else repr(func)}"
+
+
 def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     """Pickles ``obj`` for the wire (to worker ``to``, the rank references in it are forked
     for): the pickle, and the buffers taken out of band. Fails before anything is sent if
@@ -285,19 +295,17 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     ctx = getattr(_autograd.running_in, "context", None)  # _autograd.current(), inlined
     plain = _default_pickler is _internal_rpc_pickler and _plain(obj)
-    if ctx is None:
-        if plain:
-            return pickle.dumps(_wire(obj), protocol=5), []
-    else:
+    obj = _wire(obj)
+    if ctx is not None:
         # Sent in a distributed autograd context: it goes as a message of the context, and its
         # tensors that require grad are recorded as sent.
-        obj = _autograd.message(ctx, to, _wire(obj))
-        if plain:
-            return pickle.dumps(obj, protocol=5), []
+        obj = _autograd.message(ctx, to, obj)
+    if plain:
+        return pickle.dumps(obj, protocol=5), []
     previous, _encoding.to = getattr(_encoding, "to", None), to
     recording = None if ctx is None else _autograd.sending(obj, ctx)
     try:
-        return _default_pickler.serialize(_wire(obj))
+        return _default_pickler.serialize(obj)
     finally:
         _encoding.to = previous
         if ctx is not None:
@@ -385,7 +393,7 @@ def run_udf(
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
-        ctx = getattr(_decoding, "context", None)  # received_context()
+        ctx = received_context()
         if ctx is not None:
             # Sent in a distributed autograd context: the function runs in it, and its result
             # goes back in it, from whichever thread answers.
@@ -410,12 +418,7 @@ def _run(ctx: Any, udf: Any, this: Any, worker_info: Any, answer: Callable[[Any]
     """:func:`_invoke`, in the distributed autograd context ``ctx`` if there is one."""
     if ctx is None:
         return _invoke(udf, this, worker_info, answer)
-    running = _autograd.running_in
-    previous, running.context = getattr(running, "context", None), ctx
-    try:
-        return _invoke(udf, this, worker_info, answer)
-    finally:
-        running.context = previous
+    return _autograd.call_in(ctx, _invoke, udf, this, worker_info, answer)
 
 
 def _profiled_answer(answer: Callable[[Any], None], events: list) -> Callable[[Any], None]:
@@ -431,12 +434,7 @@ def _autograd_answer(ctx: Any, answer: Callable[[Any], None]) -> Callable[[Any],
     """``answer``, pickling the result in the autograd context ``ctx``."""
 
     def in_context(value: Any) -> None:
-        running = _autograd.running_in
-        previous, running.context = getattr(running, "context", None), ctx
-        try:
-            answer(value)
-        finally:
-            running.context = previous
+        _autograd.call_in(ctx, answer, value)
 
     return in_context
 

@@ -3,7 +3,10 @@ it through (``api`` sets it, the rest only reads it)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from .futures import Future
 
 #: The running worker (``api._State``), or ``None`` before ``init_rpc`` and after ``shutdown``.
 current: Any = None
@@ -24,6 +27,13 @@ def require() -> Any:
 def timeout(seconds: float) -> float | None:
     """A timeout argument for the agent: ``None`` for the default."""
     return None if seconds == UNSET else float(seconds)
+
+
+def future() -> Any:
+    """A new future for a call's result: ``torch.futures.Future`` when the program uses torch
+    (so ``torch.futures.wait_all``, ``then``, ... work on it), else distrpc's own."""
+    torch = sys.modules.get("torch")
+    return torch.futures.Future() if torch is not None else Future()
 
 
 def rank_of(name: str) -> int:

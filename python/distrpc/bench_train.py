@@ -45,44 +45,23 @@ def _noop() -> None:
     return None
 
 
-class EmbeddingTable:
-    """The tutorial's embedding table (on the parameter server); made lazily so that this
-    module imports without torch."""
+def _embedding_table(ntoken: int, ninp: int, dropout: float):
+    """The tutorial's ``EmbeddingTable`` (on the parameter server): an embedding, then dropout."""
+    import torch
 
-    def __new__(cls, ntoken: int, ninp: int, dropout: float):  # noqa: D102
-        import torch
-
-        class _Table(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.drop = torch.nn.Dropout(dropout)
-                self.encoder = torch.nn.Embedding(ntoken, ninp)
-                self.encoder.weight.data.uniform_(-0.1, 0.1)
-
-            def forward(self, x):
-                return self.drop(self.encoder(x))
-
-        return _Table()
+    table = torch.nn.Sequential(torch.nn.Embedding(ntoken, ninp), torch.nn.Dropout(dropout))
+    table[0].weight.data.uniform_(-0.1, 0.1)
+    return table
 
 
-class Decoder:
-    """The tutorial's decoder (on the parameter server)."""
+def _decoder(ntoken: int, nhid: int, dropout: float):
+    """The tutorial's ``Decoder`` (on the parameter server): dropout, then a linear layer."""
+    import torch
 
-    def __new__(cls, ntoken: int, nhid: int, dropout: float):  # noqa: D102
-        import torch
-
-        class _Decoder(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.drop = torch.nn.Dropout(dropout)
-                self.decoder = torch.nn.Linear(nhid, ntoken)
-                self.decoder.weight.data.uniform_(-0.1, 0.1)
-                self.decoder.bias.data.zero_()
-
-            def forward(self, output):
-                return self.decoder(self.drop(output))
-
-        return _Decoder()
+    decoder = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(nhid, ntoken))
+    decoder[1].weight.data.uniform_(-0.1, 0.1)
+    decoder[1].bias.data.zero_()
+    return decoder
 
 
 def _call_method(method: str, rref, *args):
@@ -105,8 +84,8 @@ def _rnn(impl: str, steps: int) -> list[float]:
     rpc, dist_autograd, dist_optim = _modules(impl)
     ntoken, ninp, nhid, nlayers, batch, seq = 10, 2, 3, 4, 5, 20
     torch.manual_seed(0)
-    emb = rpc.remote("worker1", EmbeddingTable, args=(ntoken, ninp, 0.5))
-    dec = rpc.remote("worker1", Decoder, args=(ntoken, nhid, 0.5))
+    emb = rpc.remote("worker1", _embedding_table, args=(ntoken, ninp, 0.5))
+    dec = rpc.remote("worker1", _decoder, args=(ntoken, nhid, 0.5))
     lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
     params = (
         rpc.rpc_sync("worker1", _param_rrefs, args=(impl, emb))

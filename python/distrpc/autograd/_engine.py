@@ -112,16 +112,12 @@ def _call(rank: int, function: Any, args: tuple) -> Any:
     """``rpc_async(rank, function, args)`` outside any context (what the engine sends is no
     part of a graph), made here from the worker's agent: this engine sits below the RPC API,
     as torch's does (``RRef.backward`` runs it)."""
-    import torch
-
     state = _state.require()
-    with _autograd.running(None):
-        payload, buffers = _internal.serialize(_internal.PythonUDF(function, args, {}), rank)
-    name = f"{function.__module__}.{function.__qualname__}"
-    to = state.infos[rank].name
-    fut = torch.futures.Future()
-    timeout = _state.timeout(_state.UNSET)
-    state.track(lambda: state.agent.rpc_async(to, name, payload, buffers, timeout), fut, rank)
+    udf = _internal.PythonUDF(function, args, {})
+    payload, buffers = _autograd.call_in(None, _internal.serialize, udf, rank)
+    name, to, fut = _internal.qualname(function), state.infos[rank].name, _state.future()
+    # (Timeout None: the default.)
+    state.track(lambda: state.agent.rpc_async(to, name, payload, buffers, None), fut, rank)
     return fut
 
 

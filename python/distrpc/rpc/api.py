@@ -20,7 +20,6 @@ import enum
 import logging
 import os
 import pickle
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -361,14 +360,6 @@ def _build_rpc_profiling_key(
     return _profiler.build_key(exec_type, func_name, current_worker_name, dst_worker_name)
 
 
-def _qualname(func: Callable[..., Any] | str) -> str:
-    if isinstance(func, str):
-        return func
-    module = getattr(func, "__module__", None) or "?"
-    qualname = getattr(func, "__qualname__", None)
-    return f"{module}.{qualname if qualname is not None else repr(func)}"
-
-
 def _named_args(func: str, args: tuple | None, kwargs: dict | None) -> list:
     """The arguments of a call by name: positional only, as Rust functions take them."""
     if kwargs:
@@ -446,7 +437,7 @@ def _sync(
         named = _named_args(func, args, kwargs)
         return _pool.waiting(state.agent.rpc_sync_named, dst, func, named, _timeout(timeout))
     payload, buffers = _pickled_call(func, args, kwargs, recording, rank)
-    agent, name = state.agent, _qualname(func)
+    agent, name = state.agent, _internal.qualname(func)
     reply = _pool.waiting(agent.rpc_sync, dst, name, payload, buffers, _timeout(timeout))
     if recording is None:
         result = _internal.deserialize(*reply, rank)
@@ -480,9 +471,7 @@ def _async(
     recording: _profiler.Recording | None,
 ) -> Any:
     """:func:`rpc_async` once its destination is known (and its profiling, if any, begun)."""
-    torch = sys.modules.get("torch")
-    # torch's own future when the program uses torch (torch.futures.wait_all, then, ...).
-    fut: Any = torch.futures.Future() if torch is not None else Future()
+    fut = _state.future()
     if isinstance(func, str):
         named = _named_args(func, args, kwargs)
 
@@ -490,7 +479,7 @@ def _async(
             return state.agent.rpc_async_named(dst, func, named, _timeout(timeout))
     else:
         payload, buffers = _pickled_call(func, args, kwargs, recording, rank)
-        name = _qualname(func)
+        name = _internal.qualname(func)
 
         def start() -> int:
             return state.agent.rpc_async(dst, name, payload, buffers, _timeout(timeout))
@@ -597,7 +586,7 @@ def remote(
             f"remote() runs a Python function; {func!r} is a name (call functions by name "
             "with rpc_sync or rpc_async)"
         )
-    name, dst = _qualname(func), _to_name(to)
+    name, dst = _internal.qualname(func), _to_name(to)
     # The value stays on the callee: the key is recorded, the callee's events are not asked for.
     with _profiler.profiled("remote", func, state.me.name, dst, _rank_of(dst)):
         udf = _internal.PythonUDF(func, args or (), kwargs or {})

@@ -18,7 +18,6 @@ from typing import Any, Generic, TypeVar
 
 from .. import _autograd, _internal, _pool, _state
 from ..autograd import _engine
-from ..futures import Future
 from .worker import WorkerInfo
 
 T = TypeVar("T")
@@ -109,9 +108,7 @@ class RRef(Generic[T]):
             self._type = known
         if blocking:
             return known
-        fut = (
-            Future() if sys.modules.get("torch") is None else sys.modules["torch"].futures.Future()
-        )
+        fut = _state.future()
         fut.set_result(known)
         return fut
 
@@ -195,8 +192,7 @@ def call_with(rref: RRef, kind: str, udf: Any, name: str, timeout: float) -> Any
         return _internal._handle_exception(_internal.deserialize(*reply, owner))
     if kind == "remote":
         return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))
-    torch = sys.modules.get("torch")
-    fut: Any = torch.futures.Future() if torch is not None else Future()
+    fut = _state.future()
     timeout = _state.timeout(timeout)
     state.track(
         lambda: state.agent.rref_rpc_async(handle, name, payload, buffers, timeout), fut, owner
