@@ -478,19 +478,27 @@ impl Transport {
         }
     }
 
+    /// What a reader task of `conn` does if a handler it runs inline blocks: a new task takes
+    /// over reading, started by `respawn` with the same read state (and the blocked one stops
+    /// once the handler is done). Shared by the plain and the TLS reader.
+    fn hand_off<S: Clone + Send + Sync + 'static>(
+        self: &Arc<Self>,
+        conn: &Arc<Connection>,
+        state: &S,
+        respawn: fn(&Arc<Self>, Arc<Connection>, S),
+    ) -> crate::runtime::HandOff {
+        let (transport, conn, state) = (self.clone(), conn.clone(), state.clone());
+        Arc::new(move || {
+            transport.hand_offs.fetch_add(1, Ordering::Relaxed);
+            respawn(&transport, conn.clone(), state.clone());
+        })
+    }
+
     /// Starts the task that reads `conn` whenever no blocked caller has claimed it.
     fn spawn_reader(self: &Arc<Self>, conn: Arc<Connection>, read: Arc<ReadSide>) {
         let transport = self.clone();
         self.tasks.spawn(async move {
-            // If a handler run inline blocks, a new task takes over reading (and this one
-            // stops once the handler is done).
-            let hand_off: crate::runtime::HandOff = {
-                let (transport, conn, read) = (transport.clone(), conn.clone(), read.clone());
-                Arc::new(move || {
-                    transport.hand_offs.fetch_add(1, Ordering::Relaxed);
-                    transport.spawn_reader(conn.clone(), read.clone());
-                })
-            };
+            let hand_off = transport.hand_off(&conn, &read, Self::spawn_reader);
             let spin = transport.busy_poll;
             let mut idle_since: Option<std::time::Instant> = None;
             let end = loop {

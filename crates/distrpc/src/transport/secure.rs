@@ -13,7 +13,6 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::io::ReadHalf;
 
@@ -31,13 +30,7 @@ impl Transport {
     pub(super) fn spawn_tls_reader(self: &Arc<Self>, conn: Arc<Connection>, reading: TlsReading) {
         let transport = self.clone();
         self.tasks.spawn(async move {
-            let hand_off: crate::runtime::HandOff = {
-                let (transport, conn, reading) = (transport.clone(), conn.clone(), reading.clone());
-                Arc::new(move || {
-                    transport.hand_offs.fetch_add(1, Ordering::Relaxed);
-                    transport.spawn_tls_reader(conn.clone(), reading.clone());
-                })
-            };
+            let hand_off = transport.hand_off(&conn, &reading, Self::spawn_tls_reader);
             let end = loop {
                 if !transport.room_for_calls(&conn).await {
                     break ReadEnd::Closed;
