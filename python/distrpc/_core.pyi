@@ -69,6 +69,8 @@ class Agent:
         max_builtin_elements: int | None = None,
         send_stall: float | None = None,
         liveness: float | None = None,
+        busy_poll: float | None = None,
+        spin_wait: float | None = None,
     ) -> PendingAgent: ...
     @property
     def name(self) -> str: ...

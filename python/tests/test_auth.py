@@ -214,10 +214,14 @@ def test_the_bounds_are_options_and_bad_values_are_refused(tmp_path):
     for store, bad, message in (
         ("a", {"send_stall": -1.0}, "send_stall -1: a positive number of seconds"),
         ("b", {"liveness": 1}, "liveness 1: whole seconds from 2 to 86400, or 0 for none"),
+        ("d", {"spin_wait": -1.0}, "spin_wait -1: seconds, zero or more"),
+        ("e", {"busy_poll": 0.0}, "busy_poll 0: a positive number of seconds"),
     ):
         with pytest.raises(ValueError, match=message):
             rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=options(store, **bad))
-    bounded = options("c", max_builtin_elements=100, send_stall=5.0, liveness=4)
+    bounded = options(
+        "c", max_builtin_elements=100, send_stall=5.0, liveness=4, spin_wait=0.0, busy_poll=1e-4
+    )
     rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=bounded)
     try:
         assert rpc.rpc_sync("w", "aten::ones", args=([10], "F32")).shape == (10,)

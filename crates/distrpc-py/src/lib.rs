@@ -214,13 +214,14 @@ impl Agent {
     /// `DISTRPC_AUTH_TOKEN_FILE` names); `listen_ip`: the address to listen on (else the
     /// interface toward the store); `tls`: `(ca, cert, key)` PEM files for mutual TLS (else
     /// `DISTRPC_TLS_CA`, `DISTRPC_TLS_CERT`, `DISTRPC_TLS_KEY`); `max_queued_bytes`,
-    /// `max_calls_in`, `max_builtin_elements`, `send_stall` and `liveness` (seconds): the
-    /// [`RpcOptions`] of those names (`None`: their defaults).
+    /// `max_calls_in`, `max_builtin_elements`, `send_stall`, `liveness`, `busy_poll` and
+    /// `spin_wait` (seconds): the [`RpcOptions`] of those names (`None`: their defaults).
     #[staticmethod]
     #[pyo3(signature = (
         name, rank, world_size, init_method, num_worker_threads, rpc_timeout,
         auth_token=None, listen_ip=None, tls=None, max_queued_bytes=None, max_calls_in=None,
-        max_builtin_elements=None, send_stall=None, liveness=None
+        max_builtin_elements=None, send_stall=None, liveness=None, busy_poll=None,
+        spin_wait=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
@@ -239,6 +240,8 @@ impl Agent {
         max_builtin_elements: Option<usize>,
         send_stall: Option<f64>,
         liveness: Option<f64>,
+        busy_poll: Option<f64>,
+        spin_wait: Option<f64>,
     ) -> PyResult<PendingAgent> {
         let (mut options, front) = Agent::options(init_method, num_worker_threads, rpc_timeout)?;
         if let Some(token) = auth_token {
@@ -273,6 +276,15 @@ impl Agent {
                 )));
             }
             options = options.liveness(Duration::from_secs(bound as u64));
+        }
+        if let Some(spin) = positive("busy_poll", busy_poll)? {
+            options = options.busy_poll(spin);
+        }
+        if let Some(spin) = spin_wait {
+            let spin = Duration::try_from_secs_f64(spin).map_err(|_| {
+                PyValueError::new_err(format!("spin_wait {spin}: seconds, zero or more"))
+            })?;
+            options = options.spin_wait(spin);
         }
         let pending = py
             .detach(|| Rpc::bind(&name, rank, world_size, options))

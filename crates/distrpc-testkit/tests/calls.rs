@@ -501,13 +501,16 @@ fn many_threads_share_one_rpc() {
 
 /// A blocked caller reads the connection itself while it waits (its claim), then hands it back
 /// to the reader task: replies to other callers, pipelined replies and requests from the other
-/// side that arrive meanwhile must all be handled, in both the default and the busy-poll mode.
+/// side that arrive meanwhile must all be handled: with callers spinning for their replies (the
+/// default), sleeping at once, and in the busy-poll mode.
 #[test]
 fn callers_reading_their_own_replies_lose_nothing() {
-    for busy in [Duration::ZERO, Duration::from_micros(50)] {
+    let us = Duration::from_micros;
+    for (busy, spin) in [(us(0), us(200)), (us(0), us(0)), (us(50), us(0))] {
         let rpcs = in_process(2, |_| {
             RpcOptions::default()
                 .busy_poll(busy)
+                .spin_wait(spin)
                 .rpc_timeout(Duration::from_secs(30))
         })
         .unwrap();

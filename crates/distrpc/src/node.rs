@@ -25,7 +25,7 @@ pub(crate) struct NodeConfig {
     pub(crate) rpc_timeout: Duration,
     pub(crate) limits: Limits,
     pub(crate) faults: FaultInjection,
-    pub(crate) busy_poll: Duration,
+    pub(crate) spin: crate::transport::Spin,
     pub(crate) liveness: Duration,
     pub(crate) foreign: crate::server::Foreign,
     pub(crate) security: distrpc_secure::Security,
@@ -53,7 +53,7 @@ impl Node {
             rpc_timeout,
             limits,
             faults,
-            busy_poll,
+            spin,
             liveness,
             foreign,
             security,
@@ -63,7 +63,7 @@ impl Node {
         let sockets = crate::transport::SocketOptions {
             security,
             queue,
-            busy_poll,
+            spin,
             liveness,
         };
         let transport = Transport::new(me, group, limits, sockets, Tasks::new(rt));

@@ -136,7 +136,10 @@ impl PendingRpc {
                     ..Default::default()
                 },
                 faults: options.faults,
-                busy_poll: options.busy_poll,
+                spin: crate::transport::Spin {
+                    readers: options.busy_poll,
+                    callers: options.busy_poll.max(options.spin_wait),
+                },
                 liveness: options.liveness,
                 foreign: options.foreign.iter().cloned().collect(),
                 security: bound.security.clone(),

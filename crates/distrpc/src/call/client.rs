@@ -374,7 +374,8 @@ impl Client {
             internal,
             delivery,
         } = call;
-        let (fut, done) = RpcFuture::pending_spinning(self.transport.busy_poll);
+        let spin = self.transport.spin.for_call(delivery == Delivery::Blocking);
+        let (fut, done) = RpcFuture::pending_spinning(spin);
         let scope = self.scope();
         let encoded = scope::encoding(scope.as_deref(), dest, || {
             encode_call(prefix, function, |out| crate::codec::encode(args, out))
@@ -439,7 +440,8 @@ impl Client {
         timeout: Option<Duration>,
         delivery: Delivery,
     ) -> RpcFuture<RawReply> {
-        let (fut, done) = RpcFuture::pending_spinning(self.transport.busy_poll);
+        let spin = self.transport.spin.for_call(delivery == Delivery::Blocking);
+        let (fut, done) = RpcFuture::pending_spinning(spin);
         let RawCall {
             codec,
             function,

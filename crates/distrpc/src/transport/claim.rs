@@ -46,15 +46,34 @@ impl Claim {
 
     /// Reads the connection until `done` is set, the call's deadline passes or the connection
     /// ends — or `until`, if given, passes: then it returns `true`, and the claim can be driven
-    /// again later. Spins for up to `spin` before sleeping in `poll`.
+    /// again later. Spins for up to `spin` before sleeping in `poll`, unless the connection's
+    /// replies lately came later than that ([`Connection::spins`]).
     pub(crate) fn drive(
         &self,
         done: &AtomicBool,
         spin: Duration,
         until: Option<std::time::Instant>,
     ) -> bool {
+        if spin.is_zero() {
+            return self.read_until(done, None, until);
+        }
+        let started = std::time::Instant::now();
+        let spin_until = self.conn.spins().then(|| started + spin);
+        let again = self.read_until(done, spin_until, until);
+        if done.load(Ordering::Acquire) {
+            self.conn.replied(started.elapsed() <= spin);
+        }
+        again
+    }
+
+    /// [`Claim::drive`], spinning until `spin_until` if given.
+    fn read_until(
+        &self,
+        done: &AtomicBool,
+        spin_until: Option<std::time::Instant>,
+        until: Option<std::time::Instant>,
+    ) -> bool {
         let is_done = || done.load(Ordering::Acquire);
-        let spin_until = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
         loop {
             match self.step() {
                 None => return false,

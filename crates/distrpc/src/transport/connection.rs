@@ -17,6 +17,7 @@
 
 use crate::sync::lock;
 use std::io::IoSlice;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,10 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::reader::ReadSide;
+
+/// After this many replies in a row later than the spin, callers on a connection stop spinning
+/// ([`Connection::spins`]).
+const SLOW_REPLIES: u32 = 4;
 
 #[derive(Default)]
 struct Queue {
@@ -87,6 +92,9 @@ pub(crate) struct Connection {
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The receiving side, once connected.
     pub(crate) read: std::sync::OnceLock<Arc<ReadSide>>,
+    /// How many blocking calls in a row lately got their reply later than a caller spins
+    /// (see [`Connection::spins`]).
+    slow_replies: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Connection {
@@ -108,11 +116,30 @@ impl Connection {
             room: Condvar::new(),
             bound,
             calls_in: std::sync::atomic::AtomicUsize::new(0),
+            slow_replies: std::sync::atomic::AtomicU32::new(0),
             room_for_calls: Notify::new(),
             sink: Mutex::new(None),
             socket: Mutex::new(None),
             read: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether a caller blocked on a call over this connection spins for its reply: not once
+    /// [`SLOW_REPLIES`] replies in a row came later than the spin (a peer whose calls take
+    /// long), until one comes within it again ([`Connection::replied`]).
+    pub(crate) fn spins(&self) -> bool {
+        self.slow_replies.load(Ordering::Relaxed) < SLOW_REPLIES
+    }
+
+    /// Notes how a blocked caller's reply came: within the spin, or later.
+    pub(crate) fn replied(&self, within_spin: bool) {
+        if within_spin {
+            self.slow_replies.store(0, Ordering::Relaxed);
+        } else {
+            let n = self.slow_replies.load(Ordering::Relaxed);
+            self.slow_replies
+                .store(n.saturating_add(1), Ordering::Relaxed);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -516,4 +543,32 @@ async fn write_all_slices(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_stop_spinning_on_a_slow_peer_until_a_reply_is_quick_again() {
+        let bound = QueueBound {
+            bytes: 1 << 20,
+            stall: Duration::from_secs(1),
+            calls: 16,
+        };
+        let conn = Connection::new(1, 0, bound);
+        for _ in 1..SLOW_REPLIES {
+            conn.replied(false);
+            assert!(
+                conn.spins(),
+                "fewer than SLOW_REPLIES slow replies still spin"
+            );
+        }
+        conn.replied(false);
+        assert!(!conn.spins());
+        conn.replied(false);
+        assert!(!conn.spins());
+        conn.replied(true);
+        assert!(conn.spins(), "a quick reply makes callers spin again");
+    }
 }

@@ -97,8 +97,8 @@ pub(crate) struct Transport {
     /// Every worker of the group (shared with the other workers of this process in it).
     pub(crate) group: Arc<Group>,
     limits: Limits,
-    /// How long reader tasks and blocked callers spin before sleeping (the latency option).
-    pub(crate) busy_poll: Duration,
+    /// How long reader tasks and blocked callers spin before sleeping (the latency options).
+    pub(crate) spin: Spin,
     /// The liveness bound (zero: off); see [`SocketOptions`].
     liveness: Duration,
     /// What protects the connections: the group's secret and TLS, if configured.
@@ -139,7 +139,7 @@ impl Transport {
             me,
             group,
             limits,
-            busy_poll: sockets.busy_poll,
+            spin: sockets.spin,
             liveness: sockets.liveness,
             security: sockets.security,
             queue: sockets.queue,
@@ -499,7 +499,7 @@ impl Transport {
         let transport = self.clone();
         self.tasks.spawn(async move {
             let hand_off = transport.hand_off(&conn, &read, Self::spawn_reader);
-            let spin = transport.busy_poll;
+            let spin = transport.spin.readers;
             let mut idle_since: Option<std::time::Instant> = None;
             let end = loop {
                 if !transport.room_for_calls(&conn).await {
@@ -644,11 +644,27 @@ pub(crate) struct SocketOptions {
     pub(crate) security: Security,
     /// What each connection may hold for its peer.
     pub(crate) queue: QueueBound,
-    /// How long reader tasks and blocked callers spin before sleeping (the latency option).
-    pub(crate) busy_poll: Duration,
+    /// How long reader tasks and blocked callers spin before sleeping (the latency options).
+    pub(crate) spin: Spin,
     /// The liveness bound (zero: off): a peer that stops answering at the TCP level is
     /// dropped within about this long.
     pub(crate) liveness: Duration,
+}
+
+/// How long threads poll before they sleep (`RpcOptions::busy_poll` and `spin_wait`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Spin {
+    /// A reader task, after its connection's last frame; and any wait on a call's result.
+    pub(crate) readers: Duration,
+    /// A thread blocked on its own call (it reads its reply itself), before it sleeps.
+    pub(crate) callers: Duration,
+}
+
+impl Spin {
+    /// How long a wait on a call's result spins: a blocking caller's, or any other.
+    pub(crate) fn for_call(&self, blocking: bool) -> Duration {
+        if blocking { self.callers } else { self.readers }
+    }
 }
 
 /// A second handle on `tcp`'s socket.
