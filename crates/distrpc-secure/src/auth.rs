@@ -199,6 +199,7 @@ where
     hello[MAGIC.len()] = VERSION;
     hello[MAGIC.len() + 1..].copy_from_slice(&dialer);
     stream.write_all(&hello).await?;
+    stream.flush().await?;
 
     let mut answer = [0u8; NONCE + TAG];
     read_exact(stream, &mut answer).await?;
@@ -208,6 +209,7 @@ where
 
     let proof = secret.proof(b"dialer", &dialer, &acceptor);
     stream.write_all(proof.as_ref()).await?;
+    stream.flush().await?;
     let mut verdict = [0u8; 1];
     read_exact(stream, &mut verdict).await?;
     if verdict[0] != ACCEPTED {
@@ -247,11 +249,13 @@ where
     answer[..NONCE].copy_from_slice(&acceptor);
     answer[NONCE..].copy_from_slice(proof.as_ref());
     stream.write_all(&answer).await?;
+    stream.flush().await?;
 
     let mut tag = [0u8; TAG];
     read_exact(stream, &mut tag).await?;
     secret.check(b"dialer", &dialer, &acceptor, &tag)?;
     stream.write_all(&[ACCEPTED]).await?;
+    stream.flush().await?;
     Ok(())
 }
 

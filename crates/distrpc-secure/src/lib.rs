@@ -1,6 +1,7 @@
 //! What protects a distrpc group's connections from outsiders: a shared secret that both ends
 //! of every connection — worker to worker, worker to store — prove they know before anything
-//! else is parsed ([`auth`]), and mutual TLS with a group CA ([`tls`]).
+//! else is parsed ([`auth`]), and mutual TLS with a group CA ([`tls`]; its data in TLS 1.3
+//! records sealed here, [`records`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod auth;
+pub mod records;
 mod secured;
 pub mod tls;
 

@@ -36,15 +36,19 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A TLS stream over TCP, either end. rustls reads the socket 4 KiB at a time: under it, a
-/// buffer takes what the socket has in reads of up to [`READ_BUFFER`] bytes, which keeps the
-/// system calls per megabyte of tensor few.
-pub type TlsStream = tokio_rustls::TlsStream<tokio::io::BufReader<TcpStream>>;
+use crate::records::{Keys, RecordStream, Suite};
 
-/// The buffer under rustls's reads.
-pub const READ_BUFFER: usize = 256 << 10;
+/// A TLS stream over TCP, either end: rustls makes the handshake, then distrpc's own record
+/// layer ([`crate::records`]) carries the data with the keys it agreed.
+pub type TlsStream = RecordStream;
+
+/// What the accepting end sends first once both ends hold the keys: the dialer sends nothing
+/// before it, so nothing of the dialer's can have reached rustls's buffers with the last
+/// handshake message (the handshake's buffers are dropped, not read from, at the switch).
+const READY: u8 = 0x5a;
 
 /// The name every worker certificate carries, and every dialer checks.
 pub const SERVER_NAME: &str = "distrpc-worker";
@@ -88,8 +92,8 @@ pub enum TlsError {
 /// as client (it dials) and as server (it accepts).
 #[derive(Clone)]
 pub struct Tls {
-    client: tokio_rustls::TlsConnector,
-    server: tokio_rustls::TlsAcceptor,
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -105,8 +109,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// ring's provider, AES-128-GCM first: the fastest suite with AES instructions (ten rounds to
-/// AES-256's fourteen), which is what bulk tensor traffic needs.
+/// ring's provider, TLS 1.3 suites only (the record layer speaks 1.3), AES-128-GCM first: the
+/// fastest suite with AES instructions (ten rounds to AES-256's fourteen), which is what bulk
+/// tensor traffic needs.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as suite;
     let mut provider = rustls::crypto::ring::default_provider();
@@ -114,10 +119,76 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         suite::TLS13_AES_128_GCM_SHA256,
         suite::TLS13_AES_256_GCM_SHA384,
         suite::TLS13_CHACHA20_POLY1305_SHA256,
-        suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
     ];
     Arc::new(provider)
+}
+
+/// The two traffic secrets of one handshake, as rustls reports them to a key log (the record
+/// layer needs them for `key_update`; rustls's extracted keys are made from them).
+#[derive(Debug, Default)]
+struct Secrets(std::sync::Mutex<[Option<Vec<u8>>; 2]>);
+
+impl rustls::KeyLog for Secrets {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let slot = match label {
+            "CLIENT_TRAFFIC_SECRET_0" => 0,
+            "SERVER_TRAFFIC_SECRET_0" => 1,
+            _ => return,
+        };
+        let mut secrets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        secrets[slot] = Some(secret.to_vec());
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        label.ends_with("_TRAFFIC_SECRET_0")
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        let secrets = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        for secret in secrets.iter_mut().flatten() {
+            secret.fill(0);
+        }
+    }
+}
+
+/// The record layer's keys (sending, receiving) for one end of a finished handshake: rustls's
+/// extracted keys and sequence numbers, with the traffic secrets the key log caught (checked
+/// to make the same keys).
+fn record_keys(conn: rustls::Connection, secrets: &Secrets) -> std::io::Result<(Keys, Keys)> {
+    use rustls::ConnectionTrafficSecrets as S;
+    let client = matches!(conn, rustls::Connection::Client(_));
+    let extracted = conn
+        .dangerous_extract_secrets()
+        .map_err(std::io::Error::other)?;
+    let broken = |what: &str| std::io::Error::other(format!("TLS keys: {what}"));
+    let secrets = secrets.0.lock().unwrap_or_else(|e| e.into_inner());
+    let [Some(client_secret), Some(server_secret)] = &*secrets else {
+        return Err(broken("the handshake logged no traffic secrets"));
+    };
+    let (tx_secret, rx_secret) = if client {
+        (client_secret, server_secret)
+    } else {
+        (server_secret, client_secret)
+    };
+    let keys = |(seq, traffic): (u64, S), secret: &[u8]| {
+        let (suite, key, iv) = match &traffic {
+            S::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+            S::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
+            S::Chacha20Poly1305 { key, iv } => (Suite::Chacha20Poly1305, key, iv),
+            _ => return Err(broken("a cipher suite the record layer does not speak")),
+        };
+        let keys = Keys::new(suite, secret, seq);
+        if !keys.matches(key.as_ref(), iv.as_ref()) {
+            return Err(broken("the logged secret does not make rustls's key"));
+        }
+        Ok(keys)
+    };
+    Ok((
+        keys(extracted.tx, tx_secret)?,
+        keys(extracted.rx, rx_secret)?,
+    ))
 }
 
 impl Tls {
@@ -152,18 +223,20 @@ impl Tls {
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
         // No session tickets: connections live long, and nothing is resumed.
         server.send_tls13_tickets = 0;
-        let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
+        server.enable_secret_extraction = true;
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
+        client.enable_secret_extraction = true;
         Ok(Self {
-            client: tokio_rustls::TlsConnector::from(Arc::new(client)),
-            server: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            client: Arc::new(client),
+            server: Arc::new(server),
         })
     }
 
@@ -195,9 +268,14 @@ impl Tls {
     /// If the handshake fails: the peer's certificate is not the group CA's, or it refused
     /// ours.
     pub async fn connect(&self, stream: TcpStream) -> std::io::Result<TlsStream> {
-        let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
-        let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
-        self.client.connect(name, stream).await.map(TlsStream::from)
+        let (tcp, tx, rx) = self.dial_handshake(stream).await?;
+        let mut records = RecordStream::new(tcp, tx, rx);
+        if records.read_u8().await? != READY {
+            return Err(std::io::Error::other(
+                "TLS: the accepting end did not start the record layer",
+            ));
+        }
+        Ok(records)
     }
 
     /// The accepting end's TLS handshake on `stream`.
@@ -205,8 +283,42 @@ impl Tls {
     /// # Errors
     /// If the handshake fails: the peer has no certificate the group CA signed.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream> {
-        let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
-        self.server.accept(stream).await.map(TlsStream::from)
+        let (tcp, tx, rx) = self.accept_handshake(stream).await?;
+        let mut records = RecordStream::new(tcp, tx, rx);
+        records.write_all(&[READY]).await?;
+        records.flush().await?;
+        Ok(records)
+    }
+
+    /// The dialing end's rustls handshake: the socket and the keys it sends and receives with.
+    async fn dial_handshake(&self, stream: TcpStream) -> std::io::Result<(TcpStream, Keys, Keys)> {
+        let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
+        // Each connection logs its own handshake's secrets.
+        let secrets = Arc::new(Secrets::default());
+        let mut config = (*self.client).clone();
+        config.key_log = secrets.clone();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await?;
+        let (tcp, conn) = tls.into_inner();
+        let (tx, rx) = record_keys(conn.into(), &secrets)?;
+        Ok((tcp, tx, rx))
+    }
+
+    /// The accepting end's rustls handshake (see [`Tls::dial_handshake`]).
+    async fn accept_handshake(
+        &self,
+        stream: TcpStream,
+    ) -> std::io::Result<(TcpStream, Keys, Keys)> {
+        let secrets = Arc::new(Secrets::default());
+        let mut config = (*self.server).clone();
+        config.key_log = secrets.clone();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            .accept(stream)
+            .await?;
+        let (tcp, conn) = tls.into_inner();
+        let (tx, rx) = record_keys(conn.into(), &secrets)?;
+        Ok((tcp, tx, rx))
     }
 }
 
@@ -320,6 +432,7 @@ mod tests {
             // client's certificate after the client thinks it is done).
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             tls.write_all(b"s").await?;
+            tls.flush().await?;
             let mut b = [0u8; 1];
             tls.read_exact(&mut b).await.map(|_| ())
         });
@@ -328,6 +441,7 @@ mod tests {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut tls = client.connect(tcp).await?;
             tls.write_all(b"c").await?;
+            tls.flush().await?;
             let mut b = [0u8; 1];
             tls.read_exact(&mut b).await.map(|_| ())
         }
@@ -360,6 +474,74 @@ mod tests {
             0o600
         );
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Data patterned by its offset, to check what arrives.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// The record layer against rustls itself: the dialer speaks distrpc's records, the
+    /// acceptor stays a rustls stream. Data both ways, the dialer moving to new keys every 3
+    /// records, rustls asking for new keys (the dialer follows and answers), and
+    /// `close_notify` both ways.
+    #[tokio::test]
+    async fn our_records_are_tls_1_3_records_to_rustls() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("distrpc-tls-rl-{}", std::process::id()));
+        generate(&dir, &["a", "b"]).unwrap();
+        let (a, b) = (tls_of(&dir, "a"), tls_of(&dir, "b"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = b.server.clone();
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(server).accept(tcp).await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (tcp, tx, rx) = a.dial_handshake(tcp).await.unwrap();
+        let mut ours = RecordStream::new(tcp, tx.with_limit(3), rx);
+        let mut theirs = accepted.await.unwrap().unwrap();
+
+        // Ours to rustls: 200 KiB in one write (13 records, 4 key updates), then a small one.
+        let big = pattern(200 << 10, 1);
+        ours.write_all(&big).await.unwrap();
+        ours.write_all(b"tail").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut got = vec![0u8; big.len() + 4];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert!(got[..big.len()] == big[..] && &got[big.len()..] == b"tail");
+
+        // rustls to ours.
+        let back = pattern(100 << 10, 2);
+        theirs.write_all(&back).await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut got = vec![0u8; back.len()];
+        ours.read_exact(&mut got).await.unwrap();
+        assert!(got == back);
+
+        // rustls moves to new keys and asks ours to: ours follows, and answers before its
+        // next data.
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        theirs.write_all(b"after their update").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut got = [0u8; 18];
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after their update");
+        ours.write_all(b"after ours").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut got = [0u8; 10];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after ours");
+
+        // close_notify each way: a clean end of stream.
+        ours.shutdown().await.unwrap();
+        assert_eq!(theirs.read(&mut [0u8; 8]).await.unwrap(), 0);
+        theirs.shutdown().await.unwrap();
+        assert_eq!(ours.read(&mut [0u8; 8]).await.unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -211,7 +211,9 @@ async fn write_message<T: Serialize>(
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
-    stream.write_all(&out).await
+    stream.write_all(&out).await?;
+    // (A TLS stream may hold what was written until flushed.)
+    stream.flush().await
 }
 
 /// The TCP store server. It runs as a task on the current tokio runtime until dropped.

@@ -374,8 +374,7 @@ impl Client {
             internal,
             delivery,
         } = call;
-        let spin = self.transport.spin.for_call(delivery == Delivery::Blocking);
-        let (fut, done) = RpcFuture::pending_spinning(spin);
+        let (fut, done) = RpcFuture::pending_spinning(self.transport.spin.readers);
         let scope = self.scope();
         let encoded = scope::encoding(scope.as_deref(), dest, || {
             encode_call(prefix, function, |out| crate::codec::encode(args, out))
@@ -440,8 +439,7 @@ impl Client {
         timeout: Option<Duration>,
         delivery: Delivery,
     ) -> RpcFuture<RawReply> {
-        let spin = self.transport.spin.for_call(delivery == Delivery::Blocking);
-        let (fut, done) = RpcFuture::pending_spinning(spin);
+        let (fut, done) = RpcFuture::pending_spinning(self.transport.spin.readers);
         let RawCall {
             codec,
             function,

@@ -183,8 +183,8 @@ impl<T: Send + 'static> RpcFuture<T> {
         // must have a thread for.
         let _blocked = (!self.slot.done.load(Ordering::Acquire)).then(crate::pool::enter_blocking);
         if let Some(claim) = self.claim.take() {
-            // Read the reply on this thread (spinning first with the latency option).
-            claim.drive(&self.slot.done, self.slot.spin, None);
+            // Read the reply on this thread (spinning first with the latency options).
+            claim.drive(&self.slot.done, None);
         }
         if !self.slot.spin.is_zero() {
             // Trade a core for latency: poll the flag instead of sleeping for a wake-up.
@@ -227,7 +227,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         let waited = crate::runtime::blocking(|| {
             let _blocked = crate::pool::enter_blocking();
             if let Some(claim) = &self.claim {
-                let early = claim.drive(&self.slot.done, self.slot.spin, Some(until));
+                let early = claim.drive(&self.slot.done, Some(until));
                 if !early {
                     // The call ended, or its connection: the claim has nothing more to read.
                     self.claim = None;

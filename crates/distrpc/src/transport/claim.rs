@@ -19,6 +19,8 @@ pub(crate) struct Claim {
     conn: Arc<Connection>,
     read: Arc<ReadSide>,
     deadline: Option<std::time::Instant>,
+    /// How long the claimant spins for its reply before it sleeps (`RpcOptions::spin_wait`).
+    spin: Duration,
 }
 
 impl std::fmt::Debug for Claim {
@@ -36,7 +38,9 @@ impl Claim {
         read: Arc<ReadSide>,
         deadline: Option<std::time::Instant>,
     ) -> Self {
+        let spin = transport.spin.callers;
         Self {
+            spin,
             transport,
             conn,
             read,
@@ -46,14 +50,10 @@ impl Claim {
 
     /// Reads the connection until `done` is set, the call's deadline passes or the connection
     /// ends — or `until`, if given, passes: then it returns `true`, and the claim can be driven
-    /// again later. Spins for up to `spin` before sleeping in `poll`, unless the connection's
-    /// replies lately came later than that ([`Connection::spins`]).
-    pub(crate) fn drive(
-        &self,
-        done: &AtomicBool,
-        spin: Duration,
-        until: Option<std::time::Instant>,
-    ) -> bool {
+    /// again later. Spins for up to the caller's spin before sleeping in `poll`, unless the
+    /// connection's replies lately came later than that ([`Connection::spins`]).
+    pub(crate) fn drive(&self, done: &AtomicBool, until: Option<std::time::Instant>) -> bool {
+        let spin = self.spin;
         if spin.is_zero() {
             return self.read_until(done, None, until);
         }

@@ -435,7 +435,8 @@ impl BatchWriter for PlainWriter {
     }
 }
 
-/// Any stream (TLS): each slice written in turn, then flushed.
+/// Any stream (TLS): vectored writes of the batch (a TLS writer gathers the slices into
+/// records), then a flush.
 struct StreamWriter<W>(W);
 
 impl<W: tokio::io::AsyncWrite + Unpin> BatchWriter for StreamWriter<W> {
@@ -445,18 +446,14 @@ impl<W: tokio::io::AsyncWrite + Unpin> BatchWriter for StreamWriter<W> {
         wrote: &mut (dyn FnMut(usize) + Send),
     ) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        for slice in slices.iter() {
-            let mut rest = *slice;
-            while !rest.is_empty() {
-                let n = self.0.write(rest).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
-                }
-                rest = &rest[n..];
-                wrote(n);
+        while !slices.is_empty() {
+            let n = self.0.write_vectored(&iov(slices)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
             }
+            advance(slices, n);
+            wrote(n);
         }
-        slices.clear();
         self.0.flush().await
     }
 

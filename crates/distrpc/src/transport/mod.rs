@@ -464,7 +464,7 @@ impl Transport {
                 self.spawn_reader(conn, read);
             }
             Secured::Tls(tls) => {
-                let (r, w) = tokio::io::split(*tls);
+                let (r, w) = tls.into_split();
                 self.writers.spawn_on(
                     async move {
                         if let Err(e) = c.write_loop_tls(w).await {
@@ -656,15 +656,9 @@ pub(crate) struct SocketOptions {
 pub(crate) struct Spin {
     /// A reader task, after its connection's last frame; and any wait on a call's result.
     pub(crate) readers: Duration,
-    /// A thread blocked on its own call (it reads its reply itself), before it sleeps.
+    /// A thread blocked on its own call, reading its reply itself (its claim), before it
+    /// sleeps.
     pub(crate) callers: Duration,
-}
-
-impl Spin {
-    /// How long a wait on a call's result spins: a blocking caller's, or any other.
-    pub(crate) fn for_call(&self, blocking: bool) -> Duration {
-        if blocking { self.callers } else { self.readers }
-    }
 }
 
 /// A second handle on `tcp`'s socket.

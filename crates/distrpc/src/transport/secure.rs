@@ -3,27 +3,26 @@
 //!
 //! A plain connection's fast path reads and writes the socket directly, from whichever thread
 //! is there (a blocked caller claims the reading, a sender writes when the socket is idle). A
-//! TLS connection's bytes are ciphertext: its reader task alone decrypts what arrives (into the
-//! frame reader's buffers, so a large tensor is still received without a copy of its own), and
-//! its writer task alone encrypts what is queued.
+//! TLS connection's bytes are TLS records ([`distrpc_secure::records`], after rustls's
+//! handshake): its reader task alone opens what arrives (copying each record's plaintext into
+//! the frame reader's buffers, so a large tensor costs one copy), and its writer task alone
+//! seals what is queued; the two halves share nothing.
 //!
 //! ```text
 //!  plain: socket ─► reader task or claimant ─► frames        senders ─► socket (or queue)
-//!  TLS:   socket ─► rustls ─► reader task ─► frames          senders ─► queue ─► writer ─► rustls ─► socket
+//!  TLS:   socket ─► records ─► reader task ─► frames         senders ─► queue ─► writer ─► records ─► socket
 //! ```
 
 use std::sync::Arc;
 
-use tokio::io::ReadHalf;
-
 use super::reader::{FrameReader, ReadEnd};
 use super::{Connection, Transport};
 
-use distrpc_secure::TlsStream;
+use distrpc_secure::records::RecordReader;
 
 /// A TLS connection's read half and frame reader, shared by its reader task and the one that
 /// takes over if a handler run inline blocks.
-pub(super) type TlsReading = Arc<tokio::sync::Mutex<(ReadHalf<TlsStream>, FrameReader)>>;
+pub(super) type TlsReading = Arc<tokio::sync::Mutex<(RecordReader, FrameReader)>>;
 
 impl Transport {
     /// Starts the task that reads a TLS connection.
