@@ -15,6 +15,10 @@ Workloads (one JSON line each, step time p50/p90 in ms):
   (medians in ms).
 - ``noop``: a no-op ``rpc_sync`` outside any context, and the same inside one (what a context
   costs a call that carries no tensor; p50 in µs).
+- ``cold``: how long the callee's first ``Linear(256, 256) + ReLU`` forward (batch 32) takes
+  when the call comes right after the last one, 1 ms after, and 10 ms after — and its next
+  three, in a row (medians in µs): what a worker idle for the rest of a step pays for its
+  first kernel (a halted vCPU's caches and clocks), whatever carries the call.
 """
 
 from __future__ import annotations
@@ -171,7 +175,46 @@ def _noop_calls(impl: str, calls: int) -> dict:
     return out
 
 
-_WORKLOADS = {"rnn": _rnn, "mlp": _mlp, "phases": _mlp_phases, "noop": _noop_calls}
+_COLD: dict = {}
+
+
+def _forward_runs() -> list[int]:
+    """On the callee: four forwards of one stage in a row, each's time in µs."""
+    import torch
+
+    if not _COLD:
+        _COLD["stage"], _COLD["x"] = _stage(256, 1), torch.randn(32, 256, requires_grad=True)
+    runs = []
+    for _ in range(4):
+        started = time.perf_counter_ns()
+        _COLD["stage"](_COLD["x"])
+        runs.append((time.perf_counter_ns() - started) // 1000)
+    return runs
+
+
+_GAPS = {"none": 0.0, "1ms": 0.001, "10ms": 0.01}
+
+
+def _cold_calls(impl: str, calls: int) -> dict:
+    """``{gap: [[µs of each of the four runs], ...]}`` over ``calls`` calls per gap."""
+    rpc = _modules(impl)[0]
+    out: dict = {}
+    for name, gap in _GAPS.items():
+        out[name] = []
+        for _ in range(calls):
+            out[name].append(rpc.rpc_sync("worker1", _forward_runs))
+            if gap:
+                time.sleep(gap)  # the gap itself is what is measured, not a wait for anything
+    return out
+
+
+_WORKLOADS = {
+    "rnn": _rnn,
+    "mlp": _mlp,
+    "phases": _mlp_phases,
+    "noop": _noop_calls,
+    "cold": _cold_calls,
+}
 
 
 def _member(rank: int, world: int, impl: str, store: str, commands, results) -> None:
@@ -223,6 +266,15 @@ def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
             if name == "noop":
                 merged = {key: [b[key] for b in got[impl]] for key in ("outside_us", "inside_us")}
                 lines.append({"workload": name, "impl": impl, **_middle(merged)})
+            elif name == "cold":
+                runs = {
+                    gap: [
+                        round(statistics.median(r[i] for b in got[impl] for r in b[gap]))
+                        for i in range(4)
+                    ]
+                    for gap in _GAPS
+                }
+                lines.append({"workload": name, "impl": impl, "runs_us": runs})
             elif name == "phases":
                 medians = {
                     f"{phase}_p50_ms": round(
