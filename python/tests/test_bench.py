@@ -35,5 +35,9 @@ def test_bench_quick_prints_every_workload():
 
 def test_bench_train_quick_prints_every_workload():
     lines = _quick("distrpc.bench_train")
-    assert {line["workload"] for line in lines} == {"rnn", "mlp", "mlp_phases", "noop"}
+    workloads = {line["workload"]: line for line in lines}
+    assert set(workloads) == {"rnn", "mlp", "mlp_phases", "noop", "cold"}
     assert all(line["impl"] == "distrpc" for line in lines)
+    runs = workloads["cold"]["runs_us"]
+    assert set(runs) == {"none", "1ms", "10ms"}
+    assert all(len(r) == 4 and all(us > 0 for us in r) for r in runs.values())
