@@ -141,6 +141,17 @@ fn three_hosts(security: impl Fn(usize) -> Vec<(&'static str, String)>) {
     assert_eq!(w1.expect("call 2", LINE), "call 2 ok");
     w2.send("release");
     w2.expect("released", LINE);
+    // A connection of host 2's that its peer dropped during the partition (the peer's
+    // liveness watch fired first) is found dead only when host 2 next uses it: that call fails
+    // at once, naming the peer, and the next call dials anew.
+    for to in [0, 1] {
+        w2.send(&format!("call {to}"));
+        let first = w2.expect(&format!("call {to}"), LINE);
+        assert!(
+            first.ends_with("ok") || first.contains(&format!("worker{to} is gone")),
+            "{first}"
+        );
+    }
     all_call([&mut w0, &mut w1, &mut w2]);
 
     for w in [&mut w0, &mut w1, &mut w2] {
