@@ -236,7 +236,6 @@ impl RecordStream {
                 keys: tx,
                 out: Vec::with_capacity(WRITE_BUFFER + HEADER + MAX_PLAIN + 1 + TAG),
                 sent: 0,
-                open: None,
                 closing: false,
                 update_asked: asked,
             },
@@ -386,76 +385,70 @@ impl AsyncRead for RecordReader {
     }
 }
 
-/// The writing half: gathers plaintext into records, seals them, writes many at once.
+/// The writing half: seals what each write is given into records, writes many at once.
 #[derive(Debug)]
 pub struct RecordWriter {
     tcp: OwnedWriteHalf,
     keys: Keys,
-    /// Sealed records (and, from `open`, the record being filled).
+    /// Sealed records, from `sent` on not yet taken by the socket.
     out: Vec<u8>,
-    /// How much of `out` the socket took.
     sent: usize,
-    /// Where the record being filled starts in `out` (its header is reserved).
-    open: Option<usize>,
     closing: bool,
     update_asked: Arc<AtomicBool>,
 }
 
 impl RecordWriter {
-    /// Where the sealed records end in `out`.
-    fn sealed(&self) -> usize {
-        self.open.unwrap_or(self.out.len())
+    /// Sealed bytes the socket has not taken yet.
+    fn unsent(&self) -> usize {
+        self.out.len() - self.sent
     }
 
-    /// Copies as much of `data` as fits into records (sealing each that fills): how much.
-    fn push(&mut self, mut data: &[u8]) -> io::Result<usize> {
+    /// Seals as much of `bufs` as fits into records, gathering slices into each (a record
+    /// per write call at least): how many bytes it took.
+    fn push(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let mut taken = 0;
-        while !data.is_empty() && self.sealed() - self.sent < WRITE_BUFFER {
-            let start = match self.open {
-                Some(start) => start,
-                None => {
-                    let start = self.out.len();
-                    self.out.extend_from_slice(&[0; HEADER]);
-                    self.open = Some(start);
-                    start
+        let mut open: Option<usize> = None;
+        'bufs: for buf in bufs {
+            let mut data = &buf[..];
+            while !data.is_empty() {
+                let start = match open {
+                    Some(start) => start,
+                    None if self.unsent() >= WRITE_BUFFER => break 'bufs,
+                    None => *open.insert(self.begin()?),
+                };
+                let room = MAX_PLAIN - (self.out.len() - start - HEADER);
+                let n = room.min(data.len());
+                self.out.extend_from_slice(&data[..n]);
+                (data, taken) = (&data[n..], taken + n);
+                if n == room {
+                    self.seal(open.take().expect("open"), APPLICATION_DATA)?;
                 }
-            };
-            let room = MAX_PLAIN - (self.out.len() - start - HEADER);
-            let n = room.min(data.len());
-            self.out.extend_from_slice(&data[..n]);
-            (data, taken) = (&data[n..], taken + n);
-            if n == room {
-                self.seal_open()?;
             }
+        }
+        if let Some(start) = open {
+            self.seal(start, APPLICATION_DATA)?;
         }
         Ok(taken)
     }
 
-    /// Seals the record being filled, if any.
-    fn seal_open(&mut self) -> io::Result<()> {
-        if let Some(start) = self.open.take() {
-            self.seal(start, APPLICATION_DATA)?;
-        }
-        Ok(())
-    }
-
-    /// Seals `out[start + HEADER..]` as a record of `kind`, moving to the next key first if
-    /// this one is worn or the peer asked (a `key_update` record under the old key).
-    fn seal(&mut self, start: usize, kind: u8) -> io::Result<()> {
-        let asked = self.update_asked.swap(false, Ordering::AcqRel);
-        if kind == APPLICATION_DATA && (self.keys.worn() || asked) {
-            // The record being sealed moves after the key_update.
-            let plain = self.out.split_off(start + HEADER);
-            self.out.truncate(start);
+    /// Starts a record at the end of `out` (its header reserved): where it starts. If this
+    /// key is worn or the peer asked, a `key_update` record under it goes first and the
+    /// record is the next key's.
+    fn begin(&mut self) -> io::Result<usize> {
+        if self.keys.worn() || self.update_asked.swap(false, Ordering::AcqRel) {
+            let start = self.out.len();
             self.out.extend_from_slice(&[0; HEADER]);
             self.out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]);
             self.seal(start, HANDSHAKE)?;
             self.keys.update();
-            let next = self.out.len();
-            self.out.extend_from_slice(&[0; HEADER]);
-            self.out.extend_from_slice(&plain);
-            return self.seal(next, APPLICATION_DATA);
         }
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0; HEADER]);
+        Ok(start)
+    }
+
+    /// Seals `out[start + HEADER..]` as a record of `kind`.
+    fn seal(&mut self, start: usize, kind: u8) -> io::Result<()> {
         self.out.push(kind);
         let len = self.out.len() - start - HEADER + TAG;
         let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
@@ -476,18 +469,14 @@ impl RecordWriter {
 
     /// Writes sealed records to the socket until none is left unsent.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.sealed() {
-            let end = self.sealed();
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.sent..end]))?;
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.sent..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
         }
-        // All sealed records are out: keep only the record being filled.
-        let keep = self.sealed();
-        self.out.drain(..keep);
-        self.open = self.open.map(|start| start - keep);
+        self.out.clear();
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -508,25 +497,12 @@ impl AsyncWrite for RecordWriter {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.sealed() - this.sent >= WRITE_BUFFER {
+        if this.unsent() >= WRITE_BUFFER {
             ready!(this.poll_send(cx))?;
         }
-        let mut taken = 0;
-        for buf in bufs {
-            let n = this.push(buf)?;
-            taken += n;
-            if n < buf.len() {
-                break;
-            }
-        }
-        if taken == 0 && bufs.iter().any(|b| !b.is_empty()) {
-            // Full: what is sealed must go first.
-            ready!(this.poll_send(cx))?;
-            return Pin::new(this).poll_write_vectored(cx, bufs);
-        }
+        let taken = this.push(bufs)?;
         // What was written goes now, as far as the socket takes it without waiting (the rest
-        // at the next write or flush): a record per write call, so write many slices at once.
-        this.seal_open()?;
+        // at the next write or flush).
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
         }
@@ -539,14 +515,12 @@ impl AsyncWrite for RecordWriter {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.seal_open()?;
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.seal_open()?;
         if !this.closing {
             // close_notify (a warning-level alert).
             this.closing = true;

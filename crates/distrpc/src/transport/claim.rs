@@ -19,8 +19,6 @@ pub(crate) struct Claim {
     conn: Arc<Connection>,
     read: Arc<ReadSide>,
     deadline: Option<std::time::Instant>,
-    /// How long the claimant spins for its reply before it sleeps (`RpcOptions::spin_wait`).
-    spin: Duration,
 }
 
 impl std::fmt::Debug for Claim {
@@ -38,9 +36,7 @@ impl Claim {
         read: Arc<ReadSide>,
         deadline: Option<std::time::Instant>,
     ) -> Self {
-        let spin = transport.spin.callers;
         Self {
-            spin,
             transport,
             conn,
             read,
@@ -53,7 +49,7 @@ impl Claim {
     /// again later. Spins for up to the caller's spin before sleeping in `poll`, unless the
     /// connection's replies lately came later than that ([`Connection::spins`]).
     pub(crate) fn drive(&self, done: &AtomicBool, until: Option<std::time::Instant>) -> bool {
-        let spin = self.spin;
+        let spin = self.transport.spin.callers;
         if spin.is_zero() {
             return self.read_until(done, None, until);
         }
