@@ -73,3 +73,28 @@ def test_graceful_shutdown_loses_nothing_of_an_uneven_workload(run_group):
         assert out[rank]["answered"] == out[rank]["sent"] == 80 * rank
         expected = sorted((s, i) for s in range(3) if s != rank for i in range(40 * s))
         assert out[rank]["received"] == expected
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _one_thread(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    # worker0's single thread waits for calls reading the connection the last one came in on;
+    # calls from the other peer must still reach it at once (its doorbell), in any order.
+    join(rpc, rank, world_size, init_method, rpc_timeout=30, num_worker_threads=1)
+    out = None
+    if rank > 0:
+        out = [rpc.rpc_sync("worker0", _square, args=(rank * 1000 + i,)) for i in range(200)]
+        out += [f.wait() for f in [rpc.rpc_async("worker0", _square, args=(i,)) for i in range(50)]]
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_one_worker_thread_serves_every_peer(run_group):
+    out = run_group(_one_thread, 3)
+    for rank in (1, 2):
+        expected = [(rank * 1000 + i) ** 2 for i in range(200)] + [i * i for i in range(50)]
+        assert out[rank] == expected

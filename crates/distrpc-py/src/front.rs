@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use distrpc::Codec;
-use distrpc::server::foreign::{ForeignCall, ForeignHandler, ForeignReply};
+use distrpc::server::foreign::{Doorbell, ForeignCall, ForeignHandler, ForeignReply, Origin};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -34,44 +34,135 @@ pub(crate) type Taken = (
 );
 
 /// Where the foreign handlers hand calls to the Python worker threads.
+///
+/// An idle thread waits in one of two ways. One of them at a time reads the connection the
+/// latest call came in on itself ([`Origin::serve`]): the peer's next call — in a conversation,
+/// the likely next one — wakes it directly from the socket, and it runs the call with no
+/// hand-off (the reader task's thread would otherwise read it and wake a worker thread: a
+/// second wake-up on the call's path). The others sleep on `ready`; a call that arrives another
+/// way wakes one of them, or rings the reading thread's doorbell if none sleeps.
 pub(crate) struct Front {
-    /// The queued calls, and how many waiting threads are to wake without one (at shutdown).
-    /// Each call wakes one waiting thread: idle threads wait on `ready`, not on a lock that a
-    /// thread taking a call would then have to hand to the next (a second wake-up per call).
-    pub(crate) queue: Mutex<(VecDeque<Queued>, usize)>,
+    pub(crate) queue: Mutex<Waiting>,
     pub(crate) ready: Condvar,
+    bell: Arc<Doorbell>,
+}
+
+/// The queued calls and who waits for them.
+#[derive(Default)]
+pub(crate) struct Waiting {
+    calls: VecDeque<Queued>,
+    /// How many waiting threads are to wake without a call (at shutdown).
+    pub(crate) wakes: usize,
+    /// Threads sleeping on `ready`.
+    sleepers: usize,
+    /// Whether a thread reads a connection while it waits.
+    reading: bool,
+    /// The connection the latest call from a peer came in on.
+    last: Option<Origin>,
+}
+
+thread_local! {
+    /// Whether this thread is the one reading a connection while it waits: the calls it reads
+    /// are its own to run, no one is woken for them.
+    static READING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Front {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            queue: Mutex::new(Waiting::default()),
+            ready: Condvar::new(),
+            bell: Arc::new(Doorbell::new()?),
+        })
+    }
+
     pub(crate) fn push(&self, queued: Queued) {
-        lock(&self.queue).0.push_back(queued);
-        self.ready.notify_one();
+        let origin = queued.2.origin();
+        let mut w = lock(&self.queue);
+        w.calls.push_back(queued);
+        if origin.is_some() {
+            w.last = origin;
+        }
+        if READING.with(std::cell::Cell::get) {
+            return; // the reading thread takes it when it stops reading
+        }
+        if w.sleepers > 0 {
+            self.ready.notify_one();
+        }
+        if w.reading && w.calls.len() > w.sleepers {
+            self.bell.ring();
+        }
+    }
+
+    /// Wakes `threads` waiting threads without a call (at shutdown).
+    pub(crate) fn wake(&self, threads: usize) {
+        lock(&self.queue).wakes += threads;
+        self.ready.notify_all();
+        self.bell.ring();
     }
 
     /// A queued call, if one is there now.
     pub(crate) fn try_pop(&self) -> Option<Queued> {
-        lock(&self.queue).0.pop_front()
+        lock(&self.queue).calls.pop_front()
     }
 
     /// The next queued call, waiting up to `wait`; `None` if none came, or to wake a thread.
     pub(crate) fn pop(&self, wait: Duration) -> Option<Queued> {
         let deadline = std::time::Instant::now() + wait;
-        let mut queue = lock(&self.queue);
+        let mut w = lock(&self.queue);
+        let mut may_read = true;
         loop {
-            if let Some(queued) = queue.0.pop_front() {
+            if let Some(queued) = w.calls.pop_front() {
                 return Some(queued);
             }
-            if queue.1 > 0 {
-                queue.1 -= 1;
+            if w.wakes > 0 {
+                w.wakes -= 1;
                 return None;
             }
+            if may_read
+                && !w.reading
+                && let Some(origin) = w.last.clone()
+            {
+                may_read = false;
+                w = self.read_while_waiting(w, &origin, deadline);
+                continue;
+            }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
-            queue = self
+            w.sleepers += 1;
+            w = self
                 .ready
-                .wait_timeout(queue, left)
+                .wait_timeout(w, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            w.sleepers -= 1;
         }
+    }
+
+    /// Waits for a call by reading `origin`'s connection (see the type's docs), if this thread
+    /// can; the calls it read are in the queue after it, and sleeping threads are woken for all
+    /// but the one this thread takes.
+    fn read_while_waiting<'a>(
+        &'a self,
+        mut w: std::sync::MutexGuard<'a, Waiting>,
+        origin: &Origin,
+        deadline: std::time::Instant,
+    ) -> std::sync::MutexGuard<'a, Waiting> {
+        w.reading = true;
+        drop(w);
+        self.bell.clear();
+        let ready = || {
+            let w = lock(&self.queue);
+            !w.calls.is_empty() || w.wakes > 0
+        };
+        READING.with(|r| r.set(true));
+        origin.serve(&ready, deadline, &self.bell);
+        READING.with(|r| r.set(false));
+        let mut w = lock(&self.queue);
+        w.reading = false;
+        for _ in 1..w.calls.len().min(w.sleepers + 1) {
+            self.ready.notify_one();
+        }
+        w
     }
 }
 

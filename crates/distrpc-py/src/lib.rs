@@ -57,10 +57,7 @@ impl Agent {
         num_worker_threads: usize,
         rpc_timeout: f64,
     ) -> PyResult<(RpcOptions, Arc<Front>)> {
-        let front = Arc::new(Front {
-            queue: Mutex::new((std::collections::VecDeque::new(), 0)),
-            ready: std::sync::Condvar::new(),
-        });
+        let front = Arc::new(Front::new()?);
         let queue = |codec| Queue {
             front: front.clone(),
             codec,
@@ -493,8 +490,7 @@ impl Agent {
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
     /// [`Agent::next_completion`], so that they see the worker stopping at once.
     fn wake(&self, threads: usize) {
-        lock(&self.front.queue).1 += threads;
-        self.front.ready.notify_all();
+        self.front.wake(threads);
         let stopped = Err(Error::ShutDown {
             worker: self.rpc.name().to_string(),
         });

@@ -263,3 +263,133 @@ fn rust_calls_a_fronts_function_by_name() {
     assert!(e.to_string().contains("front.mul"), "{e}");
     shutdown_all(rpcs).unwrap();
 }
+
+/// A front that queues its calls, noting which thread handled each (the connection's reader
+/// task, or a thread of the front's own that read the connection while it waited).
+#[derive(Default)]
+struct Inbox {
+    calls: std::sync::Mutex<Vec<(ForeignReply, std::thread::ThreadId)>>,
+}
+
+impl Inbox {
+    fn len(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    fn take(&self) -> (ForeignReply, std::thread::ThreadId) {
+        assert!(distrpc_testkit::wait_until(Duration::from_secs(10), || {
+            self.len() > 0
+        }));
+        self.calls.lock().unwrap().remove(0)
+    }
+}
+
+struct Queueing(Arc<Inbox>);
+
+impl ForeignHandler for Queueing {
+    fn call(&self, _call: ForeignCall, reply: ForeignReply) {
+        let me = std::thread::current().id();
+        self.0.calls.lock().unwrap().push((reply, me));
+    }
+}
+
+/// `Origin::serve`: a thread waiting for the front's next call reads the connection the last
+/// one came in on, and the peer's next call is handled on that thread; its doorbell wakes it
+/// for work that came some other way; a blocking caller takes the connection over from it;
+/// afterwards the reader task reads the connection again.
+#[test]
+fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
+    use distrpc::server::foreign::Doorbell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let inbox = Arc::new(Inbox::default());
+    let front = Arc::new(Queueing(inbox.clone()));
+    let rpcs = in_process(2, move |rank| {
+        let options = RpcOptions::default().rpc_timeout(Duration::from_secs(10));
+        match rank {
+            1 => options.foreign(Codec::Pickle, front.clone()),
+            _ => options,
+        }
+    })
+    .unwrap();
+    let first = rpcs[0].rpc_async_raw("worker1", pickled(b"1", vec![]), None);
+    let (reply, _) = inbox.take();
+    let origin = reply.origin().expect("a call from a peer has an origin");
+    reply.ok(b"one".to_vec(), vec![]);
+    assert_eq!(&first.wait().unwrap().payload[..], b"one");
+
+    // The next call is sent once the waiting thread holds the connection (its readiness check
+    // runs first right after it took it), so no one else can have read it.
+    let bell = Arc::new(Doorbell::new().unwrap());
+    let sent = AtomicBool::new(false);
+    let second = std::sync::Mutex::new(None);
+    let waiter = std::thread::current().id();
+    let ready = || {
+        if !sent.swap(true, Ordering::SeqCst) {
+            let fut = rpcs[0].rpc_async_raw("worker1", pickled(b"2", vec![]), None);
+            *second.lock().unwrap() = Some(fut);
+        }
+        inbox.len() > 0
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    assert!(
+        origin.serve(&ready, until, &bell),
+        "the connection was free to read"
+    );
+    let (reply, handled_on) = inbox.take();
+    assert_eq!(
+        handled_on, waiter,
+        "the call was read by the waiting thread"
+    );
+    reply.ok(b"two".to_vec(), vec![]);
+    let second = second.lock().unwrap().take().unwrap();
+    assert_eq!(&second.wait().unwrap().payload[..], b"two");
+
+    // The doorbell ends a wait that nothing on the connection ends.
+    let rung = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rung.store(true, Ordering::SeqCst);
+            bell.ring();
+        });
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        let ready = || false;
+        assert!(origin.serve(&ready, until, &bell));
+        assert!(
+            std::time::Instant::now() < until,
+            "the doorbell, not the deadline, ended the wait"
+        );
+    });
+    assert!(rung.load(Ordering::SeqCst));
+    bell.clear();
+
+    // A caller of this worker blocking on the peer takes the connection over from a thread
+    // that only waits for work: the waiting thread stops (before its deadline), the call works.
+    let (claimed_tx, claimed_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            let ready = || {
+                let _ = claimed_tx.send(());
+                false
+            };
+            assert!(origin.serve(&ready, until, &bell));
+            std::time::Instant::now() < until
+        });
+        claimed_rx.recv().unwrap();
+        assert_eq!(rpcs[1].rpc_sync("worker0", add, (1, 2)).unwrap(), 3);
+        assert!(
+            waiting.join().unwrap(),
+            "the caller's takeover ended the wait"
+        );
+    });
+    bell.clear();
+
+    // Reading is back with the reader task: a call arriving now is handled there.
+    let third = rpcs[0].rpc_async_raw("worker1", pickled(b"3", vec![]), None);
+    let (reply, handled_on) = inbox.take();
+    assert_ne!(handled_on, waiter);
+    reply.ok(b"three".to_vec(), vec![]);
+    assert_eq!(&third.wait().unwrap().payload[..], b"three");
+    shutdown_all(rpcs).unwrap();
+}

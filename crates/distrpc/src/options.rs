@@ -256,11 +256,15 @@ impl RpcOptions {
 
     /// How long a thread blocked on its own call (`rpc_sync`, `to_here`, a blocking call of
     /// the Python front) polls its socket for the reply before it sleeps, default
-    /// [`DEFAULT_SPIN_WAIT`]; zero: it sleeps at once. Unlike [`RpcOptions::busy_poll`], no
-    /// reader task spins, and a thread spins only while it has nothing to do but wait: a reply
-    /// that comes within the spin is read by the caller itself, without waking a sleeping
-    /// thread (tens of microseconds on an idle virtual CPU), at the price of that much CPU
-    /// time per call whose reply comes later.
+    /// [`DEFAULT_SPIN_WAIT`]; zero: it sleeps at once. The same for a front's idle thread
+    /// waiting for the next call on the connection the last one came in on
+    /// ([`Origin::serve`](crate::server::foreign::Origin::serve)). Unlike
+    /// [`RpcOptions::busy_poll`], no reader task spins, and a thread spins only while it has
+    /// nothing to do but wait: a reply (a call) that comes within the spin is read by the
+    /// thread that needs it, without waking a sleeping thread (tens of microseconds on an idle
+    /// virtual CPU), at the price of that much CPU time per wait that lasts longer. Each
+    /// connection stops spinning for replies (for calls) after a few in a row came later than
+    /// the spin, until one comes within it again.
     ///
     /// ```
     /// use std::time::Duration;

@@ -71,3 +71,56 @@ pub(crate) fn around_wait(wait: &mut dyn FnMut()) {
         None => wait(),
     }
 }
+
+/// A doorbell for a thread that sleeps in `poll` on a socket (reading a connection while it
+/// waits for work, see [`crate::server::foreign::Origin`]): ringing it wakes that thread, which
+/// a condition variable could not. An `eventfd`.
+///
+/// ```
+/// let bell = distrpc::server::foreign::Doorbell::new()?;
+/// bell.ring();
+/// bell.clear();
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Doorbell {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Doorbell {
+    /// A doorbell, not rung.
+    pub fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        Ok(Self {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Rings: the thread polling it (now or next) wakes up, until [`Doorbell::clear`].
+    pub fn ring(&self) {
+        use std::os::fd::AsRawFd;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our descriptor. It can only fail when the
+        // counter is full (it is rung already), which is as good.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Un-rings it (before waiting for it again).
+    pub fn clear(&self) {
+        use std::os::fd::AsRawFd;
+        let mut n: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a valid u64; fails harmlessly when not rung.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+}

@@ -84,10 +84,11 @@ class TensorPipeRpcBackendOptions:
     about how long a peer whose host or network vanished is declared gone and the calls
     waiting on it fail; ``max_builtin_elements`` (2^28): the largest result of a builtin.
     The latency options: ``spin_wait`` (seconds, default 200 µs, 0: off): how long a thread
-    blocked on its own call (``rpc_sync``, ``to_here``) polls for the reply before it sleeps —
-    a reply that comes within it spares waking a sleeping thread, which on an idle virtual CPU
-    costs tens of microseconds; callers stop spinning on a peer whose replies keep coming later
-    than that. ``busy_poll`` (seconds, default off): every connection's reader and every wait
+    blocked on its own call (``rpc_sync``, ``to_here``) polls for the reply before it sleeps,
+    and how long an idle worker thread polls for the next call on the connection the last one
+    came in on — a reply or call that comes within it spares waking a sleeping thread, which on
+    an idle virtual CPU costs tens of microseconds; a connection stops spinning once replies
+    (calls) keep coming later than that. ``busy_poll`` (seconds, default off): every connection's reader and every wait
     poll that long too, trading whole cores for latency (torch's TensorPipe always polls).
 
     Example::

@@ -289,7 +289,7 @@ impl Client {
         // Claimed before the request leaves, so that the reply cannot reach the reader task.
         let claim = match &conn {
             Some(c) if delivery == Delivery::Blocking && !crate::runtime::on_runtime_thread() => {
-                transport.claim(c, deadline.map(|(at, _)| at.into_std()))
+                transport.claim(c, deadline.map(|(at, _)| at.into_std()), None)
             }
             _ => None,
         };

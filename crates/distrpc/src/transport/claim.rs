@@ -1,23 +1,28 @@
-//! [`Claim`]: a blocked caller's hold on reading one connection.
+//! [`Claim`]: a thread's hold on reading one connection — a blocked caller's (for its reply,
+//! [`Claim::drive`]) or an idle thread's (for the peer's next call, [`Claim::serve`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::reader::{ReadEnd, ReadSide, Step};
+use super::reader::{ReadEnd, ReadSide, Reader, Step};
 use super::{Connection, Transport};
+use crate::sync::Doorbell;
 
 /// How long a claimant sleeps in `poll` before it looks whether its call ended some other way
 /// (a shutdown, a failure seen by the writer): the bound on noticing those late.
 const CLAIM_SLICE: Duration = Duration::from_millis(10);
 
-/// A blocked caller's hold on reading one connection (see [`ReadSide`]): while it waits for its
-/// reply, its own thread reads the connection and handles whatever arrives, so the reply needs
-/// no hand-off from the reader task's thread. Dropping it hands reading back.
+/// A thread's hold on reading one connection (see [`ReadSide`]): while a blocked caller waits
+/// for its reply, or an idle thread of a front for its next call, that thread reads the
+/// connection and handles whatever arrives, so what it waits for needs no hand-off from the
+/// reader task's thread. Dropping it hands reading back.
 pub(crate) struct Claim {
     transport: Arc<Transport>,
     conn: Arc<Connection>,
     read: Arc<ReadSide>,
+    /// The claim's token ([`ReadSide::claim`]).
+    token: u64,
     deadline: Option<std::time::Instant>,
 }
 
@@ -34,12 +39,14 @@ impl Claim {
         transport: Arc<Transport>,
         conn: Arc<Connection>,
         read: Arc<ReadSide>,
+        token: u64,
         deadline: Option<std::time::Instant>,
     ) -> Self {
         Self {
             transport,
             conn,
             read,
+            token,
             deadline,
         }
     }
@@ -49,27 +56,44 @@ impl Claim {
     /// again later. Spins for up to the caller's spin before sleeping in `poll`, unless the
     /// connection's replies lately came later than that ([`Connection::spins`]).
     pub(crate) fn drive(&self, done: &AtomicBool, until: Option<std::time::Instant>) -> bool {
+        let is_done = || done.load(Ordering::Acquire);
         let spin = self.transport.spin.callers;
         if spin.is_zero() {
-            return self.read_until(done, None, until);
+            return self.read_until(&is_done, None, until, None);
         }
         let started = std::time::Instant::now();
-        let spin_until = self.conn.spins().then(|| started + spin);
-        let again = self.read_until(done, spin_until, until);
-        if done.load(Ordering::Acquire) {
-            self.conn.replied(started.elapsed() <= spin);
+        let spin_until = self.conn.replies.spins().then(|| started + spin);
+        let again = self.read_until(&is_done, spin_until, until, None);
+        if is_done() {
+            self.conn.replies.note(started.elapsed() <= spin);
         }
         again
     }
 
-    /// [`Claim::drive`], spinning until `spin_until` if given.
+    /// Reads the connection, for a thread waiting for work, until `ready()`, the claim's
+    /// deadline passes, `bell` rings (a caller took the claim over, or the thread's work came
+    /// another way), the connection ends or its peer's calls fill it. Spins
+    /// as [`Claim::drive`] does (adapting to how soon the peer's calls lately came), then
+    /// sleeps in `poll` on the socket and the bell.
+    pub(crate) fn serve(&self, ready: &dyn Fn() -> bool, bell: &Doorbell) {
+        let spin = self.transport.spin.callers;
+        let started = std::time::Instant::now();
+        let spin_until = (!spin.is_zero() && self.conn.calls.spins()).then(|| started + spin);
+        self.read_until(ready, spin_until, None, Some(bell));
+        if ready() {
+            self.conn.calls.note(started.elapsed() <= spin);
+        }
+    }
+
+    /// [`Claim::drive`] until `ready()`, spinning until `spin_until` if given, waking for
+    /// `bell` (then returning `false`) if given.
     fn read_until(
         &self,
-        done: &AtomicBool,
+        is_done: &dyn Fn() -> bool,
         spin_until: Option<std::time::Instant>,
         until: Option<std::time::Instant>,
+        bell: Option<&Doorbell>,
     ) -> bool {
-        let is_done = || done.load(Ordering::Acquire);
         loop {
             match self.step() {
                 None => return false,
@@ -92,7 +116,9 @@ impl Claim {
                         Some(at) => left.min(at - now),
                         None => left,
                     };
-                    self.read.poll_readable(left.min(CLAIM_SLICE));
+                    if self.read.poll_readable(left.min(CLAIM_SLICE), bell) {
+                        return false;
+                    }
                 }
                 Some(true) => {
                     if self.conn.calls_full() {
@@ -111,7 +137,11 @@ impl Claim {
     /// Reads and handles one frame: `Some(true)` if there was one, `Some(false)` if the socket
     /// is empty, `None` once the connection has ended.
     fn step(&self) -> Option<bool> {
-        match self.read.step(true) {
+        self.step_as(Reader::Claimant(self.token))
+    }
+
+    fn step_as(&self, who: Reader) -> Option<bool> {
+        match self.read.step(who) {
             Step::Frame(frame) => {
                 if let Err(e) = self.transport.on_frame(&self.conn, frame) {
                     self.transport.on_closed(&self.conn, ReadEnd::Malformed(e));
@@ -131,11 +161,13 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.read.release();
-        // What came after our last read: the reader task let its wake-up go while we held
+        if !self.read.release(self.token) {
+            return; // taken over: its new holder reads on
+        }
+        // What came after our last read: the reader task was not woken for it while we held
         // the claim. A connection full of the peer's calls is left to the reader task, woken
         // to wait for room.
-        while !self.conn.calls_full() && self.step() == Some(true) {}
+        while !self.conn.calls_full() && self.step_as(Reader::Leaving) == Some(true) {}
         if self.conn.calls_full() {
             self.read.wake_reader();
         }

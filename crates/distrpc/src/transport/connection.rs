@@ -21,15 +21,39 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::socket::WriteHalf;
 use distrpc_wire::OutFrame;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::reader::ReadSide;
 
-/// After this many replies in a row later than the spin, callers on a connection stop spinning
-/// ([`Connection::spins`]).
-const SLOW_REPLIES: u32 = 4;
+/// After this many waits in a row that outlasted the spin, threads waiting on a connection for
+/// the same kind of frame stop spinning ([`SpinHint`]).
+const SLOW_IN_A_ROW: u32 = 4;
+
+/// Whether a thread waiting for a connection's next frame of one kind (a reply; the peer's
+/// next call) should spin before it sleeps: not once [`SLOW_IN_A_ROW`] waits in a row
+/// outlasted the spin (a peer whose calls take long, one that calls seldom), until one ends
+/// within it again.
+#[derive(Default)]
+pub(crate) struct SpinHint(std::sync::atomic::AtomicU32);
+
+impl SpinHint {
+    /// Whether to spin.
+    pub(crate) fn spins(&self) -> bool {
+        self.0.load(Ordering::Relaxed) < SLOW_IN_A_ROW
+    }
+
+    /// Notes how a wait ended: within the spin, or later.
+    pub(crate) fn note(&self, within_spin: bool) {
+        if within_spin {
+            self.0.store(0, Ordering::Relaxed);
+        } else {
+            let n = self.0.load(Ordering::Relaxed);
+            self.0.store(n.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+}
 
 #[derive(Default)]
 struct Queue {
@@ -87,14 +111,15 @@ pub(crate) struct Connection {
     /// Wakes the reader once a call is answered while the connection was full.
     room_for_calls: Notify,
     /// The socket, once connected: senders write to it directly when it is idle (plain TCP).
-    sink: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    sink: Mutex<Option<Arc<WriteHalf>>>,
     /// The socket under the connection, for [`Connection::abort`] to shut down.
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The receiving side, once connected.
     pub(crate) read: std::sync::OnceLock<Arc<ReadSide>>,
-    /// How many blocking calls in a row lately got their reply later than a caller spins
-    /// (see [`Connection::spins`]).
-    slow_replies: std::sync::atomic::AtomicU32,
+    /// Whether callers blocked on a reply over this connection spin.
+    pub(crate) replies: SpinHint,
+    /// Whether a thread waiting for the peer's next call, reading this connection, spins.
+    pub(crate) calls: SpinHint,
 }
 
 impl std::fmt::Debug for Connection {
@@ -116,7 +141,8 @@ impl Connection {
             room: Condvar::new(),
             bound,
             calls_in: std::sync::atomic::AtomicUsize::new(0),
-            slow_replies: std::sync::atomic::AtomicU32::new(0),
+            replies: SpinHint::default(),
+            calls: SpinHint::default(),
             room_for_calls: Notify::new(),
             sink: Mutex::new(None),
             socket: Mutex::new(None),
@@ -124,29 +150,11 @@ impl Connection {
         })
     }
 
-    /// Whether a caller blocked on a call over this connection spins for its reply: not once
-    /// [`SLOW_REPLIES`] replies in a row came later than the spin (a peer whose calls take
-    /// long), until one comes within it again ([`Connection::replied`]).
-    pub(crate) fn spins(&self) -> bool {
-        self.slow_replies.load(Ordering::Relaxed) < SLOW_REPLIES
-    }
-
-    /// Notes how a blocked caller's reply came: within the spin, or later.
-    pub(crate) fn replied(&self, within_spin: bool) {
-        if within_spin {
-            self.slow_replies.store(0, Ordering::Relaxed);
-        } else {
-            let n = self.slow_replies.load(Ordering::Relaxed);
-            self.slow_replies
-                .store(n.saturating_add(1), Ordering::Relaxed);
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, Queue> {
         lock(&self.queue)
     }
 
-    fn sink(&self) -> Option<Arc<OwnedWriteHalf>> {
+    fn sink(&self) -> Option<Arc<WriteHalf>> {
         lock(&self.sink).clone()
     }
 
@@ -346,7 +354,7 @@ impl Connection {
     }
 
     /// Writes queued frames until the connection is closed and its queue drained.
-    pub(crate) async fn write_loop(&self, w: OwnedWriteHalf) -> std::io::Result<()> {
+    pub(crate) async fn write_loop(&self, w: WriteHalf) -> std::io::Result<()> {
         let w = Arc::new(w);
         {
             let q = self.lock();
@@ -419,7 +427,7 @@ trait BatchWriter {
 }
 
 /// A plain socket's write half: vectored writes straight from the frames.
-struct PlainWriter(Arc<OwnedWriteHalf>);
+struct PlainWriter(Arc<WriteHalf>);
 
 impl BatchWriter for PlainWriter {
     async fn write_batch(
@@ -494,12 +502,12 @@ fn iov<'a>(slices: &[&'a [u8]]) -> Vec<IoSlice<'a>> {
 
 /// Writes as much of `frame` as the socket takes right now, without waiting; returns the bytes
 /// written.
-fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
+fn write_now(w: &WriteHalf, frame: &OutFrame) -> usize {
     if let Some(bytes) = frame.as_contiguous() {
         // The common small frame: one buffer, no slice list to build.
         let mut written = 0;
         while written < bytes.len() {
-            match w.try_write(&bytes[written..]) {
+            match w.try_write_vectored(&[IoSlice::new(&bytes[written..])]) {
                 Ok(n) if n > 0 => written += n,
                 _ => break,
             }
@@ -523,19 +531,18 @@ fn write_now(w: &OwnedWriteHalf, frame: &OutFrame) -> usize {
 /// Writes every slice, in as few `writev` calls as the kernel allows, telling `wrote` each
 /// amount written.
 async fn write_all_slices(
-    w: &OwnedWriteHalf,
+    w: &WriteHalf,
     slices: &mut Vec<&[u8]>,
     wrote: &mut (dyn FnMut(usize) + Send),
 ) -> std::io::Result<()> {
     while !slices.is_empty() {
-        w.writable().await?;
-        match w.try_write_vectored(&iov(slices)) {
+        match w.write_vectored(&iov(slices)).await {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 advance(slices, n);
                 wrote(n);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -547,25 +554,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn callers_stop_spinning_on_a_slow_peer_until_a_reply_is_quick_again() {
-        let bound = QueueBound {
-            bytes: 1 << 20,
-            stall: Duration::from_secs(1),
-            calls: 16,
-        };
-        let conn = Connection::new(1, 0, bound);
-        for _ in 1..SLOW_REPLIES {
-            conn.replied(false);
+    fn waiters_stop_spinning_after_slow_waits_until_one_is_quick_again() {
+        let hint = SpinHint::default();
+        for _ in 1..SLOW_IN_A_ROW {
+            hint.note(false);
             assert!(
-                conn.spins(),
-                "fewer than SLOW_REPLIES slow replies still spin"
+                hint.spins(),
+                "fewer than SLOW_IN_A_ROW slow waits still spin"
             );
         }
-        conn.replied(false);
-        assert!(!conn.spins());
-        conn.replied(false);
-        assert!(!conn.spins());
-        conn.replied(true);
-        assert!(conn.spins(), "a quick reply makes callers spin again");
+        hint.note(false);
+        assert!(!hint.spins());
+        hint.note(false);
+        assert!(!hint.spins());
+        hint.note(true);
+        assert!(hint.spins(), "a quick wait makes waiters spin again");
     }
 }

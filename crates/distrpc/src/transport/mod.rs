@@ -1,7 +1,8 @@
 //! The transport: one connection per pair of workers, opened lazily, both directions multiplexed
 //! by message id. It dials and accepts peers (every connection first says who it is, with a
 //! hello), runs each connection's reader and writer tasks, lets a blocked caller read its own
-//! reply ([`Claim`]), and reports lost peers.
+//! reply and an idle thread its next call ([`Claim`]), and reports lost peers. A plain socket is
+//! split into halves whose reading can be paused while a thread claims it (`socket`).
 //!
 //! ```text
 //!  send(rank, frame) ─► connection(rank) ─► Connection queue / direct write ─► socket
@@ -17,6 +18,7 @@ mod claim;
 mod connection;
 mod reader;
 mod secure;
+mod socket;
 
 pub(crate) use claim::Claim;
 pub(crate) use connection::{Connection, QueueBound, SendError};
@@ -38,7 +40,7 @@ use crate::rendezvous::Group;
 use crate::runtime::Tasks;
 use crate::worker::{To, WorkerInfo};
 use distrpc_secure::{Secured, Security};
-use reader::{ReadSide, Step};
+use reader::{ReadSide, Reader, Step};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// How long an accepted connection may take to say who it is.
@@ -291,17 +293,21 @@ impl Transport {
         Ok(conn)
     }
 
-    /// The blocked caller's claim on reading `conn` (see [`Claim`]), if it can take it.
+    /// A claim on reading `conn` (see [`Claim`]), if it can take it: a blocked caller's
+    /// (`waiting` is `None`), or that of a thread waiting for work, with its doorbell.
     pub(crate) fn claim(
         self: &Arc<Self>,
         conn: &Arc<Connection>,
         deadline: Option<std::time::Instant>,
+        waiting: Option<Arc<crate::sync::Doorbell>>,
     ) -> Option<Claim> {
-        let read = conn.read.get().filter(|r| r.claim())?;
+        let read = conn.read.get()?;
+        let token = read.claim(waiting)?;
         Some(Claim::new(
             self.clone(),
             conn.clone(),
             read.clone(),
+            token,
             deadline,
         ))
     }
@@ -450,7 +456,10 @@ impl Transport {
         conn.set_socket(socket);
         match stream {
             Secured::Plain(tcp) => {
-                let (r, w) = tcp.into_split();
+                let (r, w) = match tcp.into_std().map(OwnedFd::from).and_then(socket::split) {
+                    Ok(halves) => halves,
+                    Err(e) => return self.on_closed(&conn, ReadEnd::Io(e)),
+                };
                 let read = ReadSide::new(r, frames);
                 let _ = conn.read.set(read.clone());
                 self.writers.spawn_on(
@@ -505,7 +514,7 @@ impl Transport {
                 if !transport.room_for_calls(&conn).await {
                     break ReadEnd::Closed;
                 }
-                match read.step(false) {
+                match read.step(Reader::Task) {
                     Step::Frame(frame) => {
                         idle_since = None;
                         match transport.on_read(&conn, frame, &hand_off) {

@@ -7,12 +7,13 @@
 //!  socket ──► claimant ────┘   (a blocked caller reading its own reply; the task then waits)
 //! ```
 
-use crate::sync::lock;
+use crate::sync::{Doorbell, lock};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::socket::ReadHalf;
 use distrpc_wire::deframe::Deframer;
 use distrpc_wire::{Frame, Limits};
-use tokio::net::tcp::OwnedReadHalf;
+use std::os::fd::RawFd;
 use tokio::sync::Notify;
 
 /// Why a reader stopped.
@@ -65,18 +66,9 @@ impl FrameReader {
         self.frames.set_limits(limits);
     }
 
-    /// The next frame, reading from `src` without waiting. `Ok(None)` means `src` has nothing
-    /// more right now, and said so (the socket's readiness is cleared: its next wake-up means
-    /// new bytes).
-    ///
-    /// With `direct`, reads with plain `recv` calls instead of through tokio, which skips the
-    /// read while its reactor has not yet seen the socket become readable: a thread woken by
-    /// its own `poll` must not wait for the reactor's thread to wake up too.
-    pub(crate) fn try_next(
-        &mut self,
-        src: &OwnedReadHalf,
-        direct: bool,
-    ) -> Result<Option<Frame>, ReadEnd> {
+    /// The next frame, reading from the socket `src` without waiting. `Ok(None)` means `src`
+    /// has nothing more right now.
+    pub(crate) fn try_next(&mut self, src: RawFd) -> Result<Option<Frame>, ReadEnd> {
         let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
         loop {
             if let Some(frame) = self.frames.next_frame().map_err(malformed)? {
@@ -87,14 +79,7 @@ impl FrameReader {
                 return Ok(Some(frame));
             }
             let dst = self.frames.read_buf();
-            let read = if direct {
-                recv_uninit(src, dst)
-            } else {
-                // Through tokio, so that a WouldBlock clears its readiness.
-                src.as_ref()
-                    .try_io(tokio::io::Interest::READABLE, || recv_uninit(src, dst))
-            };
-            match read {
+            match recv_uninit(src, dst) {
                 Ok(0) if self.frames.holds_bytes() => {
                     return Err(ReadEnd::Malformed(
                         "connection closed inside a frame".into(),
@@ -154,17 +139,18 @@ impl FrameReader {
 }
 
 /// The receiving side of a connection: the socket and its [`FrameReader`], which the
-/// connection's reader task drives, except while a blocked caller has claimed it to read its
-/// own reply (saving the hand-off from the reader's thread to the caller's: one wake-up per
-/// call).
+/// connection's reader task drives, except while a thread has claimed it: a blocked caller
+/// reading its own reply (saving the hand-off from the reader's thread to the caller's: one
+/// wake-up per call), or a thread waiting for work reading the peer's next call. A caller takes
+/// the side over from a thread that only waits for work (ringing its doorbell), never the
+/// other way round.
 ///
-/// The hand-over needs no wake-up either way. While the side is claimed, the reader task clears
-/// the socket's readiness each time it is woken (under the lock, so never after the claim
-/// ended) and waits for the next wake-up; the claimant, after ending its claim, reads once more
-/// until the socket is empty. Bytes that came before that last read are the claimant's; bytes
-/// that come after it wake the reader task.
+/// The hand-over needs no wake-up either way. While the side is claimed, the socket's bytes do
+/// not wake the reader task ([`ReadHalf::pause`]); the claimant, after ending its claim, reads
+/// once more until the socket is empty. Bytes that came before that last read are the
+/// claimant's; bytes that come after it wake the reader task.
 pub(crate) struct ReadSide {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     state: Mutex<ReadState>,
     /// Wakes the reader task when the connection ends.
     nudge: Notify,
@@ -172,9 +158,41 @@ pub(crate) struct ReadSide {
 
 struct ReadState {
     frames: FrameReader,
-    claimed: bool,
+    holder: Holder,
+    /// The token of the next claim.
+    claims: u64,
     /// Someone met the end of the stream (or closed the connection): nobody reads any more.
     ended: bool,
+}
+
+/// Who reads the side now.
+enum Holder {
+    /// The reader task.
+    Task,
+    /// A blocked caller, by its claim's token.
+    Caller(u64),
+    /// A thread waiting for work, by its claim's token, with its doorbell.
+    Waiting(u64, Arc<Doorbell>),
+}
+
+impl Holder {
+    fn token(&self) -> Option<u64> {
+        match self {
+            Holder::Task => None,
+            Holder::Caller(t) | Holder::Waiting(t, _) => Some(*t),
+        }
+    }
+}
+
+/// Who takes a step.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// The reader task: it waits while the side is claimed.
+    Task,
+    /// The holder of the claim with this token: it stops once the claim was taken over.
+    Claimant(u64),
+    /// A claimant whose claim just ended, reading what came before (see [`ReadSide`]).
+    Leaving,
 }
 
 /// One step of reading a connection.
@@ -183,47 +201,46 @@ pub(crate) enum Step {
     Frame(Frame),
     /// Nothing more to read right now.
     Idle,
-    /// A caller has claimed the side: the reader task waits.
+    /// Someone else has claimed the side: the reader task waits; a claimant whose claim was
+    /// taken over stops.
     Claimed,
     /// The connection ended; `Some` for the one who saw it end, who must report it.
     Ended(Option<ReadEnd>),
 }
 
 impl ReadSide {
-    pub(crate) fn new(half: OwnedReadHalf, frames: FrameReader) -> Arc<Self> {
+    pub(crate) fn new(half: ReadHalf, frames: FrameReader) -> Arc<Self> {
         Arc::new(Self {
             half,
             state: Mutex::new(ReadState {
                 frames,
-                claimed: false,
+                holder: Holder::Task,
+                claims: 0,
                 ended: false,
             }),
             nudge: Notify::new(),
         })
     }
 
-    /// The next step for the reader task (`claimant == false`), or for the claim's holder
-    /// (during its claim, and for the last read after it).
-    pub(crate) fn step(&self, claimant: bool) -> Step {
-        let mut st = if claimant {
-            lock(&self.state)
-        } else {
+    /// The next step for `who`.
+    pub(crate) fn step(&self, who: Reader) -> Step {
+        let mut st = if who == Reader::Task {
             self.lock_briefly()
+        } else {
+            lock(&self.state)
         };
         if st.ended {
             return Step::Ended(None);
         }
-        if st.claimed && !claimant {
-            // Forget this wake-up: the claimant reads what caused it.
-            let _ = self
-                .half
-                .as_ref()
-                .try_io(tokio::io::Interest::READABLE, || {
-                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-                });
+        let reads = match who {
+            Reader::Task => matches!(st.holder, Holder::Task),
+            Reader::Claimant(token) => st.holder.token() == Some(token),
+            Reader::Leaving => true,
+        };
+        if !reads {
             return Step::Claimed;
         }
-        match st.frames.try_next(&self.half, claimant) {
+        match st.frames.try_next(self.half.fd()) {
             Ok(Some(frame)) => Step::Frame(frame),
             Ok(None) => Step::Idle,
             Err(end) => {
@@ -256,19 +273,44 @@ impl ReadSide {
         }
     }
 
-    /// Claims the side for the calling thread, unless someone already has.
-    pub(crate) fn claim(&self) -> bool {
+    /// Claims the side for the calling thread: a blocked caller (`waiting` is `None`), or a
+    /// thread waiting for work, with its doorbell. Returns the claim's token, or `None` if
+    /// someone else reads the side (a caller takes it over from a thread that only waits for
+    /// work, ringing that thread's doorbell so that it stops at once).
+    pub(crate) fn claim(&self, waiting: Option<Arc<Doorbell>>) -> Option<u64> {
         let mut st = lock(&self.state);
-        if st.claimed || st.ended {
-            return false;
+        if st.ended {
+            return None;
         }
-        st.claimed = true;
-        true
+        let token = st.claims;
+        let holder = match waiting {
+            Some(bell) => Holder::Waiting(token, bell),
+            None => Holder::Caller(token),
+        };
+        match (&st.holder, &holder) {
+            (Holder::Task, _) => {
+                // The claimant reads the peer's bytes: they no longer wake the reader task.
+                self.half.pause();
+            }
+            (Holder::Waiting(_, bell), Holder::Caller(_)) => bell.ring(),
+            _ => return None,
+        }
+        st.holder = holder;
+        st.claims += 1;
+        Some(token)
     }
 
-    /// Ends a claim. The claimant must then read until [`Step::Idle`] (see the type's docs).
-    pub(crate) fn release(&self) {
-        lock(&self.state).claimed = false;
+    /// Ends the claim with `token`; `false` if it had been taken over (the new holder reads
+    /// on). Otherwise the claimant must then read as [`Reader::Leaving`] until [`Step::Idle`]
+    /// (see the type's docs).
+    pub(crate) fn release(&self, token: u64) -> bool {
+        let mut st = lock(&self.state);
+        if st.holder.token() != Some(token) {
+            return false;
+        }
+        st.holder = Holder::Task;
+        self.half.resume();
+        true
     }
 
     /// Wakes the reader task to look again (a claimant left bytes it did not read).
@@ -282,27 +324,32 @@ impl ReadSide {
         self.nudge.notify_one();
     }
 
-    /// Blocks the calling thread until the socket is readable or `timeout` passes.
-    pub(crate) fn poll_readable(&self, timeout: std::time::Duration) {
-        use std::os::fd::AsRawFd;
-        let mut fd = libc::pollfd {
-            fd: self.half.as_ref().as_raw_fd(),
+    /// Blocks the calling thread until the socket is readable, `bell` rings (then returns
+    /// `true`) or `timeout` passes.
+    pub(crate) fn poll_readable(
+        &self,
+        timeout: std::time::Duration,
+        bell: Option<&Doorbell>,
+    ) -> bool {
+        let pollfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut fds = [
+            pollfd(self.half.fd()),
+            pollfd(bell.map_or(-1, Doorbell::fd)),
+        ];
+        let n = if bell.is_some() { 2 } else { 1 };
         let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd; the descriptor stays open while `self.half` lives.
-        unsafe { libc::poll(&mut fd, 1, ms) };
+        // SAFETY: `n` valid pollfds; the descriptors stay open while `self.half` and `bell` live.
+        unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+        fds[1].revents != 0
     }
 }
 
 /// One `recv` into memory that may be uninitialised; returns how many bytes it initialised.
-fn recv_uninit(
-    src: &OwnedReadHalf,
-    dst: &mut [std::mem::MaybeUninit<u8>],
-) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let fd = src.as_ref().as_raw_fd();
+fn recv_uninit(fd: RawFd, dst: &mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<usize> {
     // SAFETY: `dst` is valid for writes of its length, which is all `recv` does with it; the
     // descriptor is open while `src` is.
     let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
@@ -315,13 +362,12 @@ const LOWAT_MAX: usize = 1 << 20;
 /// Sets the socket's receive low-water mark: `poll`, epoll and so the reader's wake-ups wait
 /// until that many bytes are there (or the stream ends). Best effort: if the kernel refuses it,
 /// the reader is only woken more often.
-fn set_lowat(src: &OwnedReadHalf, bytes: usize) {
-    use std::os::fd::AsRawFd;
+fn set_lowat(fd: RawFd, bytes: usize) {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: a valid descriptor and a c_int option value of the right size.
     unsafe {
         libc::setsockopt(
-            src.as_ref().as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
             (&v as *const libc::c_int).cast(),
