@@ -256,8 +256,8 @@ impl RpcOptions {
 
     /// How long a thread blocked on its own call (`rpc_sync`, `to_here`, a blocking call of
     /// the Python front) polls its socket for the reply before it sleeps, default
-    /// [`DEFAULT_SPIN_WAIT`]; zero: it sleeps at once. The same for a front's idle thread
-    /// waiting for the next call on the connection the last one came in on
+    /// [`DEFAULT_SPIN_WAIT`]; zero: it sleeps at once. The same for an idle pool (or front)
+    /// thread waiting for the next call on the connection the last one came in on
     /// ([`Origin::serve`](crate::server::foreign::Origin::serve)). Unlike
     /// [`RpcOptions::busy_poll`], no reader task spins, and a thread spins only while it has
     /// nothing to do but wait: a reply (a call) that comes within the spin is read by the

@@ -6,9 +6,14 @@
 //! queued the pool starts another thread to keep `size` handlers running. So nested calls never
 //! starve the pool, however deep, and CPU-bound handlers are still bounded by `size`. Threads
 //! start lazily; surplus threads exit once the blocked ones resume.
+//!
+//! One idle thread at a time waits by reading the connection the latest job's call came in on
+//! ([`Origin::serve`]): the peer's next call is read and run by that thread, with no hand-off
+//! from the connection's reader task (the others sleep on a condition variable).
 
-use crate::sync::lock;
-use std::cell::RefCell;
+use crate::sync::{Doorbell, lock};
+use crate::transport::Origin;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -22,16 +27,29 @@ pub(crate) const MAX_THREADS: usize = 512;
 struct State {
     jobs: VecDeque<Job>,
     threads: usize,
+    /// Threads waiting for a job: sleeping on `work`, or reading a connection.
     idle: usize,
+    /// Idle threads sleeping on `work`.
+    sleepers: usize,
     blocked: usize,
     closed: bool,
+    /// Whether an idle thread reads a connection (see [`worker`]).
+    reading: bool,
+    /// The connection the latest job's call came in on.
+    last: Option<Origin>,
 }
+
+/// How long an idle thread reads a connection before it looks again (it goes on if nothing
+/// else came up).
+const READ_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Shared {
     size: usize,
     name: String,
     state: Mutex<State>,
     work: Condvar,
+    /// Wakes the thread that reads a connection (`None`: no thread does).
+    bell: Option<Arc<Doorbell>>,
 }
 
 impl Shared {
@@ -71,6 +89,9 @@ impl std::fmt::Debug for Pool {
 thread_local! {
     /// The pool this thread belongs to, if it is a pool thread.
     static CURRENT: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
+    /// Whether this thread is its pool's reading thread, reading now: the jobs it queues are
+    /// its own to run, no one is woken for them.
+    static READING: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Pool {
@@ -81,19 +102,30 @@ impl Pool {
                 name,
                 state: Mutex::new(State::default()),
                 work: Condvar::new(),
+                bell: Doorbell::new().ok().map(Arc::new),
             }),
         }
     }
 
-    /// Queues `job`. Returns it back if the pool is closed.
-    pub(crate) fn execute(&self, job: Job) -> Result<(), Job> {
+    /// Queues `job`, whose call came in on `origin`. Returns it back if the pool is closed.
+    pub(crate) fn execute(&self, job: Job, origin: Option<Origin>) -> Result<(), Job> {
         let mut state = self.shared.lock();
         if state.closed {
             return Err(job);
         }
         state.jobs.push_back(job);
-        if state.idle > 0 {
-            self.shared.work.notify_one();
+        if origin.is_some() {
+            state.last = origin;
+        }
+        // The reading thread takes what it queues itself, when it stops reading.
+        if !READING.with(Cell::get) {
+            if state.sleepers > 0 {
+                self.shared.work.notify_one();
+            } else if state.reading
+                && let Some(bell) = &self.shared.bell
+            {
+                bell.ring();
+            }
         }
         // Each idle thread takes one queued job; a woken thread still counts as idle until it
         // runs, so the jobs it cannot take are counted against `idle`, not `idle > 0`.
@@ -123,6 +155,9 @@ impl Pool {
     pub(crate) fn close(&self) {
         self.shared.lock().closed = true;
         self.shared.work.notify_all();
+        if let Some(bell) = &self.shared.bell {
+            bell.ring();
+        }
     }
 
     /// Configured number of concurrently running handlers (`agent.thread_pool_size`).
@@ -157,9 +192,49 @@ fn worker(shared: Arc<Shared>) {
             return;
         }
         state.idle += 1;
+        if let Some(origin) = state.last.clone().filter(|_| !state.reading) {
+            let (read, again) = read_while_idle(&shared, state, &origin);
+            state = again;
+            if read {
+                state.idle -= 1;
+                continue;
+            }
+        }
+        state.sleepers += 1;
         state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
+        state.sleepers -= 1;
         state.idle -= 1;
     }
+}
+
+/// An idle thread waits for its next job by reading the connection the latest one came in on
+/// (see [`Origin::serve`]): the peer's next call is read, queued and run by this thread, with
+/// no hand-off from the reader task's thread. One thread at a time; the jobs it read beyond the
+/// one it takes wake sleeping threads. Returns whether it could read.
+fn read_while_idle<'a>(
+    shared: &'a Shared,
+    mut state: std::sync::MutexGuard<'a, State>,
+    origin: &Origin,
+) -> (bool, std::sync::MutexGuard<'a, State>) {
+    let Some(bell) = &shared.bell else {
+        return (false, state);
+    };
+    state.reading = true;
+    drop(state);
+    bell.clear();
+    let ready = || {
+        let state = shared.lock();
+        !state.jobs.is_empty() || state.closed
+    };
+    READING.with(|r| r.set(true));
+    let read = origin.serve(&ready, std::time::Instant::now() + READ_SLICE, bell);
+    READING.with(|r| r.set(false));
+    let mut state = shared.lock();
+    state.reading = false;
+    for _ in 1..state.jobs.len().min(state.sleepers + 1) {
+        shared.work.notify_one();
+    }
+    (read, state)
 }
 
 /// Marks the current pool thread (if it is one) as blocked for the life of the guard, starting a
@@ -207,18 +282,21 @@ mod tests {
             let rx = release_rx.clone();
             let done = done_tx.clone();
             let p = pool.clone();
-            let _ = p.execute(Box::new(move || {
-                let _guard = enter_blocking();
-                rx.lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(10))
-                    .unwrap();
-                done.send(()).unwrap();
-            }));
+            let _ = p.execute(
+                Box::new(move || {
+                    let _guard = enter_blocking();
+                    rx.lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10))
+                        .unwrap();
+                    done.send(()).unwrap();
+                }),
+                None,
+            );
         }
         // A fifth job must still run while the four wait.
         let (tx, rx) = mpsc::channel();
-        let _ = pool.execute(Box::new(move || tx.send(()).unwrap()));
+        let _ = pool.execute(Box::new(move || tx.send(()).unwrap()), None);
         rx.recv_timeout(Duration::from_secs(10))
             .expect("pool starved");
         for _ in 0..4 {
@@ -240,13 +318,16 @@ mod tests {
         let jobs = MAX_THREADS + 40;
         for _ in 0..jobs {
             let (gate, done) = (gate.clone(), done_tx.clone());
-            let _ = pool.execute(Box::new(move || {
-                let _guard = enter_blocking();
-                let (open, cv) = &*gate;
-                let open = open.lock().unwrap();
-                let _ = cv.wait_timeout_while(open, Duration::from_secs(30), |o| !*o);
-                done.send(()).unwrap();
-            }));
+            let _ = pool.execute(
+                Box::new(move || {
+                    let _guard = enter_blocking();
+                    let (open, cv) = &*gate;
+                    let open = open.lock().unwrap();
+                    let _ = cv.wait_timeout_while(open, Duration::from_secs(30), |o| !*o);
+                    done.send(()).unwrap();
+                }),
+                None,
+            );
         }
         // Threads start as jobs block: wait (bounded) until every running one is blocked.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

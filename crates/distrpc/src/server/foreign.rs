@@ -14,8 +14,7 @@
 //! itself ([`Origin::serve`]): the next call from that peer then reaches the thread that runs
 //! it with no hand-off from a reader's thread (one wake-up per call instead of two).
 
-use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use distrpc_wire::{Codec, Tensor};
@@ -25,7 +24,7 @@ use super::{Completion, ReplyTo, Server};
 use crate::call::activity::Counter;
 use crate::error::{Failure, RemoteError};
 pub use crate::sync::Doorbell;
-use crate::transport::{Connection, Transport};
+pub use crate::transport::Origin;
 
 /// Runs the calls of one codec; registered by a front (the Python binding) at init.
 pub trait ForeignHandler: Send + Sync + 'static {
@@ -111,10 +110,7 @@ impl ForeignReply {
     /// The connection the call came in on; `None` for a call to this worker itself.
     pub fn origin(&self) -> Option<Origin> {
         match &self.reply_to {
-            ReplyTo::Remote(conn) => Some(Origin {
-                transport: self.server.client.transport.clone(),
-                conn: Arc::downgrade(conn),
-            }),
+            ReplyTo::Remote(conn) => Some(Origin::new(&self.server.client.transport, conn)),
             ReplyTo::Local | ReplyTo::Nobody => None,
         }
     }
@@ -160,48 +156,6 @@ impl Drop for ForeignReply {
             self.function
         );
         self.finish(Err(Failure::Other(reason)));
-    }
-}
-
-/// The connection a call came in on ([`ForeignReply::origin`]), for a front's thread that
-/// waits for the next call to read meanwhile ([`Origin::serve`]). Holds the connection weakly.
-#[derive(Clone)]
-pub struct Origin {
-    transport: Arc<Transport>,
-    conn: Weak<Connection>,
-}
-
-impl std::fmt::Debug for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let peer = self.conn.upgrade().map(|c| c.peer);
-        f.debug_struct("Origin").field("peer", &peer).finish()
-    }
-}
-
-impl Origin {
-    /// Reads the connection on the calling thread, handling what arrives as its reader task
-    /// would (a call for the front reaches its handler on this thread), until `ready()`,
-    /// `until`, `bell` rings, the connection ends, or the peer's calls fill it. Returns `false`
-    /// at once, having read nothing, when it cannot: another thread reads the connection now
-    /// (a caller waiting for its reply, another waiting thread), it ended, is TLS, or is full.
-    ///
-    /// The thread spins for up to [`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait)
-    /// (unless the peer's calls lately came later than that), then sleeps in `poll` on the
-    /// socket: the peer's next frame wakes it directly. Ring `bell` to wake it for work that
-    /// arrives some other way. A thread of this worker that calls the peer and blocks on the
-    /// reply takes the connection over (ringing `bell`): `serve` then returns.
-    pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
-        let Some(conn) = self.conn.upgrade() else {
-            return false;
-        };
-        if conn.calls_full() {
-            return false;
-        }
-        let Some(claim) = self.transport.claim(&conn, Some(until), Some(bell.clone())) else {
-            return false;
-        };
-        claim.serve(ready, bell);
-        true
     }
 }
 

@@ -1,9 +1,10 @@
 //! [`Claim`]: a thread's hold on reading one connection — a blocked caller's (for its reply,
 //! [`Claim::drive`]) or an idle thread's (for the peer's next call, [`Claim::serve`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+use std::time::Instant;
 
 use super::reader::{ReadEnd, ReadSide, Reader, Step};
 use super::{Connection, Transport};
@@ -171,5 +172,56 @@ impl Drop for Claim {
         if self.conn.calls_full() {
             self.read.wake_reader();
         }
+    }
+}
+
+/// The connection a call came in on
+/// ([`ForeignReply::origin`](crate::server::foreign::ForeignReply::origin)), for a thread that
+/// waits for the next call — a front's, or the pool's — to read meanwhile ([`Origin::serve`]).
+/// Holds the connection weakly.
+#[derive(Clone)]
+pub struct Origin {
+    transport: Arc<Transport>,
+    conn: Weak<Connection>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peer = self.conn.upgrade().map(|c| c.peer);
+        f.debug_struct("Origin").field("peer", &peer).finish()
+    }
+}
+
+impl Origin {
+    pub(crate) fn new(transport: &Arc<Transport>, conn: &Arc<Connection>) -> Self {
+        Self {
+            transport: transport.clone(),
+            conn: Arc::downgrade(conn),
+        }
+    }
+
+    /// Reads the connection on the calling thread, handling what arrives as its reader task
+    /// would (a call for the front reaches its handler on this thread), until `ready()`,
+    /// `until`, `bell` rings, the connection ends, or the peer's calls fill it. Returns `false`
+    /// at once, having read nothing, when it cannot: another thread reads the connection now
+    /// (a caller waiting for its reply, another waiting thread), it ended, is TLS, or is full.
+    ///
+    /// The thread spins for up to [`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait)
+    /// (unless the peer's calls lately came later than that), then sleeps in `poll` on the
+    /// socket: the peer's next frame wakes it directly. Ring `bell` to wake it for work that
+    /// arrives some other way. A thread of this worker that calls the peer and blocks on the
+    /// reply takes the connection over (ringing `bell`): `serve` then returns.
+    pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
+        let Some(conn) = self.conn.upgrade() else {
+            return false;
+        };
+        if conn.calls_full() {
+            return false;
+        }
+        let Some(claim) = self.transport.claim(&conn, Some(until), Some(bell.clone())) else {
+            return false;
+        };
+        claim.serve(ready, bell);
+        true
     }
 }

@@ -21,6 +21,7 @@ mod secure;
 mod socket;
 
 pub(crate) use claim::Claim;
+pub use claim::Origin;
 pub(crate) use connection::{Connection, QueueBound, SendError};
 pub(crate) use reader::{FrameReader, ReadEnd};
 
