@@ -17,7 +17,6 @@
 //! the Python worker threads), [`value`] (Python objects behind references), [`rref`]
 //! (references as Python sees them), [`msgpack`].
 
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 mod buffers;
+mod completions;
 mod front;
 mod msgpack;
 mod rref;
@@ -34,6 +34,7 @@ mod value;
 mod waits;
 
 use buffers::{Held, Loan, Pickled, held, lent};
+use completions::Completions;
 use front::{Call, Front, Queue, Taken, taken};
 use rref::PyRRef;
 use value::PyValue;
@@ -72,29 +73,21 @@ impl Agent {
         Ok((options, front))
     }
 
-    fn new(rpc: Rpc, front: Arc<Front>) -> Agent {
-        let (done_tx, done_rx) = mpsc::channel();
-        Agent {
+    fn new(rpc: Rpc, front: Arc<Front>) -> PyResult<Agent> {
+        let completions = Completions::new()
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot make a doorbell: {e}")))?;
+        Ok(Agent {
             rpc,
             front,
-            done_tx: Mutex::new(done_tx),
-            done_rx: Mutex::new(done_rx),
-            next_token: std::sync::atomic::AtomicU64::new(1),
-        }
+            completions,
+        })
     }
 
     /// A token under which `fut`'s result (in `codec`) will come out of
-    /// [`Agent::next_completion`].
-    fn complete_later(&self, codec: Codec, fut: distrpc::RpcFuture<RawReply>) -> u64 {
-        let token = self
-            .next_token
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let done = lock(&self.done_tx).clone();
-        fut.add_done_callback(move |result| {
-            // The receiver goes only with the agent: nobody is left to complete.
-            let _ = done.send((token, codec, result));
-        });
-        token
+    /// [`Agent::next_completion`]; `to`: the worker whose reply it is.
+    fn complete_later(&self, codec: Codec, fut: distrpc::RpcFuture<RawReply>, to: &str) -> u64 {
+        self.completions
+            .later(codec, fut, self.rpc.connection_to(to))
     }
 }
 
@@ -175,10 +168,6 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
-/// The result of an `rpc_async` (in its codec), queued for the Python thread that completes
-/// futures.
-type Completion = (u64, Codec, Result<RawReply, Error>);
-
 /// A completed `rpc_async` as Python gets it: `(token, None, pickle, buffers)`,
 /// `(token, None, value, None)` for a call by name, or `(token, error message, None, [])`.
 type Completed = (
@@ -194,11 +183,8 @@ struct Agent {
     rpc: Rpc,
     /// Where the foreign handlers hand calls.
     front: Arc<Front>,
-    /// Completed `rpc_async` calls: completing a Python future needs the interpreter lock,
-    /// which the connection's reader must never wait for, so a Python thread takes them here.
-    done_tx: Mutex<mpsc::Sender<Completion>>,
-    done_rx: Mutex<mpsc::Receiver<Completion>>,
-    next_token: std::sync::atomic::AtomicU64,
+    /// Completed `rpc_async` calls, for the Python thread that completes their futures.
+    completions: Completions,
 }
 
 #[pymethods]
@@ -392,7 +378,7 @@ impl Agent {
     ) -> PyResult<u64> {
         let (call, timeout) = named(function, args, timeout)?;
         let fut = sending(args.py(), || self.rpc.rpc_async_raw(to, call, timeout));
-        Ok(self.complete_later(Codec::MessagePack, fut))
+        Ok(self.complete_later(Codec::MessagePack, fut, to))
     }
 
     /// [`Agent::rpc_sync`] without waiting: returns a token, and the result comes out of
@@ -408,18 +394,22 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let fut = sending(py, || self.rpc.rpc_async_raw(to, call, timeout));
-        Ok(self.complete_later(Codec::Pickle, fut))
+        let fut = if self.completions.none_in_flight() {
+            sending(py, || self.rpc.rpc_async_raw_direct(to, call, timeout))
+        } else {
+            sending(py, || self.rpc.rpc_async_raw(to, call, timeout))
+        };
+        Ok(self.complete_later(Codec::Pickle, fut, to))
     }
 
     /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
     fn next_completion(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Completed>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();
         // As in `next_call`: what is there already is taken holding the interpreter lock.
-        let ready = lock(&self.done_rx).try_recv().ok(); // (the lock goes with this statement)
+        let ready = self.completions.try_next();
         let next = match ready {
             Some(done) => Some(done),
-            None => py.detach(|| lock(&self.done_rx).recv_timeout(wait).ok()),
+            None => py.detach(|| self.completions.next(wait)),
         };
         // Token 0 is a wake-up ([`Agent::wake`]), not a call.
         let Some((token @ 1.., codec, result)) = next else {
@@ -484,17 +474,16 @@ impl Agent {
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         let fut = sending(py, || rref.rref.rpc_async_raw(call, timeout));
-        Ok(self.complete_later(Codec::Pickle, fut))
+        Ok(self.complete_later(Codec::Pickle, fut, rref.rref.owner_name()))
     }
 
     /// Wakes `threads` threads waiting in [`Agent::next_call`] and the one in
     /// [`Agent::next_completion`], so that they see the worker stopping at once.
     fn wake(&self, threads: usize) {
         self.front.wake(threads);
-        let stopped = Err(Error::ShutDown {
+        self.completions.wake(Error::ShutDown {
             worker: self.rpc.name().to_string(),
         });
-        let _ = lock(&self.done_tx).send((0, Codec::Pickle, stopped));
     }
 
     /// Gathers `payload` (a pickled object) from every worker in `names` (all if `None`):
@@ -576,7 +565,7 @@ impl PendingAgent {
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this worker joined already"))?;
         let rpc = py.detach(|| pending.join()).map_err(error)?;
-        Ok(Agent::new(rpc, front))
+        Agent::new(rpc, front)
     }
 }
 

@@ -385,8 +385,15 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
     });
     bell.clear();
 
-    // Reading is back with the reader task: a call arriving now is handled there.
-    let third = rpcs[0].rpc_async_raw("worker1", pickled(b"3", vec![]), None);
+    // The connection a caller's replies come on, for a thread waiting for them: only an open
+    // one to another worker (nothing is dialed).
+    assert!(rpcs[0].connection_to("worker1").is_some());
+    assert!(rpcs[0].connection_to("worker0").is_none(), "no connection to itself");
+    assert!(rpcs[0].connection_to("nobody").is_none());
+
+    // Reading is back with the reader task: a call arriving now is handled there (sent from
+    // the caller's thread, the connection being idle).
+    let third = rpcs[0].rpc_async_raw_direct("worker1", pickled(b"3", vec![]), None);
     let (reply, handled_on) = inbox.take();
     assert_ne!(handled_on, waiter);
     reply.ok(b"three".to_vec(), vec![]);

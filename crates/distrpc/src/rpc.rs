@@ -241,6 +241,16 @@ impl Rpc {
         Ok(transport.group.workers[rank as usize].clone())
     }
 
+    /// The open connection to `to`, for a thread waiting for the replies of calls to it to
+    /// read them itself ([`Origin::serve`](crate::server::foreign::Origin::serve)); `None` if
+    /// none is open (nothing is dialed), `to` is this worker or unknown.
+    pub fn connection_to(&self, to: impl Into<To>) -> Option<crate::server::foreign::Origin> {
+        let transport = &self.node().transport;
+        let rank = transport.resolve(&to.into()).ok()?;
+        let conn = transport.open_connection(rank)?;
+        Some(crate::server::foreign::Origin::new(transport, &conn))
+    }
+
     /// Every worker of the group, by rank.
     pub fn worker_infos(&self) -> &[WorkerInfo] {
         &self.node().transport.group.workers
@@ -467,6 +477,19 @@ impl Rpc {
         timeout: Option<Duration>,
     ) -> RpcFuture<RawReply> {
         self.raw(to.into(), call, timeout, Delivery::Queued)
+    }
+
+    /// [`Rpc::rpc_async_raw`], written from the calling thread when the connection is idle
+    /// (sparing the wake-up of its writer task), for a caller with no other call in flight that
+    /// will soon wait for this one; callers that pipeline batch better through
+    /// [`Rpc::rpc_async_raw`], whose writer task gathers what accumulates into one `writev`.
+    pub fn rpc_async_raw_direct(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<RawReply> {
+        self.raw(to.into(), call, timeout, Delivery::Direct)
     }
 
     fn raw(

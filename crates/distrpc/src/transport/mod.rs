@@ -234,6 +234,13 @@ impl Transport {
         });
     }
 
+    /// The connection to `rank` if one is open (none is dialed).
+    pub(crate) fn open_connection(&self, rank: u32) -> Option<Arc<Connection>> {
+        let peers = lock(&self.peers);
+        let peer = peers.get(rank as usize)?;
+        peer.gone.is_none().then(|| peer.conn.clone()).flatten()
+    }
+
     /// The connection to `rank`, opening it if there is none.
     pub(crate) fn connection(self: &Arc<Self>, rank: u32) -> Result<Arc<Connection>, Error> {
         let mut peers = lock(&self.peers);

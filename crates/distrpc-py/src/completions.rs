@@ -1,0 +1,124 @@
+//! The results of `rpc_async` calls, on their way to the Python thread that completes their
+//! futures ([`Completions`]).
+//!
+//! Completing a Python future needs the interpreter lock, which a connection's reader must
+//! never wait for: results are queued, and one Python thread takes them. While it waits, that
+//! thread reads itself the connection of the latest `rpc_async` ([`Origin::serve`]): a reply
+//! on it reaches the thread that completes its future directly, not through the reader task's
+//! thread (a wake-up less per call). Results that arrive another way ring its doorbell.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use distrpc::server::foreign::{Doorbell, Origin};
+use distrpc::{Codec, Error, RawReply, RpcFuture};
+
+use crate::lock;
+
+/// The result of an `rpc_async` (in its codec), under its token; token 0 wakes the thread.
+pub(crate) type Completion = (u64, Codec, Result<RawReply, Error>);
+
+/// Where `rpc_async` results wait for the Python thread that completes futures.
+pub(crate) struct Completions {
+    tx: Mutex<mpsc::Sender<Completion>>,
+    rx: Mutex<mpsc::Receiver<Completion>>,
+    next_token: AtomicU64,
+    /// Results sent and not yet taken.
+    queued: Arc<AtomicUsize>,
+    /// Calls whose result has not come yet.
+    in_flight: Arc<AtomicUsize>,
+    /// Whether the thread reads a connection while it waits (then results ring `bell`).
+    reading: Arc<AtomicBool>,
+    bell: Arc<Doorbell>,
+    /// The connection of the latest `rpc_async`.
+    last: Mutex<Option<Origin>>,
+}
+
+impl Completions {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        Ok(Self {
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+            next_token: AtomicU64::new(1),
+            queued: Arc::default(),
+            in_flight: Arc::default(),
+            reading: Arc::default(),
+            bell: Arc::new(Doorbell::new()?),
+            last: Mutex::new(None),
+        })
+    }
+
+    /// Whether no call is in flight: the next one, likely waited for at once, is best written
+    /// from the caller's thread (see `Rpc::rpc_async_raw_direct`).
+    pub(crate) fn none_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// A token under which `fut`'s result (in `codec`) will come out of [`Completions::next`];
+    /// `origin`: the connection its reply comes on.
+    pub(crate) fn later(
+        &self,
+        codec: Codec,
+        fut: RpcFuture<RawReply>,
+        origin: Option<Origin>,
+    ) -> u64 {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        if origin.is_some() {
+            *lock(&self.last) = origin;
+        }
+        let tx = lock(&self.tx).clone();
+        let (queued, reading, bell) =
+            (self.queued.clone(), self.reading.clone(), self.bell.clone());
+        fut.add_done_callback(move |result| {
+            // Counted before the flag is read, as the waiting thread sets the flag before it
+            // reads the count: one of the two sees the other.
+            queued.fetch_add(1, Ordering::SeqCst);
+            // The receiver goes only with the agent: nobody is left to complete.
+            let _ = tx.send((token, codec, result));
+            if reading.load(Ordering::SeqCst) {
+                bell.ring();
+            }
+        });
+        token
+    }
+
+    /// Wakes the waiting thread with `why` instead of a result (token 0).
+    pub(crate) fn wake(&self, why: Error) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let _ = lock(&self.tx).send((0, Codec::Pickle, Err(why)));
+        self.bell.ring();
+    }
+
+    /// A result there now, if any.
+    pub(crate) fn try_next(&self) -> Option<Completion> {
+        let next = lock(&self.rx).try_recv().ok();
+        if next.is_some() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        next
+    }
+
+    /// The next result, waiting up to `wait` — reading the latest call's connection
+    /// meanwhile, unless a blocked caller reads it.
+    pub(crate) fn next(&self, wait: Duration) -> Option<Completion> {
+        let deadline = Instant::now() + wait;
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            let origin = lock(&self.last).clone();
+            if let Some(origin) = origin {
+                self.bell.clear();
+                self.reading.store(true, Ordering::SeqCst);
+                let ready = || self.queued.load(Ordering::SeqCst) > 0;
+                origin.serve(&ready, deadline, &self.bell);
+                self.reading.store(false, Ordering::SeqCst);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let next = lock(&self.rx).recv_timeout(left).ok();
+        if next.is_some() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        next
+    }
+}
