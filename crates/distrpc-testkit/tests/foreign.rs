@@ -388,7 +388,10 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
     // The connection a caller's replies come on, for a thread waiting for them: only an open
     // one to another worker (nothing is dialed).
     assert!(rpcs[0].connection_to("worker1").is_some());
-    assert!(rpcs[0].connection_to("worker0").is_none(), "no connection to itself");
+    assert!(
+        rpcs[0].connection_to("worker0").is_none(),
+        "no connection to itself"
+    );
     assert!(rpcs[0].connection_to("nobody").is_none());
 
     // Reading is back with the reader task: a call arriving now is handled there (sent from
