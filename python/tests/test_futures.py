@@ -101,6 +101,6 @@ def test_rpc_async_futures_and_async_execution(run_group):
     assert out["infos"] == ["WorkerInfo(id=0, name=worker0)", "WorkerInfo(id=1, name=worker1)"]
     assert out["debug"] == [
         "agent.client_active_calls",
+        "agent.frames_read_waiting",
         "agent.inline_handler_runs",
-        "agent.num_functions",
     ]

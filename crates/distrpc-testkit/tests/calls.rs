@@ -626,3 +626,29 @@ fn futures_are_awaitable_in_async_code() {
     drop(rt);
     shutdown_all(rpcs).unwrap();
 }
+
+/// The pool's idle thread reads the connection the latest job's call came in on: the caller's
+/// next calls are read by it (counted by `agent.frames_read_waiting`), and every one is
+/// answered. Bounded: a busy machine may let the reader task read some calls first.
+#[test]
+fn the_pools_idle_thread_reads_the_next_calls_itself() {
+    let rpcs = in_process(2, |_| {
+        RpcOptions::default().rpc_timeout(Duration::from_secs(30))
+    })
+    .unwrap();
+    let read_waiting = |r: &Rpc| r.metrics()["agent.frames_read_waiting"];
+    let before = read_waiting(&rpcs[1]);
+    let mut calls = 0i64;
+    while read_waiting(&rpcs[1]) == before && calls < 20_000 {
+        assert_eq!(
+            rpcs[0].rpc_sync("worker1", add_i64, (calls, 1)).unwrap(),
+            calls + 1
+        );
+        calls += 1;
+    }
+    assert!(
+        read_waiting(&rpcs[1]) > before,
+        "after {calls} calls, no frame was read by a waiting pool thread"
+    );
+    shutdown_all(rpcs).unwrap();
+}

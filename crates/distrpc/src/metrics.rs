@@ -70,6 +70,10 @@ impl Node {
             ("num_owner_values", n(self.rrefs.ctx.num_values())),
             ("agent.inline_handler_runs", m(self.server.inline_runs())),
             ("agent.reader_hand_offs", m(self.transport.hand_offs())),
+            (
+                "agent.frames_read_waiting",
+                m(self.transport.read_waiting()),
+            ),
         ]
     }
 }

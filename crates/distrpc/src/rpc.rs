@@ -623,7 +623,9 @@ impl Rpc {
     /// `num_user_rrefs`, `num_owner_values`, `agent.inline_handler_runs` (sync functions that,
     /// being quick so far, ran on the connection's reader instead of the pool) and
     /// `agent.reader_hand_offs` (such runs that blocked, so that another task took over
-    /// reading). See [`Metrics`] for reading them.
+    /// reading) and `agent.frames_read_waiting` (frames that an idle pool thread, or a front's
+    /// thread waiting for work, read from a connection itself). See [`Metrics`] for reading
+    /// them.
     pub fn metrics(&self) -> Metrics {
         Metrics(
             self.node()

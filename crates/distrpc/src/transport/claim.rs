@@ -24,6 +24,8 @@ pub(crate) struct Claim {
     read: Arc<ReadSide>,
     /// The claim's token ([`ReadSide::claim`]).
     token: u64,
+    /// Whether it is a waiting thread's ([`Claim::serve`]).
+    serves: bool,
     deadline: Option<std::time::Instant>,
 }
 
@@ -40,7 +42,7 @@ impl Claim {
         transport: Arc<Transport>,
         conn: Arc<Connection>,
         read: Arc<ReadSide>,
-        token: u64,
+        (token, serves): (u64, bool),
         deadline: Option<std::time::Instant>,
     ) -> Self {
         Self {
@@ -48,6 +50,7 @@ impl Claim {
             conn,
             read,
             token,
+            serves,
             deadline,
         }
     }
@@ -144,6 +147,11 @@ impl Claim {
     fn step_as(&self, who: Reader) -> Option<bool> {
         match self.read.step(who) {
             Step::Frame(frame) => {
+                if self.serves {
+                    self.transport
+                        .read_waiting
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Err(e) = self.transport.on_frame(&self.conn, frame) {
                     self.transport.on_closed(&self.conn, ReadEnd::Malformed(e));
                     return None;

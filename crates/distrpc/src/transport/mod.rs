@@ -111,6 +111,8 @@ pub(crate) struct Transport {
     next_conn: AtomicU64,
     /// Reader hand-offs (inline handlers that blocked): a metric of the fast path.
     hand_offs: AtomicU64,
+    /// Frames read by threads waiting for work ([`Claim::serve`]): a metric of that path.
+    pub(crate) read_waiting: AtomicU64,
     /// Shutting down: lost peers are not dialed again, nor taken back.
     closing: std::sync::atomic::AtomicBool,
     peers: Mutex<Vec<Peer>>,
@@ -149,6 +151,7 @@ impl Transport {
             // Connection id 0 is the local "connection" of calls to self.
             next_conn: AtomicU64::new(LOCAL + 1),
             hand_offs: AtomicU64::new(0),
+            read_waiting: AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::new(peers),
             conns: Mutex::new(HashMap::new()),
@@ -208,6 +211,11 @@ impl Transport {
     /// Whether `rank` is known to be gone, and why.
     pub(crate) fn gone(&self, rank: u32) -> Option<String> {
         lock(&self.peers).get(rank as usize)?.gone.clone()
+    }
+
+    /// How many frames threads waiting for work read themselves ([`Claim::serve`]).
+    pub(crate) fn read_waiting(&self) -> u64 {
+        self.read_waiting.load(Ordering::Relaxed)
     }
 
     /// How many inline handlers blocked and handed their connection's reading to a new task.
@@ -310,12 +318,13 @@ impl Transport {
         waiting: Option<Arc<crate::sync::Doorbell>>,
     ) -> Option<Claim> {
         let read = conn.read.get()?;
+        let serves = waiting.is_some();
         let token = read.claim(waiting)?;
         Some(Claim::new(
             self.clone(),
             conn.clone(),
             read.clone(),
-            token,
+            (token, serves),
             deadline,
         ))
     }
