@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use distrpc::server::foreign::{Doorbell, Origin};
-use distrpc::{Codec, Error, RawReply, RpcFuture};
+use distrpc::server::foreign::Doorbell;
+use distrpc::{Codec, Error, RawReply, Rpc, RpcFuture};
 
 use crate::lock;
 
@@ -31,8 +31,9 @@ pub(crate) struct Completions {
     /// Whether the thread reads a connection while it waits (then results ring `bell`).
     reading: Arc<AtomicBool>,
     bell: Arc<Doorbell>,
-    /// The connection of the latest `rpc_async`.
-    last: Mutex<Option<Origin>>,
+    /// The worker the latest `rpc_async` went to (its connection is looked up by the waiting
+    /// thread, not on every call).
+    last: Mutex<Option<String>>,
 }
 
 impl Completions {
@@ -57,16 +58,14 @@ impl Completions {
     }
 
     /// A token under which `fut`'s result (in `codec`) will come out of [`Completions::next`];
-    /// `origin`: the connection its reply comes on.
-    pub(crate) fn later(
-        &self,
-        codec: Codec,
-        fut: RpcFuture<RawReply>,
-        origin: Option<Origin>,
-    ) -> u64 {
+    /// `to`: the worker whose reply it is.
+    pub(crate) fn later(&self, codec: Codec, fut: RpcFuture<RawReply>, to: &str) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        if origin.is_some() {
-            *lock(&self.last) = origin;
+        {
+            let mut last = lock(&self.last);
+            if last.as_deref() != Some(to) {
+                *last = Some(to.to_owned());
+            }
         }
         let tx = lock(&self.tx).clone();
         let (queued, reading, bell) =
@@ -77,7 +76,8 @@ impl Completions {
             queued.fetch_add(1, Ordering::SeqCst);
             // The receiver goes only with the agent: nobody is left to complete.
             let _ = tx.send((token, codec, result));
-            if reading.load(Ordering::SeqCst) {
+            // (Not when the waiting thread read the reply itself: it looks next.)
+            if reading.load(Ordering::SeqCst) && !bell.serving_here() {
                 bell.ring();
             }
         });
@@ -100,14 +100,13 @@ impl Completions {
         next
     }
 
-    /// The next result, waiting up to `wait` — reading the latest call's connection
-    /// meanwhile, unless a blocked caller reads it.
-    pub(crate) fn next(&self, wait: Duration) -> Option<Completion> {
+    /// The next result, waiting up to `wait` — reading the connection to the latest call's
+    /// worker (through `rpc`) meanwhile, unless a blocked caller reads it.
+    pub(crate) fn next(&self, rpc: &Rpc, wait: Duration) -> Option<Completion> {
         let deadline = Instant::now() + wait;
         if self.queued.load(Ordering::SeqCst) == 0 {
-            let origin = lock(&self.last).clone();
-            if let Some(origin) = origin {
-                self.bell.clear();
+            let to = lock(&self.last).clone();
+            if let Some(origin) = to.and_then(|to| rpc.connection_to(to.as_str())) {
                 self.reading.store(true, Ordering::SeqCst);
                 let ready = || self.queued.load(Ordering::SeqCst) > 0;
                 origin.serve(&ready, deadline, &self.bell);

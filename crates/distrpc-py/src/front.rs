@@ -61,12 +61,6 @@ pub(crate) struct Waiting {
     last: Option<Origin>,
 }
 
-thread_local! {
-    /// Whether this thread is the one reading a connection while it waits: the calls it reads
-    /// are its own to run, no one is woken for them.
-    static READING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 impl Front {
     pub(crate) fn new() -> std::io::Result<Self> {
         Ok(Self {
@@ -83,7 +77,7 @@ impl Front {
         if origin.is_some() {
             w.last = origin;
         }
-        if READING.with(std::cell::Cell::get) {
+        if self.bell.serving_here() {
             return; // the reading thread takes it when it stops reading
         }
         if w.sleepers > 0 {
@@ -149,14 +143,11 @@ impl Front {
     ) -> std::sync::MutexGuard<'a, Waiting> {
         w.reading = true;
         drop(w);
-        self.bell.clear();
         let ready = || {
             let w = lock(&self.queue);
             !w.calls.is_empty() || w.wakes > 0
         };
-        READING.with(|r| r.set(true));
         origin.serve(&ready, deadline, &self.bell);
-        READING.with(|r| r.set(false));
         let mut w = lock(&self.queue);
         w.reading = false;
         for _ in 1..w.calls.len().min(w.sleepers + 1) {

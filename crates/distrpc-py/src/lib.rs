@@ -86,8 +86,7 @@ impl Agent {
     /// A token under which `fut`'s result (in `codec`) will come out of
     /// [`Agent::next_completion`]; `to`: the worker whose reply it is.
     fn complete_later(&self, codec: Codec, fut: distrpc::RpcFuture<RawReply>, to: &str) -> u64 {
-        self.completions
-            .later(codec, fut, self.rpc.connection_to(to))
+        self.completions.later(codec, fut, to)
     }
 }
 
@@ -409,7 +408,7 @@ impl Agent {
         let ready = self.completions.try_next();
         let next = match ready {
             Some(done) => Some(done),
-            None => py.detach(|| self.completions.next(wait)),
+            None => py.detach(|| self.completions.next(&self.rpc, wait)),
         };
         // Token 0 is a wake-up ([`Agent::wake`]), not a call.
         let Some((token @ 1.., codec, result)) = next else {

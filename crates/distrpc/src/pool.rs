@@ -13,7 +13,7 @@
 
 use crate::sync::{Doorbell, lock};
 use crate::transport::Origin;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -89,9 +89,6 @@ impl std::fmt::Debug for Pool {
 thread_local! {
     /// The pool this thread belongs to, if it is a pool thread.
     static CURRENT: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
-    /// Whether this thread is its pool's reading thread, reading now: the jobs it queues are
-    /// its own to run, no one is woken for them.
-    static READING: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Pool {
@@ -118,11 +115,12 @@ impl Pool {
             state.last = origin;
         }
         // The reading thread takes what it queues itself, when it stops reading.
-        if !READING.with(Cell::get) {
+        let bell = self.shared.bell.as_deref();
+        if !bell.is_some_and(Doorbell::serving_here) {
             if state.sleepers > 0 {
                 self.shared.work.notify_one();
             } else if state.reading
-                && let Some(bell) = &self.shared.bell
+                && let Some(bell) = bell
             {
                 bell.ring();
             }
@@ -221,14 +219,11 @@ fn read_while_idle<'a>(
     };
     state.reading = true;
     drop(state);
-    bell.clear();
     let ready = || {
         let state = shared.lock();
         !state.jobs.is_empty() || state.closed
     };
-    READING.with(|r| r.set(true));
     let read = origin.serve(&ready, std::time::Instant::now() + READ_SLICE, bell);
-    READING.with(|r| r.set(false));
     let mut state = shared.lock();
     state.reading = false;
     for _ in 1..state.jobs.len().min(state.sleepers + 1) {

@@ -119,8 +119,34 @@ impl Doorbell {
         unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
     }
 
+    /// Whether the calling thread is reading a connection with this doorbell now (inside
+    /// [`Origin::serve`](crate::server::foreign::Origin::serve)): what it queues meanwhile
+    /// for the doorbell's owner it takes itself, so no one is to be woken for it.
+    pub fn serving_here(&self) -> bool {
+        SERVING.with(|s| s.get() == self as *const Self as usize)
+    }
+
+    /// Marks the calling thread as reading with this doorbell until the guard drops.
+    pub(crate) fn serving(&self) -> Serving {
+        Serving(SERVING.with(|s| s.replace(self as *const Self as usize)))
+    }
+
     pub(crate) fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.fd.as_raw_fd()
+    }
+}
+
+thread_local! {
+    /// The address of the doorbell this thread reads a connection with, 0 if none.
+    static SERVING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// See [`Doorbell::serving`]; restores what was marked before.
+pub(crate) struct Serving(usize);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.set(self.0));
     }
 }

@@ -109,10 +109,7 @@ impl std::fmt::Debug for ForeignReply {
 impl ForeignReply {
     /// The connection the call came in on; `None` for a call to this worker itself.
     pub fn origin(&self) -> Option<Origin> {
-        match &self.reply_to {
-            ReplyTo::Remote(conn) => Some(Origin::new(&self.server.client.transport, conn)),
-            ReplyTo::Local | ReplyTo::Nobody => None,
-        }
+        self.reply_to.origin(&self.server.client.transport)
     }
 
     /// Answers with the encoded result (same codec as the call) and its tensors.

@@ -37,7 +37,6 @@ use crate::call::Client;
 use crate::call::activity::Counter;
 use crate::error::Failure;
 use crate::pool::Pool;
-use crate::transport::Origin;
 use current::Current;
 use foreign::{ForeignCall, ForeignHandler};
 use handler::{Handler, HandlerKind, Produced, Request};
@@ -207,17 +206,13 @@ impl Server {
                 }
                 let server = self.clone();
                 let refused = (reply_to.clone(), function.clone(), completion.clone());
-                let reply_to_origin = reply_to.clone();
+                let origin = reply_to.origin(&self.client.transport);
                 let job = Box::new(move || {
                     let started = std::time::Instant::now();
                     let out = current::with_current(&current, || h(request));
                     speed.record(started.elapsed(), false);
                     server.finish(&reply_to, id, &function, out, completion, false);
                 });
-                let origin = match &reply_to_origin {
-                    ReplyTo::Remote(conn) => Some(Origin::new(&self.client.transport, conn)),
-                    ReplyTo::Local | ReplyTo::Nobody => None,
-                };
                 if self.pool.execute(job, origin).is_err() {
                     // The pool closes only at shutdown, and the refused job held the reply.
                     let (reply_to, function, completion) = refused;

@@ -10,7 +10,7 @@ use super::handler::Produced;
 use super::value::{Outcome, Reply};
 use crate::call::scope;
 use crate::error::Failure;
-use crate::transport::{Connection, LOCAL, Source};
+use crate::transport::{Connection, LOCAL, Origin, Source, Transport};
 
 /// Where the reply to a call goes.
 #[derive(Clone, Debug)]
@@ -20,6 +20,17 @@ pub(crate) enum ReplyTo {
     Remote(Arc<Connection>),
     /// No one waits (the value of a `remote()` to self).
     Nobody,
+}
+
+impl ReplyTo {
+    /// The connection the call came in on, for a thread waiting for the peer's next call
+    /// ([`Origin::serve`]); `None` for a call to this worker itself.
+    pub(crate) fn origin(&self, transport: &Arc<Transport>) -> Option<Origin> {
+        match self {
+            ReplyTo::Remote(conn) => Some(Origin::new(transport, conn)),
+            ReplyTo::Local | ReplyTo::Nobody => None,
+        }
+    }
 }
 
 impl From<Source> for ReplyTo {

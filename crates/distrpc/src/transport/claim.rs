@@ -217,7 +217,8 @@ impl Origin {
     /// The thread spins for up to [`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait)
     /// (unless the peer's calls lately came later than that), then sleeps in `poll` on the
     /// socket: the peer's next frame wakes it directly. Ring `bell` to wake it for work that
-    /// arrives some other way. A thread of this worker that calls the peer and blocks on the
+    /// arrives some other way (it is cleared first; meanwhile
+    /// [`Doorbell::serving_here`] tells that thread that what it queues is its own). A thread of this worker that calls the peer and blocks on the
     /// reply takes the connection over (ringing `bell`): `serve` then returns.
     pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
         let Some(conn) = self.conn.upgrade() else {
@@ -229,7 +230,13 @@ impl Origin {
         let Some(claim) = self.transport.claim(&conn, Some(until), Some(bell.clone())) else {
             return false;
         };
+        bell.clear();
+        // Until the claim is dropped (which reads what is left), this thread is the one the
+        // calls it reads are for.
+        let serving = bell.serving();
         claim.serve(ready, bell);
+        drop(claim);
+        drop(serving);
         true
     }
 }
