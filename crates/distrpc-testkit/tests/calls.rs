@@ -403,47 +403,101 @@ fn nested_calls_deeper_than_the_pool_do_not_deadlock() {
     shutdown_all(rpcs).unwrap();
 }
 
+/// Holds a pool thread until the test lets it go: the test's own gate, so that the tests
+/// sharing [`GATE`] cannot open it.
+struct Hold {
+    /// (held, released)
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+static HOLD: Hold = Hold {
+    state: Mutex::new((false, false)),
+    changed: Condvar::new(),
+};
+
+impl Hold {
+    fn reset(&self) {
+        *self.state.lock().unwrap() = (false, false);
+    }
+
+    /// Marks the pool thread held, then waits (bounded) until released.
+    fn hold(&self) -> bool {
+        let mut state = self.state.lock().unwrap();
+        state.0 = true;
+        self.changed.notify_all();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(30), |s| !s.1)
+            .unwrap();
+        state.1
+    }
+
+    /// Waits (bounded) until a pool thread is held.
+    fn wait_held(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(30), |s| !s.0)
+            .unwrap();
+        state.0
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+#[distrpc::function]
+fn hold_the_pool() -> bool {
+    HOLD.hold()
+}
+
 /// A function quick enough to run inline on the connection's reader may still block: here it
 /// turns into a chain of nested calls over the same connection, which needs the reader it runs
 /// on. The reader hands off to a new task and the chain completes.
 #[test]
 fn a_quick_function_that_blocks_hands_its_reader_off() {
-    let rpcs = in_process(2, |_| {
-        RpcOptions::default().rpc_timeout(Duration::from_secs(30))
+    // worker1 has one handler thread. While it is free it reads worker1's connection itself;
+    // while the test holds it, calls are read by the connection's reader task, where a trusted
+    // quick function runs inline.
+    let rpcs = in_process(2, |rank| {
+        let options = RpcOptions::default().rpc_timeout(Duration::from_secs(30));
+        if rank == 1 {
+            options.num_worker_threads(1)
+        } else {
+            options
+        }
     })
     .unwrap();
-    let inline_runs = |r: &Rpc| r.metrics()["agent.inline_handler_runs"];
     let hand_offs = |rpcs: &[Rpc]| -> i64 {
         rpcs.iter()
             .map(|r| r.metrics()["agent.reader_hand_offs"])
             .sum()
     };
     // Rounds until one chain started inline (bounded): a run slowed by a busy machine sends
-    // the function back to the pool for a while.
-    for _ in 0..20 {
-        // Depth 0 returns at once: after a few quick runs it is trusted to run inline. Warm up
-        // until the last call ran inline on worker1.
-        let mut trusted = false;
-        for _ in 0..5000 {
-            let before = inline_runs(&rpcs[1]);
+    // the function back to the pool for a while, and then the chain waits for the held thread.
+    for _ in 0..10 {
+        // Depth 0 returns at once: after a few quick runs on the pool it is trusted inline.
+        for _ in 0..64 {
             assert_eq!(rpcs[0].rpc_sync("worker1", ping_pong, (0,)).unwrap(), 0);
-            if inline_runs(&rpcs[1]) > before {
-                trusted = true;
+        }
+        HOLD.reset();
+        let held = rpcs[0].rpc_async("worker1", hold_the_pool, ());
+        assert!(HOLD.wait_held(), "worker1's handler thread was never held");
+        let inline_runs = rpcs[1].metrics()["agent.inline_handler_runs"];
+        let chain = rpcs[0].rpc_sync_timeout("worker1", ping_pong, (5,), Duration::from_secs(5));
+        HOLD.release();
+        assert!(held.wait().unwrap());
+        match chain {
+            Ok(depth) => {
+                // Worker1's only handler thread was held: its three links ran inline.
+                assert_eq!(depth, 5);
+                assert!(rpcs[1].metrics()["agent.inline_handler_runs"] >= inline_runs + 3);
                 break;
             }
-        }
-        assert!(trusted, "the quick function never ran inline");
-        let handles: Vec<_> = (0..4)
-            .map(|_| {
-                let rpc = rpcs[0].clone();
-                thread::spawn(move || rpc.rpc_sync("worker1", ping_pong, (5,)))
-            })
-            .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap().unwrap(), 5);
-        }
-        if hand_offs(&rpcs) > 0 {
-            break;
+            Err(e) => assert!(e.is_timeout(), "{e}"),
         }
     }
     assert!(

@@ -193,7 +193,9 @@ fn worker(shared: Arc<Shared>) {
         if let Some(origin) = state.last.clone().filter(|_| !state.reading) {
             let (read, again) = read_while_idle(&shared, state, &origin);
             state = again;
-            if read {
+            // Jobs queued while it read rang a bell no one may hear now (it could not claim
+            // the connection, or the slice ended): look at the queue again before sleeping.
+            if read || !state.jobs.is_empty() || state.closed {
                 state.idle -= 1;
                 continue;
             }
