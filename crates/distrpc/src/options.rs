@@ -262,7 +262,9 @@ impl RpcOptions {
     /// [`RpcOptions::busy_poll`], no reader task spins, and a thread spins only while it has
     /// nothing to do but wait: a reply (a call) that comes within the spin is read by the
     /// thread that needs it, without waking a sleeping thread (tens of microseconds on an idle
-    /// virtual CPU), at the price of that much CPU time per wait that lasts longer. Each
+    /// virtual CPU), at the price of that much CPU time per wait that lasts longer. The spin
+    /// starts again after each frame the waiting thread handles (a fetch of a reference's
+    /// value it answered, a control message): the peer is busy with this connection. Each
     /// connection stops spinning for replies (for calls) after a few in a row came later than
     /// the spin, until one comes within it again.
     ///

@@ -229,9 +229,15 @@ class _State:
             self.pending[start()] = (fut, sender, recording)
 
     def _complete(self) -> None:
-        while not self.stopping.is_set():
-            item = self.agent.next_completion(0.05)
+        while True:
+            # Once the worker stops, the results its shutdown waited for are still in the queue
+            # (before the wake-up `stop` sends): the thread completes them, and leaves at the
+            # first look that finds the queue empty.
+            stopping = self.stopping.is_set()
+            item = self.agent.next_completion(0.0 if stopping else 0.05)
             if item is None:
+                if stopping:
+                    return
                 continue
             token, error, payload, buffers = item
             _pool.torch_threads()  # the futures' callbacks run here

@@ -55,6 +55,10 @@ pub(crate) enum Delivery {
     /// Written from the caller's thread, which blocks on the reply at once and reads it itself
     /// ([`Claim`]).
     Blocking,
+    /// Written from the sender's thread when the socket is idle, as [`Delivery::Direct`], but
+    /// never waiting for room: a reference's control message, sent from wherever a reference
+    /// is dropped (a thread holding Python's lock, a reader task).
+    Control,
 }
 
 impl<'a> Outgoing<'a> {
@@ -297,7 +301,11 @@ impl Client {
             let client = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(e) = conn.send(frame, delivery != Delivery::Queued, true) {
+                    if let Err(e) = conn.send(
+                        frame,
+                        delivery != Delivery::Queued,
+                        delivery != Delivery::Control,
+                    ) {
                         let t = &client.transport;
                         client.pending.fail(id, |p| {
                             let worker = t.name_of(p.peer).into();

@@ -23,13 +23,17 @@ use super::{get_id, put_id};
 use crate::call::activity::Counter;
 use crate::call::payload::{encode_call, name_str, parse_call_head};
 use crate::call::scope::{Settled, ValueScope};
-use crate::call::{Client, Outgoing, RpcFuture};
+use crate::call::{Client, Delivery, Outgoing};
 use crate::error::{Error, Failure};
 use crate::server::foreign::ForeignCall;
 use crate::server::{Completion, FLAG_METHOD, Incoming, ReplyTo, Server, Service};
 
 /// How long one attempt of a reference control message may take before it is retried.
 const CONTROL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed control message waits before it is sent again; doubled per failure.
+const CONTROL_FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// The most a control message waits between attempts.
+const CONTROL_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// The service encoding a message on this thread (RRefs fork only inside one).
@@ -139,40 +143,50 @@ impl RRefService {
                 return tracing::error!(error = %e, "cannot encode a reference control message");
             }
         };
-        let activity = self.client.activity.clone();
-        activity.add(Counter::Control, 1);
+        self.client.activity.add(Counter::Control, 1);
+        self.attempt_control(to, kind, msg, Bytes::from(payload), CONTROL_FIRST_BACKOFF);
+    }
+
+    /// Sends one attempt of a control message from this thread (no wake-up of a task or of the
+    /// connection's writer when the socket is idle). Control messages are idempotent, so a
+    /// lost or late one is simply sent again, after `backoff`.
+    fn attempt_control(
+        self: &Arc<Self>,
+        to: u32,
+        kind: Kind,
+        msg: Control,
+        payload: Bytes,
+        backoff: Duration,
+    ) {
+        let out = Outgoing {
+            timeout: Some(CONTROL_ATTEMPT_TIMEOUT),
+            internal: true,
+            delivery: Delivery::Control,
+            ..Outgoing::new(to, kind, "rref control", payload.to_vec())
+        };
         let service = self.clone();
-        self.client.transport.tasks.spawn(async move {
-            // Control messages are idempotent, so a lost or late one is simply sent again.
-            let mut backoff = Duration::from_millis(10);
-            loop {
-                let (fut, done) = RpcFuture::<Frame>::pending();
-                let out = Outgoing {
-                    timeout: Some(CONTROL_ATTEMPT_TIMEOUT),
-                    internal: true,
-                    ..Outgoing::new(to, kind, "rref control", payload.clone())
-                };
-                service.client.call(out, Box::new(move |r| done.complete(r)));
-                match fut.await {
-                    Ok(_) => {
-                        if let Control::ForkRequest { fork, .. } = msg {
-                            let effects = service.ctx.ledger(|l| l.fork_acked(fork));
-                            service.run_effects(effects);
-                        }
-                        break;
-                    }
-                    Err(
-                        Error::PeerGone { .. } | Error::ShutDown { .. } | Error::UnknownWorker(_),
-                    ) => break,
-                    Err(e) => {
-                        tracing::debug!(worker = %service.client.transport.me.name, ?msg, error = %e, "retrying a reference control message");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
+        let done = move |result: Result<Frame, Error>| match result {
+            Ok(_) => {
+                if let Control::ForkRequest { fork, .. } = msg {
+                    let effects = service.ctx.ledger(|l| l.fork_acked(fork));
+                    service.run_effects(effects);
                 }
+                service.client.activity.add(Counter::Control, -1);
             }
-            activity.add(Counter::Control, -1);
-        });
+            Err(Error::PeerGone { .. } | Error::ShutDown { .. } | Error::UnknownWorker(_)) => {
+                service.client.activity.add(Counter::Control, -1);
+            }
+            Err(e) => {
+                tracing::debug!(worker = %service.client.transport.me.name, ?msg, error = %e, "retrying a reference control message");
+                let again = service.clone();
+                service.client.transport.tasks.spawn(async move {
+                    tokio::time::sleep(backoff).await;
+                    let next = (backoff * 2).min(CONTROL_MAX_BACKOFF);
+                    again.attempt_control(to, kind, msg, payload, next);
+                });
+            }
+        };
+        self.client.call(out, Box::new(done));
     }
 
     /// How a handler's value becomes the value of `rref` here.

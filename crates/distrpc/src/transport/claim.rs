@@ -66,8 +66,8 @@ impl Claim {
             return self.read_until(&is_done, None, until, None);
         }
         let started = std::time::Instant::now();
-        let spin_until = self.conn.replies.spins().then(|| started + spin);
-        let again = self.read_until(&is_done, spin_until, until, None);
+        let spins = self.conn.replies.spins().then_some(spin);
+        let again = self.read_until(&is_done, spins, until, None);
         if is_done() {
             self.conn.replies.note(started.elapsed() <= spin);
         }
@@ -82,22 +82,25 @@ impl Claim {
     pub(crate) fn serve(&self, ready: &dyn Fn() -> bool, bell: &Doorbell) {
         let spin = self.transport.spin.callers;
         let started = std::time::Instant::now();
-        let spin_until = (!spin.is_zero() && self.conn.calls.spins()).then(|| started + spin);
-        self.read_until(ready, spin_until, None, Some(bell));
+        let spins = !spin.is_zero() && self.conn.calls.spins();
+        self.read_until(ready, spins.then_some(spin), None, Some(bell));
         if ready() {
             self.conn.calls.note(started.elapsed() <= spin);
         }
     }
 
-    /// [`Claim::drive`] until `ready()`, spinning until `spin_until` if given, waking for
+    /// [`Claim::drive`] until `ready()`, spinning for `spin` if given — from the start, and
+    /// again after each frame it handles (the peer is busy with this connection: its next
+    /// frame, an answer to what this one asked, likely comes within the spin too) — waking for
     /// `bell` (then returning `false`) if given.
     fn read_until(
         &self,
         is_done: &dyn Fn() -> bool,
-        spin_until: Option<std::time::Instant>,
+        spin: Option<Duration>,
         until: Option<std::time::Instant>,
         bell: Option<&Doorbell>,
     ) -> bool {
+        let mut spin_until = spin.map(|spin| Instant::now() + spin);
         loop {
             match self.step() {
                 None => return false,
@@ -125,6 +128,9 @@ impl Claim {
                     }
                 }
                 Some(true) => {
+                    if let Some(spin) = spin {
+                        spin_until = Some(Instant::now() + spin);
+                    }
                     if self.conn.calls_full() {
                         // The peer's calls fill the connection: it is read again only once
                         // one is answered, by the reader task.
