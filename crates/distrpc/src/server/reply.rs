@@ -98,8 +98,15 @@ impl Server {
                     Ok(_) => Ok(Reply::default()),
                     Err(f) => Err(f.clone()),
                 };
-                self.send_reply(reply_to, id, Kind::RemoteResult, ack);
-                keep(out);
+                let acknowledge = || {
+                    self.send_reply(reply_to, id, Kind::RemoteResult, ack);
+                    keep(out);
+                };
+                // A fetch of the value that came first is answered in the same write.
+                match reply_to {
+                    ReplyTo::Remote(conn) => conn.gathering(acknowledge),
+                    _ => acknowledge(),
+                }
             }
         }
     }

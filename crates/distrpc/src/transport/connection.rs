@@ -27,6 +27,12 @@ use tokio::sync::Notify;
 
 use super::reader::ReadSide;
 
+thread_local! {
+    /// Replies this thread holds for one connection (its id) inside [`Connection::gathering`].
+    static HELD: std::cell::RefCell<Option<(u64, Vec<OutFrame>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// After this many waits in a row that outlasted the spin, threads waiting on a connection for
 /// the same kind of frame stop spinning ([`SpinHint`]).
 const SLOW_IN_A_ROW: u32 = 4;
@@ -175,6 +181,22 @@ impl Connection {
             frame.len(),
             may_wait && !crate::runtime::on_runtime_thread(),
         )?;
+        // A reply (nobody waits on it here) inside `gathering` on this connection waits for
+        // the others.
+        let frame = if direct && !may_wait {
+            match HELD.with(|held| match &mut *held.borrow_mut() {
+                Some((id, frames)) if *id == self.id => {
+                    frames.push(frame);
+                    None
+                }
+                _ => Some(frame),
+            }) {
+                Some(frame) => frame,
+                None => return Ok(()),
+            }
+        } else {
+            frame
+        };
         let sink = if !direct || q.writing || !q.frames.is_empty() {
             None
         } else {
@@ -208,6 +230,83 @@ impl Connection {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Runs `f`, holding the replies (and control messages) this thread sends on this
+    /// connection meanwhile, then writes them together: one `writev`, and one wake-up of the
+    /// peer instead of one each — a `remote()`'s acknowledgement and the reply to a fetch
+    /// that waited for its value. Requests are never held (their senders may wait on them).
+    pub(crate) fn gathering<R>(&self, f: impl FnOnce() -> R) -> R {
+        if HELD.with(|held| held.borrow().is_some()) {
+            return f();
+        }
+        HELD.with(|held| *held.borrow_mut() = Some((self.id, Vec::new())));
+        /// Sends what was held, even if `f` panics.
+        struct Release<'a>(&'a Connection);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let held = HELD.with(|held| held.borrow_mut().take());
+                if let Some((_, frames)) = held {
+                    self.0.send_held(frames);
+                }
+            }
+        }
+        let _release = Release(self);
+        f()
+    }
+
+    /// Writes `frames` (admitted already) now if the socket is idle, else queues them for the
+    /// writer task.
+    fn send_held(&self, frames: Vec<OutFrame>) {
+        if frames.is_empty() {
+            return;
+        }
+        let mut q = self.lock();
+        if q.closed.is_some() {
+            return;
+        }
+        let sink = if q.writing || !q.frames.is_empty() {
+            None
+        } else {
+            self.sink()
+        };
+        let Some(sink) = sink else {
+            let wake = q.frames.is_empty() && !q.writing;
+            q.frames.extend(frames);
+            drop(q);
+            if wake {
+                self.wake.notify_one();
+            }
+            return;
+        };
+        q.writing = true;
+        drop(q);
+        let mut slices: Vec<&[u8]> = frames.iter().flat_map(OutFrame::slices).collect();
+        let written = write_slices_now(&sink, &mut slices);
+        let mut q = self.lock();
+        q.writing = false;
+        Self::wrote(&mut q, &self.room, written);
+        // What the socket did not take goes first in the queue, for the writer task.
+        let (mut left, mut skip, mut rest) = (written, 0, Vec::new());
+        for frame in frames {
+            if rest.is_empty() && left >= frame.len() {
+                left -= frame.len();
+            } else {
+                if rest.is_empty() {
+                    skip = left;
+                }
+                rest.push(frame);
+            }
+        }
+        if !rest.is_empty() {
+            q.frames.splice(0..0, rest);
+            q.skip = skip;
+        }
+        let wake = !q.frames.is_empty() || q.closed.is_some();
+        drop(q);
+        if wake {
+            self.wake.notify_one();
+        }
     }
 
     /// Takes `len` more bytes into the queue, waiting for room if `wait` (see [`Self::send`]);
@@ -514,13 +613,20 @@ fn write_now(w: &WriteHalf, frame: &OutFrame) -> usize {
         }
         return written;
     }
-    let mut slices: Vec<&[u8]> = frame.slices().filter(|s| !s.is_empty()).collect();
+    let mut slices: Vec<&[u8]> = frame.slices().collect();
+    write_slices_now(w, &mut slices)
+}
+
+/// Writes as much of `slices` as the socket takes right now, without waiting; returns the
+/// bytes written.
+fn write_slices_now(w: &WriteHalf, slices: &mut Vec<&[u8]>) -> usize {
+    slices.retain(|s| !s.is_empty());
     let mut written = 0;
     while !slices.is_empty() {
-        match w.try_write_vectored(&iov(&slices)) {
+        match w.try_write_vectored(&iov(slices)) {
             Ok(n) if n > 0 => {
                 written += n;
-                advance(&mut slices, n);
+                advance(slices, n);
             }
             _ => break,
         }
@@ -552,6 +658,66 @@ async fn write_all_slices(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distrpc_wire::Kind;
+    use std::io::Read;
+
+    fn bytes_of(frame: &OutFrame) -> Vec<u8> {
+        frame.slices().flatten().copied().collect()
+    }
+
+    /// Whether the peer has bytes to read now.
+    fn readable(peer: &std::net::TcpStream) -> bool {
+        peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let got = peer.peek(&mut byte);
+        peer.set_nonblocking(false).unwrap();
+        matches!(got, Ok(n) if n > 0)
+    }
+
+    #[test]
+    fn gathered_replies_go_together_when_the_gathering_ends_and_requests_go_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (_read, write) = super::super::socket::split(std::os::fd::OwnedFd::from(ours)).unwrap();
+        let bound = QueueBound {
+            bytes: 1 << 20,
+            stall: Duration::from_secs(5),
+            calls: 16,
+        };
+        let conn = Connection::new(1, 1, bound);
+        *lock(&conn.sink) = Some(Arc::new(write));
+
+        let ack = OutFrame::new(Kind::RemoteResult, 1, b"", &[]).unwrap();
+        let reply = OutFrame::new(Kind::RRefFetchResult, 2, b"value", &[]).unwrap();
+        let request = OutFrame::new(Kind::Call, 3, b"call", &[]).unwrap();
+        let (ack_bytes, reply_bytes, request_bytes) =
+            (bytes_of(&ack), bytes_of(&reply), bytes_of(&request));
+        conn.gathering(|| {
+            conn.send(ack, true, false).unwrap();
+            conn.send(reply, true, false).unwrap();
+            assert!(!readable(&peer), "a gathered reply went before the end");
+            // A request is never held: its sender may wait for the answer inside.
+            conn.send(request, true, true).unwrap();
+            let mut got = vec![0u8; request_bytes.len()];
+            peer.read_exact(&mut got).unwrap();
+            assert_eq!(got, request_bytes);
+            assert!(!readable(&peer));
+        });
+        let mut got = vec![0u8; ack_bytes.len() + reply_bytes.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(
+            got,
+            [ack_bytes, reply_bytes].concat(),
+            "in order, at the end"
+        );
+    }
 
     #[test]
     fn waiters_stop_spinning_after_slow_waits_until_one_is_quick_again() {
