@@ -177,7 +177,7 @@ impl Connection {
         direct: bool,
         may_wait: bool,
     ) -> Result<(), SendError> {
-        let mut q = self.admit(
+        let q = self.admit(
             frame.len(),
             may_wait && !crate::runtime::on_runtime_thread(),
         )?;
@@ -197,38 +197,7 @@ impl Connection {
         } else {
             frame
         };
-        let sink = if !direct || q.writing || !q.frames.is_empty() {
-            None
-        } else {
-            self.sink()
-        };
-        let Some(sink) = sink else {
-            let wake = q.frames.is_empty() && !q.writing;
-            q.frames.push(frame);
-            drop(q);
-            if wake {
-                // The writer drains the whole queue per wake-up, so one wake per batch is enough.
-                self.wake.notify_one();
-            }
-            return Ok(());
-        };
-        q.writing = true;
-        drop(q);
-        let written = write_now(&sink, &frame);
-        let mut q = self.lock();
-        q.writing = false;
-        Self::wrote(&mut q, &self.room, written);
-        if written < frame.len() {
-            // The socket is full (or failed): the writer task finishes the frame, or meets the
-            // error and closes the connection.
-            q.frames.insert(0, frame);
-            q.skip = written;
-        }
-        let wake = !q.frames.is_empty() || q.closed.is_some();
-        drop(q);
-        if wake {
-            self.wake.notify_one();
-        }
+        self.write_or_queue(q, vec![frame], direct);
         Ok(())
     }
 
@@ -258,14 +227,16 @@ impl Connection {
     /// Writes `frames` (admitted already) now if the socket is idle, else queues them for the
     /// writer task.
     fn send_held(&self, frames: Vec<OutFrame>) {
-        if frames.is_empty() {
-            return;
+        let q = self.lock();
+        if !frames.is_empty() && q.closed.is_none() {
+            self.write_or_queue(q, frames, true);
         }
-        let mut q = self.lock();
-        if q.closed.is_some() {
-            return;
-        }
-        let sink = if q.writing || !q.frames.is_empty() {
+    }
+
+    /// Writes `frames` (admitted already, `q` locked) from this thread if `direct` and the
+    /// socket is idle, else queues them for the writer task.
+    fn write_or_queue(&self, mut q: MutexGuard<'_, Queue>, frames: Vec<OutFrame>, direct: bool) {
+        let sink = if !direct || q.writing || !q.frames.is_empty() {
             None
         } else {
             self.sink()
@@ -275,18 +246,25 @@ impl Connection {
             q.frames.extend(frames);
             drop(q);
             if wake {
+                // The writer drains the whole queue per wake-up, so one wake per batch is enough.
                 self.wake.notify_one();
             }
             return;
         };
         q.writing = true;
         drop(q);
-        let mut slices: Vec<&[u8]> = frames.iter().flat_map(OutFrame::slices).collect();
-        let written = write_slices_now(&sink, &mut slices);
+        let written = match frames.as_slice() {
+            [frame] => write_now(&sink, frame),
+            _ => {
+                let mut slices: Vec<&[u8]> = frames.iter().flat_map(OutFrame::slices).collect();
+                write_slices_now(&sink, &mut slices)
+            }
+        };
         let mut q = self.lock();
         q.writing = false;
         Self::wrote(&mut q, &self.room, written);
-        // What the socket did not take goes first in the queue, for the writer task.
+        // What the socket did not take (it is full, or failed) goes first in the queue: the
+        // writer task finishes it, or meets the error and closes the connection.
         let (mut left, mut skip, mut rest) = (written, 0, Vec::new());
         for frame in frames {
             if rest.is_empty() && left >= frame.len() {
@@ -676,16 +654,9 @@ mod tests {
 
     #[test]
     fn gathered_replies_go_together_when_the_gathering_ends_and_requests_go_at_once() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        let (runtime, mut peer, ours) = super::super::socket::test_pair();
         let _inside = runtime.enter();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let (_read, write) = super::super::socket::split(std::os::fd::OwnedFd::from(ours)).unwrap();
+        let (_read, write) = super::super::socket::split(ours).unwrap();
         let bound = QueueBound {
             bytes: 1 << 20,
             stall: Duration::from_secs(5),

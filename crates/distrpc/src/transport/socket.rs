@@ -136,6 +136,21 @@ fn sendmsg(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// A runtime for sockets, and a connected TCP pair on 127.0.0.1: the peer (blocking) and ours
+/// (non-blocking, to [`split`] inside the runtime).
+#[cfg(test)]
+pub(crate) fn test_pair() -> (tokio::runtime::Runtime, std::net::TcpStream, OwnedFd) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (ours, _) = listener.accept().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    (runtime, peer, OwnedFd::from(ours))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,16 +166,9 @@ mod tests {
 
     #[test]
     fn a_paused_read_half_does_not_report_bytes_until_resumed_and_the_write_half_shuts_down() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        let (runtime, mut peer, ours) = test_pair();
         let _inside = runtime.enter();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let (read, write) = split(OwnedFd::from(ours)).unwrap();
+        let (read, write) = split(ours).unwrap();
 
         assert!(!reports_bytes(&read));
         read.pause();
