@@ -39,8 +39,9 @@ pub(crate) type Taken = (
 /// latest call came in on itself ([`Origin::serve`]): the peer's next call — in a conversation,
 /// the likely next one — wakes it directly from the socket, and it runs the call with no
 /// hand-off (the reader task's thread would otherwise read it and wake a worker thread: a
-/// second wake-up on the call's path). The others sleep on `ready`; a call that arrives another
-/// way wakes one of them, or rings the reading thread's doorbell if none sleeps.
+/// second wake-up on the call's path). The others sleep on `ready`. A call that arrives another
+/// way (read by the reader task, or from another peer) rings the reading thread's doorbell,
+/// and wakes a sleeper only for the calls beyond the one that thread takes.
 pub(crate) struct Front {
     pub(crate) queue: Mutex<Waiting>,
     pub(crate) ready: Condvar,
@@ -80,11 +81,14 @@ impl Front {
         if self.bell.serving_here() {
             return; // the reading thread takes it when it stops reading
         }
-        if w.sleepers > 0 {
-            self.ready.notify_one();
-        }
-        if w.reading && w.calls.len() > w.sleepers {
+        // The reading thread takes the first call (it is awake, or as cheap to wake as a
+        // sleeper, and the peer it reads for may well be this call's); sleepers the rest.
+        let readers = usize::from(w.reading);
+        if w.reading {
             self.bell.ring();
+        }
+        if w.calls.len() > readers && w.sleepers > 0 {
+            self.ready.notify_one();
         }
     }
 

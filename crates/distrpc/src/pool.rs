@@ -117,12 +117,14 @@ impl Pool {
         // The reading thread takes what it queues itself, when it stops reading.
         let bell = self.shared.bell.as_deref();
         if !bell.is_some_and(Doorbell::serving_here) {
-            if state.sleepers > 0 {
-                self.shared.work.notify_one();
-            } else if state.reading
-                && let Some(bell) = bell
-            {
+            // The reading thread takes the first job (it is awake, or as cheap to wake as a
+            // sleeper); sleepers the rest.
+            let reading = state.reading && bell.is_some();
+            if reading && let Some(bell) = bell {
                 bell.ring();
+            }
+            if state.jobs.len() > usize::from(reading) && state.sleepers > 0 {
+                self.shared.work.notify_one();
             }
         }
         // Each idle thread takes one queued job; a woken thread still counts as idle until it

@@ -281,6 +281,7 @@ impl Client {
                 deadline,
                 internal,
                 done,
+                counted: None,
             },
         );
         if self.faults.should_fail(kind) {

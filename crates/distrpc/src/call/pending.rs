@@ -31,6 +31,19 @@ pub(crate) struct Pending {
     /// distrpc's own call (gather, barrier), which shutdown does not wait for.
     pub(crate) internal: bool,
     pub(crate) done: Done,
+    /// Its count in the worker's activity, set by [`PendingTable::register`]; `None` before.
+    pub(crate) counted: Option<Counted>,
+}
+
+/// A pending call's count in its worker's activity, released once the call is completed — its
+/// callback has run, its result is wherever the callback puts it — or dropped: graceful
+/// shutdown, which waits for the count to reach zero, then finds every result delivered.
+pub(crate) struct Counted(Arc<Activity>, Counter);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.add(self.1, -1);
+    }
 }
 
 /// The deadlines of pending calls, and when the timer task will next wake up.
@@ -55,13 +68,18 @@ impl Pending {
     /// result's `Deserialize`), on whichever thread read the reply: a panic in it is caught,
     /// so that the reader keeps serving; the future it was to complete fails instead.
     pub(crate) fn complete(self, result: Result<Frame, Error>) {
-        let function = self.function;
-        let done = self.done;
+        let Pending {
+            function,
+            done,
+            counted,
+            ..
+        } = self;
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result)))
         {
             let message = crate::error::panic_message(&*panic);
             tracing::error!(%function, %message, "completing a call panicked");
         }
+        drop(counted);
     }
 }
 
@@ -84,9 +102,11 @@ impl PendingTable {
         })
     }
 
-    /// Adds a call (counted until it leaves the table).
-    pub(crate) fn register(&self, id: u64, pending: Pending) {
-        self.activity.add(counter(pending.internal), 1);
+    /// Adds a call (counted until it is completed, see [`Counted`]).
+    pub(crate) fn register(&self, id: u64, mut pending: Pending) {
+        let counter = counter(pending.internal);
+        self.activity.add(counter, 1);
+        pending.counted = Some(Counted(self.activity.clone(), counter));
         if let Some((at, _)) = pending.deadline {
             let mut deadlines = lock(&self.deadlines);
             deadlines.set.insert((at, id));
@@ -117,7 +137,6 @@ impl PendingTable {
         if let Some((at, _)) = p.deadline {
             lock(&self.deadlines).set.remove(&(at, id));
         }
-        self.activity.add(counter(p.internal), -1);
         Some(p)
     }
 
