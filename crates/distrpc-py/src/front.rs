@@ -7,7 +7,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use distrpc::Codec;
-use distrpc::server::foreign::{Doorbell, ForeignCall, ForeignHandler, ForeignReply, Origin};
+use distrpc::server::foreign::{
+    Doorbell, ForeignCall, ForeignHandler, ForeignReply, IdleReaders, Origin,
+};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -54,12 +56,8 @@ pub(crate) struct Waiting {
     calls: VecDeque<Queued>,
     /// How many waiting threads are to wake without a call (at shutdown).
     pub(crate) wakes: usize,
-    /// Threads sleeping on `ready`.
-    sleepers: usize,
-    /// Whether a thread reads a connection while it waits.
-    reading: bool,
-    /// The connection the latest call from a peer came in on.
-    last: Option<Origin>,
+    /// How the waiting threads wait (one reads the connection of the latest call).
+    readers: IdleReaders,
 }
 
 impl Front {
@@ -75,21 +73,9 @@ impl Front {
         let origin = queued.2.origin();
         let mut w = lock(&self.queue);
         w.calls.push_back(queued);
-        if origin.is_some() {
-            w.last = origin;
-        }
-        if self.bell.serving_here() {
-            return; // the reading thread takes it when it stops reading
-        }
-        // The reading thread takes the first call (it is awake, or as cheap to wake as a
-        // sleeper, and the peer it reads for may well be this call's); sleepers the rest.
-        let readers = usize::from(w.reading);
-        if w.reading {
-            self.bell.ring();
-        }
-        if w.calls.len() > readers && w.sleepers > 0 {
-            self.ready.notify_one();
-        }
+        let queued = w.calls.len();
+        w.readers
+            .arrived(origin, queued, Some(&self.bell), &self.ready);
     }
 
     /// Wakes `threads` waiting threads without a call (at shutdown).
@@ -117,35 +103,31 @@ impl Front {
                 w.wakes -= 1;
                 return None;
             }
-            if may_read
-                && !w.reading
-                && let Some(origin) = w.last.clone()
-            {
+            if may_read && let Some(origin) = w.readers.start_reading() {
                 may_read = false;
                 w = self.read_while_waiting(w, &origin, deadline);
                 continue;
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
-            w.sleepers += 1;
+            w.readers.asleep();
             w = self
                 .ready
                 .wait_timeout(w, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-            w.sleepers -= 1;
+            w.readers.awake();
         }
     }
 
-    /// Waits for a call by reading `origin`'s connection (see the type's docs), if this thread
-    /// can; the calls it read are in the queue after it, and sleeping threads are woken for all
-    /// but the one this thread takes.
+    /// Waits for a call by reading `origin`'s connection (see the type's docs; this thread is
+    /// the reading one of [`IdleReaders`]), if it can; the calls it read are in the queue after
+    /// it, and sleeping threads are woken for all but the one this thread takes.
     fn read_while_waiting<'a>(
         &'a self,
-        mut w: std::sync::MutexGuard<'a, Waiting>,
+        w: std::sync::MutexGuard<'a, Waiting>,
         origin: &Origin,
         deadline: std::time::Instant,
     ) -> std::sync::MutexGuard<'a, Waiting> {
-        w.reading = true;
         drop(w);
         let ready = || {
             let w = lock(&self.queue);
@@ -153,10 +135,8 @@ impl Front {
         };
         origin.serve(&ready, deadline, &self.bell);
         let mut w = lock(&self.queue);
-        w.reading = false;
-        for _ in 1..w.calls.len().min(w.sleepers + 1) {
-            self.ready.notify_one();
-        }
+        let queued = w.calls.len();
+        w.readers.stopped_reading(queued, &self.ready);
         w
     }
 }

@@ -12,7 +12,7 @@
 //! from the connection's reader task (the others sleep on a condition variable).
 
 use crate::sync::{Doorbell, lock};
-use crate::transport::Origin;
+use crate::transport::{IdleReaders, Origin};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,14 +29,10 @@ struct State {
     threads: usize,
     /// Threads waiting for a job: sleeping on `work`, or reading a connection.
     idle: usize,
-    /// Idle threads sleeping on `work`.
-    sleepers: usize,
     blocked: usize,
     closed: bool,
-    /// Whether an idle thread reads a connection (see [`worker`]).
-    reading: bool,
-    /// The connection the latest job's call came in on.
-    last: Option<Origin>,
+    /// How the idle threads wait (one reads the connection of the latest job's call).
+    readers: IdleReaders,
 }
 
 /// How long an idle thread reads a connection before it looks again (it goes on if nothing
@@ -111,22 +107,11 @@ impl Pool {
             return Err(job);
         }
         state.jobs.push_back(job);
-        if origin.is_some() {
-            state.last = origin;
-        }
-        // The reading thread takes what it queues itself, when it stops reading.
+        let queued = state.jobs.len();
         let bell = self.shared.bell.as_deref();
-        if !bell.is_some_and(Doorbell::serving_here) {
-            // The reading thread takes the first job (it is awake, or as cheap to wake as a
-            // sleeper); sleepers the rest.
-            let reading = state.reading && bell.is_some();
-            if reading && let Some(bell) = bell {
-                bell.ring();
-            }
-            if state.jobs.len() > usize::from(reading) && state.sleepers > 0 {
-                self.shared.work.notify_one();
-            }
-        }
+        state
+            .readers
+            .arrived(origin, queued, bell, &self.shared.work);
         // Each idle thread takes one queued job; a woken thread still counts as idle until it
         // runs, so the jobs it cannot take are counted against `idle`, not `idle > 0`.
         if Shared::short_of_threads(&state, self.shared.size) {
@@ -192,7 +177,12 @@ fn worker(shared: Arc<Shared>) {
             return;
         }
         state.idle += 1;
-        if let Some(origin) = state.last.clone().filter(|_| !state.reading) {
+        if let Some(origin) = shared
+            .bell
+            .is_some()
+            .then(|| state.readers.start_reading())
+            .flatten()
+        {
             let (read, again) = read_while_idle(&shared, state, &origin);
             state = again;
             // Jobs queued while it read rang a bell no one may hear now (it could not claim
@@ -202,37 +192,34 @@ fn worker(shared: Arc<Shared>) {
                 continue;
             }
         }
-        state.sleepers += 1;
+        state.readers.asleep();
         state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
-        state.sleepers -= 1;
+        state.readers.awake();
         state.idle -= 1;
     }
 }
 
 /// An idle thread waits for its next job by reading the connection the latest one came in on
-/// (see [`Origin::serve`]): the peer's next call is read, queued and run by this thread, with
-/// no hand-off from the reader task's thread. One thread at a time; the jobs it read beyond the
-/// one it takes wake sleeping threads. Returns whether it could read.
+/// (see [`Origin::serve`]; it is the reading one of [`IdleReaders`]): the peer's next call is
+/// read, queued and run by this thread, with no hand-off from the reader task's thread. Returns
+/// whether it could read.
 fn read_while_idle<'a>(
     shared: &'a Shared,
-    mut state: std::sync::MutexGuard<'a, State>,
+    state: std::sync::MutexGuard<'a, State>,
     origin: &Origin,
 ) -> (bool, std::sync::MutexGuard<'a, State>) {
-    let Some(bell) = &shared.bell else {
-        return (false, state);
-    };
-    state.reading = true;
     drop(state);
     let ready = || {
         let state = shared.lock();
         !state.jobs.is_empty() || state.closed
     };
-    let read = origin.serve(&ready, std::time::Instant::now() + READ_SLICE, bell);
+    let read = shared
+        .bell
+        .as_ref()
+        .is_some_and(|bell| origin.serve(&ready, std::time::Instant::now() + READ_SLICE, bell));
     let mut state = shared.lock();
-    state.reading = false;
-    for _ in 1..state.jobs.len().min(state.sleepers + 1) {
-        shared.work.notify_one();
-    }
+    let queued = state.jobs.len();
+    state.readers.stopped_reading(queued, &shared.work);
     (read, state)
 }
 

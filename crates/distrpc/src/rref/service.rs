@@ -132,6 +132,15 @@ impl RRefService {
         if !self.client.is_running() {
             return;
         }
+        self.client.activity.add(Counter::Control, 1);
+        self.attempt_control(to, msg, CONTROL_FIRST_BACKOFF);
+    }
+
+    /// Sends one attempt of a control message from this thread (no wake-up of a task or of the
+    /// connection's writer when the socket is idle). Control messages are idempotent, so a
+    /// lost or late one is simply sent again (encoded again: a few bytes), after `backoff`.
+    fn attempt_control(self: &Arc<Self>, to: u32, msg: Control, backoff: Duration) {
+        let activity = &self.client.activity;
         let kind = match msg {
             Control::ForkRequest { .. } => Kind::RRefForkRequest,
             Control::ChildAccept { .. } => Kind::RRefChildAccept,
@@ -140,29 +149,15 @@ impl RRefService {
         let payload = match crate::codec::encode_inline(&msg) {
             Ok(p) => p,
             Err(e) => {
+                activity.add(Counter::Control, -1);
                 return tracing::error!(error = %e, "cannot encode a reference control message");
             }
         };
-        self.client.activity.add(Counter::Control, 1);
-        self.attempt_control(to, kind, msg, Bytes::from(payload), CONTROL_FIRST_BACKOFF);
-    }
-
-    /// Sends one attempt of a control message from this thread (no wake-up of a task or of the
-    /// connection's writer when the socket is idle). Control messages are idempotent, so a
-    /// lost or late one is simply sent again, after `backoff`.
-    fn attempt_control(
-        self: &Arc<Self>,
-        to: u32,
-        kind: Kind,
-        msg: Control,
-        payload: Bytes,
-        backoff: Duration,
-    ) {
         let out = Outgoing {
             timeout: Some(CONTROL_ATTEMPT_TIMEOUT),
             internal: true,
             delivery: Delivery::Control,
-            ..Outgoing::new(to, kind, "rref control", payload.to_vec())
+            ..Outgoing::new(to, kind, "rref control", payload)
         };
         let service = self.clone();
         let done = move |result: Result<Frame, Error>| match result {
@@ -181,8 +176,7 @@ impl RRefService {
                 let again = service.clone();
                 service.client.transport.tasks.spawn(async move {
                     tokio::time::sleep(backoff).await;
-                    let next = (backoff * 2).min(CONTROL_MAX_BACKOFF);
-                    again.attempt_control(to, kind, msg, payload, next);
+                    again.attempt_control(to, msg, (backoff * 2).min(CONTROL_MAX_BACKOFF));
                 });
             }
         };

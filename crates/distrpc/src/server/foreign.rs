@@ -24,7 +24,7 @@ use super::{Completion, ReplyTo, Server};
 use crate::call::activity::Counter;
 use crate::error::{Failure, RemoteError};
 pub use crate::sync::Doorbell;
-pub use crate::transport::Origin;
+pub use crate::transport::{IdleReaders, Origin};
 
 /// Runs the calls of one codec; registered by a front (the Python binding) at init.
 pub trait ForeignHandler: Send + Sync + 'static {

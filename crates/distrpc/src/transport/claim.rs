@@ -154,9 +154,7 @@ impl Claim {
         match self.read.step(who) {
             Step::Frame(frame) => {
                 if self.serves {
-                    self.transport
-                        .read_waiting
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.transport.read_waiting.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Err(e) = self.transport.on_frame(&self.conn, frame) {
                     self.transport.on_closed(&self.conn, ReadEnd::Malformed(e));
@@ -222,10 +220,11 @@ impl Origin {
     ///
     /// The thread spins for up to [`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait)
     /// (unless the peer's calls lately came later than that), then sleeps in `poll` on the
-    /// socket: the peer's next frame wakes it directly. Ring `bell` to wake it for work that
-    /// arrives some other way (it is cleared first; meanwhile
-    /// [`Doorbell::serving_here`] tells that thread that what it queues is its own). A thread of this worker that calls the peer and blocks on the
-    /// reply takes the connection over (ringing `bell`): `serve` then returns.
+    /// socket: the peer's next frame wakes it directly; it polls again after each frame it
+    /// handles. Ring `bell` to wake it for work that arrives some other way (it is cleared
+    /// first; meanwhile [`Doorbell::serving_here`] tells that thread that what it queues is its
+    /// own). A thread of this worker that calls the peer and blocks on the reply takes the
+    /// connection over (ringing `bell`): `serve` then returns.
     pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
         let Some(conn) = self.conn.upgrade() else {
             return false;

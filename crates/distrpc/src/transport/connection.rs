@@ -184,21 +184,27 @@ impl Connection {
         // A reply (nobody waits on it here) inside `gathering` on this connection waits for
         // the others.
         let frame = if direct && !may_wait {
-            match HELD.with(|held| match &mut *held.borrow_mut() {
-                Some((id, frames)) if *id == self.id => {
-                    frames.push(frame);
-                    None
-                }
-                _ => Some(frame),
-            }) {
-                Some(frame) => frame,
-                None => return Ok(()),
-            }
+            self.hold(frame)
         } else {
-            frame
+            Some(frame)
+        };
+        let Some(frame) = frame else {
+            return Ok(());
         };
         self.write_or_queue(q, vec![frame], direct);
         Ok(())
+    }
+
+    /// Keeps `frame` with the others this thread holds for this connection, if it gathers for
+    /// it ([`Connection::gathering`]); gives it back otherwise.
+    fn hold(&self, frame: OutFrame) -> Option<OutFrame> {
+        HELD.with(|held| match &mut *held.borrow_mut() {
+            Some((id, frames)) if *id == self.id => {
+                frames.push(frame);
+                None
+            }
+            _ => Some(frame),
+        })
     }
 
     /// Runs `f`, holding the replies (and control messages) this thread sends on this

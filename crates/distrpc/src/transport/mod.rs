@@ -16,6 +16,7 @@
 
 mod claim;
 mod connection;
+mod idle;
 mod reader;
 mod secure;
 mod socket;
@@ -23,6 +24,7 @@ mod socket;
 pub(crate) use claim::Claim;
 pub use claim::Origin;
 pub(crate) use connection::{Connection, QueueBound, SendError};
+pub use idle::IdleReaders;
 pub(crate) use reader::{FrameReader, ReadEnd};
 
 use crate::sync::lock;
