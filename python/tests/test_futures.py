@@ -100,7 +100,7 @@ def test_rpc_async_futures_and_async_execution(run_group):
     assert out["timeout"] == 20
     assert out["infos"] == ["WorkerInfo(id=0, name=worker0)", "WorkerInfo(id=1, name=worker1)"]
     assert out["debug"] == [
+        "agent.claims_taken_back",
         "agent.client_active_calls",
         "agent.frames_read_waiting",
-        "agent.inline_handler_runs",
     ]

@@ -98,3 +98,38 @@ def test_one_worker_thread_serves_every_peer(run_group):
     for rank in (1, 2):
         expected = [(rank * 1000 + i) ** 2 for i in range(200)] + [i * i for i in range(50)]
         assert out[rank] == expected
+
+
+_flag = threading.Event()
+
+
+def _wait_for_flag() -> bool:
+    return _flag.wait(30)
+
+
+def _set_flag() -> None:
+    _flag.set()
+
+
+def _held(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    join(rpc, rank, world_size, init_method, rpc_timeout=60, num_worker_threads=4)
+    out = None
+    if rank == 0:
+        # Quick calls: worker1's waiting thread reads them and keeps the connection while it
+        # runs each one (the peer's next frame waits in the socket for it).
+        for i in range(50):
+            rpc.rpc_sync("worker1", _square, args=(i,))
+        # This one blocks until the next call on the same connection has run: the connection
+        # must not stay with the thread that runs it (the watch takes it back, or an idle
+        # thread does; else `_set_flag` would be read only after `_wait_for_flag` gave up).
+        blocked = rpc.rpc_async("worker1", _wait_for_flag)
+        rpc.rpc_sync("worker1", _set_flag)
+        out = blocked.wait()
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_a_call_that_blocks_does_not_keep_its_connection_from_the_next(run_group):
+    assert run_group(_held, 2)[0] is True

@@ -101,11 +101,20 @@ impl Front {
             }
             if w.wakes > 0 {
                 w.wakes -= 1;
+                drop(w);
+                Origin::let_go();
                 return None;
             }
             if may_read && let Some(origin) = w.readers.start_reading() {
                 may_read = false;
                 w = self.read_while_waiting(w, &origin, deadline);
+                continue;
+            }
+            if Origin::keeps() {
+                // This thread kept the connection of the call it ran: others read it now.
+                drop(w);
+                Origin::let_go();
+                w = lock(&self.queue);
                 continue;
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;

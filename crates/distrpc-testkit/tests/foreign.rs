@@ -403,3 +403,71 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
     assert_eq!(&third.wait().unwrap().payload[..], b"three");
     shutdown_all(rpcs).unwrap();
 }
+
+/// A thread that read a call itself keeps the connection while it runs it (the peer's next
+/// frames wait for it), and the watch takes the connection back from a thread whose call runs
+/// long: a call arriving meanwhile is read by the reader task and handled on another thread.
+#[test]
+fn a_connection_kept_by_a_thread_running_a_long_call_is_taken_back() {
+    use distrpc::server::foreign::{Doorbell, Origin};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let inbox = Arc::new(Inbox::default());
+    let front = Arc::new(Queueing(inbox.clone()));
+    let rpcs = in_process(2, move |rank| {
+        let options = RpcOptions::default().rpc_timeout(Duration::from_secs(10));
+        match rank {
+            1 => options.foreign(Codec::Pickle, front.clone()),
+            _ => options,
+        }
+    })
+    .unwrap();
+    let first = rpcs[0].rpc_async_raw("worker1", pickled(b"1", vec![]), None);
+    let (reply, _) = inbox.take();
+    let origin = reply.origin().expect("a call from a peer has an origin");
+    reply.ok(b"one".to_vec(), vec![]);
+    assert_eq!(&first.wait().unwrap().payload[..], b"one");
+
+    // This thread reads the second call itself (sent once it holds the connection) ...
+    let bell = Arc::new(Doorbell::new().unwrap());
+    let sent = AtomicBool::new(false);
+    let second = std::sync::Mutex::new(None);
+    let ready = || {
+        if !sent.swap(true, Ordering::SeqCst) {
+            let fut = rpcs[0].rpc_async_raw("worker1", pickled(b"2", vec![]), None);
+            *second.lock().unwrap() = Some(fut);
+        }
+        inbox.len() > 0
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    assert!(origin.serve(&ready, until, &bell));
+    let (reply_two, handled_on) = inbox.take();
+    assert_eq!(handled_on, std::thread::current().id());
+    assert!(
+        Origin::keeps(),
+        "a quick connection is kept while its call runs"
+    );
+
+    // ... and "runs" it without coming back: the third call must still be handled.
+    let taken_back = |r: &distrpc::Rpc| r.metrics()["agent.claims_taken_back"];
+    let before = taken_back(&rpcs[1]);
+    let third = rpcs[0].rpc_async_raw("worker1", pickled(b"3", vec![]), None);
+    let (reply_three, handled_on) = inbox.take();
+    assert_ne!(handled_on, std::thread::current().id());
+    assert!(taken_back(&rpcs[1]) > before, "the watch took it back");
+    reply_three.ok(b"three".to_vec(), vec![]);
+    assert_eq!(&third.wait().unwrap().payload[..], b"three");
+
+    // The thread's call ends: its kept claim is no longer its own, and letting it go is
+    // harmless; the connection still works.
+    reply_two.ok(b"two".to_vec(), vec![]);
+    let second = second.lock().unwrap().take().unwrap();
+    assert_eq!(&second.wait().unwrap().payload[..], b"two");
+    Origin::let_go();
+    assert!(!Origin::keeps());
+    let fourth = rpcs[0].rpc_async_raw("worker1", pickled(b"4", vec![]), None);
+    let (reply, _) = inbox.take();
+    reply.ok(b"four".to_vec(), vec![]);
+    assert_eq!(&fourth.wait().unwrap().payload[..], b"four");
+    shutdown_all(rpcs).unwrap();
+}

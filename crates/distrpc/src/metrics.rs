@@ -74,6 +74,10 @@ impl Node {
                 "agent.frames_read_waiting",
                 m(self.transport.read_waiting()),
             ),
+            (
+                "agent.claims_taken_back",
+                m(self.transport.watch.taken_back()),
+            ),
         ]
     }
 }

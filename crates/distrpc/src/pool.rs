@@ -174,6 +174,8 @@ fn worker(shared: Arc<Shared>) {
         // have resumed.
         if state.closed || Shared::running(&state) > shared.size {
             state.threads -= 1;
+            drop(state);
+            Origin::let_go();
             return;
         }
         state.idle += 1;
@@ -191,6 +193,14 @@ fn worker(shared: Arc<Shared>) {
                 state.idle -= 1;
                 continue;
             }
+        }
+        if Origin::keeps() {
+            // This thread kept the connection of the job it ran: others read it now.
+            drop(state);
+            Origin::let_go();
+            state = shared.lock();
+            state.idle -= 1;
+            continue;
         }
         state.readers.asleep();
         state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -228,6 +238,8 @@ fn read_while_idle<'a>(
 pub(crate) struct BlockedGuard(Option<Arc<Shared>>);
 
 pub(crate) fn enter_blocking() -> BlockedGuard {
+    // A connection this thread kept while running a call is read by others while it waits.
+    Origin::let_go();
     let shared = CURRENT.with(|c| c.borrow().clone());
     if let Some(shared) = &shared {
         let pool = Pool {

@@ -624,8 +624,9 @@ impl Rpc {
     /// being quick so far, ran on the connection's reader instead of the pool) and
     /// `agent.reader_hand_offs` (such runs that blocked, so that another task took over
     /// reading) and `agent.frames_read_waiting` (frames that an idle pool thread, or a front's
-    /// thread waiting for work, read from a connection itself). See [`Metrics`] for reading
-    /// them.
+    /// thread waiting for work, read from a connection itself) and `agent.claims_taken_back`
+    /// (connections such a thread kept while it ran a call it read there, taken back because
+    /// the call ran longer than a tick). See [`Metrics`] for reading them.
     pub fn metrics(&self) -> Metrics {
         Metrics(
             self.node()

@@ -143,7 +143,18 @@ impl Server {
                 });
                 match frame {
                     Ok(frame) => {
-                        if conn.send(frame, true, false).is_err() {
+                        // Nobody waits on a control message's acknowledgement: it may wait
+                        // for company.
+                        let sent = if kind == Kind::RRefAck {
+                            conn.send_lazy(frame).map(|waits| {
+                                if waits {
+                                    self.client.transport.watch.watch(conn);
+                                }
+                            })
+                        } else {
+                            conn.send(frame, true, false)
+                        };
+                        if sent.is_err() {
                             tracing::debug!(id, "reply dropped: connection closed");
                         }
                     }

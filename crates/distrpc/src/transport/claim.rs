@@ -14,6 +14,18 @@ use crate::sync::Doorbell;
 /// (a shutdown, a failure seen by the writer): the bound on noticing those late.
 const CLAIM_SLICE: Duration = Duration::from_millis(10);
 
+/// How [`Claim::read_until`] ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ended {
+    /// Its `until` passed.
+    Until,
+    /// What it waited for came with a frame it read.
+    Read,
+    /// Otherwise: what it waited for came some other way, the claim's deadline passed, it was
+    /// taken over, the connection ended or filled.
+    Otherwise,
+}
+
 /// A thread's hold on reading one connection (see [`ReadSide`]): while a blocked caller waits
 /// for its reply, or an idle thread of a front for its next call, that thread reads the
 /// connection and handles whatever arrives, so what it waits for needs no hand-off from the
@@ -55,6 +67,12 @@ impl Claim {
         }
     }
 
+    /// The claim, to be served until `deadline`.
+    fn until(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
     /// Reads the connection until `done` is set, the call's deadline passes or the connection
     /// ends — or `until`, if given, passes: then it returns `true`, and the claim can be driven
     /// again later. Spins for up to the caller's spin before sleeping in `poll`, unless the
@@ -63,11 +81,11 @@ impl Claim {
         let is_done = || done.load(Ordering::Acquire);
         let spin = self.transport.spin.callers;
         if spin.is_zero() {
-            return self.read_until(&is_done, None, until, None);
+            return self.read_until(&is_done, None, until, None) == Ended::Until;
         }
         let started = std::time::Instant::now();
         let spins = self.conn.replies.spins().then_some(spin);
-        let again = self.read_until(&is_done, spins, until, None);
+        let again = self.read_until(&is_done, spins, until, None) == Ended::Until;
         if is_done() {
             self.conn.replies.note(started.elapsed() <= spin);
         }
@@ -78,35 +96,39 @@ impl Claim {
     /// deadline passes, `bell` rings (a caller took the claim over, or the thread's work came
     /// another way), the connection ends or its peer's calls fill it. Spins
     /// as [`Claim::drive`] does (adapting to how soon the peer's calls lately came), then
-    /// sleeps in `poll` on the socket and the bell.
-    pub(crate) fn serve(&self, ready: &dyn Fn() -> bool, bell: &Doorbell) {
+    /// sleeps in `poll` on the socket and the bell. Returns whether it ended on a frame it read
+    /// (the work is a call it read itself).
+    fn serve(&self, ready: &dyn Fn() -> bool, bell: &Doorbell) -> bool {
         let spin = self.transport.spin.callers;
         let started = std::time::Instant::now();
         let spins = !spin.is_zero() && self.conn.calls.spins();
-        self.read_until(ready, spins.then_some(spin), None, Some(bell));
+        let ended = self
+            .conn
+            .serving(|| self.read_until(ready, spins.then_some(spin), None, Some(bell)));
         if ready() {
             self.conn.calls.note(started.elapsed() <= spin);
         }
+        ended == Ended::Read
     }
 
     /// [`Claim::drive`] until `ready()`, spinning for `spin` if given — from the start, and
     /// again after each frame it handles (the peer is busy with this connection: its next
     /// frame, an answer to what this one asked, likely comes within the spin too) — waking for
-    /// `bell` (then returning `false`) if given.
+    /// `bell` if given.
     fn read_until(
         &self,
         is_done: &dyn Fn() -> bool,
         spin: Option<Duration>,
         until: Option<std::time::Instant>,
         bell: Option<&Doorbell>,
-    ) -> bool {
+    ) -> Ended {
         let mut spin_until = spin.map(|spin| Instant::now() + spin);
         loop {
             match self.step() {
-                None => return false,
+                None => return Ended::Otherwise,
                 Some(false) => {
                     if is_done() {
-                        return false;
+                        return Ended::Otherwise;
                     }
                     let now = std::time::Instant::now();
                     if spin_until.is_some_and(|t| now < t) {
@@ -114,17 +136,21 @@ impl Claim {
                         continue;
                     }
                     let left = match self.deadline {
-                        Some(at) if at <= now => return false,
+                        Some(at) if at <= now => return Ended::Otherwise,
                         Some(at) => at - now,
                         None => CLAIM_SLICE,
                     };
                     let left = match until {
-                        Some(at) if at <= now => return true,
+                        Some(at) if at <= now => return Ended::Until,
                         Some(at) => left.min(at - now),
                         None => left,
                     };
+                    if bell.is_some() {
+                        // Before this thread sleeps: what waits for company goes now.
+                        self.conn.flush_lazy();
+                    }
                     if self.read.poll_readable(left.min(CLAIM_SLICE), bell) {
-                        return false;
+                        return Ended::Otherwise;
                     }
                 }
                 Some(true) => {
@@ -134,12 +160,16 @@ impl Claim {
                     if self.conn.calls_full() {
                         // The peer's calls fill the connection: it is read again only once
                         // one is answered, by the reader task.
-                        return false;
+                        return Ended::Otherwise;
+                    }
+                    if is_done() {
+                        // What else came with it is handled now, not left behind a call this
+                        // thread runs while it keeps the claim (a fetch of the value the
+                        // call makes is then answered with the call's acknowledgement).
+                        while self.step_as_from(Reader::Claimant(self.token), true) == Some(true) {}
+                        return Ended::Read;
                     }
                 }
-            }
-            if is_done() {
-                return false;
             }
         }
     }
@@ -151,7 +181,17 @@ impl Claim {
     }
 
     fn step_as(&self, who: Reader) -> Option<bool> {
-        match self.read.step(who) {
+        self.step_as_from(who, false)
+    }
+
+    /// [`Claim::step_as`], among the bytes read already if `buffered`.
+    fn step_as_from(&self, who: Reader, buffered: bool) -> Option<bool> {
+        let step = if buffered {
+            self.read.step_buffered(who)
+        } else {
+            self.read.step(who)
+        };
+        match step {
             Step::Frame(frame) => {
                 if self.serves {
                     self.transport.read_waiting.fetch_add(1, Ordering::Relaxed);
@@ -227,21 +267,93 @@ impl Origin {
     /// connection over (ringing `bell`): `serve` then returns.
     pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
         let Some(conn) = self.conn.upgrade() else {
+            Origin::let_go();
             return false;
+        };
+        let kept = match KEPT.with(|k| k.borrow_mut().take()) {
+            Some(mut kept) if Arc::ptr_eq(&kept.conn, &conn) => {
+                conn.runs.note(kept.read_at.elapsed() <= QUICK);
+                kept.claim
+                    .take()
+                    .filter(|c| !conn.calls_full() && c.read.unbusy(c.token, bell.clone()))
+            }
+            _ => None, // dropped: ends a claim kept on another connection
         };
         if conn.calls_full() {
             return false;
         }
-        let Some(claim) = self.transport.claim(&conn, Some(until), Some(bell.clone())) else {
-            return false;
+        let claim = match kept {
+            Some(claim) => claim.until(until),
+            None => match self.transport.claim(&conn, Some(until), Some(bell.clone())) {
+                Some(claim) => claim,
+                None => return false,
+            },
         };
         bell.clear();
         // Until the claim is dropped (which reads what is left), this thread is the one the
         // calls it reads are for.
         let serving = bell.serving();
-        claim.serve(ready, bell);
-        drop(claim);
+        if claim.serve(ready, bell) {
+            // A call this thread read, and runs next: while it runs, the claim is kept if the
+            // connection's calls have lately been quick — the peer's next frames wait in the
+            // socket for this thread instead of waking the reader task.
+            let keep = conn.runs.spins() && claim.read.busy(claim.token);
+            if keep {
+                self.transport.watch.watch(&conn);
+            }
+            let claim = if keep { Some(claim) } else { None };
+            KEPT.with(|k| {
+                *k.borrow_mut() = Some(Kept {
+                    claim,
+                    conn: conn.clone(),
+                    read_at: Instant::now(),
+                })
+            });
+        } else {
+            drop(claim);
+            conn.flush_lazy();
+        }
         drop(serving);
         true
     }
+    /// Whether this thread keeps a connection claimed while it runs a call it read there.
+    pub fn keeps() -> bool {
+        KEPT.with(|k| k.borrow().as_ref().is_some_and(|k| k.claim.is_some()))
+    }
+
+    /// Ends the claim this thread kept while it ran a call it read ([`Origin::serve`]), if it
+    /// kept one: the connection's reader task reads it again. Call it before the thread sleeps
+    /// or blocks some other way, without holding a lock the connection's frames' handlers take
+    /// (what came meanwhile is handled on this thread first).
+    pub fn let_go() {
+        let kept = KEPT.with(|k| k.borrow_mut().take());
+        if let Some(kept) = kept {
+            kept.conn.runs.note(kept.read_at.elapsed() <= QUICK);
+        }
+    }
+}
+
+/// The longest a call may run, while its thread keeps its connection claimed, for the
+/// connection's next calls to keep it too ([`Connection::runs`]).
+const QUICK: Duration = Duration::from_micros(500);
+
+/// What a thread that read a call itself ([`Origin::serve`]) keeps while it runs it.
+struct Kept {
+    /// The connection's claim, busy, if kept.
+    claim: Option<Claim>,
+    conn: Arc<Connection>,
+    /// When the call was read.
+    read_at: Instant,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        // The claim first: what it reads last may answer with more that waits for company.
+        drop(self.claim.take());
+        self.conn.flush_lazy();
+    }
+}
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Option<Kept>> = const { std::cell::RefCell::new(None) };
 }

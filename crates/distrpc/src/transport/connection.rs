@@ -31,6 +31,8 @@ thread_local! {
     /// Replies this thread holds for one connection (its id) inside [`Connection::gathering`].
     static HELD: std::cell::RefCell<Option<(u64, Vec<OutFrame>)>> =
         const { std::cell::RefCell::new(None) };
+    /// The connection (its id) a thread waiting for work reads now ([`Connection::serving`]).
+    static SERVING: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
 /// After this many waits in a row that outlasted the spin, threads waiting on a connection for
@@ -77,6 +79,10 @@ struct Queue {
     written: u64,
     /// Senders waiting for room.
     waiting: usize,
+    /// Frames admitted that go with the next write ([`Connection::send_lazy`]).
+    lazy: Vec<OutFrame>,
+    /// Whether the watch saw `lazy` as it is at a tick already.
+    lazy_seen: bool,
 }
 
 /// How much a connection may hold for its peer (see the module docs), and how many of its
@@ -126,6 +132,11 @@ pub(crate) struct Connection {
     pub(crate) replies: SpinHint,
     /// Whether a thread waiting for the peer's next call, reading this connection, spins.
     pub(crate) calls: SpinHint,
+    /// Whether a thread that read a call here keeps reading the connection while it runs the
+    /// call (its runs were quick: see `Origin::serve`).
+    pub(crate) runs: SpinHint,
+    /// Whether the transport's watch looks at this connection (see `transport::watch`).
+    pub(crate) watched: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -149,6 +160,8 @@ impl Connection {
             calls_in: std::sync::atomic::AtomicUsize::new(0),
             replies: SpinHint::default(),
             calls: SpinHint::default(),
+            runs: SpinHint::default(),
+            watched: std::sync::atomic::AtomicBool::new(false),
             room_for_calls: Notify::new(),
             sink: Mutex::new(None),
             socket: Mutex::new(None),
@@ -230,6 +243,57 @@ impl Connection {
         f()
     }
 
+    /// Sends a reply its peer waits for in no thread (a reference control message's
+    /// acknowledgement). Sent by a thread that reads the connection while it waits for work
+    /// ([`Connection::serving`]), it goes with the connection's next write — the answer to the
+    /// peer's next call, often: one wake-up of the peer instead of two — or when that thread
+    /// goes to sleep or stops reading ([`Connection::flush_lazy`]), or at the watch's second
+    /// tick, whichever comes first. Returns whether the frame waits (the connection is then to
+    /// be watched).
+    pub(crate) fn send_lazy(&self, frame: OutFrame) -> Result<bool, SendError> {
+        if SERVING.get() != Some(self.id) {
+            return self.send(frame, true, false).map(|()| false);
+        }
+        let mut q = self.admit(frame.len(), false)?;
+        if q.lazy.is_empty() {
+            q.lazy_seen = false;
+        }
+        q.lazy.push(frame);
+        Ok(true)
+    }
+
+    /// A tick of the watch: frames that waited since the tick before are written. Returns
+    /// whether frames are left waiting.
+    pub(crate) fn watch_lazy(&self) -> bool {
+        let mut q = self.lock();
+        if q.lazy.is_empty() || q.closed.is_some() {
+            return false;
+        }
+        if !q.lazy_seen {
+            q.lazy_seen = true;
+            return true;
+        }
+        self.write_or_queue(q, Vec::new(), true);
+        false
+    }
+
+    /// Writes the frames [`Connection::send_lazy`] keeps, if any.
+    pub(crate) fn flush_lazy(&self) {
+        let q = self.lock();
+        if !q.lazy.is_empty() && q.closed.is_none() {
+            self.write_or_queue(q, Vec::new(), true);
+        }
+    }
+
+    /// Runs `f` as the thread reading this connection while it waits for work: see
+    /// [`Connection::send_lazy`].
+    pub(crate) fn serving<R>(&self, f: impl FnOnce() -> R) -> R {
+        let before = SERVING.replace(Some(self.id));
+        let out = f();
+        SERVING.set(before);
+        out
+    }
+
     /// Writes `frames` (admitted already) now if the socket is idle, else queues them for the
     /// writer task.
     fn send_held(&self, frames: Vec<OutFrame>) {
@@ -242,6 +306,13 @@ impl Connection {
     /// Writes `frames` (admitted already, `q` locked) from this thread if `direct` and the
     /// socket is idle, else queues them for the writer task.
     fn write_or_queue(&self, mut q: MutexGuard<'_, Queue>, frames: Vec<OutFrame>, direct: bool) {
+        let frames = if q.lazy.is_empty() {
+            frames
+        } else {
+            let mut all = std::mem::take(&mut q.lazy);
+            all.extend(frames);
+            all
+        };
         let sink = if !direct || q.writing || !q.frames.is_empty() {
             None
         } else {
@@ -694,6 +765,57 @@ mod tests {
             [ack_bytes, reply_bytes].concat(),
             "in order, at the end"
         );
+    }
+
+    #[test]
+    fn lazy_frames_go_with_the_next_write_or_at_the_second_tick_and_only_from_a_serving_thread() {
+        let (runtime, mut peer, ours) = super::super::socket::test_pair();
+        let _inside = runtime.enter();
+        let (_read, write) = super::super::socket::split(ours).unwrap();
+        let bound = QueueBound {
+            bytes: 1 << 20,
+            stall: Duration::from_secs(5),
+            calls: 16,
+        };
+        let conn = Connection::new(1, 1, bound);
+        *lock(&conn.sink) = Some(Arc::new(write));
+        let frame = |id| OutFrame::new(Kind::RRefAck, id, b"", &[]).unwrap();
+        let read = |peer: &mut std::net::TcpStream, frames: &[&OutFrame]| {
+            let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
+            let mut got = vec![0u8; want.len()];
+            peer.read_exact(&mut got).unwrap();
+            assert_eq!(got, want);
+            assert!(!readable(peer));
+        };
+
+        // Not serving: written at once.
+        let (a, a_bytes) = (frame(1), frame(1));
+        assert!(!conn.send_lazy(a).unwrap());
+        read(&mut peer, &[&a_bytes]);
+
+        // Serving: it waits, and goes before the next frame written.
+        let (b, b_bytes) = (frame(2), frame(2));
+        let reply = OutFrame::new(Kind::RemoteResult, 3, b"", &[]).unwrap();
+        let reply_bytes = OutFrame::new(Kind::RemoteResult, 3, b"", &[]).unwrap();
+        assert!(conn.serving(|| conn.send_lazy(b)).unwrap());
+        assert!(!readable(&peer), "a lazy frame went alone");
+        conn.send(reply, true, false).unwrap();
+        read(&mut peer, &[&b_bytes, &reply_bytes]);
+
+        // Nothing else written: the watch's first tick sees it, the second writes it.
+        let (c, c_bytes) = (frame(4), frame(4));
+        assert!(conn.serving(|| conn.send_lazy(c)).unwrap());
+        assert!(conn.watch_lazy(), "left for the next tick");
+        assert!(!readable(&peer));
+        assert!(!conn.watch_lazy(), "written at the second");
+        read(&mut peer, &[&c_bytes]);
+
+        // A serving thread about to sleep writes it itself.
+        let (d, d_bytes) = (frame(5), frame(5));
+        assert!(conn.serving(|| conn.send_lazy(d)).unwrap());
+        conn.flush_lazy();
+        read(&mut peer, &[&d_bytes]);
+        assert!(!conn.watch_lazy(), "nothing left to watch");
     }
 
     #[test]

@@ -20,12 +20,14 @@ mod idle;
 mod reader;
 mod secure;
 mod socket;
+mod watch;
 
 pub(crate) use claim::Claim;
 pub use claim::Origin;
 pub(crate) use connection::{Connection, QueueBound, SendError};
 pub use idle::IdleReaders;
 pub(crate) use reader::{FrameReader, ReadEnd};
+use watch::Watch;
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -125,6 +127,8 @@ pub(crate) struct Transport {
     pub(crate) tasks: Tasks,
     /// Connection writers, apart so that shutdown can wait for them to flush.
     writers: TaskTracker,
+    /// Bounds what threads reading for their work leave undone on a connection.
+    pub(crate) watch: Arc<Watch>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -142,7 +146,7 @@ impl Transport {
         tasks: Tasks,
     ) -> Arc<Self> {
         let peers = group.workers.iter().map(|_| Peer::default()).collect();
-        Arc::new(Self {
+        let transport = Arc::new(Self {
             me,
             group,
             limits,
@@ -161,7 +165,10 @@ impl Transport {
             losses: Mutex::new(Vec::new()),
             tasks,
             writers: TaskTracker::new(),
-        })
+            watch: Arc::default(),
+        });
+        transport.watch.start(&transport);
+        transport
     }
 
     /// Sets who handles arriving frames (once, before serving).
@@ -319,8 +326,12 @@ impl Transport {
         deadline: Option<std::time::Instant>,
         waiting: Option<Arc<crate::sync::Doorbell>>,
     ) -> Option<Claim> {
-        let read = conn.read.get()?;
         let serves = waiting.is_some();
+        if !serves {
+            // The thread blocks: a connection it kept while running a call is read by others.
+            Origin::let_go();
+        }
+        let read = conn.read.get()?;
         let token = read.claim(waiting)?;
         Some(Claim::new(
             self.clone(),

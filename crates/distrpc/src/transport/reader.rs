@@ -107,6 +107,12 @@ impl FrameReader {
         }
     }
 
+    /// The next frame among the bytes read already, without reading the socket.
+    fn buffered(&mut self) -> Result<Option<Frame>, ReadEnd> {
+        let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
+        self.frames.next_frame().map_err(malformed)
+    }
+
     /// The next frame from any stream (a TLS stream; a socket before it is split), waiting
     /// for its bytes.
     pub(crate) async fn next_from<R>(&mut self, src: &mut R) -> Result<Frame, ReadEnd>
@@ -173,13 +179,18 @@ enum Holder {
     Caller(u64),
     /// A thread waiting for work, by its claim's token, with its doorbell.
     Waiting(u64, Arc<Doorbell>),
+    /// A thread that was waiting for work, by its claim's token, running a call it read here:
+    /// it reads on once done, unless someone took the side over meanwhile (anyone may: it is
+    /// not reading) — the watch does, once it has seen the claim busy at two ticks in a row
+    /// (`seen`: at one).
+    Busy(u64, bool),
 }
 
 impl Holder {
     fn token(&self) -> Option<u64> {
         match self {
             Holder::Task => None,
-            Holder::Caller(t) | Holder::Waiting(t, _) => Some(*t),
+            Holder::Caller(t) | Holder::Waiting(t, _) | Holder::Busy(t, _) => Some(*t),
         }
     }
 }
@@ -224,6 +235,16 @@ impl ReadSide {
 
     /// The next step for `who`.
     pub(crate) fn step(&self, who: Reader) -> Step {
+        self.step_from(who, false)
+    }
+
+    /// The next step for `who` among the bytes read already ([`Step::Idle`] when they hold no
+    /// whole frame): the socket is not read.
+    pub(crate) fn step_buffered(&self, who: Reader) -> Step {
+        self.step_from(who, true)
+    }
+
+    fn step_from(&self, who: Reader, buffered: bool) -> Step {
         let mut st = if who == Reader::Task {
             self.lock_briefly()
         } else {
@@ -240,7 +261,12 @@ impl ReadSide {
         if !reads {
             return Step::Claimed;
         }
-        match st.frames.try_next(self.half.fd()) {
+        let next = if buffered {
+            st.frames.buffered()
+        } else {
+            st.frames.try_next(self.half.fd())
+        };
+        match next {
             Ok(Some(frame)) => Step::Frame(frame),
             Ok(None) => Step::Idle,
             Err(end) => {
@@ -293,11 +319,55 @@ impl ReadSide {
                 self.half.pause();
             }
             (Holder::Waiting(_, bell), Holder::Caller(_)) => bell.ring(),
+            (Holder::Busy(..), _) => {}
             _ => return None,
         }
         st.holder = holder;
         st.claims += 1;
         Some(token)
+    }
+
+    /// Marks the claim with `token`, a waiting thread's, as busy (see [`Holder::Busy`]): `false`
+    /// if it is no longer that thread's.
+    pub(crate) fn busy(&self, token: u64) -> bool {
+        let mut st = lock(&self.state);
+        if !matches!(st.holder, Holder::Waiting(t, _) if t == token) {
+            return false;
+        }
+        st.holder = Holder::Busy(token, false);
+        true
+    }
+
+    /// Makes the busy claim with `token` a waiting thread's again, with its doorbell: `false` if
+    /// it was taken over meanwhile.
+    pub(crate) fn unbusy(&self, token: u64, bell: Arc<Doorbell>) -> bool {
+        let mut st = lock(&self.state);
+        if st.ended || !matches!(st.holder, Holder::Busy(t, _) if t == token) {
+            return false;
+        }
+        st.holder = Holder::Waiting(token, bell);
+        true
+    }
+
+    /// A tick of the watch (see [`super::watch`]): a busy claim seen at the tick before is
+    /// taken back for the reader task, which is woken. `Some(true)`: a busy claim is left to
+    /// watch; `Some(false)`: it was taken back; `None`: there was none.
+    pub(crate) fn watch_busy(&self) -> Option<bool> {
+        let mut st = lock(&self.state);
+        match &mut st.holder {
+            Holder::Busy(_, seen) if !*seen => {
+                *seen = true;
+                Some(true)
+            }
+            Holder::Busy(..) => {
+                st.holder = Holder::Task;
+                self.half.resume();
+                drop(st);
+                self.nudge.notify_one();
+                Some(false)
+            }
+            _ => None,
+        }
     }
 
     /// Ends the claim with `token`; `false` if it had been taken over (the new holder reads
