@@ -311,8 +311,8 @@ fn liveness() -> anyhow::Result<()> {
 /// A worker on a "host" of its own (a network namespace the test made), driven by commands on
 /// its standard input, one per line, each answered with a line:
 ///
-/// - `calls`: a call to every other worker and a remote reference from the next one
-///   (`calls ok` / `calls failed: …`);
+/// - `calls`: a call to every other worker and a remote reference from the next one, whose
+///   delete is acknowledged before it answers (`calls ok` / `calls failed: …`);
 /// - `call R`: one call to rank R (`call R ok` / `call R failed: …`);
 /// - `hang R`: a call with no timeout to rank R that answers only when released, in the
 ///   background (`hang failed after N ms: …` once it fails);
@@ -359,6 +359,16 @@ fn hosts() -> anyhow::Result<()> {
                     let t = r.to_here()?;
                     if t.as_slice::<f64>()? != [1.5; 3] {
                         return Err(Error::InvalidArgument("wrong remote value".into()));
+                    }
+                    drop(r);
+                    // The reference's delete goes with the next frame to its owner, or within
+                    // the watch's bound: answered only once it has been acknowledged, so that
+                    // nothing is in flight when the test cuts a link next.
+                    let settled = distrpc_testkit::wait_until(Duration::from_secs(10), || {
+                        rpc.metrics()["num_pending_futures"] == 0
+                    });
+                    if !settled {
+                        return Err(Error::InvalidArgument("a control message hangs".into()));
                     }
                     Ok(())
                 })();

@@ -59,6 +59,10 @@ pub(crate) enum Delivery {
     /// never waiting for room: a reference's control message, sent from wherever a reference
     /// is dropped (a thread holding Python's lock, a reader task).
     Control,
+    /// A control message no thread waits on (a reference's delete): it goes with the
+    /// connection's next write — the next call to that worker, often — or at the watch's
+    /// second tick, never waiting for room (see `transport::watch`).
+    Lazy,
 }
 
 impl<'a> Outgoing<'a> {
@@ -302,11 +306,17 @@ impl Client {
             let client = self.clone();
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
-                    if let Err(e) = conn.send(
-                        frame,
-                        delivery != Delivery::Queued,
-                        delivery != Delivery::Control,
-                    ) {
+                    let sent = match delivery {
+                        Delivery::Lazy => conn
+                            .defer(frame)
+                            .map(|()| client.transport.watch.watch(&conn)),
+                        _ => conn.send(
+                            frame,
+                            delivery != Delivery::Queued,
+                            delivery != Delivery::Control,
+                        ),
+                    };
+                    if let Err(e) = sent {
                         let t = &client.transport;
                         client.pending.fail(id, |p| {
                             let worker = t.name_of(p.peer).into();

@@ -153,10 +153,16 @@ impl RRefService {
                 return tracing::error!(error = %e, "cannot encode a reference control message");
             }
         };
+        // Nothing waits on a delete: it goes with the next frame to the owner (within the
+        // watch's bound). Forks are waited on by the calls that carry them.
+        let delivery = match msg {
+            Control::UserDelete { .. } => Delivery::Lazy,
+            _ => Delivery::Control,
+        };
         let out = Outgoing {
             timeout: Some(CONTROL_ATTEMPT_TIMEOUT),
             internal: true,
-            delivery: Delivery::Control,
+            delivery,
             ..Outgoing::new(to, kind, "rref control", payload)
         };
         let service = self.clone();

@@ -102,9 +102,13 @@ impl Server {
                     self.send_reply(reply_to, id, Kind::RemoteResult, ack);
                     keep(out);
                 };
-                // A fetch of the value that came first is answered in the same write.
+                // A fetch of the value that came first is answered in the same write (also one
+                // still unread, if this thread kept the connection while the call ran).
                 match reply_to {
-                    ReplyTo::Remote(conn) => conn.gathering(acknowledge),
+                    ReplyTo::Remote(conn) => {
+                        crate::transport::catch_up(conn);
+                        conn.gathering(acknowledge)
+                    }
                     _ => acknowledge(),
                 }
             }

@@ -333,6 +333,33 @@ impl Origin {
     }
 }
 
+/// Reads what has arrived on `conn` if this thread keeps it while running a call it read
+/// there ([`Origin::serve`]): about to answer that call, the thread handles first what the
+/// peer sent meanwhile — a fetch of the value the call makes, say, which is then answered in
+/// the same write as the call.
+pub(crate) fn catch_up(conn: &Arc<Connection>) {
+    // Taken out while the frames are handled: a handler may end it (a blocking wait lets it
+    // go).
+    let Some(kept) = KEPT.with(|k| k.borrow_mut().take()) else {
+        return;
+    };
+    if let Some(claim) = kept
+        .claim
+        .as_ref()
+        .filter(|_| Arc::ptr_eq(&kept.conn, conn))
+    {
+        conn.serving(|| while !conn.calls_full() && claim.step() == Some(true) {});
+    }
+    let left = KEPT.with(|k| {
+        let mut k = k.borrow_mut();
+        match *k {
+            None => k.replace(kept),
+            Some(_) => Some(kept), // a handler kept another: this one ends (outside the borrow)
+        }
+    });
+    drop(left);
+}
+
 /// The longest a call may run, while its thread keeps its connection claimed, for the
 /// connection's next calls to keep it too ([`Connection::runs`]).
 const QUICK: Duration = Duration::from_micros(500);

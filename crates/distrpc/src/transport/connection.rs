@@ -254,12 +254,19 @@ impl Connection {
         if SERVING.get() != Some(self.id) {
             return self.send(frame, true, false).map(|()| false);
         }
+        self.defer(frame).map(|()| true)
+    }
+
+    /// Keeps `frame` (admitted, never waiting for room) to go with the connection's next write,
+    /// or when [`Connection::flush_lazy`] or the watch's second tick writes it: for a frame no
+    /// thread waits on. The connection is to be watched.
+    pub(crate) fn defer(&self, frame: OutFrame) -> Result<(), SendError> {
         let mut q = self.admit(frame.len(), false)?;
         if q.lazy.is_empty() {
             q.lazy_seen = false;
         }
         q.lazy.push(frame);
-        Ok(true)
+        Ok(())
     }
 
     /// A tick of the watch: frames that waited since the tick before are written. Returns

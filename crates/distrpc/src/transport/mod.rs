@@ -24,6 +24,7 @@ mod watch;
 
 pub(crate) use claim::Claim;
 pub use claim::Origin;
+pub(crate) use claim::catch_up;
 pub(crate) use connection::{Connection, QueueBound, SendError};
 pub use idle::IdleReaders;
 pub(crate) use reader::{FrameReader, ReadEnd};
