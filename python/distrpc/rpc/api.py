@@ -607,10 +607,14 @@ def remote(
             "with rpc_sync or rpc_async)"
         )
     name, dst = _internal.qualname(func), _to_name(to)
+    rank = _rank_of(dst)
+    udf = _internal.PythonUDF(func, args or (), kwargs or {})
+    if not _profiler.active():
+        payload, buffers = _internal.serialize(udf, rank)
+        return RRef(_handle=state.agent.remote(dst, name, payload, buffers, _timeout(timeout)))
     # The value stays on the callee: the key is recorded, the callee's events are not asked for.
-    with _profiler.profiled("remote", func, state.me.name, dst, _rank_of(dst)):
-        udf = _internal.PythonUDF(func, args or (), kwargs or {})
-        payload, buffers = _internal.serialize(udf, _rank_of(dst))
+    with _profiler.profiled("remote", func, state.me.name, dst, rank):
+        payload, buffers = _internal.serialize(udf, rank)
         handle = state.agent.remote(dst, name, payload, buffers, _timeout(timeout))
     return RRef(_handle=handle)
 

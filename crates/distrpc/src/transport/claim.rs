@@ -265,6 +265,14 @@ impl Origin {
     /// first; meanwhile [`Doorbell::serving_here`] tells that thread that what it queues is its
     /// own). A thread of this worker that calls the peer and blocks on the reply takes the
     /// connection over (ringing `bell`): `serve` then returns.
+    ///
+    /// When it returns on a call it read itself, the thread keeps the connection while it runs
+    /// that call, if the connection's calls have lately been quick (each under 500 µs, from
+    /// read to the next `serve`): the peer's next frames wait in the socket for its next
+    /// `serve` on that connection, which goes on reading them with no new claim. Anyone may
+    /// take a kept connection over meanwhile; the transport's watch takes it back for the
+    /// reader task if the call still runs at its second tick (within 10 ms). A thread that
+    /// is going to sleep or block otherwise must [`Origin::let_go`] first.
     pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
         let Some(conn) = self.conn.upgrade() else {
             Origin::let_go();
@@ -316,6 +324,7 @@ impl Origin {
         drop(serving);
         true
     }
+
     /// Whether this thread keeps a connection claimed while it runs a call it read there.
     pub fn keeps() -> bool {
         KEPT.with(|k| k.borrow().as_ref().is_some_and(|k| k.claim.is_some()))
