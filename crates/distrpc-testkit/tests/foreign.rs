@@ -293,15 +293,9 @@ impl ForeignHandler for Queueing {
     }
 }
 
-/// `Origin::serve`: a thread waiting for the front's next call reads the connection the last
-/// one came in on, and the peer's next call is handled on that thread; its doorbell wakes it
-/// for work that came some other way; a blocking caller takes the connection over from it;
-/// afterwards the reader task reads the connection again.
-#[test]
-fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
-    use distrpc::server::foreign::Doorbell;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
+/// Two workers, worker1 with a front that queues its calls in the returned inbox, after one
+/// call from worker0 was answered: and the connection it came in on.
+fn after_one_call() -> (Vec<Rpc>, Arc<Inbox>, distrpc::server::foreign::Origin) {
     let inbox = Arc::new(Inbox::default());
     let front = Arc::new(Queueing(inbox.clone()));
     let rpcs = in_process(2, move |rank| {
@@ -317,6 +311,19 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
     let origin = reply.origin().expect("a call from a peer has an origin");
     reply.ok(b"one".to_vec(), vec![]);
     assert_eq!(&first.wait().unwrap().payload[..], b"one");
+    (rpcs, inbox, origin)
+}
+
+/// `Origin::serve`: a thread waiting for the front's next call reads the connection the last
+/// one came in on, and the peer's next call is handled on that thread; its doorbell wakes it
+/// for work that came some other way; a blocking caller takes the connection over from it;
+/// afterwards the reader task reads the connection again.
+#[test]
+fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
+    use distrpc::server::foreign::Doorbell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (rpcs, inbox, origin) = after_one_call();
 
     // The next call is sent once the waiting thread holds the connection (its readiness check
     // runs first right after it took it), so no one else can have read it.
@@ -412,21 +419,7 @@ fn a_connection_kept_by_a_thread_running_a_long_call_is_taken_back() {
     use distrpc::server::foreign::{Doorbell, Origin};
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let inbox = Arc::new(Inbox::default());
-    let front = Arc::new(Queueing(inbox.clone()));
-    let rpcs = in_process(2, move |rank| {
-        let options = RpcOptions::default().rpc_timeout(Duration::from_secs(10));
-        match rank {
-            1 => options.foreign(Codec::Pickle, front.clone()),
-            _ => options,
-        }
-    })
-    .unwrap();
-    let first = rpcs[0].rpc_async_raw("worker1", pickled(b"1", vec![]), None);
-    let (reply, _) = inbox.take();
-    let origin = reply.origin().expect("a call from a peer has an origin");
-    reply.ok(b"one".to_vec(), vec![]);
-    assert_eq!(&first.wait().unwrap().payload[..], b"one");
+    let (rpcs, inbox, origin) = after_one_call();
 
     // This thread reads the second call itself (sent once it holds the connection) ...
     let bell = Arc::new(Doorbell::new().unwrap());

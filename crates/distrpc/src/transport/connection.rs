@@ -736,11 +736,18 @@ mod tests {
         matches!(got, Ok(n) if n > 0)
     }
 
-    #[test]
-    fn gathered_replies_go_together_when_the_gathering_ends_and_requests_go_at_once() {
-        let (runtime, mut peer, ours) = super::super::socket::test_pair();
-        let _inside = runtime.enter();
-        let (_read, write) = super::super::socket::split(ours).unwrap();
+    /// A connection writing to a socket whose other end is `peer` (a plain blocking stream),
+    /// and the runtime its write half is registered with (enter it while writing).
+    fn writing_pair() -> (
+        tokio::runtime::Runtime,
+        std::net::TcpStream,
+        Arc<Connection>,
+    ) {
+        let (runtime, peer, ours) = super::super::socket::test_pair();
+        let write = {
+            let _inside = runtime.enter();
+            super::super::socket::split(ours).unwrap().1
+        };
         let bound = QueueBound {
             bytes: 1 << 20,
             stall: Duration::from_secs(5),
@@ -748,6 +755,13 @@ mod tests {
         };
         let conn = Connection::new(1, 1, bound);
         *lock(&conn.sink) = Some(Arc::new(write));
+        (runtime, peer, conn)
+    }
+
+    #[test]
+    fn gathered_replies_go_together_when_the_gathering_ends_and_requests_go_at_once() {
+        let (runtime, mut peer, conn) = writing_pair();
+        let _inside = runtime.enter();
 
         let ack = OutFrame::new(Kind::RemoteResult, 1, b"", &[]).unwrap();
         let reply = OutFrame::new(Kind::RRefFetchResult, 2, b"value", &[]).unwrap();
@@ -776,16 +790,8 @@ mod tests {
 
     #[test]
     fn lazy_frames_go_with_the_next_write_or_at_the_second_tick_and_only_from_a_serving_thread() {
-        let (runtime, mut peer, ours) = super::super::socket::test_pair();
+        let (runtime, mut peer, conn) = writing_pair();
         let _inside = runtime.enter();
-        let (_read, write) = super::super::socket::split(ours).unwrap();
-        let bound = QueueBound {
-            bytes: 1 << 20,
-            stall: Duration::from_secs(5),
-            calls: 16,
-        };
-        let conn = Connection::new(1, 1, bound);
-        *lock(&conn.sink) = Some(Arc::new(write));
         let frame = |id| OutFrame::new(Kind::RRefAck, id, b"", &[]).unwrap();
         let read = |peer: &mut std::net::TcpStream, frames: &[&OutFrame]| {
             let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
