@@ -234,7 +234,7 @@ class _State:
             # (before the wake-up `stop` sends): the thread completes them, and leaves at the
             # first look that finds the queue empty.
             stopping = self.stopping.is_set()
-            item = self.agent.next_completion(0.0 if stopping else 0.05)
+            item = self.agent.next_completion(0.0 if stopping else _pool.IDLE_WAIT)
             if item is None:
                 if stopping:
                     return
