@@ -416,35 +416,23 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
 /// long: a call arriving meanwhile is read by the reader task and handled on another thread.
 #[test]
 fn a_connection_kept_by_a_thread_running_a_long_call_is_taken_back() {
-    use distrpc::server::foreign::{Doorbell, Origin};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use distrpc::server::foreign::Origin;
 
     let (rpcs, inbox, origin) = after_one_call();
 
-    // This thread reads the second call itself (sent once it holds the connection) ...
-    let bell = Arc::new(Doorbell::new().unwrap());
-    let sent = AtomicBool::new(false);
-    let second = std::sync::Mutex::new(None);
-    let ready = || {
-        if !sent.swap(true, Ordering::SeqCst) {
-            let fut = rpcs[0].rpc_async_raw("worker1", pickled(b"2", vec![]), None);
-            *second.lock().unwrap() = Some(fut);
-        }
-        inbox.len() > 0
-    };
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    assert!(origin.serve(&ready, until, &bell));
-    let (reply_two, handled_on) = inbox.take();
-    assert_eq!(handled_on, std::thread::current().id());
-    assert!(
-        Origin::keeps(),
-        "a quick connection is kept while its call runs"
-    );
+    // This thread reads the second call itself ...
+    let (reply_two, second) = read_and_keep_the_next_call(&rpcs, &inbox, &origin);
 
     // ... and "runs" it without coming back: the third call must still be handled.
     let taken_back = |r: &distrpc::Rpc| r.metrics()["agent.claims_taken_back"];
     let before = taken_back(&rpcs[1]);
-    let third = rpcs[0].rpc_async_raw("worker1", pickled(b"3", vec![]), None);
+    // (Sent from another thread: both workers live in this process, and a call out from
+    // the thread that kept the connection would let it go.)
+    let third = std::thread::scope(|s| {
+        s.spawn(|| rpcs[0].rpc_async_raw("worker1", pickled(b"3", vec![]), None))
+            .join()
+            .unwrap()
+    });
     let (reply_three, handled_on) = inbox.take();
     assert_ne!(handled_on, std::thread::current().id());
     assert!(taken_back(&rpcs[1]) > before, "the watch took it back");
@@ -454,7 +442,6 @@ fn a_connection_kept_by_a_thread_running_a_long_call_is_taken_back() {
     // The thread's call ends: its kept claim is no longer its own, and letting it go is
     // harmless; the connection still works.
     reply_two.ok(b"two".to_vec(), vec![]);
-    let second = second.lock().unwrap().take().unwrap();
     assert_eq!(&second.wait().unwrap().payload[..], b"two");
     Origin::let_go();
     assert!(!Origin::keeps());
@@ -462,5 +449,55 @@ fn a_connection_kept_by_a_thread_running_a_long_call_is_taken_back() {
     let (reply, _) = inbox.take();
     reply.ok(b"four".to_vec(), vec![]);
     assert_eq!(&fourth.wait().unwrap().payload[..], b"four");
+    shutdown_all(rpcs).unwrap();
+}
+
+/// Sends worker1 a call once this thread holds `origin`'s connection (its readiness check runs
+/// first right after it took it, so no one else can read the call), reads it here, and checks
+/// that this thread keeps the connection while it "runs" the call: the call and its future.
+fn read_and_keep_the_next_call(
+    rpcs: &[Rpc],
+    inbox: &Inbox,
+    origin: &distrpc::server::foreign::Origin,
+) -> (ForeignReply, distrpc::RpcFuture<distrpc::RawReply>) {
+    use distrpc::server::foreign::{Doorbell, Origin};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let bell = Arc::new(Doorbell::new().unwrap());
+    let sent = AtomicBool::new(false);
+    let next = std::sync::Mutex::new(None);
+    let ready = || {
+        if !sent.swap(true, Ordering::SeqCst) {
+            let fut = rpcs[0].rpc_async_raw("worker1", pickled(b"2", vec![]), None);
+            *next.lock().unwrap() = Some(fut);
+        }
+        inbox.len() > 0
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    assert!(origin.serve(&ready, until, &bell));
+    let (reply, handled_on) = inbox.take();
+    assert_eq!(handled_on, std::thread::current().id());
+    assert!(
+        Origin::keeps(),
+        "a quick connection is kept while its call runs"
+    );
+    let fut = next.lock().unwrap().take().unwrap();
+    (reply, fut)
+}
+
+/// A thread that kept a connection while running a call lets it go as soon as it calls out:
+/// it may wait for the answer in any way (a Python future's `wait`), and what comes on the
+/// connection — that answer, say — must not wait for it.
+#[test]
+fn a_thread_that_calls_out_lets_its_kept_connection_go() {
+    use distrpc::server::foreign::Origin;
+
+    let (rpcs, inbox, origin) = after_one_call();
+    let (reply, fut) = read_and_keep_the_next_call(&rpcs, &inbox, &origin);
+    let out = rpcs[1].rpc_async("worker0", add, (1, 2));
+    assert!(!Origin::keeps(), "calling out let it go");
+    assert_eq!(out.wait().unwrap(), 3);
+    reply.ok(b"two".to_vec(), vec![]);
+    assert_eq!(&fut.wait().unwrap().payload[..], b"two");
     shutdown_all(rpcs).unwrap();
 }

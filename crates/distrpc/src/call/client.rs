@@ -247,6 +247,12 @@ impl Client {
             done(Err(self.shut_down_error()));
             return None;
         }
+        if !internal {
+            // A thread that kept a connection while running a call, and now calls out, may
+            // wait for the answer however it likes (a Python future's `wait`): what comes on
+            // the connection must not wait for it.
+            crate::transport::Origin::let_go();
+        }
         let timeout = timeout.unwrap_or_else(|| self.default_timeout());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let transport = &self.transport;
