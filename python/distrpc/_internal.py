@@ -106,7 +106,7 @@ def _tensor_bytes(tensor: Any) -> Any:
     """A CPU tensor's memory as bytes to lend without a copy: a ctypes array over it that keeps
     it alive (an empty ``bytearray`` for no bytes), made contiguous first. No torch operator
     runs for a contiguous tensor, so a profile shows none."""
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise RuntimeError(
             f"distrpc sends CPU tensors only, and this one is on {tensor.device}: "
             "move it with .cpu() (device maps are not supported)"
@@ -116,7 +116,7 @@ def _tensor_bytes(tensor: Any) -> Any:
         data = data.resolve_conj().resolve_neg()
     if not data.is_contiguous():
         data = data.contiguous()
-    nbytes = data.numel() * data.element_size()
+    nbytes = data.nbytes
     if not nbytes:
         return bytearray()
     raw = (ctypes.c_char * nbytes).from_address(data.data_ptr())
