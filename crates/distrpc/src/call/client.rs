@@ -313,9 +313,7 @@ impl Client {
             move || match (conn, frame) {
                 (Some(conn), Some(frame)) => {
                     let sent = match delivery {
-                        Delivery::Lazy => conn
-                            .defer(frame)
-                            .map(|()| client.transport.watch.watch(&conn)),
+                        Delivery::Lazy => client.transport.watch.defer(&conn, frame),
                         _ => conn.send(
                             frame,
                             delivery != Delivery::Queued,

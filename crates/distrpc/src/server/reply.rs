@@ -147,14 +147,9 @@ impl Server {
                 });
                 match frame {
                     Ok(frame) => {
-                        // Nobody waits on a control message's acknowledgement: it may wait
-                        // for company.
+                        // Nobody waits on a control message's acknowledgement.
                         let sent = if kind == Kind::RRefAck {
-                            conn.send_lazy(frame).map(|waits| {
-                                if waits {
-                                    self.client.transport.watch.watch(conn);
-                                }
-                            })
+                            self.client.transport.watch.send_lazy(conn, frame)
                         } else {
                             conn.send(frame, true, false)
                         };

@@ -145,7 +145,7 @@ impl Claim {
                         Some(at) => left.min(at - now),
                         None => left,
                     };
-                    if bell.is_some() {
+                    if self.serves {
                         // Before this thread sleeps: what waits for company goes now.
                         self.conn.flush_lazy();
                     }
@@ -166,7 +166,7 @@ impl Claim {
                         // What else came with it is handled now, not left behind a call this
                         // thread runs while it keeps the claim (a fetch of the value the
                         // call makes is then answered with the call's acknowledgement).
-                        while self.step_as_from(Reader::Claimant(self.token), true) == Some(true) {}
+                        while self.step_buffered() == Some(true) {}
                         return Ended::Read;
                     }
                 }
@@ -181,16 +181,16 @@ impl Claim {
     }
 
     fn step_as(&self, who: Reader) -> Option<bool> {
-        self.step_as_from(who, false)
+        self.handle(self.read.step(who))
     }
 
-    /// [`Claim::step_as`], among the bytes read already if `buffered`.
-    fn step_as_from(&self, who: Reader, buffered: bool) -> Option<bool> {
-        let step = if buffered {
-            self.read.step_buffered(who)
-        } else {
-            self.read.step(who)
-        };
+    /// [`Claim::step`] among the bytes read already: the socket is not read.
+    fn step_buffered(&self) -> Option<bool> {
+        self.handle(self.read.step_buffered(Reader::Claimant(self.token)))
+    }
+
+    /// Handles a step's frame, or its end: as [`Claim::step`] says.
+    fn handle(&self, step: Step) -> Option<bool> {
         match step {
             Step::Frame(frame) => {
                 if self.serves {
@@ -275,17 +275,15 @@ impl Origin {
     /// is going to sleep or block otherwise must [`Origin::let_go`] first.
     pub fn serve(&self, ready: &dyn Fn() -> bool, until: Instant, bell: &Arc<Doorbell>) -> bool {
         let Some(conn) = self.conn.upgrade() else {
-            Origin::let_go();
             return false;
         };
+        // A claim kept on another connection ends here (dropped).
         let kept = match KEPT.with(|k| k.borrow_mut().take()) {
-            Some(mut kept) if Arc::ptr_eq(&kept.conn, &conn) => {
-                conn.runs.note(kept.read_at.elapsed() <= QUICK);
-                kept.claim
-                    .take()
-                    .filter(|c| !conn.calls_full() && c.read.unbusy(c.token, bell.clone()))
-            }
-            _ => None, // dropped: ends a claim kept on another connection
+            Some(mut kept) if Arc::ptr_eq(&kept.conn, &conn) => kept
+                .claim
+                .take()
+                .filter(|c| c.read.unbusy(c.token, bell.clone())),
+            _ => None,
         };
         if conn.calls_full() {
             return false;
@@ -309,7 +307,7 @@ impl Origin {
             if keep {
                 self.transport.watch.watch(&conn);
             }
-            let claim = if keep { Some(claim) } else { None };
+            let claim = keep.then_some(claim);
             KEPT.with(|k| {
                 *k.borrow_mut() = Some(Kept {
                     claim,
@@ -335,10 +333,9 @@ impl Origin {
     /// or blocks some other way, without holding a lock the connection's frames' handlers take
     /// (what came meanwhile is handled on this thread first).
     pub fn let_go() {
+        // Dropped outside the borrow: its last read may run handlers that look at it.
         let kept = KEPT.with(|k| k.borrow_mut().take());
-        if let Some(kept) = kept {
-            kept.conn.runs.note(kept.read_at.elapsed() <= QUICK);
-        }
+        drop(kept);
     }
 }
 
@@ -383,8 +380,10 @@ struct Kept {
 }
 
 impl Drop for Kept {
+    /// Notes how long the call ran, ends the claim if it is still kept, and writes what
+    /// waited for company (after the claim: what it reads last may add to it).
     fn drop(&mut self) {
-        // The claim first: what it reads last may answer with more that waits for company.
+        self.conn.runs.note(self.read_at.elapsed() <= QUICK);
         drop(self.claim.take());
         self.conn.flush_lazy();
     }

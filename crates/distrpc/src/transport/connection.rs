@@ -79,7 +79,7 @@ struct Queue {
     written: u64,
     /// Senders waiting for room.
     waiting: usize,
-    /// Frames admitted that go with the next write ([`Connection::send_lazy`]).
+    /// Frames admitted that go with the next write ([`Connection::defer`]).
     lazy: Vec<OutFrame>,
     /// Whether the watch saw `lazy` as it is at a tick already.
     lazy_seen: bool,
@@ -243,24 +243,17 @@ impl Connection {
         f()
     }
 
-    /// Sends a reply its peer waits for in no thread (a reference control message's
-    /// acknowledgement). Sent by a thread that reads the connection while it waits for work
-    /// ([`Connection::serving`]), it goes with the connection's next write — the answer to the
-    /// peer's next call, often: one wake-up of the peer instead of two — or when that thread
-    /// goes to sleep or stops reading ([`Connection::flush_lazy`]), or at the watch's second
-    /// tick, whichever comes first. Returns whether the frame waits (the connection is then to
-    /// be watched).
-    pub(crate) fn send_lazy(&self, frame: OutFrame) -> Result<bool, SendError> {
-        if SERVING.get() != Some(self.id) {
-            return self.send(frame, true, false).map(|()| false);
-        }
-        self.defer(frame).map(|()| true)
+    /// Whether the calling thread reads this connection while it waits for work
+    /// ([`Connection::serving`]): it writes soon (the answer to the peer's next call), or
+    /// flushes what waits for company before it sleeps or stops reading.
+    pub(crate) fn served_here(&self) -> bool {
+        SERVING.get() == Some(self.id)
     }
 
     /// Keeps `frame` (admitted, never waiting for room) to go with the connection's next write,
     /// or when [`Connection::flush_lazy`] or the watch's second tick writes it: for a frame no
-    /// thread waits on. The connection is to be watched.
-    pub(crate) fn defer(&self, frame: OutFrame) -> Result<(), SendError> {
+    /// thread waits on. Use [`Watch::defer`](super::watch::Watch::defer), which watches it.
+    pub(super) fn defer(&self, frame: OutFrame) -> Result<(), SendError> {
         let mut q = self.admit(frame.len(), false)?;
         if q.lazy.is_empty() {
             q.lazy_seen = false;
@@ -284,7 +277,7 @@ impl Connection {
         false
     }
 
-    /// Writes the frames [`Connection::send_lazy`] keeps, if any.
+    /// Writes the frames [`Connection::defer`] keeps, if any.
     pub(crate) fn flush_lazy(&self) {
         let q = self.lock();
         if !q.lazy.is_empty() && q.closed.is_none() {
@@ -293,7 +286,7 @@ impl Connection {
     }
 
     /// Runs `f` as the thread reading this connection while it waits for work: see
-    /// [`Connection::send_lazy`].
+    /// [`Connection::served_here`].
     pub(crate) fn serving<R>(&self, f: impl FnOnce() -> R) -> R {
         let before = SERVING.replace(Some(self.id));
         let out = f();
@@ -792,6 +785,8 @@ mod tests {
     fn lazy_frames_go_with_the_next_write_or_at_the_second_tick_and_only_from_a_serving_thread() {
         let (runtime, mut peer, conn) = writing_pair();
         let _inside = runtime.enter();
+        let watch = super::super::watch::Watch::default();
+        let waits = |conn: &Connection| conn.watched.load(Ordering::Relaxed);
         let frame = |id| OutFrame::new(Kind::RRefAck, id, b"", &[]).unwrap();
         let read = |peer: &mut std::net::TcpStream, frames: &[&OutFrame]| {
             let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
@@ -803,21 +798,23 @@ mod tests {
 
         // Not serving: written at once.
         let (a, a_bytes) = (frame(1), frame(1));
-        assert!(!conn.send_lazy(a).unwrap());
+        watch.send_lazy(&conn, a).unwrap();
+        assert!(!waits(&conn));
         read(&mut peer, &[&a_bytes]);
 
         // Serving: it waits, and goes before the next frame written.
         let (b, b_bytes) = (frame(2), frame(2));
         let reply = OutFrame::new(Kind::RemoteResult, 3, b"", &[]).unwrap();
         let reply_bytes = OutFrame::new(Kind::RemoteResult, 3, b"", &[]).unwrap();
-        assert!(conn.serving(|| conn.send_lazy(b)).unwrap());
+        conn.serving(|| watch.send_lazy(&conn, b)).unwrap();
+        assert!(waits(&conn));
         assert!(!readable(&peer), "a lazy frame went alone");
         conn.send(reply, true, false).unwrap();
         read(&mut peer, &[&b_bytes, &reply_bytes]);
 
         // Nothing else written: the watch's first tick sees it, the second writes it.
         let (c, c_bytes) = (frame(4), frame(4));
-        assert!(conn.serving(|| conn.send_lazy(c)).unwrap());
+        conn.serving(|| watch.send_lazy(&conn, c)).unwrap();
         assert!(conn.watch_lazy(), "left for the next tick");
         assert!(!readable(&peer));
         assert!(!conn.watch_lazy(), "written at the second");
@@ -825,7 +822,7 @@ mod tests {
 
         // A serving thread about to sleep writes it itself.
         let (d, d_bytes) = (frame(5), frame(5));
-        assert!(conn.serving(|| conn.send_lazy(d)).unwrap());
+        conn.serving(|| watch.send_lazy(&conn, d)).unwrap();
         conn.flush_lazy();
         read(&mut peer, &[&d_bytes]);
         assert!(!conn.watch_lazy(), "nothing left to watch");

@@ -327,12 +327,8 @@ impl Transport {
         deadline: Option<std::time::Instant>,
         waiting: Option<Arc<crate::sync::Doorbell>>,
     ) -> Option<Claim> {
-        let serves = waiting.is_some();
-        if !serves {
-            // The thread blocks: a connection it kept while running a call is read by others.
-            Origin::let_go();
-        }
         let read = conn.read.get()?;
+        let serves = waiting.is_some();
         let token = read.claim(waiting)?;
         Some(Claim::new(
             self.clone(),

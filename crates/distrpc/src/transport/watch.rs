@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Connection, Transport};
+use super::{Connection, SendError, Transport};
 use crate::sync::lock;
+use distrpc_wire::OutFrame;
 
 /// How often the watch looks while something is watched.
 pub(crate) const TICK: Duration = Duration::from_millis(5);
@@ -47,6 +48,31 @@ impl Watch {
                 () = t.tasks.cancelled() => {}
             }
         });
+    }
+
+    /// Sends `frame`, which no thread waits on, with `conn`'s next write, or at the watch's
+    /// second tick ([`Connection::defer`]).
+    pub(crate) fn defer(&self, conn: &Arc<Connection>, frame: OutFrame) -> Result<(), SendError> {
+        conn.defer(frame)?;
+        self.watch(conn);
+        Ok(())
+    }
+
+    /// Sends `frame`, which no thread waits on (a control message's acknowledgement): from the
+    /// thread that serves `conn` ([`Connection::served_here`]), which writes again soon, with
+    /// that write — the answer to the peer's next call, often: one wake-up of the peer instead
+    /// of two — or when that thread sleeps or stops reading, or at the watch's second tick;
+    /// from any other thread at once.
+    pub(crate) fn send_lazy(
+        &self,
+        conn: &Arc<Connection>,
+        frame: OutFrame,
+    ) -> Result<(), SendError> {
+        if conn.served_here() {
+            self.defer(conn, frame)
+        } else {
+            conn.send(frame, true, false)
+        }
     }
 
     /// `conn` has a busy claim or lazy frames: they are looked at within two ticks.
