@@ -352,15 +352,22 @@ fn a_thread_waiting_for_calls_reads_the_last_callers_connection_itself() {
     let second = second.lock().unwrap().take().unwrap();
     assert_eq!(&second.wait().unwrap().payload[..], b"two");
 
-    // The doorbell ends a wait that nothing on the connection ends.
+    // The doorbell ends a wait that nothing on the connection ends. (Rung by another thread
+    // started from the readiness check, which runs once the waiting thread has cleared the
+    // bell: a ring before that clear would be lost, and the wait would run to its deadline.)
     let rung = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| {
-            rung.store(true, Ordering::SeqCst);
-            bell.ring();
-        });
+        let ringing = AtomicBool::new(false);
+        let ready = || {
+            if !ringing.swap(true, Ordering::SeqCst) {
+                s.spawn(|| {
+                    rung.store(true, Ordering::SeqCst);
+                    bell.ring();
+                });
+            }
+            false
+        };
         let until = std::time::Instant::now() + Duration::from_secs(30);
-        let ready = || false;
         assert!(origin.serve(&ready, until, &bell));
         assert!(
             std::time::Instant::now() < until,
