@@ -205,16 +205,132 @@ _ATOMS = frozenset({type(None), bool, int, float, str, bytes})
 _PLAIN_FUNCTIONS = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
+#: The dtypes a plain tensor travels with, by their index (numpy's names too, but bfloat16).
+_PLAIN_DTYPES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+)
+
+
+class _Torch:
+    """What the pickler's fast path for plain tensors needs of torch, once torch is imported
+    (this module never imports it)."""
+
+    def __init__(self, torch: Any) -> None:
+        self.tensor = torch.Tensor
+        self.strided = torch.strided
+        self.dtypes = tuple(getattr(torch, name) for name in _PLAIN_DTYPES)
+        self.codes = {dtype: code for code, dtype in enumerate(self.dtypes)}
+        self.frombuffer = torch.frombuffer
+        self.empty = torch.empty
+
+
+#: Set when the first tensor is pickled or unpickled.
+_torch: _Torch | None = None
+
+
+def _torch_of(torch: Any) -> _Torch:
+    global _torch
+    if _torch is None:
+        _torch = _Torch(torch)
+    return _torch
+
+
+def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
+    """A plain tensor (see :meth:`_Pickler.plain_tensor`) over ``buffer``, without a copy."""
+    if _torch is None:
+        import torch
+
+        _torch_of(torch)
+    dtype = _torch.dtypes[code]
+    if type(buffer) is bytes:  # pickled in band: torch wants writable memory
+        buffer = bytearray(buffer)
+    if not len(buffer):
+        return _torch.empty(shape, dtype=dtype)
+    tensor = _torch.frombuffer(buffer, dtype=dtype)
+    return tensor if len(shape) == 1 else tensor.view(shape)
+
+
+#: What stands in the pickle for a plain tensor's memory: the pickler hands its buffer
+#: callback this, and lends the tensor's memory in its place (writable, so not marked
+#: read-only on the wire).
+_LENT = pickle.PickleBuffer(bytearray())
+#: Types reducer_override leaves to pickle at once: functions (the call's, the rebuilding
+#: ones) and the buffers the reducers made.
+_NOT_REDUCED = frozenset({types.FunctionType, types.BuiltinFunctionType, pickle.PickleBuffer})
+
+
 class _Pickler(pickle.Pickler):
-    """Protocol 5; torch tensors reduced as :func:`_reduce_tensor` says, when the program
-    uses torch (it is never imported here otherwise); an ``RRef`` forked (seed's
-    ``_py_rref_reducer``)."""
+    """Protocol 5, every buffer out of band; torch tensors reduced as :func:`_reduce_tensor`
+    says, when the program uses torch (it is never imported here otherwise); an ``RRef``
+    forked (seed's ``_py_rref_reducer``). One per thread, kept: making one costs as much as
+    pickling a small call (:meth:`pickle`)."""
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.lent: list[Buffer] = []
+        self.next: Buffer | None = None
+        self.busy = False
+        super().__init__(self.out, protocol=5, buffer_callback=self.lend)
+
+    def pickle(self, obj: Any) -> tuple[bytes, list[Buffer]]:
+        """``obj`` pickled, and the buffers it lent; the pickler is left as new."""
+        self.busy = True
+        try:
+            self.dump(obj)
+            return self.out.getvalue(), self.lent
+        finally:
+            self.clear_memo()
+            self.out.seek(0)
+            self.out.truncate()
+            self.lent, self.next, self.busy = [], None, False
+
+    def lend(self, buffer: pickle.PickleBuffer) -> None:
+        """The buffer callback: every buffer goes out of band, lent as Rust takes it."""
+        if buffer is _LENT:
+            self.lent.append(self.next)
+        else:
+            self.lent.append(_lend(buffer))
+
+    def plain_tensor(self, tensor: Any, torch: _Torch) -> Any:
+        """A contiguous CPU tensor of a plain dtype that does not require grad (the common
+        case) travels as its dtype's index and shape, its memory lent as it is; any other as
+        :func:`_reduce_tensor` says."""
+        code = torch.codes.get(tensor.dtype)
+        if (
+            code is None
+            or tensor.requires_grad
+            or tensor.layout is not torch.strided
+            or not tensor.is_cpu
+            or not tensor.is_contiguous()
+            or tensor.is_conj()
+            or tensor.is_neg()
+        ):
+            return _reduce_tensor(tensor)
+        # The tensor keeps its memory alive while Rust holds it.
+        self.next = (tensor.data_ptr(), tensor.nbytes, tensor)
+        return (_rebuild_plain, (_LENT, code, tuple(tensor.shape)))
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) in _PLAIN_FUNCTIONS:  # the call's function, a rebuilding function
+        kind = type(obj)
+        if _torch is not None and kind is _torch.tensor:
+            return self.plain_tensor(obj, _torch)
+        if kind in _NOT_REDUCED:
             return NotImplemented
         torch = sys.modules.get("torch")
         if torch is not None:
+            if kind is torch.Tensor:
+                return self.plain_tensor(obj, _torch_of(torch))
             reduced = _reduce_torch(obj, torch)
             if reduced is not NotImplemented:
                 return reduced
@@ -229,10 +345,12 @@ class _InternalRPCPickler:
     array's and tensor's buffer out of band (see the module docs)."""
 
     def serialize(self, obj: Any) -> tuple[bytes, list[Buffer]]:
-        buffers: list[pickle.PickleBuffer] = []
-        out = io.BytesIO()
-        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
-        return out.getvalue(), [_lend(b) for b in buffers]
+        pickler = getattr(_encoding, "pickler", None)
+        if pickler is None:
+            pickler = _encoding.pickler = _Pickler()
+        elif pickler.busy:  # pickling from inside a reducer
+            pickler = _Pickler()
+        return pickler.pickle(obj)
 
     def deserialize(
         self, data: bytes, buffers: list[Buffer] = (), sender: int | None = None
@@ -241,7 +359,7 @@ class _InternalRPCPickler:
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
         try:
-            return pickle.loads(data, buffers=[_view(b) for b in buffers])
+            return pickle.loads(data, buffers=map(_view, buffers))
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
             error = AttributeError(

@@ -37,3 +37,55 @@ def test_only_plain_calls_take_the_fast_path():
     assert not _internal._plain(_internal.PythonUDF(_plain_function, ([1],), {}))
     assert not _internal._plain(_internal.PythonUDF(_plain_function, (), {"b": {}}))
     assert not _internal._plain(_internal.PythonUDF(operator.methodcaller("x"), (), {}))
+
+
+def _tensors(torch):
+    base = torch.arange(24, dtype=torch.float32)
+    return [
+        torch.ones(4),
+        base.reshape(2, 3, 4),
+        torch.zeros(0, 3),  # no bytes
+        torch.tensor(7, dtype=torch.int64),  # no dimensions
+        torch.tensor([True, False]),
+        torch.arange(6, dtype=torch.bfloat16),
+        torch.arange(5, dtype=torch.uint8)[1:],  # an offset into its storage
+        torch.randn(3, 2, dtype=torch.complex64),
+        base.reshape(4, 6).t(),  # not contiguous: the general path
+        torch.randn(3, dtype=torch.complex64).conj(),  # a conjugate view: the general path
+        torch.randn(3, requires_grad=True),  # requires grad: the general path
+        torch.nn.Parameter(torch.ones(2)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_tensors_travel_out_of_band_and_come_back_equal(index):
+    torch = pytest.importorskip("torch")
+    tensor = _tensors(torch)[index]
+    data, buffers = _internal.serialize(_internal.PythonUDF(_plain_function, (tensor,), {}))
+    assert len(buffers) == 1  # the tensor's bytes are not in the pickle
+    func, (back,), _ = _internal.deserialize(data, buffers)
+    assert func is _plain_function
+    assert type(back) is type(tensor)
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape
+    assert back.requires_grad == tensor.requires_grad
+    assert torch.equal(back.detach(), tensor.detach().resolve_conj())
+    address, length, _ = buffers[0]
+    if length:  # rebuilt over the received buffer (here the sender's own memory)
+        assert back.data_ptr() == address
+
+
+def test_a_plain_tensor_lends_its_own_memory():
+    torch = pytest.importorskip("torch")
+    tensor = torch.arange(10, dtype=torch.int32)[2:]
+    _, [(address, length, owner)] = _internal.serialize(tensor)
+    assert (address, length) == (tensor.data_ptr(), 32)
+    assert owner is tensor  # keeps the memory alive while Rust holds it
+
+
+def test_the_pickler_is_left_as_new_after_a_failure():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(Exception, match="pickle"):
+        _internal.serialize(_internal.PythonUDF(_plain_function, (torch.ones(1), lambda: 0), {}))
+    data, buffers = _internal.serialize(torch.ones(3))
+    assert len(buffers) == 1
+    assert torch.equal(_internal.deserialize(data, buffers), torch.ones(3))
