@@ -23,6 +23,12 @@ impl PyRRef {
         (owner.id, owner.name)
     }
 
+    /// The owner's rank (what `owner()[0]` says, without making the name's string).
+    #[getter]
+    fn owner_id(&self) -> u32 {
+        self.rref.owner().id
+    }
+
     /// Whether this worker owns the value.
     fn is_owner(&self) -> bool {
         self.rref.is_owner()

@@ -84,14 +84,15 @@ class RRef(Generic[T]):
         On the owner, the value itself (as torch's). Inside a distributed autograd context
         the fetch is recorded there, as torch's is: the gradient of a tensor fetched goes back
         to the owner's graph."""
-        if self.is_owner():
+        handle = self._handle
+        if handle.is_owner():
             return self.local_value()
-        if _autograd.current() is not None:
+        if getattr(_autograd.running_in, "context", None) is not None:  # _autograd.current()
             udf = _internal.PythonUDF(_value, (), {})
             return call_with(self, "sync", udf, f"{self.owner_name()}.to_here", timeout)
-        payload, buffers = _pool.waiting(self._handle.to_here, _state.timeout(timeout))
-        owner = self._handle.owner()[0]
-        return _internal._handle_exception(_internal.deserialize(payload, buffers, owner))
+        payload, buffers = _pool.waiting(handle.to_here, _state.timeout(timeout))
+        value = _internal.deserialize(payload, buffers, handle.owner_id)
+        return _internal._handle_exception(value)
 
     def _get_type(self, timeout: float = -1, blocking: bool = True) -> Any:
         """The type of the value, asked of the owner once and remembered (torch's private
@@ -185,7 +186,7 @@ def call_with(rref: RRef, kind: str, udf: Any, name: str, timeout: float) -> Any
     result (``kind`` "sync"), a future of it ("async"), or a reference to it ("remote")."""
     state = _state.require()
     handle = rref._handle
-    owner = handle.owner()[0]
+    owner = handle.owner_id
     payload, buffers = _internal.serialize(udf, owner)
     if kind == "sync":
         reply = _pool.waiting(handle.rpc_sync, name, payload, buffers, _state.timeout(timeout))
