@@ -266,6 +266,12 @@ pub struct RecordReader {
 }
 
 impl RecordReader {
+    /// Bytes read from the socket and not yet handed out: opened plaintext, and records (or
+    /// parts of one) not yet opened. Each of those carries at most its length in plaintext.
+    pub fn buffered(&self) -> usize {
+        self.plain.len() + (self.hi - self.lo)
+    }
+
     /// Opens the next record if `buf` holds all of it: `Ok(true)` if it did.
     fn open_next(&mut self) -> io::Result<bool> {
         if self.hi - self.lo < HEADER {
@@ -334,6 +340,13 @@ impl RecordReader {
             }
             _ => Err(invalid("a TLS handshake message other than key_update")),
         }
+    }
+}
+
+impl std::os::fd::AsRawFd for RecordReader {
+    /// The socket's descriptor (to set its options; the records are read only through this).
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.tcp.as_ref().as_raw_fd()
     }
 }
 

@@ -113,17 +113,33 @@ impl FrameReader {
         self.frames.next_frame().map_err(malformed)
     }
 
+    /// Raises `src`'s low-water mark to the part of `bytes` (a large body's rest) it does not
+    /// hold yet, up to [`LOWAT_MAX`]; back to one byte with `None`. Never past what is sure
+    /// to come: a record is never shorter than its plaintext.
+    fn expect<R: FrameSource>(&mut self, src: &R, bytes: Option<usize>) {
+        let Some((fd, held)) = src.socket() else {
+            return;
+        };
+        let want = bytes.map_or(1, |b| b.saturating_sub(held).clamp(1, LOWAT_MAX));
+        if want != self.lowat {
+            set_lowat(fd, want);
+            self.lowat = want;
+        }
+    }
+
     /// The next frame from any stream (a TLS stream; a socket before it is split), waiting
     /// for its bytes.
     pub(crate) async fn next_from<R>(&mut self, src: &mut R) -> Result<Frame, ReadEnd>
     where
-        R: tokio::io::AsyncRead + Unpin,
+        R: FrameSource,
     {
         let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
         loop {
             if let Some(frame) = self.frames.next_frame().map_err(malformed)? {
+                self.expect(src, None);
                 return Ok(frame);
             }
+            self.expect(src, self.frames.large_remaining());
             let n = {
                 let mut buf = tokio::io::ReadBuf::uninit(self.frames.read_buf());
                 std::future::poll_fn(|cx| std::pin::Pin::new(&mut *src).poll_read(cx, &mut buf))
@@ -141,6 +157,28 @@ impl FrameReader {
             // SAFETY: the read initialised the first `n` bytes of `read_buf`'s slice.
             unsafe { self.frames.filled(n) };
         }
+    }
+}
+
+/// A stream [`FrameReader::next_from`] reads.
+pub(crate) trait FrameSource: tokio::io::AsyncRead + Unpin {
+    /// The socket whose low-water mark the reader may raise while a large body arrives, and
+    /// how many bytes read from it the stream holds (each carrying at most one byte of the
+    /// body); `None`: the reader leaves the socket's options alone.
+    fn socket(&self) -> Option<(RawFd, usize)> {
+        None
+    }
+}
+
+impl FrameSource for distrpc_secure::Secured {}
+
+/// A TLS connection's records: while a large body arrives, its reader task is woken for
+/// pieces of up to [`LOWAT_MAX`] bytes (as a plain connection's reader is, see
+/// [`FrameReader::try_next`]) rather than for every segment; on loopback the sender pays for
+/// each of those wake-ups.
+impl FrameSource for distrpc_secure::records::RecordReader {
+    fn socket(&self) -> Option<(RawFd, usize)> {
+        Some((std::os::fd::AsRawFd::as_raw_fd(self), self.buffered()))
     }
 }
 
