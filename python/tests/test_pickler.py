@@ -89,3 +89,33 @@ def test_the_pickler_is_left_as_new_after_a_failure():
     data, buffers = _internal.serialize(torch.ones(3))
     assert len(buffers) == 1
     assert torch.equal(_internal.deserialize(data, buffers), torch.ones(3))
+
+
+class _Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+def _rebuild_point(x, y):
+    point = _Point(x, y)
+    point.rebuilt = True
+    return point
+
+
+def test_registered_reducers_pickle_the_programs_classes():
+    from distrpc.rpc import api
+
+    pickler = _internal._InternalRPCPickler()
+    pickler._register_reducer(_Point, lambda p: (_rebuild_point, (p.x, p.y)))
+    pickler._register_reducer(_Point, lambda p: (_Point, (0, 0)))  # the first one stays
+    with api._use_rpc_pickler(pickler):
+        assert _internal._default_pickler is pickler
+        data, buffers = _internal.serialize(
+            _internal.PythonUDF(_plain_function, (_Point(1, 2),), {})
+        )
+        _, (point,), _ = _internal.deserialize(data, buffers)
+    assert _internal._default_pickler is _internal._internal_rpc_pickler
+    assert (point.x, point.y, point.rebuilt) == (1, 2, True)
+    # The default pickler does not use them.
+    data, buffers = _internal.serialize(_Point(3, 4))
+    assert not hasattr(_internal.deserialize(data, buffers), "rebuilt")
