@@ -42,9 +42,31 @@ import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-_local = threading.local()
-#: ``context``: the context this thread runs in (:func:`running`).
-running_in = threading.local()
+
+class _Local(threading.local):
+    """What this thread is sending: the message being pickled (``sending``) and the
+    outbox of a backward pass. (Defaults on the class: a missing thread-local attribute
+    costs an exception on every read.)"""
+
+    sending: Any = None
+    outbox: Any = None
+
+
+class _Running(threading.local):
+    """``context``: the context this thread runs in (:func:`running`)."""
+
+    context: Any = None
+
+
+class _Decoding(threading.local):
+    """See :data:`decoding`."""
+
+    sender: int | None = None
+    receiving: Any = None
+
+
+_local = _Local()
+running_in = _Running()
 _lock = threading.Lock()
 _contexts: dict[int, Context] = {}
 #: Ids of contexts released here lately: a late message naming one does not bring it back.
@@ -297,7 +319,7 @@ class _Receiving(NamedTuple):
 #: are being received once its :class:`Meta` was unpickled. (``receiving`` may be left over
 #: from a message whose unpickling failed: harmless, as only tensors of a message sent in a
 #: context have an index, and its Meta, unpickled first, replaces it.)
-decoding = threading.local()
+decoding = _Decoding()
 
 
 def _receive(context_id: int, message_id: int) -> Context:

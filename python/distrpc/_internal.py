@@ -179,9 +179,26 @@ def _reduce_torch(obj: Any, torch: Any) -> Any:
     return NotImplemented
 
 
-_decoding = threading.local()
-#: The worker the message being pickled on this thread goes to (``serialize``'s ``to``).
-_encoding = threading.local()
+class _Decoding(threading.local):
+    """What the thread unpickling a message knows and learns: its sender, its distributed
+    autograd context and the references it carried. (Defaults on the class: a missing
+    thread-local attribute costs an exception on every read.)"""
+
+    sender: int | None = None
+    context: Any = None
+    received: Any = ()
+
+
+class _Encoding(threading.local):
+    """The worker the message being pickled on this thread goes to (``serialize``'s ``to``)
+    and the thread's kept pickler."""
+
+    to: int | None = None
+    pickler: Any = None
+
+
+_decoding = _Decoding()
+_encoding = _Encoding()
 
 
 #: The RRef class and how to rebuild one from a fork: set by ``distrpc.rpc.rref`` when it is
@@ -404,12 +421,16 @@ def _plain(obj: Any) -> bool:
     kind = type(obj)
     if kind in _ATOMS:
         return True
-    return (
-        kind is PythonUDF
-        and type(obj.func) in _PLAIN_FUNCTIONS
-        and all(type(a) in _ATOMS for a in obj.args)
-        and all(type(v) in _ATOMS for v in obj.kwargs.values())
-    )
+    if kind is not PythonUDF or type(obj.func) not in _PLAIN_FUNCTIONS:
+        return False
+    # Loops, not all() over generators: this runs for every call.
+    for arg in obj.args:
+        if type(arg) not in _ATOMS:
+            return False
+    for value in obj.kwargs.values():
+        if type(value) not in _ATOMS:
+            return False
+    return True
 
 
 def _wire(obj: Any) -> Any:

@@ -16,7 +16,17 @@ import threading
 from typing import Any, Callable
 
 _log = logging.getLogger(__name__)
-_local = threading.local()
+
+
+class _Local(threading.local):
+    """This thread's pool (if it is one's) and whether it took torch's thread count.
+    (Defaults on the class: a missing thread-local attribute costs an exception per read.)"""
+
+    pool: Any = None
+    torch_threads = False
+
+
+_local = _Local()
 
 #: At most this many threads (blocked ones included): calls beyond wait in the queue.
 LIMIT = 512

@@ -91,7 +91,15 @@ class Recording:
         return self.event._call_end_callbacks_on_future(fut)
 
 
-_local = threading.local()
+class _Local(threading.local):
+    """This thread's profiling: what the callee records (``config``) and where events of a
+    hidden block go (``sink``). (Defaults on the class, read without an exception.)"""
+
+    config = (False, False)
+    sink: Any = None
+
+
+_local = _Local()
 #: The event of a :meth:`Recording.hidden` block, dropped with what it holds.
 _HIDDEN = "distrpc#hidden"
 _install_lock = threading.Lock()

@@ -365,6 +365,16 @@ def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
     return state.infos[_rank_of(worker_name)]  # in rank order
 
 
+def _destination(state: _State, to: str | int | WorkerInfo) -> tuple[str, int]:
+    """``to``'s name and rank (a name, the common case, looked up at once)."""
+    if type(to) is str:
+        rank = state.ranks.get(to)
+        if rank is not None:
+            return to, rank
+    dst = _to_name(to)
+    return dst, _rank_of(dst)
+
+
 def _to_name(to: str | int | WorkerInfo) -> str:
     if isinstance(to, WorkerInfo):
         return to.name
@@ -415,8 +425,7 @@ def _dispatch(
     """``call(state, dst, rank, func, args, kwargs, timeout, recording)`` for destination
     ``to``, recorded as a ``kind`` call ("sync", "async") while torch's profiler is on."""
     state = _require()
-    dst = _to_name(to)
-    rank = _rank_of(dst)
+    dst, rank = _destination(state, to)
     if not _profiler.active():
         return call(state, dst, rank, func, args, kwargs, timeout, None)
     with _profiler.profiled(kind, func, state.me.name, dst, rank) as recording:
@@ -606,8 +615,8 @@ def remote(
             f"remote() runs a Python function; {func!r} is a name (call functions by name "
             "with rpc_sync or rpc_async)"
         )
-    name, dst = _internal.qualname(func), _to_name(to)
-    rank = _rank_of(dst)
+    name = _internal.qualname(func)
+    dst, rank = _destination(state, to)
     udf = _internal.PythonUDF(func, args or (), kwargs or {})
     if not _profiler.active():
         payload, buffers = _internal.serialize(udf, rank)
