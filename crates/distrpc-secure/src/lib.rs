@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod records;
+mod sealer;
 mod secured;
 pub mod tls;
 

@@ -4,14 +4,16 @@
 //! rustls's own buffered stream reads the socket 4 KiB at a time, copies each record's
 //! plaintext out twice, and encrypts 64 KiB ahead of the socket; a 16 MiB tensor moved at
 //! under half the speed of plain TCP. Here each direction keeps one buffer: the writer
-//! gathers what it is given into 16 KiB records, seals each in place (AEAD) and writes many at
-//! once; the reader takes what the socket has, up to [`READ_BUFFER`], opens each record in
-//! place and hands its plaintext out with one copy. Reading and writing are independent halves
+//! seals a full record of one slice (a tensor's bytes) from where it lies, in one pass
+//! ([`crate::sealer`]), gathers smaller pieces into a record and seals it in place (AEAD), and
+//! writes many records at once; the reader takes what the socket has, up to [`READ_BUFFER`],
+//! opens each record in place and hands its plaintext out with one copy. Reading and writing are independent halves
 //! ([`RecordStream::into_split`]): a connection's reader and writer tasks never wait on each
 //! other.
 //!
 //! ```text
-//!  writer: plaintext ─copy─► [hdr|plaintext|23|tag] [hdr|…] … ─one write─► socket
+//!  writer: plaintext ─seal─► [hdr|ciphertext|23|tag] [hdr|…] … ─one write─► socket
+//!          (small pieces: ─copy─► [hdr|plaintext|23] ─seal in place─►)
 //!  reader: socket ─one read─► [hdr|ciphertext|tag] [hdr|…] … ─open in place─► plaintext ─copy─► caller
 //! ```
 //!
@@ -28,7 +30,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
-use ring::{aead, hkdf};
+use aws_lc_rs::{aead, hkdf};
+
+use crate::sealer::{Aead, Sealer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -40,7 +44,7 @@ pub const MAX_PLAIN: usize = 1 << 14;
 /// The longest ciphertext a record may declare (RFC 8446 §5.2).
 const MAX_CIPHER: usize = MAX_PLAIN + 256;
 /// The AEAD tag of every suite used here.
-const TAG: usize = 16;
+const TAG: usize = crate::sealer::TAG;
 const APPLICATION_DATA: u8 = 23;
 const HANDSHAKE: u8 = 22;
 const ALERT: u8 = 21;
@@ -74,6 +78,14 @@ impl Suite {
         }
     }
 
+    fn sealer(self) -> Aead {
+        match self {
+            Suite::Aes128Gcm => Aead::Aes128Gcm,
+            Suite::Aes256Gcm => Aead::Aes256Gcm,
+            Suite::Chacha20Poly1305 => Aead::Chacha20Poly1305,
+        }
+    }
+
     fn hkdf(self) -> hkdf::Algorithm {
         match self {
             Suite::Aes256Gcm => hkdf::HKDF_SHA384,
@@ -82,7 +94,7 @@ impl Suite {
     }
 }
 
-/// An output length for ring's HKDF.
+/// An output length for HKDF.
 struct Len(usize);
 
 impl hkdf::KeyType for Len {
@@ -110,6 +122,9 @@ pub struct Keys {
     suite: Suite,
     secret: Vec<u8>,
     key: aead::LessSafeKey,
+    /// The same key, sealing out of place (`None` if AWS-LC could not make its context:
+    /// records are then copied and sealed in place).
+    sealer: Option<Sealer>,
     iv: [u8; 12],
     seq: u64,
     /// Records per key before moving on (a test makes it small).
@@ -136,11 +151,12 @@ impl Drop for Keys {
 impl Keys {
     /// The keys of a traffic secret, from sequence number `seq`.
     pub fn new(suite: Suite, secret: &[u8], seq: u64) -> Self {
-        let (key, iv) = Self::derive(suite, secret);
+        let (key, sealer, iv) = Self::derive(suite, secret);
         Self {
             suite,
             secret: secret.to_vec(),
             key,
+            sealer,
             iv,
             seq,
             limit: RECORDS_PER_KEY,
@@ -153,13 +169,16 @@ impl Keys {
         self
     }
 
-    fn derive(suite: Suite, secret: &[u8]) -> (aead::LessSafeKey, [u8; 12]) {
+    fn derive(suite: Suite, secret: &[u8]) -> (aead::LessSafeKey, Option<Sealer>, [u8; 12]) {
         let alg = suite.aead();
-        let key = expand_label(suite.hkdf(), secret, b"key", alg.key_len());
+        let mut key = expand_label(suite.hkdf(), secret, b"key", alg.key_len());
         let iv = expand_label(suite.hkdf(), secret, b"iv", 12);
-        let key = aead::UnboundKey::new(alg, &key).expect("the key has the suite's length");
+        let sealer = Sealer::new(suite.sealer(), &key).ok();
+        let unbound = aead::UnboundKey::new(alg, &key).expect("the key has the suite's length");
+        key.fill(0);
         (
-            aead::LessSafeKey::new(key),
+            aead::LessSafeKey::new(unbound),
+            sealer,
             iv.try_into().expect("12 bytes"),
         )
     }
@@ -180,12 +199,17 @@ impl Keys {
         let hash_len = hkdf::KeyType::len(&self.suite.hkdf());
         let next = expand_label(self.suite.hkdf(), &self.secret, b"traffic upd", hash_len);
         self.secret.fill(0);
-        (self.key, self.iv) = Self::derive(self.suite, &next);
+        (self.key, self.sealer, self.iv) = Self::derive(self.suite, &next);
         self.secret = next;
         self.seq = 0;
     }
 
     fn nonce(&mut self) -> io::Result<aead::Nonce> {
+        Ok(aead::Nonce::assume_unique_for_key(self.next_nonce()?))
+    }
+
+    /// The next record's nonce: the IV with the sequence number mixed in (RFC 8446 §5.3).
+    fn next_nonce(&mut self) -> io::Result<[u8; 12]> {
         let mut nonce = self.iv;
         for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
@@ -194,7 +218,7 @@ impl Keys {
             .seq
             .checked_add(1)
             .ok_or_else(|| invalid("TLS record sequence number exhausted"))?;
-        Ok(aead::Nonce::assume_unique_for_key(nonce))
+        Ok(nonce)
     }
 
     /// Whether this direction must move to its next key before sealing another record.
@@ -427,6 +451,12 @@ impl RecordWriter {
                 let start = match open {
                     Some(start) => start,
                     None if self.unsent() >= WRITE_BUFFER => break 'bufs,
+                    None if data.len() >= MAX_PLAIN && self.keys.sealer.is_some() => {
+                        // A whole record of this slice: sealed from where it lies.
+                        self.seal_from(&data[..MAX_PLAIN])?;
+                        (data, taken) = (&data[MAX_PLAIN..], taken + MAX_PLAIN);
+                        continue;
+                    }
                     None => *open.insert(self.begin()?),
                 };
                 let room = MAX_PLAIN - (self.out.len() - start - HEADER);
@@ -458,6 +488,31 @@ impl RecordWriter {
         let start = self.out.len();
         self.out.extend_from_slice(&[0; HEADER]);
         Ok(start)
+    }
+
+    /// Appends a record of application data `plain`, sealed out of place: its bytes are read
+    /// once, by the encryption (see [`crate::sealer`]).
+    fn seal_from(&mut self, plain: &[u8]) -> io::Result<()> {
+        let start = self.begin()?;
+        if self.keys.sealer.is_none() {
+            // (The key `begin` moved to had no context: in place.)
+            self.out.extend_from_slice(plain);
+            return self.seal(start, APPLICATION_DATA);
+        }
+        let len = plain.len() + 1 + TAG;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        self.out[start..start + HEADER].copy_from_slice(&header);
+        let nonce = self.keys.next_nonce()?;
+        self.out.reserve(len);
+        let Some(sealer) = self.keys.sealer.as_ref() else {
+            unreachable!("checked above");
+        };
+        let (body, rest) = self.out.spare_capacity_mut()[..len].split_at_mut(plain.len());
+        let tail: &mut [_; 1 + TAG] = rest.try_into().expect("1 + TAG bytes");
+        sealer.seal(&nonce, &header, plain, APPLICATION_DATA, body, tail)?;
+        // SAFETY: `seal` wrote all `len` bytes after the current end.
+        unsafe { self.out.set_len(self.out.len() + len) };
+        Ok(())
     }
 
     /// Seals `out[start + HEADER..]` as a record of `kind`.
@@ -606,8 +661,13 @@ mod tests {
 
     /// The bytes a writer puts on the wire for `data`.
     async fn sealed(data: &[u8]) -> Vec<u8> {
+        sealed_with(data, keys()).await
+    }
+
+    /// The bytes a writer sealing with `tx` puts on the wire for `data`.
+    async fn sealed_with(data: &[u8], tx: Keys) -> Vec<u8> {
         let (a, mut b) = tcp_pair().await;
-        let mut w = RecordStream::new(a, keys(), keys());
+        let mut w = RecordStream::new(a, tx, keys());
         w.write_all(data).await.unwrap();
         w.flush().await.unwrap();
         drop(w);
@@ -642,6 +702,20 @@ mod tests {
         // Cut inside a record: not a clean end.
         let e = opened(&wire[..wire.len() - 3]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn records_sealed_where_their_data_lies_are_those_sealed_in_place() {
+        // Full records of one slice are sealed out of place (AWS-LC's scatter), the rest
+        // copied and sealed in place (aws-lc-rs): the same bytes either way.
+        for len in [MAX_PLAIN, 3 * MAX_PLAIN + 1000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            let mut in_place = keys();
+            in_place.sealer = None;
+            let wire = sealed_with(&data, in_place).await;
+            assert_eq!(sealed(&data).await, wire);
+            assert_eq!(opened(&wire).await.unwrap(), data);
+        }
     }
 
     #[tokio::test]
