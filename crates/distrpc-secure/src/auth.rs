@@ -1,7 +1,7 @@
 //! Authentication by a shared secret: both ends of a connection prove they know the group's
 //! [`Secret`] before either parses anything else the other sent.
 //!
-//! A mutual challenge–response over fresh nonces, with HMAC-SHA256 (aws-lc-rs) and a constant-time
+//! A mutual challenge–response over fresh nonces, with HMAC-SHA256 (ring) and a constant-time
 //! check; every message has a fixed size, so nothing a stranger sends is allocated for:
 //!
 //! ```text
@@ -18,8 +18,8 @@
 
 use std::sync::Arc;
 
-use aws_lc_rs::hmac;
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The environment variable holding a group's auth token (what `distrpc launch` sets).
@@ -162,7 +162,7 @@ impl Secret {
         for part in [label, &[VERSION], dialer, acceptor] {
             message.extend_from_slice(part);
         }
-        // Constant time: aws-lc-rs compares the tags without an early exit.
+        // Constant time: ring compares the tags without an early exit.
         hmac::verify(&self.key, &message, tag).map_err(|_| AuthError::Rejected)
     }
 }

@@ -1,5 +1,7 @@
-//! Mutual TLS on a group's connections (rustls, with aws-lc-rs): every worker has a certificate
-//! signed by the group's CA, and both ends of a connection check the other's against that CA.
+//! Mutual TLS on a group's connections (rustls with ring makes the handshake; the records
+//! after it are distrpc's, sealed with AWS-LC: [`crate::records`]): every worker has a
+//! certificate signed by the group's CA, and both ends of a connection check the other's
+//! against that CA.
 //! [`generate`] makes a CA and worker certificates (what `distrpc cert` does).
 //!
 //! Every worker certificate names [`SERVER_NAME`] (besides the worker's own name), which is
@@ -109,12 +111,12 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// aws-lc-rs's provider, TLS 1.3 suites only (the record layer speaks 1.3), AES-128-GCM first: the
+/// ring's provider, TLS 1.3 suites only (the record layer speaks 1.3), AES-128-GCM first: the
 /// fastest suite with AES instructions (ten rounds to AES-256's fourteen), which is what bulk
 /// tensor traffic needs.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite as suite;
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    use rustls::crypto::ring::cipher_suite as suite;
+    let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
         suite::TLS13_AES_128_GCM_SHA256,
         suite::TLS13_AES_256_GCM_SHA384,
