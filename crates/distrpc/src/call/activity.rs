@@ -45,20 +45,29 @@ pub(crate) enum Counter {
 /// The counts of one worker, and a condition to wait for them to drain.
 #[derive(Default, Debug)]
 pub(crate) struct Activity {
-    counts: Mutex<Counts>,
+    state: Mutex<State>,
     changed: Condvar,
+}
+
+/// What the lock guards: the counts, and how many threads wait for them to drain (a
+/// notification is a system call even with no one to wake: made only for a waiter).
+#[derive(Default, Debug)]
+struct State {
+    counts: Counts,
+    waiting: usize,
 }
 
 impl Activity {
     /// The counts now.
     pub(crate) fn counts(&self) -> Counts {
-        *lock(&self.counts)
+        lock(&self.state).counts
     }
 
-    /// Adds `delta` to one count; wakes the waiters when the side it counts drains (only then:
-    /// a notification is a system call).
+    /// Adds `delta` to one count; wakes the waiters, if any, when the side it counts drains.
     pub(crate) fn add(&self, counter: Counter, delta: isize) {
-        let mut c = lock(&self.counts);
+        let mut state = lock(&self.state);
+        let waiting = state.waiting;
+        let c = &mut state.counts;
         let n = match counter {
             Counter::Client => &mut c.client,
             Counter::ClientInternal => &mut c.client_internal,
@@ -71,7 +80,7 @@ impl Activity {
             Counter::Server | Counter::ServerAsync => c.incoming() == 0,
             _ => c.outgoing() == 0,
         };
-        if drained {
+        if drained && waiting > 0 {
             self.changed.notify_all();
         }
     }
@@ -83,11 +92,15 @@ impl Activity {
         drained: impl Fn(&Counts) -> bool,
         deadline: Option<Instant>,
     ) -> Result<(), Counts> {
-        let mut counts = lock(&self.counts);
-        while !drained(&counts) {
-            match wait_until(&self.changed, counts, deadline) {
-                Ok(c) => counts = c,
-                Err(c) => return Err(*c),
+        let mut state = lock(&self.state);
+        while !drained(&state.counts) {
+            state.waiting += 1;
+            let woke = wait_until(&self.changed, state, deadline);
+            let timed_out = woke.is_err();
+            state = woke.unwrap_or_else(|s| s);
+            state.waiting -= 1;
+            if timed_out {
+                return Err(state.counts);
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 use crate::sync::{lock, wait_until};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ pub(crate) struct Context {
     slots: Mutex<HashMap<RRefId, Slot>>,
     /// Notified (with `confirmed_async`) whenever a user reference is confirmed.
     confirmed: Condvar,
+    /// Threads waiting on `confirmed` (counted under the ledger's lock): a notification is a
+    /// system call even with no one to wake, and every `remote()`'s confirmation makes one.
+    confirm_waiters: AtomicUsize,
     confirmed_async: Notify,
 }
 
@@ -45,6 +49,7 @@ impl Context {
             ledger: Mutex::new(Ledger::new(me)),
             slots: Mutex::new(HashMap::new()),
             confirmed: Condvar::new(),
+            confirm_waiters: AtomicUsize::new(0),
             confirmed_async: Notify::new(),
         }
     }
@@ -136,10 +141,14 @@ impl Context {
                     }
                 }
                 Effect::Confirmed(_) => {
-                    // Take the ledger lock so a waiter cannot check and sleep between the change
-                    // and this notification.
-                    drop(lock(&self.ledger));
-                    self.confirmed.notify_all();
+                    // A waiter counts itself under the ledger's lock before it sleeps, and the
+                    // change was made under that lock before this: none is missed.
+                    if self.confirm_waiters.load(Ordering::Acquire) > 0 {
+                        // Take the ledger lock so a waiter cannot check and sleep between the
+                        // change and this notification.
+                        drop(lock(&self.ledger));
+                        self.confirmed.notify_all();
+                    }
                     self.confirmed_async.notify_waiters();
                 }
             }
@@ -161,7 +170,10 @@ impl Context {
             if missing.is_empty() {
                 return missing;
             }
-            ledger = match wait_until(&self.confirmed, ledger, deadline) {
+            self.confirm_waiters.fetch_add(1, Ordering::AcqRel);
+            let woke = wait_until(&self.confirmed, ledger, deadline);
+            self.confirm_waiters.fetch_sub(1, Ordering::AcqRel);
+            ledger = match woke {
                 Ok(l) => l,
                 Err(_) => return missing,
             };
