@@ -85,6 +85,9 @@ pub(crate) fn around_wait(wait: &mut dyn FnMut()) {
 #[derive(Debug)]
 pub struct Doorbell {
     fd: std::os::fd::OwnedFd,
+    /// Set after each ring's write: [`Doorbell::clear`] reads the descriptor only then (a
+    /// thread serving calls clears it before each wait, one system call per call otherwise).
+    rung: std::sync::atomic::AtomicBool,
 }
 
 impl Doorbell {
@@ -99,6 +102,7 @@ impl Doorbell {
         // SAFETY: `fd` was just opened and nothing else owns it.
         Ok(Self {
             fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            rung: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -109,11 +113,17 @@ impl Doorbell {
         // SAFETY: writes 8 bytes from a valid u64 to our descriptor. It can only fail when the
         // counter is full (it is rung already), which is as good.
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // After the write: whenever the descriptor is readable, `rung` is or is about to be
+        // set, so the clear that follows the wake-up it causes reads it.
+        self.rung.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Un-rings it (before waiting for it again).
     pub fn clear(&self) {
         use std::os::fd::AsRawFd;
+        if !self.rung.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         let mut n: u64 = 0;
         // SAFETY: reads at most 8 bytes into a valid u64; fails harmlessly when not rung.
         unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
