@@ -221,7 +221,7 @@ def debug_info() -> dict[str, int]:
 
 def current() -> Context | None:
     """The context this thread runs in, if any."""
-    return getattr(running_in, "context", None)
+    return running_in.context
 
 
 @contextlib.contextmanager
@@ -238,7 +238,7 @@ def _setting(local: threading.local, name: str, value: Any) -> Iterator[None]:
 def call_in(ctx: Context | None, function: Any, *args: Any) -> Any:
     """``function(*args)`` run in ``ctx``: :func:`running` as one call (a callee's function and
     its answer run this way, on every call made in a context; no generator to drive)."""
-    previous, running_in.context = getattr(running_in, "context", None), ctx
+    previous, running_in.context = running_in.context, ctx
     try:
         return function(*args)
     finally:
@@ -289,7 +289,7 @@ def sending(message: Message, ctx: Context) -> Any:
     """Records the tensors pickled on this thread as sent in ``message`` of ``ctx``, until
     :func:`sent` is given what this returned. (Two calls rather than a context manager: each
     call in a context goes through them.)"""
-    previous = getattr(_local, "sending", None)
+    previous = _local.sending
     _local.sending = _Sending(ctx, message.meta.message_id)
     return previous
 
@@ -302,7 +302,7 @@ def sent(previous: Any) -> None:
 def sent_index(tensor: Any) -> int | None:
     """While a message is pickled: ``tensor``'s index among the message's tensors that require
     grad, recorded as sent; ``None`` when it does not require grad or no message is pickled."""
-    out = getattr(_local, "sending", None)
+    out = _local.sending
     if out is None or not tensor.requires_grad:
         return None
     return out.ctx.sent(out.message, tensor)
@@ -325,7 +325,7 @@ decoding = _Decoding()
 def _receive(context_id: int, message_id: int) -> Context:
     """A :class:`Meta`, unpickled: joins the context; the tensors that follow are received
     through it."""
-    sender = getattr(decoding, "sender", None)
+    sender = decoding.sender
     if sender is None:
         raise RuntimeError("an autograd message can be unpickled only as part of an RPC")
     ctx = join(context_id, sender)
@@ -347,7 +347,7 @@ def received(tensor: Any, index: int) -> Any:
     """``tensor``, received as tensor ``index`` of the message being unpickled: the output of a
     ``Recv`` node whose gradient goes back to the sender; outside a context's message, a leaf
     that requires grad (torch's behaviour)."""
-    into = getattr(decoding, "receiving", None)
+    into = decoding.receiving
     if into is None:
         return tensor.requires_grad_(True)
     edge = Edge(into.ctx, into.sender, into.message, index)
@@ -396,7 +396,7 @@ def _recv_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            outbox = getattr(_local, "outbox", None)
+            outbox = _local.outbox
             if outbox is None:
                 raise RuntimeError(
                     f"a tensor received in {ctx.edge.ctx} takes its gradient through "

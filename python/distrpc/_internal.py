@@ -85,15 +85,7 @@ def _rebuild_tensor(
     leaf, as torch's own pickling makes it)."""
     import torch
 
-    kind = getattr(torch, dtype)
-    if isinstance(buffer, bytes):  # pickled in band (a gather): torch wants writable memory
-        buffer = bytearray(buffer)
-    if memoryview(buffer).nbytes == 0:
-        tensor = torch.empty(shape, dtype=kind)
-    else:
-        tensor = torch.frombuffer(buffer, dtype=kind)
-        if len(shape) != 1:
-            tensor = tensor.reshape(shape)
+    tensor = _tensor_over(buffer, getattr(torch, dtype), shape)
     if parameter:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
     if grad_index is not None:
@@ -209,7 +201,7 @@ rebuild_rref: Callable[[bytes, int], Any] | None = None
 
 def _rebuild_rref(fork: bytes) -> Any:
     """The reference a pickle carried: this worker's own, from the fork the sender made."""
-    sender = getattr(_decoding, "sender", None)
+    sender = _decoding.sender
     if sender is None or rebuild_rref is None:
         raise RuntimeError("an RRef can be unpickled only as part of an RPC call or result")
     rref = rebuild_rref(fork, sender)
@@ -264,19 +256,25 @@ def _torch_of(torch: Any) -> _Torch:
     return _torch
 
 
+def _tensor_over(buffer: Any, dtype: Any, shape: tuple) -> Any:
+    """A tensor of ``dtype`` and ``shape`` over ``buffer`` (a view of the receive buffer: no
+    copy)."""
+    torch = _torch if _torch is not None else _torch_of(sys.modules["torch"])
+    if type(buffer) is bytes:  # pickled in band: torch wants writable memory
+        buffer = bytearray(buffer)
+    if not len(buffer):
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(buffer, dtype=dtype)
+    return tensor if len(shape) == 1 else tensor.view(shape)
+
+
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
     """A plain tensor (see :meth:`_Pickler.plain_tensor`) over ``buffer``, without a copy."""
     if _torch is None:
         import torch
 
         _torch_of(torch)
-    dtype = _torch.dtypes[code]
-    if type(buffer) is bytes:  # pickled in band: torch wants writable memory
-        buffer = bytearray(buffer)
-    if not len(buffer):
-        return _torch.empty(shape, dtype=dtype)
-    tensor = _torch.frombuffer(buffer, dtype=dtype)
-    return tensor if len(shape) == 1 else tensor.view(shape)
+    return _tensor_over(buffer, _torch.dtypes[code], shape)
 
 
 #: What stands in the pickle for a plain tensor's memory: the pickler hands its buffer
@@ -354,7 +352,7 @@ class _Pickler(pickle.Pickler):
                 return reduced
         if rref_type is not None and isinstance(obj, rref_type):
             # The fork is the destination's: its owner takes its delete from that worker only.
-            return (_rebuild_rref, (obj._handle.fork(getattr(_encoding, "to", None)),))
+            return (_rebuild_rref, (obj._handle.fork(_encoding.to),))
         return NotImplemented
 
 
@@ -385,7 +383,7 @@ class _InternalRPCPickler:
             pickler = _Pickler()
             pickler.dispatch_table = {**copyreg.dispatch_table, **self._class_reducer_dict}
             return pickler.pickle(obj)
-        pickler = getattr(_encoding, "pickler", None)
+        pickler = _encoding.pickler
         if pickler is None:
             pickler = _encoding.pickler = _Pickler()
         elif pickler.busy:  # pickling from inside a reducer
@@ -455,7 +453,7 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     for): the pickle, and the buffers taken out of band. Fails before anything is sent if
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
-    ctx = getattr(_autograd.running_in, "context", None)  # _autograd.current(), inlined
+    ctx = _autograd.running_in.context
     plain = (
         _default_pickler is _internal_rpc_pickler
         and not _internal_rpc_pickler._class_reducer_dict
@@ -468,7 +466,7 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         obj = _autograd.message(ctx, to, obj)
     if plain:
         return pickle.dumps(obj, protocol=5), []
-    previous, _encoding.to = getattr(_encoding, "to", None), to
+    previous, _encoding.to = _encoding.to, to
     recording = None if ctx is None else _autograd.sending(obj, ctx)
     try:
         return _default_pickler.serialize(obj)
@@ -495,12 +493,12 @@ def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = No
 def received_context() -> Any:
     """The distributed autograd context of what the last :func:`deserialize` on this thread
     unpickled, if it came in one."""
-    return getattr(_decoding, "context", None)
+    return _decoding.context
 
 
-def received_rrefs() -> list:
+def received_rrefs() -> list | tuple:
     """The references the last :func:`deserialize` on this thread received."""
-    return getattr(_decoding, "received", [])
+    return _decoding.received
 
 
 def _handle_exception(result: Any) -> Any:

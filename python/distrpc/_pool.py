@@ -104,7 +104,7 @@ def torch_threads() -> None:
     default (every core) instead — its torch kernels then start a team of that many spinning
     threads, on a machine the group's other workers share (an LSTM's backward took ten times
     as long). torch does the same for the threads of its own pools."""
-    if getattr(_local, "torch_threads", False):
+    if _local.torch_threads:
         return
     torch = sys.modules.get("torch")
     # None while another thread is still importing torch: tried again at the next call.
@@ -122,7 +122,7 @@ def torch_threads() -> None:
 def waiting(wait: Callable[..., Any], *args: Any) -> Any:
     """``wait(*args)``, the calling thread counted as blocked meanwhile if it is a pool thread
     (another thread takes its place in the pool)."""
-    pool = getattr(_local, "pool", None)
+    pool = _local.pool
     if pool is None:
         return wait(*args)
     pool._block()

@@ -67,7 +67,7 @@ class Recording:
         callee's events are wanted."""
         if self.sink is None:
             return udf
-        shapes, memory = getattr(_local, "config", (False, False))
+        shapes, memory = _local.config
         return RemoteProfile(udf, self.key, shapes, memory)
 
     def received(self, result: Any) -> Any:
@@ -156,7 +156,7 @@ def profiled(
 
 
 def _sink() -> list:
-    sink = getattr(_local, "sink", None)
+    sink = _local.sink
     if sink is None:
         sink = _local.sink = []
     return sink

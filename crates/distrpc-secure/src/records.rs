@@ -7,9 +7,9 @@
 //! seals a full record of one slice (a tensor's bytes) from where it lies, in one pass
 //! ([`crate::sealer`]), gathers smaller pieces into a record and seals it in place (AEAD), and
 //! writes many records at once; the reader takes what the socket has, up to [`READ_BUFFER`],
-//! opens each record in place and hands its plaintext out with one copy. Reading and writing are independent halves
-//! ([`RecordStream::into_split`]): a connection's reader and writer tasks never wait on each
-//! other.
+//! opens each record in place and hands its plaintext out with one copy. Reading and writing
+//! are independent halves ([`RecordStream::into_split`]): a connection's reader and writer
+//! tasks never wait on each other.
 //!
 //! ```text
 //!  writer: plaintext ─seal─► [hdr|ciphertext|23|tag] [hdr|…] … ─one write─► socket
@@ -225,6 +225,11 @@ impl Keys {
     fn worn(&self) -> bool {
         self.seq >= self.limit
     }
+}
+
+/// The header of a record of `len` bytes after it (as TLS 1.3 labels every record).
+fn record_header(len: usize) -> [u8; HEADER] {
+    [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]
 }
 
 fn invalid(what: impl Into<String>) -> io::Error {
@@ -451,8 +456,9 @@ impl RecordWriter {
                 let start = match open {
                     Some(start) => start,
                     None if self.unsent() >= WRITE_BUFFER => break 'bufs,
-                    None if data.len() >= MAX_PLAIN && self.keys.sealer.is_some() => {
-                        // A whole record of this slice: sealed from where it lies.
+                    None if data.len() >= MAX_PLAIN => {
+                        // A whole record of this slice: sealed from where it lies (copied in
+                        // and sealed in place if the key has no AWS-LC context).
                         self.seal_from(&data[..MAX_PLAIN])?;
                         (data, taken) = (&data[MAX_PLAIN..], taken + MAX_PLAIN);
                         continue;
@@ -491,16 +497,16 @@ impl RecordWriter {
     }
 
     /// Appends a record of application data `plain`, sealed out of place: its bytes are read
-    /// once, by the encryption (see [`crate::sealer`]).
+    /// once, by the encryption (see [`crate::sealer`]); copied and sealed in place if the key
+    /// has no context.
     fn seal_from(&mut self, plain: &[u8]) -> io::Result<()> {
         let start = self.begin()?;
         if self.keys.sealer.is_none() {
-            // (The key `begin` moved to had no context: in place.)
             self.out.extend_from_slice(plain);
             return self.seal(start, APPLICATION_DATA);
         }
         let len = plain.len() + 1 + TAG;
-        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let header = record_header(len);
         self.out[start..start + HEADER].copy_from_slice(&header);
         let nonce = self.keys.next_nonce()?;
         self.out.reserve(len);
@@ -518,8 +524,7 @@ impl RecordWriter {
     /// Seals `out[start + HEADER..]` as a record of `kind`.
     fn seal(&mut self, start: usize, kind: u8) -> io::Result<()> {
         self.out.push(kind);
-        let len = self.out.len() - start - HEADER + TAG;
-        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let header = record_header(self.out.len() - start - HEADER + TAG);
         self.out[start..start + HEADER].copy_from_slice(&header);
         let nonce = self.keys.nonce()?;
         let tag = self

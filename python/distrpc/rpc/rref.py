@@ -87,7 +87,7 @@ class RRef(Generic[T]):
         handle = self._handle
         if handle.is_owner():
             return self.local_value()
-        if getattr(_autograd.running_in, "context", None) is not None:  # _autograd.current()
+        if _autograd.current() is not None:
             udf = _internal.PythonUDF(_value, (), {})
             return call_with(self, "sync", udf, f"{self.owner_name()}.to_here", timeout)
         payload, buffers = _pool.waiting(handle.to_here, _state.timeout(timeout))

@@ -72,10 +72,7 @@ impl FrameReader {
         let malformed = |e: distrpc_wire::FrameError| ReadEnd::Malformed(e.to_string());
         loop {
             if let Some(frame) = self.frames.next_frame().map_err(malformed)? {
-                if self.lowat != 1 && self.frames.large_remaining().is_none() {
-                    set_lowat(src, 1);
-                    self.lowat = 1;
-                }
+                self.wake_for(src, self.frames.large_remaining());
                 return Ok(Some(frame));
             }
             let dst = self.frames.read_buf();
@@ -89,16 +86,7 @@ impl FrameReader {
                 // SAFETY: `recv` initialised the first `n` bytes of `read_buf`'s slice.
                 Ok(n) => unsafe { self.frames.filled(n) },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // While a large body arrives, wake up for big pieces of it, not for every
-                    // segment; back to one byte once it is in.
-                    let want = self
-                        .frames
-                        .large_remaining()
-                        .map_or(1, |r| r.min(LOWAT_MAX));
-                    if want != self.lowat {
-                        set_lowat(src, want);
-                        self.lowat = want;
-                    }
+                    self.wake_for(src, self.frames.large_remaining());
                     return Ok(None);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -113,17 +101,23 @@ impl FrameReader {
         self.frames.next_frame().map_err(malformed)
     }
 
-    /// Raises `src`'s low-water mark to the part of `bytes` (a large body's rest) it does not
-    /// hold yet, up to [`LOWAT_MAX`]; back to one byte with `None`. Never past what is sure
-    /// to come: a record is never shorter than its plaintext.
-    fn expect<R: FrameSource>(&mut self, src: &R, bytes: Option<usize>) {
-        let Some((fd, held)) = src.socket() else {
-            return;
-        };
-        let want = bytes.map_or(1, |b| b.saturating_sub(held).clamp(1, LOWAT_MAX));
+    /// While a large body arrives, the socket `fd` wakes its reader for pieces of up to
+    /// [`LOWAT_MAX`] bytes of the `rest` still to come, not for every segment; for one byte
+    /// again once it is in (`None`). Set only when it changes.
+    fn wake_for(&mut self, fd: RawFd, rest: Option<usize>) {
+        let want = rest.map_or(1, |r| r.clamp(1, LOWAT_MAX));
         if want != self.lowat {
             set_lowat(fd, want);
             self.lowat = want;
+        }
+    }
+
+    /// [`FrameReader::wake_for`] on `src`'s socket, if it has one, for the part of a large
+    /// body's rest (`bytes`) it does not hold yet: never past what is sure to come, as a
+    /// record is never shorter than its plaintext.
+    fn expect<R: FrameSource>(&mut self, src: &R, bytes: Option<usize>) {
+        if let Some((fd, held)) = src.socket() {
+            self.wake_for(fd, bytes.map(|b| b.saturating_sub(held)));
         }
     }
 
