@@ -3,15 +3,18 @@ send/receive functions, FAST mode): the contexts this worker created or joined, 
 made inside one ties the graphs of its two ends together. The passes that carry gradients back
 are in :mod:`distrpc.autograd`; this module makes no call of its own.
 
-A call pickled while the thread runs in a context travels as ``Message(meta, body)``: the meta
-goes first in the pickle, so that when the receiver rebuilds it — joining the context, learning
-the message — every tensor unpickled after it knows where its gradient must go::
+A call made while the thread runs in a context carries the context's id (a ``PythonUDF`` goes
+as ``(func, args, kwargs, context_id)``): the callee joins the context and runs the function
+in it, so that what it sends back, or on, is recorded there too. Each tensor that requires
+grad in a call or result sent in a context carries ``(context, message, index)`` in its own
+pickle: the message id is taken when the first such tensor is pickled, and a message without
+one costs no more than outside a context::
 
     worker0 (context 7)                              worker1
     rpc_sync(w1, f, (x,))
-      Message(Meta(7, m1), (f, (x,), {}))  ──────►  joins 7; x' = Recv[w0, m1, 0](x)
+      (f, (x[7, m1, 0],), {}, 7)  ──────────────►  joins 7; x' = Recv[w0, m1, 0](x)
       sends[m1] = [x]                               y = f(x')  (under context 7)
-                         ◄──────────────────────  Message(Meta(7, m2), y); sends[m2] = [y]
+                         ◄──────────────────────  y[7, m2, 0]; sends[m2] = [y]
       y' = Recv[w1, m2, 0](y)
 
     backward(7, [loss(y')])
@@ -20,16 +23,15 @@ the message — every tensor unpickled after it knows where its gradient must go
       into context 7, never into .grad      (the worker calling backward delivers every
                                              gradient: distrpc.autograd._engine)
 
-Each tensor that requires grad in a message gets an index (its order in the pickle): a
-received tensor becomes the output of a ``Recv`` node that remembers ``(sender, message,
-index)``; its backward hands the gradient to the pass running on its thread, which delivers it
-to ``sender`` when the local graph is done. A sent tensor is kept in ``sends[message]`` until the
-context is released.
+A received tensor that requires grad becomes the output of a ``Recv`` node that remembers
+``(sender, message, index)``; its backward hands the gradient to the pass running on its
+thread, which delivers it to ``sender`` when the local graph is done. A sent tensor is kept
+in ``sends[message]`` until the context is released.
 
 Example (what the front does for a call, in a context made by the public ``context()``)::
 
     with running(ctx):
-        payload, buffers = _internal.serialize(udf, to)   # a Message, its tensors recorded
+        payload, buffers = _internal.serialize(udf, to)   # its tensors recorded as sent
 """
 
 from __future__ import annotations
@@ -56,13 +58,6 @@ class _Running(threading.local):
     """``context``: the context this thread runs in (:func:`running`)."""
 
     context: Any = None
-
-
-class _Decoding(threading.local):
-    """See :data:`decoding`."""
-
-    sender: int | None = None
-    receiving: Any = None
 
 
 _local = _Local()
@@ -182,6 +177,10 @@ def context(context_id: int) -> Context | None:
 def join(context_id: int, worker: int) -> Context:
     """The context ``context_id``, made here if ``worker``'s message is the first to bring it;
     a context released here lately comes back unregistered (what it records goes with it)."""
+    ctx = _contexts.get(context_id)  # (a dict read needs no lock: the common case)
+    if ctx is not None:
+        ctx.reached(worker)
+        return ctx
     with _lock:
         ctx = _contexts.get(context_id)
         if ctx is None:
@@ -250,47 +249,22 @@ def running(ctx: Context | None) -> contextlib.AbstractContextManager:
     return _setting(running_in, "context", ctx)
 
 
-class Meta:
-    """The head of a message sent in a context: its context and message ids. Unpickled first,
-    it joins the receiver to the context (see the module docs)."""
+class _Sending:
+    """The message being pickled on this thread, in ``ctx``: its id, taken when its first
+    tensor that requires grad is pickled."""
 
-    __slots__ = ("context_id", "message_id")
+    __slots__ = ("ctx", "message")
 
-    def __init__(self, context_id: int, message_id: int) -> None:
-        self.context_id, self.message_id = context_id, message_id
-
-    def __reduce__(self) -> Any:
-        return (_receive, (self.context_id, self.message_id))
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.message = ctx, None
 
 
-class Message(NamedTuple):
-    """A call or result sent in a context: ``meta`` a :class:`Meta` when sent, the receiver's
-    :class:`Context` once unpickled; ``body`` what was sent."""
-
-    meta: Any
-    body: Any
-
-
-class _Sending(NamedTuple):
-    ctx: Context
-    message: int
-
-
-def message(ctx: Context, to: int | None, body: Any) -> Message:
-    """The message to pickle for ``body`` sent to ``to`` in ``ctx``. While it is pickled with
-    :func:`sending` on, its tensors that require grad are recorded as sent (:func:`sent_index`);
-    a body with no tensor needs no more than ``pickle.dumps``."""
-    if to is not None:
-        ctx.reached(to)
-    return Message(Meta(ctx.id, (_rank << ID_BITS) | next(_next_message)), body)
-
-
-def sending(message: Message, ctx: Context) -> Any:
-    """Records the tensors pickled on this thread as sent in ``message`` of ``ctx``, until
-    :func:`sent` is given what this returned. (Two calls rather than a context manager: each
-    call in a context goes through them.)"""
+def sending(ctx: Context) -> Any:
+    """Records the tensors that require grad pickled on this thread as sent in a new message
+    of ``ctx``, until :func:`sent` is given what this returned. (Two calls rather than a
+    context manager: each call in a context goes through them.)"""
     previous = _local.sending
-    _local.sending = _Sending(ctx, message.meta.message_id)
+    _local.sending = _Sending(ctx)
     return previous
 
 
@@ -299,38 +273,16 @@ def sent(previous: Any) -> None:
     _local.sending = previous
 
 
-def sent_index(tensor: Any) -> int | None:
-    """While a message is pickled: ``tensor``'s index among the message's tensors that require
-    grad, recorded as sent; ``None`` when it does not require grad or no message is pickled."""
+def sent_index(tensor: Any) -> tuple | None:
+    """While a message of a context is pickled: ``(context, message, index)`` for ``tensor``,
+    recorded as sent (its index among the message's tensors that require grad); ``None``
+    when it does not require grad or no such message is pickled."""
     out = _local.sending
     if out is None or not tensor.requires_grad:
         return None
-    return out.ctx.sent(out.message, tensor)
-
-
-class _Receiving(NamedTuple):
-    ctx: Context
-    sender: int
-    message: int
-
-
-#: What the thread unpickling a message knows: ``sender``, the worker it came from (set by
-#: ``_internal.deserialize`` before unpickling), and ``receiving``, the message whose tensors
-#: are being received once its :class:`Meta` was unpickled. (``receiving`` may be left over
-#: from a message whose unpickling failed: harmless, as only tensors of a message sent in a
-#: context have an index, and its Meta, unpickled first, replaces it.)
-decoding = _Decoding()
-
-
-def _receive(context_id: int, message_id: int) -> Context:
-    """A :class:`Meta`, unpickled: joins the context; the tensors that follow are received
-    through it."""
-    sender = decoding.sender
-    if sender is None:
-        raise RuntimeError("an autograd message can be unpickled only as part of an RPC")
-    ctx = join(context_id, sender)
-    decoding.receiving = _Receiving(ctx, sender, message_id)
-    return ctx
+    if out.message is None:
+        out.message = (_rank << ID_BITS) | next(_next_message)
+    return (out.ctx.id, out.message, out.ctx.sent(out.message, tensor))
 
 
 class Edge(NamedTuple):
@@ -343,14 +295,14 @@ class Edge(NamedTuple):
     index: int
 
 
-def received(tensor: Any, index: int) -> Any:
-    """``tensor``, received as tensor ``index`` of the message being unpickled: the output of a
-    ``Recv`` node whose gradient goes back to the sender; outside a context's message, a leaf
-    that requires grad (torch's behaviour)."""
-    into = decoding.receiving
-    if into is None:
-        return tensor.requires_grad_(True)
-    edge = Edge(into.ctx, into.sender, into.message, index)
+def received(tensor: Any, grad: tuple, sender: int | None) -> Any:
+    """``tensor``, received from ``sender`` as the tensor ``grad`` = ``(context, message,
+    index)`` names: the output of a ``Recv`` node whose gradient goes back to the sender
+    (the context joined first)."""
+    if sender is None:
+        raise RuntimeError("a tensor sent in an autograd context can be unpickled only in an RPC")
+    context_id, message, index = grad
+    edge = Edge(join(context_id, sender), sender, message, index)
     return _recv_function().apply(_dummy(), tensor, edge)
 
 

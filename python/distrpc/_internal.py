@@ -76,20 +76,20 @@ def _rebuild_tensor(
     dtype: str,
     shape: tuple,
     requires_grad: bool,
-    grad_index: int | None = None,
+    grad: tuple | None = None,
     parameter: bool = False,
 ) -> Any:
     """A torch tensor over ``buffer`` (a view of the receive buffer: no copy). A tensor sent in
-    a distributed autograd context has its ``grad_index`` there: it is received through the
-    context (:func:`distrpc._autograd.received`). An ``nn.Parameter`` comes back as one (a
-    leaf, as torch's own pickling makes it)."""
+    a distributed autograd context has its ``grad`` there, ``(context, message, index)``: it
+    is received through the context (:func:`distrpc._autograd.received`). An ``nn.Parameter``
+    comes back as one (a leaf, as torch's own pickling makes it)."""
     import torch
 
     tensor = _tensor_over(buffer, getattr(torch, dtype), shape)
     if parameter:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
-    if grad_index is not None:
-        return _autograd.received(tensor, grad_index)
+    if grad is not None:
+        return _autograd.received(tensor, grad, _decoding.sender)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
@@ -132,11 +132,11 @@ def _reduce_tensor(tensor: Any) -> tuple:
         return tensor.__reduce_ex__(5)  # torch's own pickling, in band
     raw = pickle.PickleBuffer(_tensor_bytes(tensor))
     parameter = type(tensor) is torch.nn.Parameter
-    index = None if parameter else _autograd.sent_index(tensor)
+    grad = None if parameter else _autograd.sent_index(tensor)
     shape = tuple(tensor.shape)
     return (
         _rebuild_tensor,
-        (raw, _dtype_name(tensor), shape, tensor.requires_grad, index, parameter),
+        (raw, _dtype_name(tensor), shape, tensor.requires_grad, grad, parameter),
     )
 
 
@@ -172,12 +172,11 @@ def _reduce_torch(obj: Any, torch: Any) -> Any:
 
 
 class _Decoding(threading.local):
-    """What the thread unpickling a message knows and learns: its sender, its distributed
-    autograd context and the references it carried. (Defaults on the class: a missing
-    thread-local attribute costs an exception on every read.)"""
+    """What the thread unpickling a message knows and learns: its sender and the references
+    it carried. (Defaults on the class: a missing thread-local attribute costs an exception
+    on every read.)"""
 
     sender: int | None = None
-    context: Any = None
     received: Any = ()
 
 
@@ -431,11 +430,27 @@ def _plain(obj: Any) -> bool:
     return True
 
 
-def _wire(obj: Any) -> Any:
+def _wire(obj: Any, context_id: int | None) -> Any:
     """What goes on the wire for ``obj``: a ``PythonUDF`` as a plain ``(func, args, kwargs)``
     tuple (pickling the named tuple's class by reference costs more than the rest of a small
-    call, both ways); anything else as it is."""
-    return tuple(obj) if type(obj) is PythonUDF else obj
+    call, both ways), ``(func, args, kwargs, context_id)`` when it is made in a distributed
+    autograd context, also inside a profiled call; anything else as it is."""
+    kind = type(obj)
+    if kind is PythonUDF:
+        return tuple(obj) if context_id is None else (*obj, context_id)
+    if kind is _profiler.RemoteProfile and context_id is not None:
+        return obj._replace(udf=_wire(obj.udf, context_id))
+    return obj
+
+
+def _unwire(udf: Any, sender: int | None) -> tuple:
+    """The call :func:`_wire` sent from ``sender``, and the distributed autograd context it was
+    made in, joined here (``None`` if it was made in none)."""
+    if type(udf) is tuple and len(udf) == 4:
+        if sender is None:
+            raise RuntimeError("a call made in an autograd context can be run only in an RPC")
+        return udf[:3], _autograd.join(udf[3], sender)
+    return udf, None
 
 
 def qualname(func: Callable[..., Any] | str) -> str:
@@ -459,15 +474,18 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         and not _internal_rpc_pickler._class_reducer_dict
         and _plain(obj)
     )
-    obj = _wire(obj)
-    if ctx is not None:
-        # Sent in a distributed autograd context: it goes as a message of the context, and its
-        # tensors that require grad are recorded as sent.
-        obj = _autograd.message(ctx, to, obj)
+    if ctx is None:
+        obj = _wire(obj, None)
+    else:
+        # Sent in a distributed autograd context: a call carries it, and the tensors that
+        # require grad are recorded as sent (a message without any costs nothing more).
+        obj = _wire(obj, ctx.id)
+        if to is not None:
+            ctx.reached(to)
     if plain:
         return pickle.dumps(obj, protocol=5), []
     previous, _encoding.to = _encoding.to, to
-    recording = None if ctx is None else _autograd.sending(obj, ctx)
+    recording = None if ctx is None else _autograd.sending(ctx)
     try:
         return _default_pickler.serialize(obj)
     finally:
@@ -478,22 +496,8 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:
     """Unpickles what :func:`serialize` made on worker ``sender``, arrays over the received
-    buffers. What was sent in a distributed autograd context joins it
-    (:func:`received_context` tells which)."""
-    _autograd.decoding.sender = sender
-    obj = _default_pickler.deserialize(data, buffers, sender)
-    if type(obj) is _autograd.Message:
-        _autograd.decoding.receiving = None
-        _decoding.context = obj.meta
-        return obj.body
-    _decoding.context = None
-    return obj
-
-
-def received_context() -> Any:
-    """The distributed autograd context of what the last :func:`deserialize` on this thread
-    unpickled, if it came in one."""
-    return _decoding.context
+    buffers; a tensor sent in a distributed autograd context joins it."""
+    return _default_pickler.deserialize(data, buffers, sender)
 
 
 def received_rrefs() -> list | tuple:
@@ -557,17 +561,19 @@ def run_udf(
                 raise RuntimeError(f"{rref} in the arguments was not confirmed by its owner")
         if isinstance(udf, AttributeError):
             raise udf
-        ctx = received_context()
+        profile = udf if type(udf) is _profiler.RemoteProfile else None
+        udf, ctx = _unwire(udf if profile is None else profile.udf, sender)
         if ctx is not None:
-            # Sent in a distributed autograd context: the function runs in it, and its result
+            # Made in a distributed autograd context: the function runs in it, and its result
             # goes back in it, from whichever thread answers.
             answer = _autograd_answer(ctx, answer)
-        if isinstance(udf, _profiler.RemoteProfile):
+        if profile is not None:
             # The callee's events go back with the result (or the exception it raised).
             events: list = []
             answer = _profiled_answer(answer, events)
-            with _profiler.run_profiled(udf, events):
-                done, result = _run(ctx, udf.udf, this, worker_info, answer)
+            with _profiler.run_profiled(profile, events):
+                done, result = _run(ctx, udf, this, worker_info, answer)
+            profile = None
         else:
             done, result = _run(ctx, udf, this, worker_info, answer)
         udf = None  # the arguments go before the answer (see above)

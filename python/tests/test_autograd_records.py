@@ -3,7 +3,9 @@ and a released one does not come back."""
 
 from __future__ import annotations
 
-from distrpc import _autograd
+import pytest
+
+from distrpc import _autograd, _internal
 
 
 def test_contexts_joined_from_peers_are_bounded(monkeypatch):
@@ -28,3 +30,44 @@ def test_a_released_context_is_not_brought_back_by_a_late_message():
     assert not late.registered
     assert _autograd.context(context_id) is None
     assert _autograd.release(context_id) is None  # idempotent
+
+
+def _f(*args):
+    return args
+
+
+def test_a_call_in_a_context_carries_its_id_and_records_no_message_without_grad():
+    torch = pytest.importorskip("torch")
+    ctx = _autograd.new_context()
+    try:
+        udf = _internal.PythonUDF(_f, (1, torch.ones(2)), {})
+        with _autograd.running(ctx):
+            payload, buffers = _internal.serialize(udf, 3)
+        assert not ctx.sends, "a message without tensors that require grad was recorded"
+        assert ctx.workers() == {3}
+        call = _internal.deserialize(payload, buffers, 3)
+        assert call[0] is _f and call[1][0] == 1 and call[3] == ctx.id
+        # Outside a context, the same call is three elements and pickles the same otherwise.
+        plain, _ = _internal.serialize(udf, 3)
+        assert len(_internal.deserialize(plain, buffers, 3)) == 3
+        run, joined = _internal._unwire(call, 3)
+        assert joined is ctx and len(run) == 3
+    finally:
+        _autograd.release(ctx.id)
+
+
+def test_a_tensor_that_requires_grad_carries_its_context_message_and_index():
+    torch = pytest.importorskip("torch")
+    ctx = _autograd.new_context()
+    try:
+        x, y = torch.ones(2, requires_grad=True), torch.zeros(3)
+        with _autograd.running(ctx):
+            payload, buffers = _internal.serialize(_internal.PythonUDF(_f, (y, x, x), {}), 3)
+        ((message, sent),) = ctx.sends.items()
+        assert len(sent) == 1 and sent[0] is x  # once: the pickle refers to it again
+        call = _internal.deserialize(payload, buffers, 3)
+        _, (y2, x2, x3), _, context_id = call
+        assert context_id == ctx.id and not y2.requires_grad and x3 is x2
+        assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0)
+    finally:
+        _autograd.release(ctx.id)
