@@ -4,7 +4,6 @@ and a released one does not come back."""
 from __future__ import annotations
 
 import pytest
-
 from distrpc import _autograd, _internal
 
 
