@@ -13,6 +13,10 @@ Workloads (one JSON line each, step time p50/p90 in ms):
   batch 32, SGD.
 - ``phases``: the MLP's step cut into forward, backward and ``DistributedOptimizer.step``
   (medians in ms).
+- ``rnn_local``, ``mlp_local``: the same models and steps in one process (the trainer's),
+  with torch's own autograd and optimizer: the floor no split of the model can go below, as
+  each step's work is a chain (every stage waits for the one before), measured in the same
+  run as the distributed steps.
 - ``noop``: a no-op ``rpc_sync`` outside any context, and the same inside one (what a context
   costs a call that carries no tensor; p50 in µs).
 - ``cold``: how long the callee's first ``Linear(256, 256) + ReLU`` forward (batch 32) takes
@@ -115,6 +119,31 @@ def _rnn(impl: str, steps: int) -> list[float]:
     return _timed(steps, step)
 
 
+def _rnn_local(impl: str, steps: int) -> list[float]:
+    """The ``rnn`` step in this process alone: the same model, torch's autograd."""
+    import torch
+
+    ntoken, ninp, nhid, nlayers, batch, seq = 10, 2, 3, 4, 5, 20
+    torch.manual_seed(0)
+    emb, dec = _embedding_table(ntoken, ninp, 0.5), _decoder(ntoken, nhid, 0.5)
+    lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+    params = [*emb.parameters(), *lstm.parameters(), *dec.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05)
+    criterion = torch.nn.CrossEntropyLoss()
+    hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
+
+    def step() -> None:
+        data = torch.randint(0, ntoken, (seq, batch))
+        target = torch.randint(0, ntoken, (seq * batch,))
+        opt.zero_grad()
+        output, _ = lstm(emb(data), hidden)
+        loss = criterion(dec(output).view(-1, ntoken), target)
+        loss.backward()
+        opt.step()
+
+    return _timed(steps, step)
+
+
 def _stage(width: int, seed: int):
     import torch
 
@@ -151,6 +180,23 @@ def _mlp(impl: str, steps: int, phases: dict | None = None) -> list[float]:
             if phases is not None:
                 for name, seconds in zip(_PHASES, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
                     phases[name].append(seconds)
+
+    return _timed(steps, step)
+
+
+def _mlp_local(impl: str, steps: int) -> list[float]:
+    """The ``mlp`` step in this process alone: the same four stages, torch's autograd."""
+    import torch
+
+    width, batch = 256, 32
+    model = torch.nn.Sequential(*(_stage(width, r) for r in range(4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        x, y = torch.randn(batch, width), torch.randn(batch, width)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
 
     return _timed(steps, step)
 
@@ -211,6 +257,8 @@ def _cold_calls(impl: str, calls: int) -> dict:
 _WORKLOADS = {
     "rnn": _rnn,
     "mlp": _mlp,
+    "rnn_local": _rnn_local,
+    "mlp_local": _mlp_local,
     "phases": _mlp_phases,
     "noop": _noop_calls,
     "cold": _cold_calls,
@@ -318,12 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(impls) == 2:
         by = {(line["workload"], line["impl"]): line for line in lines}
         for name in ("rnn", "mlp"):
-            ratio = by[(name, "distrpc")]["p50_ms"] / by[(name, "torch")]["p50_ms"]
-            print(
-                json.dumps(
-                    {"workload": name, "field": "p50_ms", "distrpc_over_torch": round(ratio, 3)}
-                )
-            )
+            torch_ms = by[(name, "torch")]["p50_ms"]
+            # The one-process floor, as both groups' trainers measured it.
+            local = statistics.median(by[(f"{name}_local", i)]["p50_ms"] for i in impls)
+            ratios = {
+                "distrpc_over_torch": round(by[(name, "distrpc")]["p50_ms"] / torch_ms, 3),
+                "one_process_over_torch": round(local / torch_ms, 3),
+            }
+            print(json.dumps({"workload": name, "field": "p50_ms", **ratios}))
     return 0
 
 

@@ -36,7 +36,7 @@ def test_bench_quick_prints_every_workload():
 def test_bench_train_quick_prints_every_workload():
     lines = _quick("distrpc.bench_train")
     workloads = {line["workload"]: line for line in lines}
-    assert set(workloads) == {"rnn", "mlp", "mlp_phases", "noop", "cold"}
+    assert set(workloads) == {"rnn", "mlp", "rnn_local", "mlp_local", "mlp_phases", "noop", "cold"}
     assert all(line["impl"] == "distrpc" for line in lines)
     runs = workloads["cold"]["runs_us"]
     assert set(runs) == {"none", "1ms", "10ms"}
