@@ -267,6 +267,73 @@ def _tensor_over(buffer: Any, dtype: Any, shape: tuple) -> Any:
     return tensor if len(shape) == 1 else tensor.view(shape)
 
 
+def _plain_code(tensor: Any, torch: _Torch) -> int | None:
+    """A plain tensor's dtype index: a contiguous CPU tensor of a plain dtype that does not
+    require grad (and is no conjugate or negative view); ``None`` for any other tensor."""
+    code = torch.codes.get(tensor.dtype)
+    if (
+        code is None
+        or tensor.requires_grad
+        or tensor.layout is not torch.strided
+        or not tensor.is_cpu
+        or not tensor.is_contiguous()
+        or tensor.is_conj()
+        or tensor.is_neg()
+    ):
+        return None
+    return code
+
+
+#: A plain tensor pickled alone (a function's result, a reference's value) makes a pickle
+#: that depends on its dtype and shape only, its memory going out of band: each end remembers
+#: those it made or checked, by ``(dtype index, shape)`` to send and by their bytes to
+#: receive, and skips the pickler for them (at most this many of each; then forgotten).
+_BARE_LIMIT = 1024
+_bare_pickles: dict[tuple, bytes] = {}
+_bare_tensors: dict[bytes, tuple] = {}
+
+
+def _remember(table: dict, key: Any, value: Any) -> None:
+    if len(table) >= _BARE_LIMIT:
+        table.clear()
+    table[key] = value
+
+
+def _bare_tensor_pickle(tensor: Any) -> tuple[bytes, list[Buffer]] | None:
+    """A plain tensor alone, pickled as the pickler would pickle it, without the pickler once
+    its dtype and shape were seen; ``None`` for any other tensor."""
+    code = _plain_code(tensor, _torch)
+    if code is None:
+        return None
+    key = (code, tuple(tensor.shape))
+    data = _bare_pickles.get(key)
+    if data is None:
+        data, buffers = _internal_rpc_pickler.serialize(tensor)
+        _remember(_bare_pickles, key, data)
+        return data, buffers
+    return data, [(tensor.data_ptr(), tensor.nbytes, tensor)]
+
+
+def _bare_tensor(data: bytes, buffers: list[Buffer]) -> Any:
+    """The plain tensor ``data`` pickles over the one received buffer, if ``data`` is a
+    pickle this worker checked to be that of a plain tensor alone; ``None`` otherwise."""
+    known = _bare_tensors.get(data)
+    if known is None:
+        return None
+    dtype, shape = known
+    return _tensor_over(_view(buffers[0]), dtype, shape)
+
+
+def _check_bare(data: bytes, value: Any) -> None:
+    """Remembers ``data`` as the pickle of a plain tensor alone if ``value``, what it
+    unpickled to, is one and this worker pickles such a tensor to these very bytes."""
+    code = _plain_code(value, _torch)
+    if code is not None:
+        made = _bare_tensor_pickle(value)
+        if made is not None and made[0] == data:
+            _remember(_bare_tensors, data, (_torch.dtypes[code], tuple(value.shape)))
+
+
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
     """A plain tensor (see :meth:`_Pickler.plain_tensor`) over ``buffer``, without a copy."""
     if _torch is None:
@@ -321,16 +388,8 @@ class _Pickler(pickle.Pickler):
         """A contiguous CPU tensor of a plain dtype that does not require grad (the common
         case) travels as its dtype's index and shape, its memory lent as it is; any other as
         :func:`_reduce_tensor` says."""
-        code = torch.codes.get(tensor.dtype)
-        if (
-            code is None
-            or tensor.requires_grad
-            or tensor.layout is not torch.strided
-            or not tensor.is_cpu
-            or not tensor.is_contiguous()
-            or tensor.is_conj()
-            or tensor.is_neg()
-        ):
+        code = _plain_code(tensor, torch)
+        if code is None:
             return _reduce_tensor(tensor)
         # The tensor keeps its memory alive while Rust holds it.
         self.next = (tensor.data_ptr(), tensor.nbytes, tensor)
@@ -395,8 +454,16 @@ class _InternalRPCPickler:
         # References inside are forks `sender` made; they are collected for the caller to
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
+        bare = len(buffers) == 1 and _torch is not None
+        if bare:
+            value = _bare_tensor(data, buffers)
+            if value is not None:
+                return value
         try:
-            return pickle.loads(data, buffers=map(_view, buffers))
+            value = pickle.loads(data, buffers=map(_view, buffers))
+            if bare and type(value) is _torch.tensor and self is _internal_rpc_pickler:
+                _check_bare(data, value)
+            return value
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
             error = AttributeError(
@@ -484,6 +551,15 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
             ctx.reached(to)
     if plain:
         return pickle.dumps(obj, protocol=5), []
+    if (
+        _torch is not None
+        and type(obj) is _torch.tensor
+        and _default_pickler is _internal_rpc_pickler
+        and not _internal_rpc_pickler._class_reducer_dict
+    ):
+        bare = _bare_tensor_pickle(obj)
+        if bare is not None:
+            return bare
     previous, _encoding.to = _encoding.to, to
     recording = None if ctx is None else _autograd.sending(ctx)
     try:

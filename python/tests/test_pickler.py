@@ -82,6 +82,35 @@ def test_a_plain_tensor_lends_its_own_memory():
     assert owner is tensor  # keeps the memory alive while Rust holds it
 
 
+@pytest.mark.parametrize("index", range(12))
+def test_a_tensor_alone_travels_as_the_pickler_sends_it_and_comes_back_equal(index):
+    torch = pytest.importorskip("torch")
+    tensor = _tensors(torch)[index]
+    first = _internal.serialize(tensor)
+    again = _internal.serialize(tensor)  # a plain tensor's pickle remembered: no pickler
+    assert again[0] == first[0] == _internal._internal_rpc_pickler.serialize(tensor)[0]
+    assert [b[1] for b in again[1]] == [b[1] for b in first[1]]
+    plain = _internal._plain_code(tensor, _internal._torch) is not None
+    if plain:  # lent from its own memory
+        assert again[1][0][:2] == (tensor.data_ptr(), tensor.nbytes)
+    for _ in range(2):  # the second time a plain tensor's pickle is known to the receiver
+        back = _internal.deserialize(*again)
+        assert type(back) is type(tensor) and back.requires_grad == tensor.requires_grad
+        assert back.dtype == tensor.dtype and back.shape == tensor.shape
+        assert torch.equal(back.detach(), tensor.detach().resolve_conj())
+    assert (again[0] in _internal._bare_tensors) == plain
+
+
+def test_only_pickles_checked_as_a_plain_tensor_alone_skip_the_unpickler():
+    torch = pytest.importorskip("torch")
+    # One buffer and a tensor back, but not a plain tensor's own pickle: never remembered.
+    for obj in (torch.ones(2, requires_grad=True), torch.ones(4)[::2], [torch.ones(2)]):
+        data, buffers = _internal.serialize(obj)
+        assert len(buffers) == 1
+        _internal.deserialize(data, buffers)
+        assert data not in _internal._bare_tensors
+
+
 def test_the_pickler_is_left_as_new_after_a_failure():
     torch = pytest.importorskip("torch")
     with pytest.raises(Exception, match="pickle"):
