@@ -4,6 +4,7 @@ model trained in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -211,22 +212,26 @@ def _two_trainers(rank, world_size, init_method, results):
     out = None
     if rank > 0:
         mixed = []
-        for i in range(20):
-            x = torch.full((3,), float(rank * 100 + i))
-            with dist_autograd.context() as context_id:
-                loss = rpc.rpc_sync("worker0", _ps_forward, args=(x,)).sum()
-                dist_autograd.backward(context_id, [loss])
-                got = rpc.rpc_sync("worker0", _ps_gradient, args=(context_id,))
-                if got != x.tolist():
-                    mixed.append((x.tolist(), got))
-        out = mixed
+        # worker2 profiles its calls: a profiled call carries its context too.
+        profiling = torch.autograd.profiler_legacy.profile() if rank == 2 else None
+        with profiling or contextlib.nullcontext():
+            for i in range(20):
+                x = torch.full((3,), float(rank * 100 + i))
+                with dist_autograd.context() as context_id:
+                    loss = rpc.rpc_sync("worker0", _ps_forward, args=(x,)).sum()
+                    dist_autograd.backward(context_id, [loss])
+                    got = rpc.rpc_sync("worker0", _ps_gradient, args=(context_id,))
+                    if got != x.tolist():
+                        mixed.append((x.tolist(), got))
+        keys = [] if profiling is None else [e.name for e in profiling.function_events]
+        out = mixed, any(k.startswith("rpc_sync#") and "_ps_forward" in k for k in keys)
     rpc.shutdown()
     results.put((rank, out))
 
 
 def test_two_trainers_sharing_a_parameter_server_keep_their_gradients_apart(run_group):
     out = run_group(_two_trainers, 3)
-    assert out[1] == [] and out[2] == []
+    assert out[1] == ([], False) and out[2] == ([], True)
 
 
 class _DieInBackward(torch.autograd.Function):
