@@ -284,54 +284,100 @@ def _plain_code(tensor: Any, torch: _Torch) -> int | None:
     return code
 
 
-#: A plain tensor pickled alone (a function's result, a reference's value) makes a pickle
-#: that depends on its dtype and shape only, its memory going out of band: each end remembers
-#: those it made or checked, by ``(dtype index, shape)`` to send and by their bytes to
-#: receive, and skips the pickler for them (at most this many of each; then forgotten).
-_BARE_LIMIT = 1024
-_bare_pickles: dict[tuple, bytes] = {}
-_bare_tensors: dict[bytes, tuple] = {}
+#: Two kinds of message pickle to bytes that depend on the shapes of their tensors only (their
+#: memory going out of band): a plain tensor alone (a function's result, a reference's value),
+#: and a call of a plain function on plain tensors alone (no keyword arguments, each tensor
+#: once). Each end remembers those it made or checked — by function and ``(dtype index,
+#: shape)`` of each tensor to send, by their bytes to receive — and skips the pickler for
+#: them (at most this many of each; then forgotten).
+_SHAPED_LIMIT = 1024
+_shaped_pickles: dict[tuple, bytes] = {}
+_shaped_messages: dict[bytes, tuple] = {}
 
 
 def _remember(table: dict, key: Any, value: Any) -> None:
-    if len(table) >= _BARE_LIMIT:
+    if len(table) >= _SHAPED_LIMIT:
         table.clear()
     table[key] = value
 
 
-def _bare_tensor_pickle(tensor: Any) -> tuple[bytes, list[Buffer]] | None:
-    """A plain tensor alone, pickled as the pickler would pickle it, without the pickler once
-    its dtype and shape were seen; ``None`` for any other tensor."""
-    code = _plain_code(tensor, _torch)
-    if code is None:
+def _shapes(tensors: tuple) -> tuple | None:
+    """``(dtype index, shape)`` of each of ``tensors`` if all are plain tensors, distinct;
+    ``None`` otherwise."""
+    torch = _torch
+    shapes = []
+    for tensor in tensors:
+        if type(tensor) is not torch.tensor:
+            return None
+        code = _plain_code(tensor, torch)
+        if code is None:
+            return None
+        shapes.append((code, tuple(tensor.shape)))
+    if len(tensors) > 1 and len(set(map(id, tensors))) < len(tensors):
+        return None  # one tensor twice: the pickle refers back to it
+    return tuple(shapes)
+
+
+def _shaped_pickle(obj: Any) -> tuple[bytes, list[Buffer]] | None:
+    """``obj`` — a tensor, or a call as :func:`_wire` makes it — pickled as the pickler
+    pickles it, without the pickler once the same shapes were seen (see above); ``None`` if
+    it is neither a plain tensor alone nor a call of a plain function on plain tensors."""
+    if type(obj) is tuple:
+        if len(obj) != 3 or obj[2] or type(obj[0]) is not types.FunctionType or not obj[1]:
+            return None
+        tensors = obj[1]
+        if type(tensors) is not tuple:
+            return None
+        shapes = _shapes(tensors)
+        key = None if shapes is None else (obj[0], shapes)
+    else:
+        tensors = (obj,)
+        shapes = _shapes(tensors)
+        key = None if shapes is None else shapes[0]
+    if key is None:
         return None
-    key = (code, tuple(tensor.shape))
-    data = _bare_pickles.get(key)
+    data = _shaped_pickles.get(key)
     if data is None:
-        data, buffers = _internal_rpc_pickler.serialize(tensor)
-        _remember(_bare_pickles, key, data)
+        data, buffers = _internal_rpc_pickler.serialize(obj)
+        _remember(_shaped_pickles, key, data)
         return data, buffers
-    return data, [(tensor.data_ptr(), tensor.nbytes, tensor)]
+    return data, [(t.data_ptr(), t.nbytes, t) for t in tensors]
 
 
-def _bare_tensor(data: bytes, buffers: list[Buffer]) -> Any:
-    """The plain tensor ``data`` pickles over the one received buffer, if ``data`` is a
-    pickle this worker checked to be that of a plain tensor alone; ``None`` otherwise."""
-    known = _bare_tensors.get(data)
+def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
+    """What ``data`` unpickles to over ``buffers``, if this worker checked it to be one of the
+    messages :func:`_shaped_pickle` makes; ``None`` otherwise. A call's function is looked up
+    by name again, as unpickling it would."""
+    known = _shaped_messages.get(data)
     if known is None:
         return None
-    dtype, shape = known
-    return _tensor_over(_view(buffers[0]), dtype, shape)
+    function, shapes = known
+    if function is None:
+        ((dtype, shape),) = shapes
+        return _tensor_over(_view(buffers[0]), dtype, shape)
+    module, name = function
+    func = getattr(sys.modules.get(module), name, None)
+    if func is None:
+        return None
+    args = tuple(_tensor_over(_view(b), d, s) for b, (d, s) in zip(buffers, shapes))
+    return (func, args, {})
 
 
-def _check_bare(data: bytes, value: Any) -> None:
-    """Remembers ``data`` as the pickle of a plain tensor alone if ``value``, what it
-    unpickled to, is one and this worker pickles such a tensor to these very bytes."""
-    code = _plain_code(value, _torch)
-    if code is not None:
-        made = _bare_tensor_pickle(value)
-        if made is not None and made[0] == data:
-            _remember(_bare_tensors, data, (_torch.dtypes[code], tuple(value.shape)))
+def _check_shaped(data: bytes, value: Any) -> None:
+    """Remembers ``data`` as a message :func:`_shaped_pickle` makes if ``value``, what it
+    unpickled to, is one and this worker pickles it to these very bytes."""
+    made = _shaped_pickle(value)
+    if made is None or made[0] != data:
+        return
+    if type(value) is tuple:
+        func, tensors = value[0], value[1]
+        if "." in func.__qualname__ or sys.modules.get(func.__module__) is None:
+            return  # looked up by a plain name in a loaded module only
+        function: Any = (func.__module__, func.__qualname__)
+    else:
+        function, tensors = None, (value,)
+    shapes = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+    _remember(_shaped_messages, data, (function, shapes))
 
 
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
@@ -454,15 +500,15 @@ class _InternalRPCPickler:
         # References inside are forks `sender` made; they are collected for the caller to
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
-        bare = len(buffers) == 1 and _torch is not None
-        if bare:
-            value = _bare_tensor(data, buffers)
+        shaped = buffers and _torch is not None
+        if shaped:
+            value = _shaped_message(data, buffers)
             if value is not None:
                 return value
         try:
             value = pickle.loads(data, buffers=map(_view, buffers))
-            if bare and type(value) is _torch.tensor and self is _internal_rpc_pickler:
-                _check_bare(data, value)
+            if shaped and self is _internal_rpc_pickler:
+                _check_shaped(data, value)
             return value
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
@@ -553,13 +599,13 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         return pickle.dumps(obj, protocol=5), []
     if (
         _torch is not None
-        and type(obj) is _torch.tensor
+        and ctx is None
         and _default_pickler is _internal_rpc_pickler
         and not _internal_rpc_pickler._class_reducer_dict
     ):
-        bare = _bare_tensor_pickle(obj)
-        if bare is not None:
-            return bare
+        shaped = _shaped_pickle(obj)
+        if shaped is not None:
+            return shaped
     previous, _encoding.to = _encoding.to, to
     recording = None if ctx is None else _autograd.sending(ctx)
     try:

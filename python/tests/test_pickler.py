@@ -98,7 +98,7 @@ def test_a_tensor_alone_travels_as_the_pickler_sends_it_and_comes_back_equal(ind
         assert type(back) is type(tensor) and back.requires_grad == tensor.requires_grad
         assert back.dtype == tensor.dtype and back.shape == tensor.shape
         assert torch.equal(back.detach(), tensor.detach().resolve_conj())
-    assert (again[0] in _internal._bare_tensors) == plain
+    assert (again[0] in _internal._shaped_messages) == plain
 
 
 def test_only_pickles_checked_as_a_plain_tensor_alone_skip_the_unpickler():
@@ -108,7 +108,47 @@ def test_only_pickles_checked_as_a_plain_tensor_alone_skip_the_unpickler():
         data, buffers = _internal.serialize(obj)
         assert len(buffers) == 1
         _internal.deserialize(data, buffers)
-        assert data not in _internal._bare_tensors
+        assert data not in _internal._shaped_messages
+
+
+def _on_tensors(*tensors):
+    return "first"
+
+
+def test_a_call_on_tensors_alone_travels_as_the_pickler_sends_it(monkeypatch):
+    torch = pytest.importorskip("torch")
+    x, y = torch.ones(2, 3), torch.arange(4, dtype=torch.int64)
+    udf = _internal.PythonUDF(_on_tensors, (x, y), {})
+    first, again = _internal.serialize(udf), _internal.serialize(udf)
+    assert again[0] == first[0] == _internal._internal_rpc_pickler.serialize(tuple(udf))[0]
+    assert [b[:2] for b in again[1]] == [(x.data_ptr(), 24), (y.data_ptr(), 32)]
+    for _ in range(2):  # the second time known to the receiver
+        func, (x2, y2), kwargs = _internal.deserialize(*again)
+        assert func is _on_tensors and kwargs == {}
+        assert torch.equal(x2, x) and torch.equal(y2, y) and y2.dtype == torch.int64
+    assert again[0] in _internal._shaped_messages
+    # The function is looked up by its name each time, as unpickling it does.
+    monkeypatch.setattr(__import__(__name__), "_on_tensors", lambda *t: "second")
+    func, _, _ = _internal.deserialize(*again)
+    assert func() == "second"
+
+
+def test_calls_that_are_not_on_plain_tensors_alone_take_the_pickler():
+    torch = pytest.importorskip("torch")
+    x = torch.ones(2)
+    for udf in (
+        _internal.PythonUDF(_on_tensors, (x, x), {}),  # one tensor twice
+        _internal.PythonUDF(_on_tensors, (x, 1), {}),
+        _internal.PythonUDF(_on_tensors, (x,), {"y": x}),
+        _internal.PythonUDF(_on_tensors, (torch.ones(2, requires_grad=True),), {}),
+        _internal.PythonUDF(operator.add, (x, torch.ones(2)), {}),  # not a Python function
+    ):
+        data, buffers = _internal.serialize(udf)
+        func, args, kwargs = _internal.deserialize(data, buffers)
+        assert (
+            func is udf.func and len(args) == len(udf.args) and kwargs.keys() == udf.kwargs.keys()
+        )
+        assert data not in _internal._shaped_messages
 
 
 def test_the_pickler_is_left_as_new_after_a_failure():
