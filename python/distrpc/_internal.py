@@ -9,7 +9,19 @@ socket from the array's own memory. On the receiving side each arrives as a slic
 
 A buffer crosses into Rust as ``(address, length, owner)``: the owner keeps the memory alive
 while Rust holds it; on the way back, ``owner`` is the Rust-side tensor and the view is a
-ctypes array over its address that keeps it alive."""
+ctypes array over its address that keeps it alive.
+
+Three shortcuts keep the common messages cheap, each producing the very bytes the pickler
+would: a call of a plain function on atoms goes through ``pickle.dumps``; a plain tensor alone,
+or a call of a Python function on plain tensors alone, is pickled once per shape and then
+remembered at both ends (``_shaped_pickle``); a call made in a distributed autograd context
+carries the context's id as a fourth element (``_wire``), its tensors that require grad their
+own ``(context, message, index)``.
+
+Example (a call and its result, as the front sends them)::
+
+    payload, buffers = serialize(PythonUDF(torch.add, (x, y), {}), to=1)
+    func, args, kwargs = deserialize(payload, buffers, sender=0)   # on worker 1"""
 
 from __future__ import annotations
 
