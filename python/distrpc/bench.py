@@ -11,7 +11,10 @@ two processes (ms), ``scale`` (init and shutdown of 8 processes after their impo
 slowest rank's, ms) and ``rss`` (a numpy-only distrpc worker's resident memory after init,
 MiB). With both implementations, their two pairs of processes are up at once and take the
 two-process workloads in alternating blocks, the idle pair stopped (SIGSTOP: torch's idle
-processes busy-poll a core each).
+processes busy-poll a core each). With ``--rust BINARY`` (``scripts/bench-py`` passes the
+release ``distrpc`` binary), the Rust front's own ``distrpc bench latency`` and ``remote`` run
+in the same blocks, every pair stopped, and a last line gives the Python no-op over the Rust
+one and each front's ``remote`` + ``to_here`` over its own no-op.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,10 +143,31 @@ def _plan(calls: int, quick: bool) -> list[tuple]:
     return plan
 
 
-def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]]:
+#: The workloads the Rust front's own benchmark (``distrpc bench``) measures alike.
+RUST_WORKLOADS = ("latency", "remote")
+
+
+def _rust_block(binary: str, name: str, calls: int) -> float:
+    """``binary bench name``'s p50 (µs): the Rust front's own processes, the same workload."""
+    out = subprocess.run(
+        [binary, "bench", name, "--calls", str(calls)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    (line,) = (json.loads(raw) for raw in out.splitlines() if raw.startswith("{"))
+    return line["p50_us"]
+
+
+def run_pairs(
+    impls: list[str], calls: int, quick: bool, rust: str | None = None
+) -> dict[str, list[dict]]:
     """Every two-process workload on each of ``impls``: their pairs of processes are up at
     once and take the workloads in alternating blocks (A B B A ...), so that a slow minute of
-    this shared machine falls on both alike; the pair not measuring is stopped."""
+    this shared machine falls on both alike; the pair not measuring is stopped. With ``rust``
+    (the ``distrpc`` binary), its own ``latency`` and ``remote`` run in the same blocks, every
+    pair stopped: a ``rust`` line of their p50s (the median over blocks)."""
     ctx = mp.get_context("spawn")
     pairs: dict = {}
     lines: dict[str, list[dict]] = {}
@@ -167,22 +192,29 @@ def run_pairs(impls: list[str], calls: int, quick: bool) -> dict[str, list[dict]
         # Each block does its share of the run's count (the last argument).
         share = (*args[:-1], max(1, args[-1] // blocks))
         got: dict[str, list] = {impl: [] for impl in impls}
+        rust_p50s = []
         for block in range(blocks):
             for impl in impls if block % 2 == 0 else impls[::-1]:
                 _only_running(pairs, impl)
                 _, commands, results, _ = pairs[impl]
                 commands.put((name, *share))
                 got[impl].append(results.get(timeout=900))
+            if rust is not None and name in RUST_WORKLOADS:
+                _only_running(pairs, "")  # every pair stopped
+                rust_p50s.append(_rust_block(rust, name, share[-1]))
         for impl in impls:
             lines[impl].append(_summary(name, args, got[impl]))
+        if rust_p50s:
+            p50 = sorted(rust_p50s)[len(rust_p50s) // 2]
+            lines.setdefault("rust", []).append({"workload": name, "p50_us": p50})
     _only_running(pairs, None)
     for impl, (procs, commands, results, _) in pairs.items():
         commands.put(None)
         lines[impl].append({"workload": "shutdown", "ms": round(results.get(timeout=600), 1)})
         for p in procs:
             p.join(60)
-    for impl in impls:
-        for line in lines[impl]:
+    for impl, impl_lines in lines.items():
+        for line in impl_lines:
             line["impl"] = impl
     return lines
 
@@ -274,6 +306,22 @@ def rss() -> dict:
     return {"workload": "rss", "numpy_only_mib": mib, "impl": "distrpc"}
 
 
+def _against_rust(python: list[dict], rust: list[dict]) -> dict:
+    """The Python front's no-op against the Rust front's, and each front's ``remote`` +
+    ``to_here`` against its own no-op (p50s of the same blocks)."""
+    py = {line["workload"]: line["p50_us"] for line in python if "p50_us" in line}
+    rs = {line["workload"]: line["p50_us"] for line in rust}
+    return {
+        "workload": "latency",
+        "field": "p50_us",
+        "python_over_rust": round(py["latency"] / rs["latency"], 3),
+        "remote_over_latency": {
+            "python": round(py["remote"] / py["latency"], 3),
+            "rust": round(rs["remote"] / rs["latency"], 3),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, runs, prints one JSON line per workload (and ratios with
     ``--impl both``)."""
@@ -281,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", choices=["distrpc", "torch", "both"], default="both")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="a smoke test, not a measurement")
+    parser.add_argument(
+        "--rust",
+        metavar="BINARY",
+        help="the distrpc binary: its own latency and remote run in the same blocks, and the "
+        "Python no-op and remote are given against them",
+    )
     opts = parser.parse_args(argv)
     from ._core import DEBUG_BUILD
 
@@ -293,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     calls = 100 if opts.quick else opts.calls
     impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
-    every = run_pairs(impls, calls, opts.quick)
+    every = run_pairs(impls, calls, opts.quick, opts.rust)
     for impl in impls:
         every[impl].append(scale(impl, 2 if opts.quick else 8))
     if "distrpc" in every:
@@ -301,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     for lines in every.values():
         for line in lines:
             print(json.dumps(line), flush=True)
-    if len(every) == 2:
+    if "rust" in every and "distrpc" in every:
+        print(json.dumps(_against_rust(every["distrpc"], every["rust"])))
+    if "torch" in every and "distrpc" in every:
         key = ("workload", "window", "bytes", "workers")
         torch_by_key = {tuple(line.get(k) for k in key): line for line in every["torch"]}
         for line in every["distrpc"]:

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("torch")
 
 
-def _quick(module: str) -> list[dict]:
-    """The JSON lines ``python -m module --impl distrpc --quick`` prints."""
+def _quick(module: str, *more: str) -> list[dict]:
+    """The JSON lines ``python -m module --impl distrpc --quick [more]`` prints."""
     out = subprocess.run(
-        [sys.executable, "-m", module, "--impl", "distrpc", "--quick"],
+        [sys.executable, "-m", module, "--impl", "distrpc", "--quick", *more],
         capture_output=True,
         text=True,
         timeout=300,
@@ -24,13 +24,40 @@ def _quick(module: str) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bench_quick_prints_every_workload():
-    lines = _quick("distrpc.bench")
-    workloads = {line["workload"] for line in lines}
+#: Stands for the ``distrpc`` binary: ``bench NAME --calls N`` prints NAME's line, its p50
+#: 10 µs for the no-op and 25 µs for ``remote``.
+_FAKE_RUST = """#!/bin/sh
+p50=10.0
+[ "$2" = remote ] && p50=25.0
+echo '{"workload": "'"$2"'", "calls": '"$4"', "p50_us": '"$p50"'}'
+"""
+
+
+def test_bench_quick_prints_every_workload_and_the_ratios_to_rust(tmp_path):
+    rust = tmp_path / "distrpc"
+    rust.write_text(_FAKE_RUST)
+    rust.chmod(0o755)
+    lines = _quick("distrpc.bench", "--rust", str(rust))
+    ratios = lines.pop()
+    workloads = {line["workload"] for line in lines if line["impl"] == "distrpc"}
     expected = {"init", "latency", "echo", "remote", "async", "bandwidth", "shutdown", "scale"}
     expected.add("rss")
     assert workloads == expected
-    assert all(line["impl"] == "distrpc" for line in lines)
+    rust_lines = [line for line in lines if line["impl"] == "rust"]
+    assert rust_lines == [
+        {"workload": "latency", "p50_us": 10.0, "impl": "rust"},
+        {"workload": "remote", "p50_us": 25.0, "impl": "rust"},
+    ]
+    python = {
+        line["workload"]: line["p50_us"]
+        for line in lines
+        if line["impl"] == "distrpc" and "p50_us" in line
+    }
+    assert ratios["python_over_rust"] == round(python["latency"] / 10.0, 3)
+    assert ratios["remote_over_latency"] == {
+        "python": round(python["remote"] / python["latency"], 3),
+        "rust": 2.5,
+    }
 
 
 def test_bench_train_quick_prints_every_workload():
