@@ -392,6 +392,54 @@ def _check_shaped(data: bytes, value: Any) -> None:
     _remember(_shaped_messages, data, (function, shapes))
 
 
+#: Calls of a plain function on atoms (see :func:`_plain`) received twice, by their bytes:
+#: ``(module, name, args, keyword items)`` — the arguments are atoms, shared safely — to
+#: rebuild them without unpickling, the function looked up by name again; and the bytes seen
+#: once (a call whose arguments change every time is never checked).
+_plain_calls: dict[bytes, tuple] = {}
+_seen_once: set[bytes] = set()
+
+
+def _plain_call(data: bytes) -> Any:
+    """The call ``data`` pickles, if it is one of :data:`_plain_calls`; ``None`` otherwise."""
+    known = _plain_calls.get(data)
+    if known is None:
+        return None
+    module, name, args, items = known
+    func = getattr(sys.modules.get(module), name, None)
+    if func is None:
+        return None
+    return (func, args, dict(items) if items else {})
+
+
+def _check_plain_call(data: bytes, value: Any) -> None:
+    """Remembers ``data`` in :data:`_plain_calls` the second time it comes, if ``value``, what
+    it unpickled to, is a call of a plain function on atoms that pickles to these bytes."""
+    if type(value) is not tuple or len(value) != 3:
+        return
+    if data not in _seen_once:
+        if len(_seen_once) >= _SHAPED_LIMIT:
+            _seen_once.clear()
+        _seen_once.add(data)
+        return
+    func, args, kwargs = value
+    if (
+        type(func) is not types.FunctionType
+        or type(args) is not tuple
+        or type(kwargs) is not dict
+        or "." in func.__qualname__
+        or sys.modules.get(func.__module__) is None
+    ):
+        return
+    for arg in (*args, *kwargs.values()):
+        if type(arg) not in _ATOMS:
+            return
+    if pickle.dumps(value, protocol=5) == data:
+        _remember(
+            _plain_calls, data, (func.__module__, func.__qualname__, args, tuple(kwargs.items()))
+        )
+
+
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
     """A plain tensor (see :meth:`_Pickler.plain_tensor`) over ``buffer``, without a copy."""
     if _torch is None:
@@ -517,10 +565,17 @@ class _InternalRPCPickler:
             value = _shaped_message(data, buffers)
             if value is not None:
                 return value
+        elif not buffers:
+            value = _plain_call(data)
+            if value is not None:
+                return value
         try:
             value = pickle.loads(data, buffers=map(_view, buffers))
-            if shaped and self is _internal_rpc_pickler:
-                _check_shaped(data, value)
+            if self is _internal_rpc_pickler:
+                if shaped:
+                    _check_shaped(data, value)
+                elif not buffers:
+                    _check_plain_call(data, value)
             return value
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
@@ -578,9 +633,19 @@ def _unwire(udf: Any, sender: int | None) -> tuple:
     return udf, None
 
 
+#: The names of the plain functions called lately (at most ``_SHAPED_LIMIT``).
+_qualnames: dict[Any, str] = {}
+
+
 def qualname(func: Callable[..., Any] | str) -> str:
     """The name a call of ``func`` goes by (in errors, metrics and profiles):
     ``module.qualified_name``; a name stays as it is."""
+    if type(func) is types.FunctionType:
+        name = _qualnames.get(func)
+        if name is None:
+            name = f"{func.__module__ or '?'}.{func.__qualname__}"
+            _remember(_qualnames, func, name)
+        return name
     if isinstance(func, str):
         return func
     module = getattr(func, "__module__", None) or "?"

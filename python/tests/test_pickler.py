@@ -151,6 +151,31 @@ def test_calls_that_are_not_on_plain_tensors_alone_take_the_pickler():
         assert data not in _internal._shaped_messages
 
 
+def test_a_plain_call_received_twice_is_rebuilt_without_unpickling(monkeypatch):
+    for args, kwargs in [((1, "a"), {"b": 2.5}), ((1.0, "a"), {"b": 2.5}), ((True, "a"), {})]:
+        data, buffers = _internal.serialize(_internal.PythonUDF(_plain_function, args, kwargs))
+        assert buffers == []
+        got = [_internal.deserialize(data) for _ in range(3)]
+        assert data in _internal._plain_calls  # checked the second time, used the third
+        for func, back, back_kwargs in got:
+            assert func is _plain_function and back == args and back_kwargs == kwargs
+            assert [type(a) for a in back] == [type(a) for a in args]  # 1, 1.0, True apart
+        got[2][2]["mutated"] = True  # each call gets its own keyword dict
+        assert _internal.deserialize(data)[2] == kwargs
+    # The function is looked up by its name each time, as unpickling it does.
+    monkeypatch.setattr(__import__(__name__), "_plain_function", lambda *a, **k: "second")
+    assert _internal.deserialize(data)[0]() == "second"
+
+
+def test_plain_calls_whose_arguments_change_are_never_checked():
+    datas = [
+        _internal.serialize(_internal.PythonUDF(_plain_function, (i,), {}))[0] for i in range(50)
+    ]
+    for data in datas:
+        _internal.deserialize(data)
+    assert not any(data in _internal._plain_calls for data in datas)
+
+
 def test_the_pickler_is_left_as_new_after_a_failure():
     torch = pytest.importorskip("torch")
     with pytest.raises(Exception, match="pickle"):
