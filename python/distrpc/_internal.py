@@ -335,7 +335,13 @@ def _shaped_pickle(obj: Any) -> tuple[bytes, list[Buffer]] | None:
     pickles it, without the pickler once the same shapes were seen (see above); ``None`` if
     it is neither a plain tensor alone nor a call of a plain function on plain tensors."""
     if type(obj) is tuple:
-        if len(obj) != 3 or obj[2] or type(obj[0]) is not types.FunctionType or not obj[1]:
+        if (
+            len(obj) != 3
+            or type(obj[0]) is not types.FunctionType
+            or type(obj[2]) is not dict
+            or obj[2]
+            or not obj[1]
+        ):
             return None
         tensors = obj[1]
         if type(tensors) is not tuple:
@@ -361,8 +367,8 @@ def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
     messages :func:`_shaped_pickle` makes; ``None`` otherwise. A call's function is looked up
     by name again, as unpickling it would."""
     known = _shaped_messages.get(data)
-    if known is None:
-        return None
+    if known is None or len(known[1]) != len(buffers):
+        return None  # (with another count of buffers, unpickling says what is wrong)
     function, shapes = known
     if function is None:
         ((dtype, shape),) = shapes

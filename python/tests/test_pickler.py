@@ -133,6 +133,15 @@ def test_a_call_on_tensors_alone_travels_as_the_pickler_sends_it(monkeypatch):
     assert func() == "second"
 
 
+def test_a_result_shaped_like_a_call_comes_back_as_it_was():
+    torch = pytest.importorskip("torch")
+    value = (_on_tensors, (torch.ones(2),), 0)  # not a call: its third element is no dict
+    data, buffers = _internal.serialize(value)
+    for _ in range(3):
+        assert _internal.deserialize(data, buffers)[2] == 0
+    assert data not in _internal._shaped_messages
+
+
 def test_calls_that_are_not_on_plain_tensors_alone_take_the_pickler():
     torch = pytest.importorskip("torch")
     x = torch.ones(2)
