@@ -406,6 +406,34 @@ _plain_calls: dict[bytes, tuple] = {}
 _seen_once: set[bytes] = set()
 
 
+#: The sender's side: the pickles of plain calls made lately, by function, the types of the
+#: arguments and the arguments (no floats: 0.0 == -0.0, and 1 == 1.0 == True without the
+#: types), without keyword arguments.
+_plain_pickles: dict[Any, bytes] = {}
+_KEYED_ATOMS = frozenset({type(None), bool, int, str, bytes})
+
+
+def _plain_call_pickle(call: tuple) -> bytes | None:
+    """The pickle of ``call`` (a plain call as :func:`_wire` makes it), remembered; ``None``
+    for a call this does not remember (then ``pickle.dumps`` it)."""
+    if len(call) != 3:
+        return None
+    func, args, kwargs = call
+    if kwargs or type(func) is not types.FunctionType:
+        return None
+    for arg in args:
+        if type(arg) not in _KEYED_ATOMS:
+            return None
+    key = (func, tuple(map(type, args)), args) if args else func
+    data = _plain_pickles.get(key)
+    if data is None:
+        data = pickle.dumps(call, protocol=5)
+        _remember(_plain_pickles, key, data)
+    elif getattr(sys.modules.get(func.__module__), func.__qualname__, None) is not func:
+        return None  # no longer found by its name: pickling it says so
+    return data
+
+
 def _plain_call(data: bytes) -> Any:
     """The call ``data`` pickles, if it is one of :data:`_plain_calls`; ``None`` otherwise."""
     known = _plain_calls.get(data)
@@ -679,6 +707,10 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         if to is not None:
             ctx.reached(to)
     if plain:
+        if type(obj) is tuple:
+            data = _plain_call_pickle(obj)
+            if data is not None:
+                return data, []
         return pickle.dumps(obj, protocol=5), []
     if (
         _torch is not None

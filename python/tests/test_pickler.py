@@ -4,6 +4,7 @@ and a call travels as a plain ``(func, args, kwargs)`` tuple."""
 from __future__ import annotations
 
 import operator
+import pickle
 
 import pytest
 from distrpc import _internal
@@ -174,6 +175,22 @@ def test_a_plain_call_received_twice_is_rebuilt_without_unpickling(monkeypatch):
     # The function is looked up by its name each time, as unpickling it does.
     monkeypatch.setattr(__import__(__name__), "_plain_function", lambda *a, **k: "second")
     assert _internal.deserialize(data)[0]() == "second"
+
+
+def test_a_plain_call_made_again_is_sent_as_pickle_sends_it(monkeypatch):
+    calls = [((1,), {}), ((True,), {}), ((1.0,), {}), ((-0.0,), {}), (("a", b"b", None), {})]
+    calls.append(((2,), {"k": 1}))
+    for args, kwargs in calls:
+        udf = _internal.PythonUDF(_plain_function, args, kwargs)
+        for _ in range(2):  # the second time from what the first remembered, if it did
+            data, _ = _internal.serialize(udf)
+            assert data == pickle.dumps(tuple(udf), protocol=5)
+    # A function no longer found by its name fails as pickling it does, remembered or not.
+    udf = _internal.PythonUDF(_plain_function, (), {})
+    _internal.serialize(udf)
+    monkeypatch.setattr(__import__(__name__), "_plain_function", lambda: None)
+    with pytest.raises(pickle.PicklingError):
+        _internal.serialize(udf)
 
 
 def test_plain_calls_whose_arguments_change_are_never_checked():
