@@ -319,11 +319,6 @@ def _dummy() -> Any:
     return _dummy_leaf
 
 
-def is_dummy(tensor: Any) -> bool:
-    """Whether ``tensor`` is the leaf every ``Recv`` node hangs from."""
-    return tensor is _dummy_leaf
-
-
 def collecting(outbox: list) -> contextlib.AbstractContextManager:
     """A backward pass on this thread: the gradients its ``Recv`` nodes produce go into
     ``outbox`` as ``(edge, grad)``."""

@@ -296,6 +296,27 @@ def _plain_code(tensor: Any, torch: _Torch) -> int | None:
     return code
 
 
+def _name_of(func: Any) -> tuple[str, str] | None:
+    """``(module, name)`` a function is found by in a remembered message, looked up again at
+    each use as unpickling does: a plain name in a loaded module; ``None`` for any other (a
+    method, a nested function), which is then always pickled."""
+    name = func.__qualname__
+    if "." in name or sys.modules.get(func.__module__) is None:
+        return None
+    return func.__module__, name
+
+
+def _by_name(module: str, name: str) -> Any:
+    """The object ``module.name`` now (``None`` if there is none)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _still_named(func: Any) -> bool:
+    """Whether ``func`` is still what its name finds: a remembered pickle of a call refers
+    to it by name, and pickling it anew is what says so when it is not."""
+    return _by_name(func.__module__, func.__qualname__) is func
+
+
 #: Two kinds of message pickle to bytes that depend on the shapes of their tensors only (their
 #: memory going out of band): a plain tensor alone (a function's result, a reference's value),
 #: and a call of a plain function on plain tensors alone (no keyword arguments, each tensor
@@ -359,6 +380,8 @@ def _shaped_pickle(obj: Any) -> tuple[bytes, list[Buffer]] | None:
         data, buffers = _internal_rpc_pickler.serialize(obj)
         _remember(_shaped_pickles, key, data)
         return data, buffers
+    if type(obj) is tuple and not _still_named(obj[0]):
+        return None
     return data, [(t.data_ptr(), t.nbytes, t) for t in tensors]
 
 
@@ -373,8 +396,7 @@ def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
     if function is None:
         ((dtype, shape),) = shapes
         return _tensor_over(_view(buffers[0]), dtype, shape)
-    module, name = function
-    func = getattr(sys.modules.get(module), name, None)
+    func = _by_name(*function)
     if func is None:
         return None
     args = tuple(_tensor_over(_view(b), d, s) for b, (d, s) in zip(buffers, shapes))
@@ -388,10 +410,9 @@ def _check_shaped(data: bytes, value: Any) -> None:
     if made is None or made[0] != data:
         return
     if type(value) is tuple:
-        func, tensors = value[0], value[1]
-        if "." in func.__qualname__ or sys.modules.get(func.__module__) is None:
-            return  # looked up by a plain name in a loaded module only
-        function: Any = (func.__module__, func.__qualname__)
+        function, tensors = _name_of(value[0]), value[1]
+        if function is None:
+            return
     else:
         function, tensors = None, (value,)
     shapes = tuple((t.dtype, tuple(t.shape)) for t in tensors)
@@ -410,27 +431,27 @@ _seen_once: set[bytes] = set()
 #: arguments and the arguments (no floats: 0.0 == -0.0, and 1 == 1.0 == True without the
 #: types), without keyword arguments.
 _plain_pickles: dict[Any, bytes] = {}
-_KEYED_ATOMS = frozenset({type(None), bool, int, str, bytes})
 
 
 def _plain_call_pickle(call: tuple) -> bytes | None:
-    """The pickle of ``call`` (a plain call as :func:`_wire` makes it), remembered; ``None``
-    for a call this does not remember (then ``pickle.dumps`` it)."""
+    """The pickle of ``call`` — a plain call as :func:`_wire` makes it, its arguments atoms
+    (:func:`_plain` said so) — remembered; ``None`` for a call this does not remember (then
+    ``pickle.dumps`` it)."""
     if len(call) != 3:
         return None
     func, args, kwargs = call
     if kwargs or type(func) is not types.FunctionType:
         return None
-    for arg in args:
-        if type(arg) not in _KEYED_ATOMS:
-            return None
-    key = (func, tuple(map(type, args)), args) if args else func
+    kinds = tuple(map(type, args))
+    if float in kinds:
+        return None
+    key = (func, kinds, args) if args else func
     data = _plain_pickles.get(key)
     if data is None:
         data = pickle.dumps(call, protocol=5)
         _remember(_plain_pickles, key, data)
-    elif getattr(sys.modules.get(func.__module__), func.__qualname__, None) is not func:
-        return None  # no longer found by its name: pickling it says so
+    elif not _still_named(func):
+        return None
     return data
 
 
@@ -440,7 +461,7 @@ def _plain_call(data: bytes) -> Any:
     if known is None:
         return None
     module, name, args, items = known
-    func = getattr(sys.modules.get(module), name, None)
+    func = _by_name(module, name)
     if func is None:
         return None
     return (func, args, dict(items) if items else {})
@@ -457,21 +478,16 @@ def _check_plain_call(data: bytes, value: Any) -> None:
         _seen_once.add(data)
         return
     func, args, kwargs = value
-    if (
-        type(func) is not types.FunctionType
-        or type(args) is not tuple
-        or type(kwargs) is not dict
-        or "." in func.__qualname__
-        or sys.modules.get(func.__module__) is None
-    ):
+    if type(func) is not types.FunctionType or type(args) is not tuple or type(kwargs) is not dict:
+        return
+    name = _name_of(func)
+    if name is None:
         return
     for arg in (*args, *kwargs.values()):
         if type(arg) not in _ATOMS:
             return
     if pickle.dumps(value, protocol=5) == data:
-        _remember(
-            _plain_calls, data, (func.__module__, func.__qualname__, args, tuple(kwargs.items()))
-        )
+        _remember(_plain_calls, data, (*name, args, tuple(kwargs.items())))
 
 
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:

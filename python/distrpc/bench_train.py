@@ -86,11 +86,17 @@ def _param_rrefs(impl: str, module_rref) -> list:
     return [rpc.RRef(p) for p in module_rref.local_value().parameters()]
 
 
+#: The tutorial-sized RNN: tokens, inputs, hidden, layers, batch, sequence length.
+_RNN_SIZES = (10, 2, 3, 4, 5, 20)
+#: The MLP's width and batch.
+_MLP_SIZES = (256, 32)
+
+
 def _rnn(impl: str, steps: int) -> list[float]:
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
-    ntoken, ninp, nhid, nlayers, batch, seq = 10, 2, 3, 4, 5, 20
+    ntoken, ninp, nhid, nlayers, batch, seq = _RNN_SIZES
     torch.manual_seed(0)
     emb = rpc.remote("worker1", _embedding_table, args=(ntoken, ninp, 0.5))
     dec = rpc.remote("worker1", _decoder, args=(ntoken, nhid, 0.5))
@@ -123,7 +129,7 @@ def _rnn_local(impl: str, steps: int) -> list[float]:
     """The ``rnn`` step in this process alone: the same model, torch's autograd."""
     import torch
 
-    ntoken, ninp, nhid, nlayers, batch, seq = 10, 2, 3, 4, 5, 20
+    ntoken, ninp, nhid, nlayers, batch, seq = _RNN_SIZES
     torch.manual_seed(0)
     emb, dec = _embedding_table(ntoken, ninp, 0.5), _decoder(ntoken, nhid, 0.5)
     lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
@@ -157,7 +163,7 @@ def _mlp(impl: str, steps: int, phases: dict | None = None) -> list[float]:
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
-    width, batch = 256, 32
+    width, batch = _MLP_SIZES
     first = _stage(width, 0)
     stages = [rpc.remote(f"worker{r}", _stage, args=(width, r)) for r in (1, 2, 3)]
     params = [rpc.RRef(p) for p in first.parameters()]
@@ -188,7 +194,7 @@ def _mlp_local(impl: str, steps: int) -> list[float]:
     """The ``mlp`` step in this process alone: the same four stages, torch's autograd."""
     import torch
 
-    width, batch = 256, 32
+    width, batch = _MLP_SIZES
     model = torch.nn.Sequential(*(_stage(width, r) for r in range(4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 

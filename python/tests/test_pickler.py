@@ -143,6 +143,15 @@ def test_a_result_shaped_like_a_call_comes_back_as_it_was():
     assert data not in _internal._shaped_messages
 
 
+def test_a_call_on_tensors_of_a_function_no_longer_found_by_its_name_fails(monkeypatch):
+    torch = pytest.importorskip("torch")
+    udf = _internal.PythonUDF(_on_tensors, (torch.ones(3),), {})
+    _internal.serialize(udf)  # remembered
+    monkeypatch.setattr(__import__(__name__), "_on_tensors", lambda *t: None)
+    with pytest.raises(pickle.PicklingError):
+        _internal.serialize(udf)
+
+
 def test_calls_that_are_not_on_plain_tensors_alone_take_the_pickler():
     torch = pytest.importorskip("torch")
     x = torch.ones(2)
