@@ -419,12 +419,19 @@ def _check_shaped(data: bytes, value: Any) -> None:
     _remember(_shaped_messages, data, (function, shapes))
 
 
-#: Calls of a plain function on atoms (see :func:`_plain`) received twice, by their bytes:
-#: ``(module, name, args, keyword items)`` — the arguments are atoms, shared safely — to
-#: rebuild them without unpickling, the function looked up by name again; and the bytes seen
-#: once (a call whose arguments change every time is never checked).
-_plain_calls: dict[bytes, tuple] = {}
+#: Plain messages received twice, by their bytes: a call of a plain function on atoms (see
+#: :func:`_plain`) as ``(module, name, args, keyword items)`` — the arguments are atoms, shared
+#: safely — rebuilt without unpickling, the function looked up by name again; a small atom (a
+#: result) as ``(value,)``. And the bytes seen once (a message that changes every time is
+#: never checked).
+_plain_messages: dict[bytes, tuple] = {}
 _seen_once: set[bytes] = set()
+#: The longest pickle of an atom remembered (a result's, mostly ``None``).
+_ATOM_PICKLE_LIMIT = 64
+#: What :func:`_plain_message` returns for bytes it does not know (``None`` is a value).
+_UNKNOWN = object()
+#: The most common result, pickled (``pickle.dumps`` makes a pickler for each call).
+_PICKLED_NONE = pickle.dumps(None, protocol=5)
 
 
 #: The sender's side: the pickles of plain calls made lately, by function, the types of the
@@ -440,7 +447,7 @@ def _plain_call_pickle(call: tuple) -> bytes | None:
     if len(call) != 3:
         return None
     func, args, kwargs = call
-    if kwargs or type(func) is not types.FunctionType:
+    if kwargs or type(func) is not types.FunctionType or type(args) is not tuple:
         return None
     kinds = tuple(map(type, args))
     if float in kinds:
@@ -455,27 +462,67 @@ def _plain_call_pickle(call: tuple) -> bytes | None:
     return data
 
 
-def _plain_call(data: bytes) -> Any:
-    """The call ``data`` pickles, if it is one of :data:`_plain_calls`; ``None`` otherwise."""
-    known = _plain_calls.get(data)
-    if known is None:
+def remembered_call(func: Any, args: Any) -> bytes | None:
+    """What :func:`serialize` sends for a call of ``func`` on ``args`` (without keyword
+    arguments), when it is a plain call this worker made before and remembered
+    (:func:`_plain_call_pickle`), the default pickler is in use and the thread is in no
+    distributed autograd context: the call made again found without the general path's
+    layers. ``None`` otherwise (then :func:`serialize` says)."""
+    if (
+        type(func) is not types.FunctionType
+        or _default_pickler is not _internal_rpc_pickler
+        or _internal_rpc_pickler._class_reducer_dict
+        or _autograd.running_in.context is not None
+    ):
         return None
+    if not args:
+        key = func
+    elif type(args) is tuple:
+        key = (func, tuple(map(type, args)), args)
+    else:
+        return None
+    try:
+        data = _plain_pickles.get(key)
+    except TypeError:  # an argument that cannot be hashed: not a plain call
+        return None
+    if data is None or not _still_named(func):
+        return None
+    return data
+
+
+def _plain_message(data: bytes) -> Any:
+    """What ``data`` unpickles to, if it is one of :data:`_plain_messages`; :data:`_UNKNOWN`
+    otherwise."""
+    known = _plain_messages.get(data)
+    if known is None:
+        return _UNKNOWN
+    if len(known) == 1:
+        return known[0]
     module, name, args, items = known
     func = _by_name(module, name)
     if func is None:
-        return None
+        return _UNKNOWN
     return (func, args, dict(items) if items else {})
 
 
-def _check_plain_call(data: bytes, value: Any) -> None:
-    """Remembers ``data`` in :data:`_plain_calls` the second time it comes, if ``value``, what
-    it unpickled to, is a call of a plain function on atoms that pickles to these bytes."""
-    if type(value) is not tuple or len(value) != 3:
+def _check_plain(data: bytes, value: Any) -> None:
+    """Remembers ``data`` in :data:`_plain_messages` the second time it comes, if ``value``,
+    what it unpickled to, is a call of a plain function on atoms or a small atom, and pickles
+    to these very bytes."""
+    atom = type(value) in _ATOMS
+    if atom:
+        if len(data) > _ATOM_PICKLE_LIMIT:
+            return
+    elif type(value) is not tuple or len(value) != 3:
         return
     if data not in _seen_once:
         if len(_seen_once) >= _SHAPED_LIMIT:
             _seen_once.clear()
         _seen_once.add(data)
+        return
+    if atom:
+        if pickle.dumps(value, protocol=5) == data:
+            _remember(_plain_messages, data, (value,))
         return
     func, args, kwargs = value
     if type(func) is not types.FunctionType or type(args) is not tuple or type(kwargs) is not dict:
@@ -487,7 +534,36 @@ def _check_plain_call(data: bytes, value: Any) -> None:
         if type(arg) not in _ATOMS:
             return
     if pickle.dumps(value, protocol=5) == data:
-        _remember(_plain_calls, data, (*name, args, tuple(kwargs.items())))
+        _remember(_plain_messages, data, (*name, args, tuple(kwargs.items())))
+
+
+def reply_value(data: bytes, buffers: list[Buffer], sender: int | None) -> Any:
+    """The value a reply from worker ``sender`` carries; the callee's exception raised as
+    its original type (:func:`_handle_exception`). A small atom received before is known by
+    its bytes."""
+    if not buffers:
+        known = _plain_messages.get(data)
+        if known is not None and len(known) == 1:
+            return known[0]
+    return _handle_exception(deserialize(data, buffers, sender))
+
+
+def run_remembered(payload: bytes, worker_info: Any) -> tuple | None:
+    """Runs ``payload`` if it is a plain call received before (:data:`_plain_messages`) of a
+    function that is not ``@async_execution``, as :func:`run_udf` would without its layers:
+    ``(result,)``, the result, or the exception it raised as a ``RemoteException`` if it raised
+    one. ``None`` for any other payload (then :func:`run_udf` runs it)."""
+    known = _plain_messages.get(payload)
+    if known is None or len(known) != 4:
+        return None
+    module, name, args, items = known
+    func = _by_name(module, name)
+    if func is None or getattr(func, "_wrapped_async_rpc_function", None) is not None:
+        return None
+    try:
+        return (func(*args, **dict(items)) if items else func(*args),)
+    except Exception as e:
+        return (_failure(e, worker_info),)
 
 
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
@@ -616,8 +692,8 @@ class _InternalRPCPickler:
             if value is not None:
                 return value
         elif not buffers:
-            value = _plain_call(data)
-            if value is not None:
+            value = _plain_message(data)
+            if value is not _UNKNOWN:
                 return value
         try:
             value = pickle.loads(data, buffers=map(_view, buffers))
@@ -625,7 +701,7 @@ class _InternalRPCPickler:
                 if shaped:
                     _check_shaped(data, value)
                 elif not buffers:
-                    _check_plain_call(data, value)
+                    _check_plain(data, value)
             return value
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
@@ -709,6 +785,8 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     ctx = _autograd.running_in.context
+    if ctx is None and type(obj) in _ATOMS:  # a result, mostly: no reducer changes an atom
+        return (_PICKLED_NONE if obj is None else pickle.dumps(obj, protocol=5)), []
     plain = (
         _default_pickler is _internal_rpc_pickler
         and not _internal_rpc_pickler._class_reducer_dict

@@ -77,12 +77,14 @@ class Pool:
             # timeout is only the bound on a surplus thread's idle life.
             item = self._next_call(IDLE_WAIT)
             if item is not None:
-                torch_threads()
+                if not _local.torch_threads:
+                    torch_threads()
                 self._run(item)
-            with self._lock:
-                if self._alive - self._blocked > self.size:
-                    self._alive -= 1  # a surplus thread, idle again: it ends
-                    return
+            if self._alive - self._blocked > self.size:  # read again under the lock
+                with self._lock:
+                    if self._alive - self._blocked > self.size:
+                        self._alive -= 1  # a surplus thread, idle again: it ends
+                        return
         with self._lock:
             self._alive -= 1
 

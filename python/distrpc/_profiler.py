@@ -129,10 +129,20 @@ def func_name(func: Callable[..., Any] | str, torch: Any) -> str:
     return getattr(func, "__qualname__", repr(func))
 
 
+#: torch's ``torch.autograd._profiler_enabled``, once torch is imported (asked on every call).
+_enabled: Callable[[], bool] | None = None
+
+
 def active() -> bool:
     """Whether torch's autograd profiler is on for this thread (never without torch)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.autograd._profiler_enabled()
+    global _enabled
+    enabled = _enabled
+    if enabled is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        enabled = _enabled = torch.autograd._profiler_enabled
+    return enabled()
 
 
 @contextlib.contextmanager

@@ -49,6 +49,73 @@ def test_python_functions_run_on_other_workers(run_group):
     assert "invalid literal for int()" in out["error"]
 
 
+_counted = []
+
+
+def _count():
+    _counted.append(None)
+    return len(_counted)
+
+
+def _same(x=None):
+    return x
+
+
+def _fails():
+    raise KeyError("on purpose")
+
+
+def _named():
+    return "first"
+
+
+def _rebind():
+    globals()["_named"] = lambda: "rebound"
+
+
+def _again(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
+    out = None
+    if rank == 0:
+        # Calls made again go the short way at both ends (their pickles remembered): each
+        # must still run, and come back as the first did.
+        values = (1, True, 1.0, -0.0, None, "s", b"b")
+        out = {
+            "count": [rpc.rpc_sync("worker1", _count) for _ in range(4)],
+            "same": [
+                repr(rpc.rpc_sync("worker1", _same, args=(v,))) for v in values for _ in "abc"
+            ],
+            "list_args": [rpc.rpc_sync("worker1", _same, args=[5]) for _ in range(3)],
+            "remote": [rpc.remote("worker1", _same, args=(3,)).to_here() for _ in range(3)],
+            "named": [rpc.rpc_sync("worker1", _named) for _ in range(3)],
+            "errors": [],
+        }
+        rpc.rpc_sync("worker1", _rebind)
+        out["named"].append(rpc.rpc_sync("worker1", _named))  # found by its name there
+        for _ in range(3):
+            try:
+                rpc.rpc_sync("worker1", _fails)
+            except KeyError as e:
+                out["errors"].append(str(e))
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_calls_made_again_run_and_answer_as_the_first_time(run_group):
+    out = run_group(_again, 2)[0]
+    assert out["count"] == [1, 2, 3, 4]
+    assert out["same"] == [repr(v) for v in (1, True, 1.0, -0.0, None, "s", b"b") for _ in "abc"]
+    assert out["list_args"] == [5, 5, 5]
+    assert out["remote"] == [3, 3, 3]
+    assert out["named"] == ["first", "first", "first", "rebound"]
+    assert len(out["errors"]) == 3
+    for error in out["errors"]:
+        assert error.startswith("'KeyError: On WorkerInfo(id=1, name=worker1):")
+        assert "purpose" in error
+
+
 def test_calls_before_init_rpc_raise_torchs_error():
     import distrpc.rpc as rpc
     import pytest

@@ -175,7 +175,7 @@ def test_a_plain_call_received_twice_is_rebuilt_without_unpickling(monkeypatch):
         data, buffers = _internal.serialize(_internal.PythonUDF(_plain_function, args, kwargs))
         assert buffers == []
         got = [_internal.deserialize(data) for _ in range(3)]
-        assert data in _internal._plain_calls  # checked the second time, used the third
+        assert data in _internal._plain_messages  # checked the second time, used the third
         for func, back, back_kwargs in got:
             assert func is _plain_function and back == args and back_kwargs == kwargs
             assert [type(a) for a in back] == [type(a) for a in args]  # 1, 1.0, True apart
@@ -208,7 +208,86 @@ def test_plain_calls_whose_arguments_change_are_never_checked():
     ]
     for data in datas:
         _internal.deserialize(data)
-    assert not any(data in _internal._plain_calls for data in datas)
+    assert not any(data in _internal._plain_messages for data in datas)
+
+
+def test_a_call_given_its_arguments_as_a_list_is_sent_as_one():
+    data, buffers = _internal.serialize(_internal.PythonUDF(_plain_function, [1, 2], {}))
+    assert _internal.deserialize(data, buffers) == (_plain_function, [1, 2], {})
+    assert _internal.remembered_call(_plain_function, [1, 2]) is None
+
+
+def test_a_call_made_again_is_remembered_only_where_serialize_would_send_those_bytes(
+    monkeypatch,
+):
+    from distrpc import _autograd
+    from distrpc.rpc import api
+
+    args = (7, "remembered")
+    assert _internal.remembered_call(_plain_function, args) is None  # not made yet
+    data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, args, {}))
+    assert _internal.remembered_call(_plain_function, args) == data
+    assert _internal.remembered_call(_plain_function, (7.0, "remembered")) is None  # 7 == 7.0
+    assert _internal.remembered_call(_plain_function, ([7],)) is None  # cannot be hashed
+    assert _internal.remembered_call(operator.add, (1, 2)) is None  # not a Python function
+    ctx = _autograd.new_context()
+    try:
+        with _autograd.running(ctx):  # a call in a context carries its id
+            assert _internal.remembered_call(_plain_function, args) is None
+    finally:
+        _autograd.release(ctx.id)
+    pickler = _internal._InternalRPCPickler()
+    pickler._register_reducer(_Point, lambda p: (_Point, (p.x, p.y)))
+    with api._use_rpc_pickler(pickler):
+        assert _internal.remembered_call(_plain_function, args) is None
+    monkeypatch.setattr(__import__(__name__), "_plain_function", lambda *a: None)
+    assert _internal.remembered_call(_plain_function, args) is None  # no longer its name
+
+
+def test_small_results_received_twice_are_known_by_their_bytes():
+    for value in (None, 3, True, 3.0, -0.0, "text", b"bytes"):
+        data, buffers = _internal.serialize(value)
+        assert data == pickle.dumps(value, protocol=5) and buffers == []
+        got = [_internal.reply_value(data, buffers, 1) for _ in range(3)]
+        assert data in _internal._plain_messages
+        assert all(type(g) is type(value) and repr(g) == repr(value) for g in got)
+    big = b"x" * (_internal._ATOM_PICKLE_LIMIT + 1)
+    data, buffers = _internal.serialize(big)
+    assert [_internal.reply_value(data, buffers, 1) for _ in range(3)] == [big] * 3
+    assert data not in _internal._plain_messages
+
+
+def _raises():
+    raise KeyError("from the remembered call")
+
+
+def _run_async():
+    return None
+
+
+_run_async._wrapped_async_rpc_function = _run_async  # as @async_execution marks it
+
+
+def test_a_plain_call_received_before_runs_as_run_udf_runs_it(monkeypatch):
+    data, _ = _internal.serialize(_internal.PythonUDF(_raises, (), {}))
+    assert _internal.run_remembered(data, "worker") is None  # never received
+    _internal.deserialize(data)
+    _internal.deserialize(data)  # the second time: checked and remembered
+    (failure,) = _internal.run_remembered(data, "worker")
+    assert failure.exception_type is KeyError
+    assert failure.msg.startswith("On worker:\nKeyError('from the remembered call')")
+    data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, (5,), {"b": 6}))
+    for _ in range(2):
+        _internal.deserialize(data)
+    assert _internal.run_remembered(data, "worker") == (5,)
+    monkeypatch.setattr(__import__(__name__), "_plain_function", lambda a, b: a + b)
+    assert _internal.run_remembered(data, "worker") == (11,)  # found by its name again
+    # An @async_execution function answers later, from its future: run_udf runs it.
+    data, _ = _internal.serialize(_internal.PythonUDF(_run_async, (), {}))
+    for _ in range(2):
+        _internal.deserialize(data)
+    assert data in _internal._plain_messages
+    assert _internal.run_remembered(data, "worker") is None
 
 
 def test_the_pickler_is_left_as_new_after_a_failure():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import pickle
@@ -201,25 +202,25 @@ class _State:
                 args = payload if this is None else [this, *payload]  # a method: its value first
                 _named.run(call, function, args, self.me)
                 return
-            answer = self._answer(call, keep, caller)
+            if not buffers and this is None:
+                # A plain call received before, the common small call: run at once.
+                ran = _internal.run_remembered(payload, self.me)
+                if ran is not None:
+                    self._reply(call, keep, caller, ran[0])
+                    return
+            answer = functools.partial(self._reply, call, keep, caller)
             _internal.run_udf(payload, buffers, self.me, answer, this, caller)
         except Exception:  # noqa: BLE001 - the thread must go on serving
             # The answer itself failed; the call, dropped unanswered, fails on its caller.
             _log.exception("a call on %s could not be answered", self.me.name)
 
-    def _answer(self, call: Any, keep: bool, caller: int) -> Callable[[Any], None]:
-        """How the result of ``call`` goes back to ``caller``: pickled, or kept behind a
-        reference."""
-        me = self.me
-
-        def answer(result: Any) -> None:
-            if keep:
-                # A failed creation keeps its RemoteException: every use raises it.
-                call.keep(result)
-            else:
-                call.reply(*_internal.pickled(result, me, caller))
-
-        return answer
+    def _reply(self, call: Any, keep: bool, caller: int, result: Any) -> None:
+        """Sends ``result`` of ``call`` back to ``caller`` pickled, or keeps it behind a
+        reference (a failed creation keeps its ``RemoteException``: every use raises it)."""
+        if keep:
+            call.keep(result)
+        else:
+            call.reply(*_internal.pickled(result, self.me, caller))
 
     def track(self, start: Callable[[], int], fut: Any, sender: int, recording: Any = None) -> None:
         """Starts an ``rpc_async`` (``start`` returns its token) whose result completes
@@ -410,6 +411,17 @@ def rpc_sync(
     ``func`` may also be a name: the function registered under it on ``to`` — a Rust
     ``#[distrpc::function]`` or a Python ``@distrpc.function(name=...)`` — called with
     ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
+    state = _state.current
+    if state is not None and not kwargs and type(to) is str:
+        # A plain call made before (`_internal.remembered_call`), the common small call:
+        # the bytes the general path would send, without its layers.
+        payload = _internal.remembered_call(func, args)
+        rank = state.ranks.get(to)
+        if payload is not None and rank is not None and not _profiler.active():
+            reply = _pool.waiting(
+                state.agent.rpc_sync, to, _internal.qualname(func), payload, [], _timeout(timeout)
+            )
+            return _internal.reply_value(*reply, rank)
     return _dispatch("sync", _sync, to, func, args, kwargs, timeout)
 
 
@@ -469,10 +481,9 @@ def _sync(
     agent, name = state.agent, _internal.qualname(func)
     reply = _pool.waiting(agent.rpc_sync, dst, name, payload, buffers, _timeout(timeout))
     if recording is None:
-        result = _internal.deserialize(*reply, rank)
-    else:
-        with recording.hidden():
-            result = recording.received(_internal.deserialize(*reply, rank))
+        return _internal.reply_value(*reply, rank)
+    with recording.hidden():
+        result = recording.received(_internal.deserialize(*reply, rank))
     return _internal._handle_exception(result)
 
 
