@@ -25,6 +25,10 @@ def msgpack_loads(data: bytes) -> Any:
 class Held:
     """Keeps a received tensor's memory alive while Python views it."""
 
+    def dlpack(self, index: int, shape: tuple[int, ...]) -> Any:
+        """The memory as a DLPack capsule of a C-contiguous CPU tensor of the plain dtype
+        ``index`` and ``shape`` (``torch.from_dlpack`` takes it, without a copy)."""
+
 class Call:
     """A call a Python worker thread runs, answered once."""
 

@@ -36,6 +36,7 @@ import types
 from typing import Any, Callable, NamedTuple
 
 from . import _autograd, _profiler
+from ._core import Held
 
 #: A buffer as Rust takes it or gives it back: ``(address, length, owner)``.
 Buffer = tuple[int, int, Any]
@@ -254,6 +255,8 @@ class _Torch:
         self.codes = {dtype: code for code, dtype in enumerate(self.dtypes)}
         self.frombuffer = torch.frombuffer
         self.empty = torch.empty
+        # What torch.from_dlpack calls for a capsule, without its checks for other objects.
+        self.from_dlpack = getattr(torch._C, "_from_dlpack", torch.from_dlpack)
 
 
 #: Set when the first tensor is pickled or unpickled.
@@ -277,6 +280,16 @@ def _tensor_over(buffer: Any, dtype: Any, shape: tuple) -> Any:
         return torch.empty(shape, dtype=dtype)
     tensor = torch.frombuffer(buffer, dtype=dtype)
     return tensor if len(shape) == 1 else tensor.view(shape)
+
+
+def _received(buffer: Buffer, code: int, shape: tuple) -> Any:
+    """A plain tensor of the dtype of index ``code`` and of ``shape`` over a received buffer,
+    without a copy: handed to torch through DLPack when Rust holds the buffer (the tensor
+    keeps it), else made over a view of it."""
+    owner = buffer[2]
+    if type(owner) is Held and buffer[1]:
+        return _torch.from_dlpack(owner.dlpack(code, shape))
+    return _tensor_over(_view(buffer), _torch.dtypes[code], shape)
 
 
 def _plain_code(tensor: Any, torch: _Torch) -> int | None:
@@ -345,7 +358,7 @@ def _shapes(tensors: tuple) -> tuple | None:
         code = _plain_code(tensor, torch)
         if code is None:
             return None
-        shapes.append((code, tuple(tensor.shape)))
+        shapes.append((code, tensor.shape))  # a torch.Size: hashed and compared as a tuple
     if len(tensors) > 1 and len(set(map(id, tensors))) < len(tensors):
         return None  # one tensor twice: the pickle refers back to it
     return tuple(shapes)
@@ -385,6 +398,18 @@ def _shaped_pickle(obj: Any) -> tuple[bytes, list[Buffer]] | None:
     return data, [(t.data_ptr(), t.nbytes, t) for t in tensors]
 
 
+def _tensor_pickle(tensor: Any) -> tuple[bytes, list[Buffer]] | None:
+    """A plain tensor alone as :func:`_shaped_pickle` pickles it, if it pickled one of these
+    dtype and shape before and the default pickler is in use; ``None`` otherwise."""
+    if _default_pickler is not _internal_rpc_pickler or _internal_rpc_pickler._class_reducer_dict:
+        return None
+    code = _plain_code(tensor, _torch)
+    data = None if code is None else _shaped_pickles.get((code, tensor.shape))
+    if data is None:
+        return None
+    return data, [(tensor.data_ptr(), tensor.nbytes, tensor)]
+
+
 def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
     """What ``data`` unpickles to over ``buffers``, if this worker checked it to be one of the
     messages :func:`_shaped_pickle` makes; ``None`` otherwise. A call's function is looked up
@@ -394,12 +419,12 @@ def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
         return None  # (with another count of buffers, unpickling says what is wrong)
     function, shapes = known
     if function is None:
-        ((dtype, shape),) = shapes
-        return _tensor_over(_view(buffers[0]), dtype, shape)
+        ((code, shape),) = shapes
+        return _received(buffers[0], code, shape)
     func = _by_name(*function)
     if func is None:
         return None
-    args = tuple(_tensor_over(_view(b), d, s) for b, (d, s) in zip(buffers, shapes))
+    args = tuple(_received(b, d, s) for b, (d, s) in zip(buffers, shapes))
     return (func, args, {})
 
 
@@ -415,7 +440,7 @@ def _check_shaped(data: bytes, value: Any) -> None:
             return
     else:
         function, tensors = None, (value,)
-    shapes = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+    shapes = tuple((_torch.codes[t.dtype], tuple(t.shape)) for t in tensors)
     _remember(_shaped_messages, data, (function, shapes))
 
 
@@ -462,11 +487,12 @@ def _plain_call_pickle(call: tuple) -> bytes | None:
     return data
 
 
-def remembered_call(func: Any, args: Any) -> bytes | None:
+def remembered_call(func: Any, args: Any) -> tuple[bytes, list[Buffer]] | None:
     """What :func:`serialize` sends for a call of ``func`` on ``args`` (without keyword
-    arguments), when it is a plain call this worker made before and remembered
-    (:func:`_plain_call_pickle`), the default pickler is in use and the thread is in no
-    distributed autograd context: the call made again found without the general path's
+    arguments) when this worker made it before and remembered its pickle — a call of a plain
+    function on atoms (:func:`_plain_call_pickle`) or on plain tensors of the same shapes
+    (:func:`_shaped_pickle`) — the default pickler is in use and the thread is in no
+    distributed autograd context: the call made again, found without the general path's
     layers. ``None`` otherwise (then :func:`serialize` says)."""
     if (
         type(func) is not types.FunctionType
@@ -477,17 +503,23 @@ def remembered_call(func: Any, args: Any) -> bytes | None:
         return None
     if not args:
         key = func
-    elif type(args) is tuple:
-        key = (func, tuple(map(type, args)), args)
-    else:
+    elif type(args) is not tuple:
         return None
+    elif _torch is not None and type(args[0]) is _torch.tensor:
+        shapes = _shapes(args)
+        data = None if shapes is None else _shaped_pickles.get((func, shapes))
+        if data is None or not _still_named(func):
+            return None
+        return data, [(t.data_ptr(), t.nbytes, t) for t in args]
+    else:
+        key = (func, tuple(map(type, args)), args)
     try:
         data = _plain_pickles.get(key)
     except TypeError:  # an argument that cannot be hashed: not a plain call
         return None
     if data is None or not _still_named(func):
         return None
-    return data
+    return data, []
 
 
 def _plain_message(data: bytes) -> Any:
@@ -539,27 +571,46 @@ def _check_plain(data: bytes, value: Any) -> None:
 
 def reply_value(data: bytes, buffers: list[Buffer], sender: int | None) -> Any:
     """The value a reply from worker ``sender`` carries; the callee's exception raised as
-    its original type (:func:`_handle_exception`). A small atom received before is known by
-    its bytes."""
+    its original type (:func:`_handle_exception`). A small atom or a plain tensor alone
+    received before is known by its bytes."""
     if not buffers:
         known = _plain_messages.get(data)
         if known is not None and len(known) == 1:
             return known[0]
+    elif len(buffers) == 1:
+        known = _shaped_messages.get(data)
+        if known is not None and known[0] is None:
+            ((code, shape),) = known[1]
+            return _received(buffers[0], code, shape)
     return _handle_exception(deserialize(data, buffers, sender))
 
 
-def run_remembered(payload: bytes, worker_info: Any) -> tuple | None:
-    """Runs ``payload`` if it is a plain call received before (:data:`_plain_messages`) of a
-    function that is not ``@async_execution``, as :func:`run_udf` would without its layers:
-    ``(result,)``, the result, or the exception it raised as a ``RemoteException`` if it raised
-    one. ``None`` for any other payload (then :func:`run_udf` runs it)."""
-    known = _plain_messages.get(payload)
-    if known is None or len(known) != 4:
-        return None
-    module, name, args, items = known
+def run_remembered(payload: bytes, buffers: list[Buffer], worker_info: Any) -> tuple | None:
+    """Runs ``payload`` if it is a call received before — of a plain function on atoms
+    (:data:`_plain_messages`) or on plain tensors (:data:`_shaped_messages`, over
+    ``buffers``) — of a function that is not ``@async_execution``, as :func:`run_udf` would
+    without its layers: ``(result,)``, the result, or the exception it raised as a
+    ``RemoteException`` if it raised one. ``None`` for any other payload (then
+    :func:`run_udf` runs it)."""
+    if buffers:
+        known = _shaped_messages.get(payload)
+        if known is None or known[0] is None or len(known[1]) != len(buffers):
+            return None
+        (module, name), shapes = known
+        args, items = None, None
+    else:
+        known = _plain_messages.get(payload)
+        if known is None or len(known) != 4:
+            return None
+        module, name, args, items = known
     func = _by_name(module, name)
     if func is None or getattr(func, "_wrapped_async_rpc_function", None) is not None:
         return None
+    if args is None:
+        args = tuple(_received(b, d, s) for b, (d, s) in zip(buffers, shapes))
+        # From here the received buffers live as long as the tensors made of them (as in
+        # run_udf).
+        buffers.clear()
     try:
         return (func(*args, **dict(items)) if items else func(*args),)
     except Exception as e:
@@ -785,8 +836,14 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     ctx = _autograd.running_in.context
-    if ctx is None and type(obj) in _ATOMS:  # a result, mostly: no reducer changes an atom
-        return (_PICKLED_NONE if obj is None else pickle.dumps(obj, protocol=5)), []
+    if ctx is None:
+        kind = type(obj)
+        if kind in _ATOMS:  # a result, mostly: no reducer changes an atom
+            return (_PICKLED_NONE if obj is None else pickle.dumps(obj, protocol=5)), []
+        if _torch is not None and kind is _torch.tensor:  # a result or a reference's value
+            known = _tensor_pickle(obj)
+            if known is not None:
+                return known
     plain = (
         _default_pickler is _internal_rpc_pickler
         and not _internal_rpc_pickler._class_reducer_dict

@@ -92,6 +92,16 @@ def _again(rank, world_size, init_method, results):
             "named": [rpc.rpc_sync("worker1", _named) for _ in range(3)],
             "errors": [],
         }
+        try:
+            import torch
+        except ImportError:  # the numpy-only run
+            torch = None
+        if torch is not None:  # calls on tensors of the same shapes, tensors alone back
+            ts = [torch.full((2, 3), float(i)) for i in range(4)]
+            out["tensors"] = [rpc.rpc_sync("worker1", _same, args=(t,)).tolist() for t in ts]
+            out["remote_tensors"] = [
+                rpc.remote("worker1", _same, args=(t,)).to_here().tolist() for t in ts
+            ]
         rpc.rpc_sync("worker1", _rebind)
         out["named"].append(rpc.rpc_sync("worker1", _named))  # found by its name there
         for _ in range(3):
@@ -110,6 +120,9 @@ def test_calls_made_again_run_and_answer_as_the_first_time(run_group):
     assert out["list_args"] == [5, 5, 5]
     assert out["remote"] == [3, 3, 3]
     assert out["named"] == ["first", "first", "first", "rebound"]
+    if "tensors" in out:
+        expected = [[[float(i)] * 3] * 2 for i in range(4)]
+        assert out["tensors"] == out["remote_tensors"] == expected
     assert len(out["errors"]) == 3
     for error in out["errors"]:
         assert error.startswith("'KeyError: On WorkerInfo(id=1, name=worker1):")

@@ -226,7 +226,7 @@ def test_a_call_made_again_is_remembered_only_where_serialize_would_send_those_b
     args = (7, "remembered")
     assert _internal.remembered_call(_plain_function, args) is None  # not made yet
     data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, args, {}))
-    assert _internal.remembered_call(_plain_function, args) == data
+    assert _internal.remembered_call(_plain_function, args) == (data, [])
     assert _internal.remembered_call(_plain_function, (7.0, "remembered")) is None  # 7 == 7.0
     assert _internal.remembered_call(_plain_function, ([7],)) is None  # cannot be hashed
     assert _internal.remembered_call(operator.add, (1, 2)) is None  # not a Python function
@@ -270,24 +270,57 @@ _run_async._wrapped_async_rpc_function = _run_async  # as @async_execution marks
 
 def test_a_plain_call_received_before_runs_as_run_udf_runs_it(monkeypatch):
     data, _ = _internal.serialize(_internal.PythonUDF(_raises, (), {}))
-    assert _internal.run_remembered(data, "worker") is None  # never received
+    assert _internal.run_remembered(data, [], "worker") is None  # never received
     _internal.deserialize(data)
     _internal.deserialize(data)  # the second time: checked and remembered
-    (failure,) = _internal.run_remembered(data, "worker")
+    (failure,) = _internal.run_remembered(data, [], "worker")
     assert failure.exception_type is KeyError
     assert failure.msg.startswith("On worker:\nKeyError('from the remembered call')")
     data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, (5,), {"b": 6}))
     for _ in range(2):
         _internal.deserialize(data)
-    assert _internal.run_remembered(data, "worker") == (5,)
+    assert _internal.run_remembered(data, [], "worker") == (5,)
     monkeypatch.setattr(__import__(__name__), "_plain_function", lambda a, b: a + b)
-    assert _internal.run_remembered(data, "worker") == (11,)  # found by its name again
+    assert _internal.run_remembered(data, [], "worker") == (11,)  # found by its name again
     # An @async_execution function answers later, from its future: run_udf runs it.
     data, _ = _internal.serialize(_internal.PythonUDF(_run_async, (), {}))
     for _ in range(2):
         _internal.deserialize(data)
     assert data in _internal._plain_messages
-    assert _internal.run_remembered(data, "worker") is None
+    assert _internal.run_remembered(data, [], "worker") is None
+
+
+def test_calls_on_tensors_and_tensors_alone_made_again_are_sent_as_the_pickler_sends_them():
+    torch = pytest.importorskip("torch")
+    x, y = torch.arange(6.0).view(2, 3), torch.ones(4, dtype=torch.int64)
+    made = _internal.serialize(_internal.PythonUDF(_on_tensors, (x, y), {}))
+    again = _internal.remembered_call(_on_tensors, (x + 1, y))
+    assert again is not None and again[0] == made[0] and len(again[1]) == 2
+    assert _internal.remembered_call(_on_tensors, (x, x)) is None  # one tensor twice
+    assert _internal.remembered_call(_on_tensors, (y, x)) is None  # other shapes
+    assert _internal.remembered_call(_on_tensors, (x.t(), y)) is None  # not contiguous
+    assert _internal.remembered_call(_on_tensors, (x.requires_grad_(), y)) is None
+    # A tensor alone, the second time from what the first remembered.
+    z = torch.full((3, 2), 7, dtype=torch.int32)
+    first, second = _internal.serialize(z), _internal.serialize(z.clone())
+    assert first[0] == second[0] == _internal._internal_rpc_pickler.serialize(z)[0]
+    for _ in range(2):
+        back = _internal.reply_value(*second, 1)
+        assert torch.equal(back, z) and back.dtype == z.dtype
+    assert second[0] in _internal._shaped_messages
+
+
+def test_a_call_on_tensors_received_before_runs_over_the_received_buffers():
+    torch = pytest.importorskip("torch")
+    x = torch.arange(4, dtype=torch.float64)
+    data, buffers = _internal.serialize(_internal.PythonUDF(_plain_function, (x,), {}))
+    assert _internal.run_remembered(data, list(buffers), "worker") is None  # never received
+    _internal.deserialize(data, buffers)  # checked: remembered
+    received = list(buffers)
+    (back,) = _internal.run_remembered(data, received, "worker")
+    assert torch.equal(back, x) and back.data_ptr() == x.data_ptr()  # over the buffer itself
+    assert received == []  # the tensors keep the buffers from here
+    assert _internal.run_remembered(data, [], "worker") is None  # another count of buffers
 
 
 def test_the_pickler_is_left_as_new_after_a_failure():

@@ -103,6 +103,44 @@ def test_the_same_program_gives_the_same_results_on_torch_and_distrpc(run_group,
     assert on_torch["error"] == "ValueError: On WorkerInfo(id=1, name=worker1):"
 
 
+def _identity(t):
+    return t
+
+
+def _again_and_again(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+    import torch
+
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
+    out = None
+    if rank == 0:
+        out = []
+        dtypes = [
+            torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+            torch.complex128,
+        ]  # fmt: skip
+        for dtype in dtypes:
+            for shape in [(), (5,), (2, 3), (2, 1, 3), (0, 2)]:
+                # Three times each: the second and third go from what the first remembered,
+                # and arrive through DLPack over the receive buffer.
+                for i in range(3):
+                    t = (torch.arange(torch.Size(shape).numel()) + i).reshape(shape).to(dtype)
+                    back = rpc.rpc_sync("worker1", _identity, args=(t,))
+                    kept = rpc.remote("worker1", _identity, args=(t,)).to_here()
+                    for got in (back, kept):
+                        same = got.dtype == dtype and got.shape == t.shape and torch.equal(got, t)
+                        out.append((str(dtype), shape, i, same and got.is_contiguous()))
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_tensors_of_every_plain_dtype_and_shape_sent_again_arrive_as_sent(run_group):
+    out = run_group(_again_and_again, 2)[0]
+    assert len(out) == 12 * 5 * 3 * 2
+    assert [case for case in out if not case[3]] == []
+
+
 def _udf_with_torch_ops(a, b):
     return torch.relu(torch.add(a, b)) * 2
 

@@ -1,6 +1,6 @@
 //! Buffers crossing between Python and Rust without a copy: an array's memory lent to a tensor
 //! that is written to the socket from it ([`Lent`]), and a received tensor's memory held for
-//! Python's view of it ([`Held`]).
+//! Python's view of it ([`Held`], also as a DLPack capsule: [`crate::dlpack`]).
 
 use bytes::Bytes;
 use distrpc::{DType, Tensor};
@@ -52,7 +52,18 @@ pub(crate) fn lent(buffers: Vec<Loan>) -> PyResult<Vec<Tensor>> {
 /// Keeps a received tensor's memory (a slice of the receive buffer) alive while Python views it.
 #[pyclass(frozen)]
 pub(crate) struct Held {
-    _tensor: Tensor,
+    tensor: Tensor,
+}
+
+#[pymethods]
+impl Held {
+    /// The memory as a DLPack capsule of a C-contiguous CPU tensor of the plain dtype `index`
+    /// (`distrpc._internal._PLAIN_DTYPES`) and `shape`, for `torch.from_dlpack`: the tensor
+    /// keeps the memory, without a copy. A shape and dtype that do not fill it exactly are an
+    /// error.
+    fn dlpack(&self, py: Python<'_>, index: usize, shape: Vec<i64>) -> PyResult<Py<PyAny>> {
+        crate::dlpack::capsule(py, self.tensor.clone(), index, shape)
+    }
 }
 
 /// Received tensors for Python: `(address, length, owner)` each, viewed without a copy by
@@ -65,7 +76,7 @@ pub(crate) fn held(
         .into_iter()
         .map(|t| {
             let (addr, len) = (t.data().as_ptr() as usize, t.data().len());
-            Ok((addr, len, Py::new(py, Held { _tensor: t })?))
+            Ok((addr, len, Py::new(py, Held { tensor: t })?))
         })
         .collect()
 }

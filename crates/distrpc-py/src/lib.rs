@@ -13,9 +13,9 @@
 //! MessagePack as Rust functions' do ([`msgpack`]), so Python and Rust workers call each other.
 //!
 //! Here: the [`Agent`] (calling, gathering, shutting down) and the launcher. Beside it:
-//! [`buffers`] (memory lent and held without copies), [`front`] (calls from peers, queued for
-//! the Python worker threads), [`value`] (Python objects behind references), [`rref`]
-//! (references as Python sees them), [`msgpack`].
+//! [`buffers`] (memory lent and held without copies; [`dlpack`] hands it to torch), [`front`]
+//! (calls from peers, queued for the Python worker threads), [`value`] (Python objects behind
+//! references), [`rref`] (references as Python sees them), [`msgpack`].
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use pyo3::types::PyBytes;
 
 mod buffers;
 mod completions;
+mod dlpack;
 mod front;
 mod msgpack;
 mod rref;

@@ -202,9 +202,9 @@ class _State:
                 args = payload if this is None else [this, *payload]  # a method: its value first
                 _named.run(call, function, args, self.me)
                 return
-            if not buffers and this is None:
-                # A plain call received before, the common small call: run at once.
-                ran = _internal.run_remembered(payload, self.me)
+            if this is None:
+                # A call received before, the common small call: run at once.
+                ran = _internal.run_remembered(payload, buffers, self.me)
                 if ran is not None:
                     self._reply(call, keep, caller, ran[0])
                     return
@@ -415,12 +415,11 @@ def rpc_sync(
     if state is not None and not kwargs and type(to) is str:
         # A plain call made before (`_internal.remembered_call`), the common small call:
         # the bytes the general path would send, without its layers.
-        payload = _internal.remembered_call(func, args)
+        remembered = _internal.remembered_call(func, args)
         rank = state.ranks.get(to)
-        if payload is not None and rank is not None and not _profiler.active():
-            reply = _pool.waiting(
-                state.agent.rpc_sync, to, _internal.qualname(func), payload, [], _timeout(timeout)
-            )
+        if remembered is not None and rank is not None and not _profiler.active():
+            name, seconds = _internal.qualname(func), _timeout(timeout)
+            reply = _pool.waiting(state.agent.rpc_sync, to, name, *remembered, seconds)
             return _internal.reply_value(*reply, rank)
     return _dispatch("sync", _sync, to, func, args, kwargs, timeout)
 
@@ -620,6 +619,13 @@ def remote(
     """Runs ``func(*args, **kwargs)`` on ``to`` and keeps the result there, behind the returned
     :class:`RRef` (torch's ``remote``). Returns at once; a failure surfaces when the reference
     is used."""
+    state = _state.current
+    if state is not None and not kwargs and type(to) is str:
+        # A call made before (see rpc_sync): the bytes the general path would send.
+        remembered = _internal.remembered_call(func, args)
+        if remembered is not None and to in state.ranks and not _profiler.active():
+            name, seconds = _internal.qualname(func), _timeout(timeout)
+            return RRef(_handle=state.agent.remote(to, name, *remembered, seconds))
     state = _require()
     if isinstance(func, str):
         raise TypeError(

@@ -91,8 +91,7 @@ class RRef(Generic[T]):
             udf = _internal.PythonUDF(_value, (), {})
             return call_with(self, "sync", udf, f"{self.owner_name()}.to_here", timeout)
         payload, buffers = _pool.waiting(handle.to_here, _state.timeout(timeout))
-        value = _internal.deserialize(payload, buffers, handle.owner_id)
-        return _internal._handle_exception(value)
+        return _internal.reply_value(payload, buffers, handle.owner_id)
 
     def _get_type(self, timeout: float = -1, blocking: bool = True) -> Any:
         """The type of the value, asked of the owner once and remembered (torch's private
