@@ -351,6 +351,10 @@ def _shapes(tensors: tuple) -> tuple | None:
     """``(dtype index, shape)`` of each of ``tensors`` if all are plain tensors, distinct;
     ``None`` otherwise."""
     torch = _torch
+    if len(tensors) == 1:  # the common case, without the list and the check for repeats
+        tensor = tensors[0]
+        code = None if type(tensor) is not torch.tensor else _plain_code(tensor, torch)
+        return None if code is None else ((code, tensor.shape),)
     shapes = []
     for tensor in tensors:
         if type(tensor) is not torch.tensor:
@@ -359,7 +363,7 @@ def _shapes(tensors: tuple) -> tuple | None:
         if code is None:
             return None
         shapes.append((code, tensor.shape))  # a torch.Size: hashed and compared as a tuple
-    if len(tensors) > 1 and len(set(map(id, tensors))) < len(tensors):
+    if len(set(map(id, tensors))) < len(tensors):
         return None  # one tensor twice: the pickle refers back to it
     return tuple(shapes)
 

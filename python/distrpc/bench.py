@@ -12,9 +12,10 @@ slowest rank's, ms) and ``rss`` (a numpy-only distrpc worker's resident memory a
 MiB). With both implementations, their two pairs of processes are up at once and take the
 two-process workloads in alternating blocks, the idle pair stopped (SIGSTOP: torch's idle
 processes busy-poll a core each). With ``--rust BINARY`` (``scripts/bench-py`` passes the
-release ``distrpc`` binary), the Rust front's own ``distrpc bench latency`` and ``remote`` run
-in the same blocks, every pair stopped, and a last line gives the Python no-op over the Rust
-one and each front's ``remote`` + ``to_here`` over its own no-op.
+release ``distrpc`` binary), the Rust front's own ``distrpc bench latency``, ``remote`` and
+``bandwidth`` (16 and 128 MiB, one size per block) run in the same blocks, every pair stopped,
+and a last line gives the Python no-op over the Rust one, each front's ``remote`` +
+``to_here`` over its own no-op, and the Python bandwidth over the Rust one at each size.
 """
 
 from __future__ import annotations
@@ -143,21 +144,28 @@ def _plan(calls: int, quick: bool) -> list[tuple]:
     return plan
 
 
-#: The workloads the Rust front's own benchmark (``distrpc bench``) measures alike.
-RUST_WORKLOADS = ("latency", "remote")
+#: The workloads the Rust front's own benchmark (``distrpc bench``) measures alike, and the
+#: tensor sizes its ``bandwidth`` runs at in the same blocks (issue 9's targets are at these).
+RUST_WORKLOADS = ("latency", "remote", "bandwidth")
+RUST_SIZES = (16 << 20, 128 << 20)
 
 
-def _rust_block(binary: str, name: str, calls: int) -> float:
-    """``binary bench name``'s p50 (µs): the Rust front's own processes, the same workload."""
+def _rust_block(binary: str, name: str, args: tuple) -> float:
+    """The Rust front's own processes on the same workload: ``binary bench name``'s p50
+    (µs), or its GB/s for the one tensor size ``args[0]`` of ``bandwidth``."""
+    if name == "bandwidth":
+        more, field = ["--bytes", str(args[0])], "gb_per_s"
+    else:
+        more, field = ["--calls", str(args[-1])], "p50_us"
     out = subprocess.run(
-        [binary, "bench", name, "--calls", str(calls)],
+        [binary, "bench", name, *more],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     ).stdout
     (line,) = (json.loads(raw) for raw in out.splitlines() if raw.startswith("{"))
-    return line["p50_us"]
+    return line[field]
 
 
 def run_pairs(
@@ -166,8 +174,9 @@ def run_pairs(
     """Every two-process workload on each of ``impls``: their pairs of processes are up at
     once and take the workloads in alternating blocks (A B B A ...), so that a slow minute of
     this shared machine falls on both alike; the pair not measuring is stopped. With ``rust``
-    (the ``distrpc`` binary), its own ``latency`` and ``remote`` run in the same blocks, every
-    pair stopped: a ``rust`` line of their p50s (the median over blocks)."""
+    (the ``distrpc`` binary), its own ``latency``, ``remote`` and ``bandwidth`` at 16 and
+    128 MiB run in the same blocks, every pair stopped: ``rust`` lines of their p50s and GB/s
+    (the median over blocks)."""
     ctx = mp.get_context("spawn")
     pairs: dict = {}
     lines: dict[str, list[dict]] = {}
@@ -192,21 +201,27 @@ def run_pairs(
         # Each block does its share of the run's count (the last argument).
         share = (*args[:-1], max(1, args[-1] // blocks))
         got: dict[str, list] = {impl: [] for impl in impls}
-        rust_p50s = []
+        rust_blocks = []
+        with_rust = rust is not None and name in RUST_WORKLOADS
+        if name == "bandwidth" and args[0] not in RUST_SIZES:
+            with_rust = False
         for block in range(blocks):
             for impl in impls if block % 2 == 0 else impls[::-1]:
                 _only_running(pairs, impl)
                 _, commands, results, _ = pairs[impl]
                 commands.put((name, *share))
                 got[impl].append(results.get(timeout=900))
-            if rust is not None and name in RUST_WORKLOADS:
+            if with_rust:
                 _only_running(pairs, "")  # every pair stopped
-                rust_p50s.append(_rust_block(rust, name, share[-1]))
+                rust_blocks.append(_rust_block(rust, name, share))
         for impl in impls:
             lines[impl].append(_summary(name, args, got[impl]))
-        if rust_p50s:
-            p50 = sorted(rust_p50s)[len(rust_p50s) // 2]
-            lines.setdefault("rust", []).append({"workload": name, "p50_us": p50})
+        if rust_blocks:
+            median = sorted(rust_blocks)[len(rust_blocks) // 2]
+            line = {"workload": name, "p50_us": median}
+            if name == "bandwidth":
+                line = {"workload": name, "bytes": args[0], "gb_per_s": median}
+            lines.setdefault("rust", []).append(line)
     _only_running(pairs, None)
     for impl, (procs, commands, results, _) in pairs.items():
         commands.put(None)
@@ -307,10 +322,13 @@ def rss() -> dict:
 
 
 def _against_rust(python: list[dict], rust: list[dict]) -> dict:
-    """The Python front's no-op against the Rust front's, and each front's ``remote`` +
-    ``to_here`` against its own no-op (p50s of the same blocks)."""
+    """The Python front's no-op against the Rust front's, each front's ``remote`` +
+    ``to_here`` against its own no-op (p50s of the same blocks), and the Python front's
+    bandwidth against the Rust front's at each size both ran."""
     py = {line["workload"]: line["p50_us"] for line in python if "p50_us" in line}
-    rs = {line["workload"]: line["p50_us"] for line in rust}
+    rs = {line["workload"]: line["p50_us"] for line in rust if "p50_us" in line}
+    py_gbps = {line["bytes"]: line["gb_per_s"] for line in python if "gb_per_s" in line}
+    rs_gbps = {line["bytes"]: line["gb_per_s"] for line in rust if "gb_per_s" in line}
     return {
         "workload": "latency",
         "field": "p50_us",
@@ -318,6 +336,9 @@ def _against_rust(python: list[dict], rust: list[dict]) -> dict:
         "remote_over_latency": {
             "python": round(py["remote"] / py["latency"], 3),
             "rust": round(rs["remote"] / rs["latency"], 3),
+        },
+        "bandwidth_over_rust": {
+            str(n): round(py_gbps[n] / gbps, 3) for n, gbps in rs_gbps.items() if n in py_gbps
         },
     }
 

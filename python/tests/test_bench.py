@@ -25,8 +25,12 @@ def _quick(module: str, *more: str) -> list[dict]:
 
 
 #: Stands for the ``distrpc`` binary: ``bench NAME --calls N`` prints NAME's line, its p50
-#: 10 µs for the no-op and 25 µs for ``remote``.
+#: 10 µs for the no-op and 25 µs for ``remote``; ``bench bandwidth --bytes N`` 2 GB/s.
 _FAKE_RUST = """#!/bin/sh
+if [ "$2" = bandwidth ]; then
+  echo '{"workload": "bandwidth", "bytes": '"$4"', "gb_per_s": 2.0}'
+  exit 0
+fi
 p50=10.0
 [ "$2" = remote ] && p50=25.0
 echo '{"workload": "'"$2"'", "calls": '"$4"', "p50_us": '"$p50"'}'
@@ -47,7 +51,8 @@ def test_bench_quick_prints_every_workload_and_the_ratios_to_rust(tmp_path):
     assert rust_lines == [
         {"workload": "latency", "p50_us": 10.0, "impl": "rust"},
         {"workload": "remote", "p50_us": 25.0, "impl": "rust"},
-    ]
+        {"workload": "bandwidth", "bytes": 16 << 20, "gb_per_s": 2.0, "impl": "rust"},
+    ]  # (a quick run sends 16 MiB at most)
     python = {
         line["workload"]: line["p50_us"]
         for line in lines
@@ -58,6 +63,12 @@ def test_bench_quick_prints_every_workload_and_the_ratios_to_rust(tmp_path):
         "python": round(python["remote"] / python["latency"], 3),
         "rust": 2.5,
     }
+    (gbps,) = (
+        line["gb_per_s"]
+        for line in lines
+        if line["impl"] == "distrpc" and line.get("bytes") == 16 << 20
+    )
+    assert ratios["bandwidth_over_rust"] == {str(16 << 20): round(gbps / 2.0, 3)}
 
 
 def test_bench_train_quick_prints_every_workload():

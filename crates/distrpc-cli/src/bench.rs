@@ -27,6 +27,10 @@ pub(crate) struct BenchArgs {
     /// instructions per call.
     #[arg(long)]
     calls: Option<usize>,
+    /// Only this tensor size in `bandwidth`, in bytes (default: 4 KiB, 1, 16 and 128 MiB);
+    /// `python -m distrpc.bench --rust` runs one size per block.
+    #[arg(long)]
+    bytes: Option<usize>,
     /// Workloads to run (default: all): latency, latency_busy, latency_pool, echo, throughput,
     /// bandwidth, remote, scaling, memory, raw, tls (latency and bandwidth over mutual TLS, as
     /// ratios to plain TCP measured in the same run).
@@ -81,22 +85,29 @@ struct Scale {
     calls: usize,
     seconds: f64,
     quick: bool,
+    /// The one tensor size of `bandwidth`; 0 for all of [`SIZES`].
+    bytes: usize,
 }
 
 impl Scale {
     fn arg(self) -> String {
-        format!("{}:{}:{}", self.calls, self.seconds, self.quick)
+        format!(
+            "{}:{}:{}:{}",
+            self.calls, self.seconds, self.quick, self.bytes
+        )
     }
 
     fn parse(s: &str) -> anyhow::Result<Self> {
         let mut it = s.split(':');
-        let (Some(c), Some(sec), Some(q)) = (it.next(), it.next(), it.next()) else {
+        let (Some(c), Some(sec), Some(q), Some(b)) = (it.next(), it.next(), it.next(), it.next())
+        else {
             bail!("bad scale {s:?}");
         };
         Ok(Self {
             calls: c.parse()?,
             seconds: sec.parse()?,
             quick: q.parse()?,
+            bytes: b.parse()?,
         })
     }
 }
@@ -118,16 +129,19 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             calls: 300,
             seconds: 0.2,
             quick: true,
+            bytes: 0,
         }
     } else {
         Scale {
             calls: 20_000,
             seconds: 3.0,
             quick: false,
+            bytes: 0,
         }
     };
     let scale = Scale {
         calls: args.calls.unwrap_or(scale.calls),
+        bytes: args.bytes.unwrap_or(0),
         ..scale
     };
     for w in chosen {
@@ -262,7 +276,12 @@ fn measure(rpc: &Rpc, workload: &str, scale: Scale) -> anyhow::Result<()> {
             }
         }
         "bandwidth" => {
-            for bytes in SIZES {
+            let one = [scale.bytes];
+            for &bytes in if scale.bytes == 0 {
+                &SIZES[..]
+            } else {
+                &one[..]
+            } {
                 let gbps = bandwidth(rpc, bytes, scale)?;
                 println!(
                     "{{\"workload\": \"bandwidth\", \"bytes\": {bytes}, \"gb_per_s\": {gbps:.3}}}"
