@@ -87,6 +87,11 @@ def _again(rank, world_size, init_method, results):
             "same": [
                 repr(rpc.rpc_sync("worker1", _same, args=(v,))) for v in values for _ in "abc"
             ],
+            "async": [
+                repr(rpc.rpc_async("worker1", _same, args=(v,)).wait())
+                for v in values
+                for _ in "ab"
+            ],
             "list_args": [rpc.rpc_sync("worker1", _same, args=[5]) for _ in range(3)],
             "remote": [rpc.remote("worker1", _same, args=(3,)).to_here() for _ in range(3)],
             "named": [rpc.rpc_sync("worker1", _named) for _ in range(3)],
@@ -104,9 +109,11 @@ def _again(rank, world_size, init_method, results):
             ]
         rpc.rpc_sync("worker1", _rebind)
         out["named"].append(rpc.rpc_sync("worker1", _named))  # found by its name there
-        for _ in range(3):
+        for call in (rpc.rpc_sync, rpc.rpc_sync, rpc.rpc_sync, rpc.rpc_async, rpc.rpc_async):
             try:
-                rpc.rpc_sync("worker1", _fails)
+                got = call("worker1", _fails)
+                if call is rpc.rpc_async:
+                    got.wait()
             except KeyError as e:
                 out["errors"].append(str(e))
     rpc.shutdown()
@@ -123,7 +130,8 @@ def test_calls_made_again_run_and_answer_as_the_first_time(run_group):
     if "tensors" in out:
         expected = [[[float(i)] * 3] * 2 for i in range(4)]
         assert out["tensors"] == out["remote_tensors"] == expected
-    assert len(out["errors"]) == 3
+    assert out["async"] == [repr(v) for v in (1, True, 1.0, -0.0, None, "s", b"b") for _ in "ab"]
+    assert len(out["errors"]) == 5
     for error in out["errors"]:
         assert error.startswith("'KeyError: On WorkerInfo(id=1, name=worker1):")
         assert "purpose" in error

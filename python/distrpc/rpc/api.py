@@ -261,10 +261,11 @@ class _State:
             fut.set_result(payload)
             return
         try:
-            value = _internal.deserialize(payload, buffers, sender)
-            if recording is not None:
-                value = recording.received(value)
-            value = _internal._handle_exception(value)
+            if recording is None:
+                value = _internal.reply_value(payload, buffers, sender)
+            else:
+                value = recording.received(_internal.deserialize(payload, buffers, sender))
+                value = _internal._handle_exception(value)
         except Exception as e:  # the remote exception, as the result
             fut.set_exception(e)
             return
@@ -411,17 +412,29 @@ def rpc_sync(
     ``func`` may also be a name: the function registered under it on ``to`` — a Rust
     ``#[distrpc::function]`` or a Python ``@distrpc.function(name=...)`` — called with
     ``args`` in MessagePack (see :mod:`distrpc._named`); its error is a ``RuntimeError``."""
-    state = _state.current
-    if state is not None and not kwargs and type(to) is str:
-        # A plain call made before (`_internal.remembered_call`), the common small call:
-        # the bytes the general path would send, without its layers.
-        remembered = _internal.remembered_call(func, args)
-        rank = state.ranks.get(to)
-        if remembered is not None and rank is not None and not _profiler.active():
-            name, seconds = _internal.qualname(func), _timeout(timeout)
-            reply = _pool.waiting(state.agent.rpc_sync, to, name, *remembered, seconds)
-            return _internal.reply_value(*reply, rank)
+    quick = _made_before(to, func, args, kwargs)
+    if quick is not None:
+        state, rank, name, payload, buffers = quick
+        reply = _pool.waiting(state.agent.rpc_sync, to, name, payload, buffers, _timeout(timeout))
+        return _internal.reply_value(*reply, rank)
     return _dispatch("sync", _sync, to, func, args, kwargs, timeout)
+
+
+def _made_before(to: Any, func: Any, args: Any, kwargs: Any) -> tuple | None:
+    """For a call of ``func`` to worker ``to`` (by name) made before, the common small call:
+    ``(state, rank, name, payload, buffers)``, the bytes the general path would send found
+    without its layers (:func:`distrpc._internal.remembered_call`). ``None`` for any other
+    call, and while torch's profiler is on."""
+    state = _state.current
+    if state is None or kwargs or type(to) is not str:
+        return None
+    remembered = _internal.remembered_call(func, args)
+    if remembered is None:
+        return None
+    rank = state.ranks.get(to)
+    if rank is None or _profiler.active():
+        return None
+    return state, rank, _internal.qualname(func), *remembered
 
 
 def _dispatch(
@@ -496,6 +509,15 @@ def rpc_async(
     """Like :func:`rpc_sync`, without waiting: returns a future — ``torch.futures.Future`` when
     the program uses torch, :class:`distrpc.futures.Future` otherwise (the same API). ``func``
     may be a name, as for :func:`rpc_sync`."""
+    quick = _made_before(to, func, args, kwargs)
+    if quick is not None:
+        state, rank, name, payload, buffers = quick
+        fut = _state.future()
+        start = functools.partial(
+            state.agent.rpc_async, to, name, payload, buffers, _timeout(timeout)
+        )
+        state.track(start, fut, rank)
+        return fut
     return _dispatch("async", _async, to, func, args, kwargs, timeout)
 
 
@@ -619,13 +641,10 @@ def remote(
     """Runs ``func(*args, **kwargs)`` on ``to`` and keeps the result there, behind the returned
     :class:`RRef` (torch's ``remote``). Returns at once; a failure surfaces when the reference
     is used."""
-    state = _state.current
-    if state is not None and not kwargs and type(to) is str:
-        # A call made before (see rpc_sync): the bytes the general path would send.
-        remembered = _internal.remembered_call(func, args)
-        if remembered is not None and to in state.ranks and not _profiler.active():
-            name, seconds = _internal.qualname(func), _timeout(timeout)
-            return RRef(_handle=state.agent.remote(to, name, *remembered, seconds))
+    quick = _made_before(to, func, args, kwargs)
+    if quick is not None:
+        state, _, name, payload, buffers = quick
+        return RRef(_handle=state.agent.remote(to, name, payload, buffers, _timeout(timeout)))
     state = _require()
     if isinstance(func, str):
         raise TypeError(
