@@ -11,12 +11,14 @@ A buffer crosses into Rust as ``(address, length, owner)``: the owner keeps the 
 while Rust holds it; on the way back, ``owner`` is the Rust-side tensor and the view is a
 ctypes array over its address that keeps it alive.
 
-Three shortcuts keep the common messages cheap, each producing the very bytes the pickler
-would: a call of a plain function on atoms goes through ``pickle.dumps``; a plain tensor alone,
-or a call of a Python function on plain tensors alone, is pickled once per shape and then
-remembered at both ends (``_shaped_pickle``); a call made in a distributed autograd context
-carries the context's id as a fourth element (``_wire``), its tensors that require grad their
-own ``(context, message, index)``.
+Shortcuts keep the common messages cheap, each producing the very bytes the pickler would: a
+call of a plain function on atoms goes through ``pickle.dumps``; a plain tensor alone, or a
+call of a Python function on plain tensors alone, is pickled once per shape and then
+remembered at both ends (``_shaped_pickle``); a call made again is found whole by the caller
+(``remembered_call``) and run by the callee without unpickling (``run_remembered``), its
+tensors handed to torch over the receive buffer as DLPack capsules (``_received``); a call
+made in a distributed autograd context carries the context's id as a fourth element
+(``_wire``), its tensors that require grad their own ``(context, message, index)``.
 
 Example (a call and its result, as the front sends them)::
 
