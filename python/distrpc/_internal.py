@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copyreg
 import ctypes
+import functools
 import io
 import pickle
 import sys
@@ -461,6 +462,10 @@ _seen_once: set[bytes] = set()
 _ATOM_PICKLE_LIMIT = 64
 #: What :func:`_plain_message` returns for bytes it does not know (``None`` is a value).
 _UNKNOWN = object()
+#: What starts a call made again in a distributed autograd context: then the context's id
+#: (8 bytes, little-endian), then the call as pickled outside one (a pickle starts with
+#: PROTO, 0x80). The callee runs it as the ``(func, args, kwargs, context_id)`` of ``_wire``.
+_IN_CONTEXT = b"\x00"
 #: The most common result, pickled (``pickle.dumps`` makes a pickler for each call).
 _PICKLED_NONE = pickle.dumps(None, protocol=5)
 
@@ -493,20 +498,31 @@ def _plain_call_pickle(call: tuple) -> bytes | None:
     return data
 
 
-def remembered_call(func: Any, args: Any) -> tuple[bytes, list[Buffer]] | None:
+def remembered_call(func: Any, args: Any, to: int | None = None) -> tuple | None:
     """What :func:`serialize` sends for a call of ``func`` on ``args`` (without keyword
-    arguments) when this worker made it before and remembered its pickle — a call of a plain
-    function on atoms (:func:`_plain_call_pickle`) or on plain tensors of the same shapes
-    (:func:`_shaped_pickle`) — the default pickler is in use and the thread is in no
-    distributed autograd context: the call made again, found without the general path's
-    layers. ``None`` otherwise (then :func:`serialize` says)."""
+    arguments) to worker ``to`` when this worker made it before and remembered its pickle — a
+    call of a plain function on atoms (:func:`_plain_call_pickle`) or on plain tensors of the
+    same shapes (:func:`_shaped_pickle`) — and the default pickler is in use: the call made
+    again, found without the general path's layers. In a distributed autograd context, the
+    context's id goes before it (:data:`_IN_CONTEXT`; such a call has no tensor that requires
+    grad: nothing to record). ``None`` otherwise (then :func:`serialize` says)."""
     if (
         type(func) is not types.FunctionType
         or _default_pickler is not _internal_rpc_pickler
         or _internal_rpc_pickler._class_reducer_dict
-        or _autograd.running_in.context is not None
     ):
         return None
+    found = _remembered_call(func, args)
+    ctx = _autograd.running_in.context
+    if found is None or ctx is None:
+        return found
+    if to is not None:
+        ctx.reached(to)
+    return _IN_CONTEXT + ctx.id.to_bytes(8, "little") + found[0], found[1]
+
+
+def _remembered_call(func: Any, args: Any) -> tuple | None:
+    """:func:`remembered_call` outside a context."""
     if not args:
         key = func
     elif type(args) is not tuple:
@@ -591,13 +607,22 @@ def reply_value(data: bytes, buffers: list[Buffer], sender: int | None) -> Any:
     return _handle_exception(deserialize(data, buffers, sender))
 
 
-def run_remembered(payload: bytes, buffers: list[Buffer], worker_info: Any) -> tuple | None:
-    """Runs ``payload`` if it is a call received before — of a plain function on atoms
-    (:data:`_plain_messages`) or on plain tensors (:data:`_shaped_messages`, over
-    ``buffers``) — of a function that is not ``@async_execution``, as :func:`run_udf` would
-    without its layers: ``(result,)``, the result, or the exception it raised as a
-    ``RemoteException`` if it raised one. ``None`` for any other payload (then
-    :func:`run_udf` runs it)."""
+def run_remembered(
+    payload: bytes, buffers: list[Buffer], worker_info: Any, sender: int | None = None
+) -> tuple | None:
+    """Runs ``payload`` from worker ``sender`` if it is a call received before — of a plain
+    function on atoms (:data:`_plain_messages`) or on plain tensors (:data:`_shaped_messages`,
+    over ``buffers``), made in a distributed autograd context or not (:data:`_IN_CONTEXT`) —
+    of a function that is not ``@async_execution``, as :func:`run_udf` would without its
+    layers: ``(result, context)``, the result, or the exception it raised as a
+    ``RemoteException`` if it raised one, and the context it ran in (``None`` for none: the
+    result is pickled in it). ``None`` for any other payload (then :func:`run_udf` runs
+    it)."""
+    context_id = None
+    if payload[:1] == _IN_CONTEXT:
+        if sender is None:
+            return None
+        context_id, payload = int.from_bytes(payload[1:9], "little"), payload[9:]
     if buffers:
         known = _shaped_messages.get(payload)
         if known is None or known[0] is None or len(known[1]) != len(buffers):
@@ -617,10 +642,17 @@ def run_remembered(payload: bytes, buffers: list[Buffer], worker_info: Any) -> t
         # From here the received buffers live as long as the tensors made of them (as in
         # run_udf).
         buffers.clear()
+    if items:
+        func = functools.partial(func, **dict(items))
+    ctx = None
     try:
-        return (func(*args, **dict(items)) if items else func(*args),)
+        if context_id is None:
+            return func(*args), None
+        # As run_udf runs a call made in a context: joined, and run in it.
+        ctx = _autograd.join(context_id, sender)
+        return _autograd.call_in(ctx, func, *args), ctx
     except Exception as e:
-        return (_failure(e, worker_info),)
+        return _failure(e, worker_info), ctx
 
 
 def _rebuild_plain(buffer: Any, code: int, shape: tuple) -> Any:
@@ -740,6 +772,10 @@ class _InternalRPCPickler:
     def deserialize(
         self, data: bytes, buffers: list[Buffer] = (), sender: int | None = None
     ) -> Any:
+        if data[:1] == _IN_CONTEXT:  # a call made again in a context (remembered_call)
+            context_id = int.from_bytes(data[1:9], "little")
+            call = self.deserialize(data[9:], buffers, sender)
+            return (*call, context_id) if type(call) is tuple and len(call) == 3 else call
         # References inside are forks `sender` made; they are collected for the caller to
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
@@ -850,11 +886,19 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
             known = _tensor_pickle(obj)
             if known is not None:
                 return known
-    plain = (
-        _default_pickler is _internal_rpc_pickler
-        and not _internal_rpc_pickler._class_reducer_dict
-        and _plain(obj)
+    default = (
+        _default_pickler is _internal_rpc_pickler and not _internal_rpc_pickler._class_reducer_dict
     )
+    plain = default and _plain(obj)
+    if ctx is not None and default and type(obj) is PythonUDF:
+        # In a distributed autograd context, a call without a tensor that requires grad (of
+        # atoms, or of plain tensors alone) goes as outside one, its context's id before it:
+        # what remembered_call sends when it is made again.
+        made = _call_pickle(tuple(obj), plain)
+        if made is not None:
+            if to is not None:
+                ctx.reached(to)
+            return _IN_CONTEXT + ctx.id.to_bytes(8, "little") + made[0], made[1]
     if ctx is None:
         obj = _wire(obj, None)
     else:
@@ -864,17 +908,8 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         if to is not None:
             ctx.reached(to)
     if plain:
-        if type(obj) is tuple:
-            data = _plain_call_pickle(obj)
-            if data is not None:
-                return data, []
-        return pickle.dumps(obj, protocol=5), []
-    if (
-        _torch is not None
-        and ctx is None
-        and _default_pickler is _internal_rpc_pickler
-        and not _internal_rpc_pickler._class_reducer_dict
-    ):
+        return _call_pickle(obj, True)
+    if _torch is not None and ctx is None and default:
         shaped = _shaped_pickle(obj)
         if shaped is not None:
             return shaped
@@ -886,6 +921,17 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         _encoding.to = previous
         if ctx is not None:
             _autograd.sent(recording)
+
+
+def _call_pickle(obj: Any, plain: bool) -> tuple[bytes, list[Buffer]] | None:
+    """``obj`` — a plain object (``plain``: :func:`_plain` said so), or a call as :func:`_wire`
+    makes it outside a context — pickled by the shortcuts: a plain call from what was
+    remembered, a plain object by ``pickle.dumps``, a call of a plain function on plain
+    tensors by :func:`_shaped_pickle`; ``None`` for anything else."""
+    if plain:
+        data = _plain_call_pickle(obj) if type(obj) is tuple else None
+        return (data if data is not None else pickle.dumps(obj, protocol=5)), []
+    return None if _torch is None else _shaped_pickle(obj)
 
 
 def deserialize(data: bytes, buffers: list[Buffer] = (), sender: int | None = None) -> Any:

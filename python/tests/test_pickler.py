@@ -232,8 +232,12 @@ def test_a_call_made_again_is_remembered_only_where_serialize_would_send_those_b
     assert _internal.remembered_call(operator.add, (1, 2)) is None  # not a Python function
     ctx = _autograd.new_context()
     try:
-        with _autograd.running(ctx):  # a call in a context carries its id
-            assert _internal.remembered_call(_plain_function, args) is None
+        with _autograd.running(ctx):  # a call in a context carries its id, before the call
+            sent = _internal.serialize(_internal.PythonUDF(_plain_function, args, {}), 3)
+            assert _internal.remembered_call(_plain_function, args, 3) == sent
+        assert sent[0].startswith(_internal._IN_CONTEXT) and sent[0].endswith(data)
+        assert _internal.deserialize(*sent, 3) == (_plain_function, args, {}, ctx.id)
+        assert ctx.workers() == {3}
     finally:
         _autograd.release(ctx.id)
     pickler = _internal._InternalRPCPickler()
@@ -273,15 +277,16 @@ def test_a_plain_call_received_before_runs_as_run_udf_runs_it(monkeypatch):
     assert _internal.run_remembered(data, [], "worker") is None  # never received
     _internal.deserialize(data)
     _internal.deserialize(data)  # the second time: checked and remembered
-    (failure,) = _internal.run_remembered(data, [], "worker")
+    failure, ctx = _internal.run_remembered(data, [], "worker")
+    assert ctx is None
     assert failure.exception_type is KeyError
     assert failure.msg.startswith("On worker:\nKeyError('from the remembered call')")
     data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, (5,), {"b": 6}))
     for _ in range(2):
         _internal.deserialize(data)
-    assert _internal.run_remembered(data, [], "worker") == (5,)
+    assert _internal.run_remembered(data, [], "worker") == (5, None)
     monkeypatch.setattr(__import__(__name__), "_plain_function", lambda a, b: a + b)
-    assert _internal.run_remembered(data, [], "worker") == (11,)  # found by its name again
+    assert _internal.run_remembered(data, [], "worker") == (11, None)  # found by its name again
     # An @async_execution function answers later, from its future: run_udf runs it.
     data, _ = _internal.serialize(_internal.PythonUDF(_run_async, (), {}))
     for _ in range(2):
@@ -310,6 +315,27 @@ def test_calls_on_tensors_and_tensors_alone_made_again_are_sent_as_the_pickler_s
     assert second[0] in _internal._shaped_messages
 
 
+def _context_here():
+    from distrpc import _autograd
+
+    return _autograd.current().id
+
+
+def test_a_call_made_again_in_a_context_runs_in_it_as_run_udf_runs_it():
+    from distrpc import _autograd
+
+    ctx = _autograd.new_context()
+    try:
+        with _autograd.running(ctx):
+            data, _ = _internal.serialize(_internal.PythonUDF(_context_here, (), {}), 3)
+        for _ in range(2):  # the call as made outside a context is checked and remembered
+            assert _internal.deserialize(data, [], 3) == (_context_here, (), {}, ctx.id)
+        assert _internal.run_remembered(data, [], "worker") is None  # in a context: from a peer
+        assert _internal.run_remembered(data, [], "worker", 3) == (ctx.id, ctx)
+    finally:
+        _autograd.release(ctx.id)
+
+
 def test_a_call_on_tensors_received_before_runs_over_the_received_buffers():
     torch = pytest.importorskip("torch")
     x = torch.arange(4, dtype=torch.float64)
@@ -317,7 +343,7 @@ def test_a_call_on_tensors_received_before_runs_over_the_received_buffers():
     assert _internal.run_remembered(data, list(buffers), "worker") is None  # never received
     _internal.deserialize(data, buffers)  # checked: remembered
     received = list(buffers)
-    (back,) = _internal.run_remembered(data, received, "worker")
+    back, _ = _internal.run_remembered(data, received, "worker")
     assert torch.equal(back, x) and back.data_ptr() == x.data_ptr()  # over the buffer itself
     assert received == []  # the tensors keep the buffers from here
     assert _internal.run_remembered(data, [], "worker") is None  # another count of buffers

@@ -204,9 +204,13 @@ class _State:
                 return
             if this is None:
                 # A call received before, the common small call: run at once.
-                ran = _internal.run_remembered(payload, buffers, self.me)
+                ran = _internal.run_remembered(payload, buffers, self.me, caller)
                 if ran is not None:
-                    self._reply(call, keep, caller, ran[0])
+                    result, ctx = ran
+                    if ctx is None:
+                        self._reply(call, keep, caller, result)
+                    else:  # its result pickled in the context it ran in
+                        _autograd.call_in(ctx, self._reply, call, keep, caller, result)
                     return
             answer = functools.partial(self._reply, call, keep, caller)
             _internal.run_udf(payload, buffers, self.me, answer, this, caller)
@@ -428,11 +432,11 @@ def _made_before(to: Any, func: Any, args: Any, kwargs: Any) -> tuple | None:
     state = _state.current
     if state is None or kwargs or type(to) is not str:
         return None
-    remembered = _internal.remembered_call(func, args)
-    if remembered is None:
-        return None
     rank = state.ranks.get(to)
     if rank is None or _profiler.active():
+        return None
+    remembered = _internal.remembered_call(func, args, rank)
+    if remembered is None:
         return None
     return state, rank, _internal.qualname(func), *remembered
 
