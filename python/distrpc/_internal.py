@@ -375,46 +375,41 @@ def _shaped_pickle(obj: Any) -> tuple[bytes, list[Buffer]] | None:
     """``obj`` — a tensor, or a call as :func:`_wire` makes it — pickled as the pickler
     pickles it, without the pickler once the same shapes were seen (see above); ``None`` if
     it is neither a plain tensor alone nor a call of a plain function on plain tensors."""
-    if type(obj) is tuple:
-        if (
-            len(obj) != 3
-            or type(obj[0]) is not types.FunctionType
-            or type(obj[2]) is not dict
-            or obj[2]
-            or not obj[1]
-        ):
-            return None
-        tensors = obj[1]
-        if type(tensors) is not tuple:
-            return None
-        shapes = _shapes(tensors)
-        key = None if shapes is None else (obj[0], shapes)
-    else:
-        tensors = (obj,)
-        shapes = _shapes(tensors)
-        key = None if shapes is None else shapes[0]
-    if key is None:
+    if type(obj) is not tuple:
+        return _shaped(None, (obj,), True)
+    if (
+        len(obj) != 3
+        or type(obj[0]) is not types.FunctionType
+        or type(obj[1]) is not tuple
+        or not obj[1]
+        or type(obj[2]) is not dict
+        or obj[2]
+    ):
         return None
+    return _shaped(obj[0], obj[1], True)
+
+
+def _shaped(func: Any, tensors: tuple, make: bool) -> tuple[bytes, list[Buffer]] | None:
+    """The pickle of ``tensors[0]`` alone (``func`` ``None``) or of a call of ``func`` on
+    ``tensors``, and the tensors' memory lent, from what :data:`_shaped_pickles` remembers —
+    pickled and remembered first if ``make`` — while ``func`` is still found by its name;
+    ``None`` if they are not plain tensors, distinct (or not remembered, without ``make``)."""
+    shapes = _shapes(tensors)
+    if shapes is None:
+        return None
+    key = shapes[0] if func is None else (func, shapes)
     data = _shaped_pickles.get(key)
     if data is None:
-        data, buffers = _internal_rpc_pickler.serialize(obj)
+        if not make:
+            return None
+        data, buffers = _internal_rpc_pickler.serialize(
+            tensors[0] if func is None else (func, tensors, {})
+        )
         _remember(_shaped_pickles, key, data)
         return data, buffers
-    if type(obj) is tuple and not _still_named(obj[0]):
+    if func is not None and not _still_named(func):
         return None
     return data, [(t.data_ptr(), t.nbytes, t) for t in tensors]
-
-
-def _tensor_pickle(tensor: Any) -> tuple[bytes, list[Buffer]] | None:
-    """A plain tensor alone as :func:`_shaped_pickle` pickles it, if it pickled one of these
-    dtype and shape before and the default pickler is in use; ``None`` otherwise."""
-    if _default_pickler is not _internal_rpc_pickler or _internal_rpc_pickler._class_reducer_dict:
-        return None
-    code = _plain_code(tensor, _torch)
-    data = None if code is None else _shaped_pickles.get((code, tensor.shape))
-    if data is None:
-        return None
-    return data, [(tensor.data_ptr(), tensor.nbytes, tensor)]
 
 
 def _shaped_message(data: bytes, buffers: list[Buffer]) -> Any:
@@ -516,9 +511,23 @@ def remembered_call(func: Any, args: Any, to: int | None = None) -> tuple | None
     ctx = _autograd.running_in.context
     if found is None or ctx is None:
         return found
+    return _in_context(ctx, to, found)
+
+
+def _in_context(ctx: Any, to: int | None, made: tuple) -> tuple[bytes, list[Buffer]]:
+    """``made``, a call pickled as outside a context, sent to ``to`` in the context ``ctx``
+    (:data:`_IN_CONTEXT`)."""
     if to is not None:
         ctx.reached(to)
-    return _IN_CONTEXT + ctx.id.to_bytes(8, "little") + found[0], found[1]
+    return _IN_CONTEXT + ctx.id.to_bytes(8, "little") + made[0], made[1]
+
+
+def _context_of(data: bytes) -> tuple[int | None, bytes]:
+    """The context a call was sent in (``None`` for none) and the call as pickled outside
+    one (:func:`_in_context`)."""
+    if data[:1] != _IN_CONTEXT:
+        return None, data
+    return int.from_bytes(data[1:9], "little"), data[9:]
 
 
 def _remembered_call(func: Any, args: Any) -> tuple | None:
@@ -528,11 +537,7 @@ def _remembered_call(func: Any, args: Any) -> tuple | None:
     elif type(args) is not tuple:
         return None
     elif _torch is not None and type(args[0]) is _torch.tensor:
-        shapes = _shapes(args)
-        data = None if shapes is None else _shaped_pickles.get((func, shapes))
-        if data is None or not _still_named(func):
-            return None
-        return data, [(t.data_ptr(), t.nbytes, t) for t in args]
+        return _shaped(func, args, False)
     else:
         key = (func, tuple(map(type, args)), args)
     try:
@@ -591,19 +596,25 @@ def _check_plain(data: bytes, value: Any) -> None:
         _remember(_plain_messages, data, (*name, args, tuple(kwargs.items())))
 
 
+def _known(data: bytes, buffers: list[Buffer]) -> Any:
+    """What ``data`` unpickles to over ``buffers`` if this worker checked it before (a plain
+    message or a shaped one); :data:`_UNKNOWN` otherwise."""
+    if not buffers:
+        return _plain_message(data)
+    if _torch is not None:
+        value = _shaped_message(data, buffers)
+        if value is not None:
+            return value
+    return _UNKNOWN
+
+
 def reply_value(data: bytes, buffers: list[Buffer], sender: int | None) -> Any:
     """The value a reply from worker ``sender`` carries; the callee's exception raised as
-    its original type (:func:`_handle_exception`). A small atom or a plain tensor alone
-    received before is known by its bytes."""
-    if not buffers:
-        known = _plain_messages.get(data)
-        if known is not None and len(known) == 1:
-            return known[0]
-    elif len(buffers) == 1:
-        known = _shaped_messages.get(data)
-        if known is not None and known[0] is None:
-            ((code, shape),) = known[1]
-            return _received(buffers[0], code, shape)
+    its original type (:func:`_handle_exception`). A reply received before (a small atom, a
+    plain tensor alone) is known by its bytes."""
+    value = _known(data, buffers)
+    if value is not _UNKNOWN:
+        return value  # (never an exception)
     return _handle_exception(deserialize(data, buffers, sender))
 
 
@@ -618,11 +629,9 @@ def run_remembered(
     ``RemoteException`` if it raised one, and the context it ran in (``None`` for none: the
     result is pickled in it). ``None`` for any other payload (then :func:`run_udf` runs
     it)."""
-    context_id = None
-    if payload[:1] == _IN_CONTEXT:
-        if sender is None:
-            return None
-        context_id, payload = int.from_bytes(payload[1:9], "little"), payload[9:]
+    context_id, payload = _context_of(payload)
+    if context_id is not None and sender is None:
+        return None
     if buffers:
         known = _shaped_messages.get(payload)
         if known is None or known[0] is None or len(known[1]) != len(buffers):
@@ -772,29 +781,23 @@ class _InternalRPCPickler:
     def deserialize(
         self, data: bytes, buffers: list[Buffer] = (), sender: int | None = None
     ) -> Any:
-        if data[:1] == _IN_CONTEXT:  # a call made again in a context (remembered_call)
-            context_id = int.from_bytes(data[1:9], "little")
-            call = self.deserialize(data[9:], buffers, sender)
+        context_id, data = _context_of(data)
+        if context_id is not None:  # a call made in a context (_in_context)
+            call = self.deserialize(data, buffers, sender)
             return (*call, context_id) if type(call) is tuple and len(call) == 3 else call
         # References inside are forks `sender` made; they are collected for the caller to
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
-        shaped = buffers and _torch is not None
-        if shaped:
-            value = _shaped_message(data, buffers)
-            if value is not None:
-                return value
-        elif not buffers:
-            value = _plain_message(data)
-            if value is not _UNKNOWN:
-                return value
+        value = _known(data, buffers)
+        if value is not _UNKNOWN:
+            return value
         try:
             value = pickle.loads(data, buffers=map(_view, buffers))
             if self is _internal_rpc_pickler:
-                if shaped:
-                    _check_shaped(data, value)
-                elif not buffers:
+                if not buffers:
                     _check_plain(data, value)
+                elif _torch is not None:
+                    _check_shaped(data, value)
             return value
         except AttributeError as e:
             # A function the callee cannot find (the seed's hint).
@@ -878,17 +881,17 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
     something in it cannot be pickled. (What the reducers would leave as it is goes through
     ``pickle.dumps`` directly: the same bytes, in half the time.)"""
     ctx = _autograd.running_in.context
+    default = (
+        _default_pickler is _internal_rpc_pickler and not _internal_rpc_pickler._class_reducer_dict
+    )
     if ctx is None:
         kind = type(obj)
         if kind in _ATOMS:  # a result, mostly: no reducer changes an atom
             return (_PICKLED_NONE if obj is None else pickle.dumps(obj, protocol=5)), []
-        if _torch is not None and kind is _torch.tensor:  # a result or a reference's value
-            known = _tensor_pickle(obj)
-            if known is not None:
-                return known
-    default = (
-        _default_pickler is _internal_rpc_pickler and not _internal_rpc_pickler._class_reducer_dict
-    )
+        if _torch is not None and kind is _torch.tensor and default:  # a result, a value
+            shaped = _shaped(None, (obj,), True)
+            if shaped is not None:
+                return shaped
     plain = default and _plain(obj)
     if ctx is not None and default and type(obj) is PythonUDF:
         # In a distributed autograd context, a call without a tensor that requires grad (of
@@ -896,9 +899,7 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         # what remembered_call sends when it is made again.
         made = _call_pickle(tuple(obj), plain)
         if made is not None:
-            if to is not None:
-                ctx.reached(to)
-            return _IN_CONTEXT + ctx.id.to_bytes(8, "little") + made[0], made[1]
+            return _in_context(ctx, to, made)
     if ctx is None:
         obj = _wire(obj, None)
     else:
