@@ -110,6 +110,41 @@ def test_rrefs_fork_through_arguments_and_results(run_group):
     assert out["freed"] == 0
 
 
+def _started(rank, world_size, init_method, results):
+    import distrpc.rpc as rpc
+    from distrpc.rpc.rref import call_on
+
+    join(rpc, rank, world_size, init_method, rpc_timeout=20)
+    out = None
+    if rank == 0:
+        counter = rpc.remote("worker1", collections.Counter, args=("hello",))
+        started = call_on(counter, "start", "most_common", (1,), {}, -1)
+        # Other calls to the same worker while this thread holds the connection for the reply.
+        between = [rpc.rpc_sync("worker1", len, args=("abc",)), counter.rpc_sync().total()]
+        out = {"between": between, "result": started.wait()}
+        try:
+            started.wait()
+        except RuntimeError as e:
+            out["again"] = str(e)
+        failing = call_on(counter, "start", "no_such_method", (), {}, -1)
+        try:
+            failing.wait()
+        except AttributeError as e:  # the owner's exception, as its own type
+            out["failure"] = str(e)
+        del counter
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def test_a_started_call_is_waited_for_later_by_the_thread_that_reads_its_reply(run_group):
+    out = run_group(_started, 2)[0]
+    assert out["between"] == [3, 5]
+    assert out["result"] == [("l", 2)]
+    assert out["again"] == "this call was already waited for"
+    assert out["failure"].startswith("AttributeError: On WorkerInfo(id=1, name=worker1):")
+    assert "no_such_method" in out["failure"]
+
+
 def test_rref_is_generic_in_its_value_type():
     import typing
 

@@ -15,7 +15,8 @@
 //! Here: the [`Agent`] (calling, gathering, shutting down) and the launcher. Beside it:
 //! [`buffers`] (memory lent and held without copies; [`dlpack`] hands it to torch), [`front`]
 //! (calls from peers, queued for the Python worker threads), [`value`] (Python objects behind
-//! references), [`rref`] (references as Python sees them), [`msgpack`].
+//! references), [`rref`] (references as Python sees them), [`started`] (calls waited for
+//! later by a thread that reads their reply itself), [`msgpack`].
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -31,6 +32,7 @@ mod dlpack;
 mod front;
 mod msgpack;
 mod rref;
+mod started;
 mod value;
 mod waits;
 
@@ -648,6 +650,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Call>()?;
     m.add_class::<Held>()?;
     m.add_class::<PyRRef>()?;
+    m.add_class::<started::Started>()?;
     // Whether this extension was built without optimisation (`maturin develop` without
     // `--release`): the benchmark says so, as its figures would be about half as good.
     m.add("DEBUG_BUILD", cfg!(debug_assertions))?;

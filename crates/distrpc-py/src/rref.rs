@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::buffers::{Loan, Pickled};
+use crate::started::Started;
 use crate::value::PyValue;
 use crate::waits::sending;
 use crate::{error, pickled, seconds, unpickled, wait};
@@ -66,6 +67,22 @@ impl PyRRef {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
         let fut = sending(py, || self.rref.rpc_sync_raw_future(call, timeout));
         unpickled(py, wait(py, fut)?)
+    }
+
+    /// Runs the pickled call on the owner with the object as its subject without waiting; the
+    /// thread that waits for it (`Started.wait`) reads the reply itself.
+    #[pyo3(signature = (function, payload, buffers, timeout=None))]
+    fn rpc_start(
+        &self,
+        py: Python<'_>,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        timeout: Option<f64>,
+    ) -> PyResult<Started> {
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
+        let fut = sending(py, || self.rref.rpc_start_raw(call, timeout));
+        Ok(Started::new(fut))
     }
 
     /// Runs the pickled call on the owner with the object as its subject, keeping the result

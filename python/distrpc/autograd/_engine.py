@@ -83,6 +83,18 @@ def _drive(ctx: Any, reached: list) -> None:
     failure: BaseException | None = None
     while True:
         messages = _by_message(reached)
+        if running == 0 and len(messages) == 1:
+            (((sender, message), items),) = messages.items()
+            if sender != me:
+                # A lone remote pass (a chain of stages, the common case): this thread waits
+                # for it as rpc_sync does, reading the answer itself — no hand-off through the
+                # thread completing futures, one wake-up instead of three.
+                args = (ctx.id, message, items)
+                error, reached = _outcome_of(_call_sync, sender, _propagate, args)
+                if error is not None:
+                    failure = failure or error
+                    reached = []
+                continue
         # The other workers' passes first, so that they run while this worker runs its own.
         for (sender, message), items in messages.items():
             if sender != me:
@@ -121,9 +133,25 @@ def _call(rank: int, function: Any, args: tuple) -> Any:
     return fut
 
 
+def _call_sync(rank: int, function: Any, args: tuple) -> Any:
+    """:func:`_call`, waited for: the calling thread reads the answer itself (as
+    ``rpc_sync``)."""
+    state = _state.require()
+    udf = _internal.PythonUDF(function, args, {})
+    payload, buffers = _autograd.call_in(None, _internal.serialize, udf, rank)
+    name, to = _internal.qualname(function), state.infos[rank].name
+    reply = _pool.waiting(state.agent.rpc_sync, to, name, payload, buffers, None)
+    return _internal.reply_value(*reply, rank)
+
+
 def _outcome(fut: Any) -> tuple:
+    return _outcome_of(fut.wait)
+
+
+def _outcome_of(wait: Any, *args: Any) -> tuple:
+    """``(None, wait(*args))``, or ``(the exception it raised, None)``."""
     try:
-        return None, fut.wait()
+        return None, wait(*args)
     except Exception as e:  # noqa: BLE001 - the worker's failure, raised by _drive
         return e, None
 

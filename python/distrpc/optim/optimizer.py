@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import autograd as dist_autograd
 from ..rpc import api
-from ..rpc.rref import RRef
+from ..rpc.rref import RRef, call_on
 
 
 class _LocalOptimizer:
@@ -68,9 +68,11 @@ class DistributedOptimizer:
         """Steps every owner's optimizer with its gradients in ``context_id``, all at once;
         raises the first failure (naming its worker) once all have answered."""
         # The others first, then this worker's own while they run (torch sends itself a call).
+        # Each other owner's step is a method call on its optimizer's reference (nothing to
+        # fork), whose answer this thread reads itself when it waits for it.
         local = [opt for opt in self.remote_optimizers if opt.is_owner()]
         futures = [
-            api.rpc_async(optimizer.owner(), _step, args=(optimizer, context_id))
+            call_on(optimizer, "start", "step", (context_id,), {}, -1)
             for optimizer in self.remote_optimizers
             if not optimizer.is_owner()
         ]

@@ -192,12 +192,28 @@ def call_with(rref: RRef, kind: str, udf: Any, name: str, timeout: float) -> Any
         return _internal._handle_exception(_internal.deserialize(*reply, owner))
     if kind == "remote":
         return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))
+    if kind == "start":
+        return _Started(handle.rpc_start(name, payload, buffers, _state.timeout(timeout)), owner)
     fut = _state.future()
     timeout = _state.timeout(timeout)
     state.track(
         lambda: state.agent.rref_rpc_async(handle, name, payload, buffers, timeout), fut, owner
     )
     return fut
+
+
+class _Started:
+    """A call :func:`call_with` started (kind "start"): sent, its reply read by the thread that
+    calls :meth:`wait` — one wake-up, where a future's result is read by one thread and handed
+    to the waiter by another. For a caller with work of its own to do before it waits."""
+
+    def __init__(self, started: Any, owner: int) -> None:
+        self._started, self._owner = started, owner
+
+    def wait(self) -> Any:
+        """The call's result, or the exception it raised (once)."""
+        reply = _pool.waiting(self._started.wait)
+        return _internal._handle_exception(_internal.deserialize(*reply, self._owner))
 
 
 def _rebuild_from_fork(fork: bytes, sender: int) -> RRef:

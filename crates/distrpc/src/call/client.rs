@@ -23,7 +23,7 @@ use super::payload::encode_call;
 use super::pending::{Done, Pending, PendingTable};
 use super::scope::{self, ValueScope};
 use crate::error::{Error, Failure};
-use crate::transport::{Claim, LOCAL, SendError, Source, Transport};
+use crate::transport::{LOCAL, Reading, SendError, Source, Transport};
 
 /// A request to send: to whom, what, and how.
 pub(crate) struct Outgoing<'a> {
@@ -53,8 +53,11 @@ pub(crate) enum Delivery {
     /// though the caller does not wait (`remote()`, whose use usually follows at once).
     Direct,
     /// Written from the caller's thread, which blocks on the reply at once and reads it itself
-    /// ([`Claim`]).
+    /// ([`Claim`](crate::transport::Claim)).
     Blocking,
+    /// Written as [`Delivery::Direct`]; the caller reads the reply itself when it waits for
+    /// it, after other work ([`Reading::Later`]).
+    Started,
     /// Written from the sender's thread when the socket is idle, as [`Delivery::Direct`], but
     /// never waiting for room: a reference's control message, sent from wherever a reference
     /// is dropped (a thread holding Python's lock, a reader task).
@@ -229,9 +232,10 @@ impl Client {
     }
 
     /// Sends `out`; `done` receives the reply frame or the error. For a blocking call made
-    /// from a plain thread, returns the caller's [`Claim`] on the connection when it could
-    /// take it: waiting through it reads the reply on the caller's own thread.
-    pub(crate) fn call(self: &Arc<Self>, out: Outgoing<'_>, done: Done) -> Option<Claim> {
+    /// from a plain thread, returns the caller's [`Claim`](crate::transport::Claim) on the connection when it could
+    /// take it, for a started one the means to take it later ([`Reading`]): waiting through
+    /// it reads the reply on the caller's own thread.
+    pub(crate) fn call(self: &Arc<Self>, out: Outgoing<'_>, done: Done) -> Option<Reading> {
         let Outgoing {
             dest,
             kind,
@@ -301,10 +305,20 @@ impl Client {
             });
             return None;
         }
-        // Claimed before the request leaves, so that the reply cannot reach the reader task.
+        // Claimed before the request leaves, so that the reply cannot reach the reader task;
+        // for a call started now and waited for later, when the caller waits.
         let claim = match &conn {
-            Some(c) if delivery == Delivery::Blocking && !crate::runtime::on_runtime_thread() => {
-                transport.claim(c, deadline.map(|(at, _)| at.into_std()), None)
+            Some(c) if !crate::runtime::on_runtime_thread() => {
+                let deadline = deadline.map(|(at, _)| at.into_std());
+                match delivery {
+                    Delivery::Blocking => transport.claim(c, deadline, None).map(Reading::Now),
+                    Delivery::Started => Some(Reading::Later {
+                        transport: transport.clone(),
+                        conn: c.clone(),
+                        deadline,
+                    }),
+                    _ => None,
+                }
             }
             _ => None,
         };

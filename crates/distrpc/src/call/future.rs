@@ -115,8 +115,9 @@ impl<T> Drop for Completer<T> {
 #[must_use = "a future does nothing unless waited on; dropping it does not cancel the call"]
 pub struct RpcFuture<T> {
     slot: Arc<Slot<T>>,
-    /// For a blocking call: the caller's hold on the connection its reply comes on.
-    claim: Option<crate::transport::Claim>,
+    /// For a blocking or started call: how the caller reads its reply on the connection it
+    /// comes on.
+    claim: Option<crate::transport::Reading>,
 }
 
 impl<T> fmt::Debug for RpcFuture<T> {
@@ -182,7 +183,7 @@ impl<T: Send + 'static> RpcFuture<T> {
         // the claim) it may read and queue the next request of a nested chain, which the pool
         // must have a thread for.
         let _blocked = (!self.slot.done.load(Ordering::Acquire)).then(crate::pool::enter_blocking);
-        if let Some(claim) = self.claim.take() {
+        if let Some(claim) = self.claim.take().and_then(|r| self.unless_done(r)) {
             // Read the reply on this thread (spinning first with the latency options).
             claim.drive(&self.slot.done, None);
         }
@@ -226,12 +227,12 @@ impl<T: Send + 'static> RpcFuture<T> {
         let until = std::time::Instant::now() + timeout;
         let waited = crate::runtime::blocking(|| {
             let _blocked = crate::pool::enter_blocking();
-            if let Some(claim) = &self.claim {
-                let early = claim.drive(&self.slot.done, Some(until));
-                if !early {
-                    // The call ended, or its connection: the claim has nothing more to read.
-                    self.claim = None;
-                }
+            // Not done by `until`: the claim reads on at the next wait. (Otherwise the call
+            // ended, or its connection: the claim has nothing more to read.)
+            if let Some(claim) = self.claim.take().and_then(|r| self.unless_done(r))
+                && claim.drive(&self.slot.done, Some(until))
+            {
+                self.claim = Some(crate::transport::Reading::Now(claim));
             }
             let mut state = self.slot.lock();
             self.slot.sleeping.store(true, Ordering::Relaxed);
@@ -275,14 +276,23 @@ impl<T: Send + 'static> RpcFuture<T> {
     }
 
     /// Lets [`RpcFuture::wait`] read the reply through `claim`.
-    pub(crate) fn with_claim(mut self, claim: Option<crate::transport::Claim>) -> Self {
+    pub(crate) fn with_claim(mut self, claim: Option<crate::transport::Reading>) -> Self {
         self.claim = claim;
         self
     }
 
     /// The claim [`RpcFuture::with_claim`] gave, to move onto a future derived from this one.
-    pub(crate) fn take_claim(&mut self) -> Option<crate::transport::Claim> {
+    pub(crate) fn take_claim(&mut self) -> Option<crate::transport::Reading> {
         self.claim.take()
+    }
+
+    /// The claim `reading` holds or takes now, unless the result is already here (a claim
+    /// left for later is then never taken).
+    fn unless_done(&self, reading: crate::transport::Reading) -> Option<crate::transport::Claim> {
+        if self.slot.done.load(Ordering::Acquire) {
+            return None;
+        }
+        reading.claim()
     }
 
     /// Calls `f` with the result, on the thread that completes this future (at once if it is

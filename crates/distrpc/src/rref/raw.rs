@@ -49,6 +49,14 @@ impl<T> RRef<T> {
         self.method_raw(call, timeout, Delivery::Blocking)
     }
 
+    /// [`RRef::rpc_sync_raw_future`] for a caller with other work to do before it waits: the
+    /// call goes now, and the thread that waits for it reads the reply itself, as an
+    /// `rpc_sync`'s caller does — unless the reply came first — without holding the connection
+    /// in between.
+    pub fn rpc_start_raw(&self, call: RawCall, timeout: Option<Duration>) -> RpcFuture<RawReply> {
+        self.method_raw(call, timeout, Delivery::Started)
+    }
+
     /// [`RRef::rpc_sync_raw`] without waiting.
     pub fn rpc_async_raw(&self, call: RawCall, timeout: Option<Duration>) -> RpcFuture<RawReply> {
         self.method_raw(call, timeout, Delivery::Queued)

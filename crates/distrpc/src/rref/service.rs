@@ -153,11 +153,14 @@ impl RRefService {
                 return tracing::error!(error = %e, "cannot encode a reference control message");
             }
         };
-        // Nothing waits on a delete: it goes with the next frame to the owner (within the
-        // watch's bound). Forks are waited on by the calls that carry them.
+        // Nothing waits on a delete or on a child's acceptance (it only lets the parent drop
+        // its hold on the value): they go with the next frame to that worker, within the
+        // watch's bound — an acceptance for a fork that came in a call, with the call's reply,
+        // rather than waking the caller once more before its reply. Fork requests are waited
+        // on by the calls that carry them.
         let delivery = match msg {
-            Control::UserDelete { .. } => Delivery::Lazy,
-            _ => Delivery::Control,
+            Control::UserDelete { .. } | Control::ChildAccept { .. } => Delivery::Lazy,
+            Control::ForkRequest { .. } => Delivery::Control,
         };
         let out = Outgoing {
             timeout: Some(CONTROL_ATTEMPT_TIMEOUT),

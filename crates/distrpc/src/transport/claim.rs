@@ -212,6 +212,36 @@ impl Claim {
     }
 }
 
+/// A caller's way to read its own reply: a [`Claim`] taken before the request left (a call
+/// waited for at once), or one to take when the caller starts waiting (a call started before
+/// other work of the caller's: holding the connection meanwhile would leave what else comes on
+/// it — the replies to the caller's other calls among them — unread).
+pub(crate) enum Reading {
+    /// Claimed before the request left.
+    Now(Claim),
+    /// To claim when the caller waits.
+    Later {
+        transport: Arc<Transport>,
+        conn: Arc<Connection>,
+        deadline: Option<Instant>,
+    },
+}
+
+impl Reading {
+    /// The claim, taken now if it was left for later; `None` if another caller holds the
+    /// connection (its reader delivers the reply) or the connection ended.
+    pub(crate) fn claim(self) -> Option<Claim> {
+        match self {
+            Reading::Now(claim) => Some(claim),
+            Reading::Later {
+                transport,
+                conn,
+                deadline,
+            } => transport.claim(&conn, deadline, None),
+        }
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.read.release(self.token) {

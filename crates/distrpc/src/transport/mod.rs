@@ -22,9 +22,9 @@ mod secure;
 mod socket;
 mod watch;
 
-pub(crate) use claim::Claim;
 pub use claim::Origin;
 pub(crate) use claim::catch_up;
+pub(crate) use claim::{Claim, Reading};
 pub(crate) use connection::{Connection, QueueBound, SendError};
 pub use idle::IdleReaders;
 pub(crate) use reader::{FrameReader, ReadEnd};
