@@ -23,7 +23,10 @@ its worker, and no thread anywhere waits on another worker meanwhile::
 A model driven from one worker (the trainer calls each stage in turn, as torch's tutorials do)
 takes two messages per remote pass this way, against four when each worker forwards gradients
 itself and answers only once everything after it is done (torch's way); gradients for a tensor
-one worker sent another directly travel through the driver instead.
+one worker sent another directly travel through the driver instead. When the only thing left
+to do is one remote pass (a chain of stages: the common case), the driver waits for it as
+``rpc_sync``'s caller does, reading the answer from the connection itself; otherwise the passes
+run as futures, answered through the thread that completes them.
 
 A gradient may reach the same nodes twice (two messages whose graphs meet); each pass adds its
 part (gradients are linear in what flows in), and the graph is kept for the next one until the
