@@ -150,6 +150,15 @@ class Context:
             with self.lock:
                 self.passes -= 1
 
+    def forget(self) -> None:
+        """Drops the tensors its messages sent and its gradients (at release). The graph behind
+        a tensor a worker sent on may hold this context (through a ``Recv`` node's edge): a
+        cycle through torch's graph, which Python's collector does not see, so a released
+        context that kept them would keep its graph and received buffers for good."""
+        with self.lock:
+            self.sends.clear()
+            self.grads.clear()
+
     def __repr__(self) -> str:
         return f"autograd context {self.id}"
 
@@ -205,6 +214,8 @@ def release(context_id: int) -> Context | None:
                 _released_set.discard(_released[0])
             _released.append(context_id)
             _released_set.add(context_id)
+    if ctx is not None:
+        ctx.forget()
     return ctx
 
 

@@ -83,6 +83,16 @@ def _context_count(impl):
     return int(_modules(impl)[0]._get_debug_info()["num_autograd_contexts"])
 
 
+def _live_contexts():
+    """distrpc's context objects still alive here, whether registered or not."""
+    import gc
+
+    from distrpc import _autograd
+
+    gc.collect()
+    return sum(isinstance(o, _autograd.Context) for o in gc.get_objects())
+
+
 def _gradients_of(impl, context_id, layer_rref):
     grads = _modules(impl)[1].get_gradients(context_id)
     return [grads[p].clone() for p in layer_rref.local_value().parameters()]
@@ -121,6 +131,7 @@ def _split_model(rank, world_size, init_method, results, impl, optimizer_name):
                         + [dist_autograd.get_gradients(context_id)[p] for p in head.parameters()]
                     )
                 opt.step(context_id)
+        del h, loss  # the last step's graph (it holds that step's context)
         final = (
             rpc.rpc_sync("worker1", _owner_params, args=(l1,))
             + rpc.rpc_sync("worker2", _owner_params, args=(l2,))
@@ -131,6 +142,12 @@ def _split_model(rank, world_size, init_method, results, impl, optimizer_name):
         if impl == "distrpc":
             out["released"] = all(
                 wait_until(lambda w=w: rpc.rpc_sync(w, _context_count, args=(impl,)) == 0)
+                for w in ("worker0", "worker1", "worker2")
+            )
+            # Released contexts are gone, not only unregistered: a stage's context and the
+            # graph behind what it sent hold each other (freed by dropping what it sent).
+            out["freed"] = all(
+                wait_until(lambda w=w: rpc.rpc_sync(w, _live_contexts) == 0)
                 for w in ("worker0", "worker1", "worker2")
             )
     rpc.shutdown()
@@ -150,6 +167,7 @@ def test_a_model_split_over_three_workers_trains_as_in_one_process(run_group, im
         assert torch.allclose(torch.tensor(got), want, atol=1e-5), (got, want)
     if impl == "distrpc":
         assert out["released"]
+        assert out["freed"]
 
 
 def _double_on_worker0(impl, x):
