@@ -50,11 +50,20 @@ class PyRRef:
     def rpc_sync(
         self, function: str, payload: bytes, buffers: list[_Buffer], timeout: float | None = None
     ) -> _Pickled: ...
+    def rpc_start(
+        self, function: str, payload: bytes, buffers: list[_Buffer], timeout: float | None = None
+    ) -> Started: ...
     def remote(
         self, function: str, payload: bytes, buffers: list[_Buffer], timeout: float | None = None
     ) -> PyRRef: ...
     def fork(self, to: int | None = None) -> bytes: ...
     def wait_confirmed(self, timeout: float) -> bool: ...
+
+class Started:
+    """A call sent by ``PyRRef.rpc_start``, waited for later by a thread that reads its reply
+    itself (the connection claimed when the wait begins)."""
+
+    def wait(self) -> _Pickled: ...
 
 class Agent:
     """One worker of a group."""
