@@ -127,10 +127,8 @@ def _call(rank: int, function: Any, args: tuple) -> Any:
     """``rpc_async(rank, function, args)`` outside any context (what the engine sends is no
     part of a graph), made here from the worker's agent: this engine sits below the RPC API,
     as torch's does (``RRef.backward`` runs it)."""
-    state = _state.require()
-    udf = _internal.PythonUDF(function, args, {})
-    payload, buffers = _autograd.call_in(None, _internal.serialize, udf, rank)
-    name, to, fut = _internal.qualname(function), state.infos[rank].name, _state.future()
+    state, to, name, payload, buffers = _pickled(rank, function, args)
+    fut = _state.future()
     # (Timeout None: the default.)
     state.track(lambda: state.agent.rpc_async(to, name, payload, buffers, None), fut, rank)
     return fut
@@ -139,12 +137,18 @@ def _call(rank: int, function: Any, args: tuple) -> Any:
 def _call_sync(rank: int, function: Any, args: tuple) -> Any:
     """:func:`_call`, waited for: the calling thread reads the answer itself (as
     ``rpc_sync``)."""
+    state, to, name, payload, buffers = _pickled(rank, function, args)
+    reply = _pool.waiting(state.agent.rpc_sync, to, name, payload, buffers, None)
+    return _internal.reply_value(*reply, rank)
+
+
+def _pickled(rank: int, function: Any, args: tuple) -> tuple:
+    """``(state, destination name, function name, payload, buffers)`` of the call of
+    ``function`` on ``args`` to worker ``rank``, pickled outside any context."""
     state = _state.require()
     udf = _internal.PythonUDF(function, args, {})
     payload, buffers = _autograd.call_in(None, _internal.serialize, udf, rank)
-    name, to = _internal.qualname(function), state.infos[rank].name
-    reply = _pool.waiting(state.agent.rpc_sync, to, name, payload, buffers, None)
-    return _internal.reply_value(*reply, rank)
+    return state, state.infos[rank].name, _internal.qualname(function), payload, buffers
 
 
 def _outcome(fut: Any) -> tuple:

@@ -182,20 +182,21 @@ def call_on(rref: RRef, kind: str, method: str, args: tuple, kwargs: dict, timeo
 
 def call_with(rref: RRef, kind: str, udf: Any, name: str, timeout: float) -> Any:
     """``udf`` run on ``rref``'s owner with the referenced object as its first argument: its
-    result (``kind`` "sync"), a future of it ("async"), or a reference to it ("remote")."""
+    result (``kind`` "sync"), a future of it ("async"), a reference to it ("remote"), or the
+    call started, its result read when the caller waits for it ("start": :class:`_Started`)."""
     state = _state.require()
     handle = rref._handle
     owner = handle.owner_id
     payload, buffers = _internal.serialize(udf, owner)
-    if kind == "sync":
-        reply = _pool.waiting(handle.rpc_sync, name, payload, buffers, _state.timeout(timeout))
-        return _internal._handle_exception(_internal.deserialize(*reply, owner))
-    if kind == "remote":
-        return RRef(_handle=handle.remote(name, payload, buffers, _state.timeout(timeout)))
-    if kind == "start":
-        return _Started(handle.rpc_start(name, payload, buffers, _state.timeout(timeout)), owner)
-    fut = _state.future()
     timeout = _state.timeout(timeout)
+    if kind == "sync":
+        reply = _pool.waiting(handle.rpc_sync, name, payload, buffers, timeout)
+        return _internal.reply_value(*reply, owner)
+    if kind == "remote":
+        return RRef(_handle=handle.remote(name, payload, buffers, timeout))
+    if kind == "start":
+        return _Started(handle.rpc_start(name, payload, buffers, timeout), owner)
+    fut = _state.future()
     state.track(
         lambda: state.agent.rref_rpc_async(handle, name, payload, buffers, timeout), fut, owner
     )
@@ -212,8 +213,7 @@ class _Started:
 
     def wait(self) -> Any:
         """The call's result, or the exception it raised (once)."""
-        reply = _pool.waiting(self._started.wait)
-        return _internal._handle_exception(_internal.deserialize(*reply, self._owner))
+        return _internal.reply_value(*_pool.waiting(self._started.wait), self._owner)
 
 
 def _rebuild_from_fork(fork: bytes, sender: int) -> RRef:
