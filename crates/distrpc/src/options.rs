@@ -266,7 +266,10 @@ impl RpcOptions {
     /// starts again after each frame the waiting thread handles (a fetch of a reference's
     /// value it answered, a control message): the peer is busy with this connection. Each
     /// connection stops spinning for replies (for calls) after a few in a row came later than
-    /// the spin, until one comes within it again.
+    /// the spin, until one comes within it again. And a spin ends as soon as the host has more
+    /// runnable threads than CPUs: there the spinning thread takes the core the work it waits
+    /// for needs (four workers of a model-parallel training step on two CPUs spun 3.8 ms of
+    /// CPU per step away, and the step was slower for it).
     ///
     /// ```
     /// use std::time::Duration;

@@ -89,7 +89,8 @@ class TensorPipeRpcBackendOptions:
     and how long an idle worker thread polls for the next call on the connection the last one
     came in on — a reply or call that comes within it spares waking a sleeping thread, which on
     an idle virtual CPU costs tens of microseconds; a connection stops spinning once replies
-    (calls) keep coming later than that. ``busy_poll`` (seconds, default off): every
+    (calls) keep coming later than that, and a spin ends once the host has more runnable
+    threads than CPUs (the spinning thread would take the core the work it waits for needs). ``busy_poll`` (seconds, default off): every
     connection's reader and every wait poll that long too, trading whole cores for latency
     (torch's TensorPipe always polls).
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use std::time::Instant;
 
+use super::crowd;
 use super::reader::{ReadEnd, ReadSide, Reader, Step};
 use super::{Connection, Transport};
 use crate::sync::Doorbell;
@@ -122,7 +123,7 @@ impl Claim {
         until: Option<std::time::Instant>,
         bell: Option<&Doorbell>,
     ) -> Ended {
-        let mut spin_until = spin.map(|spin| Instant::now() + spin);
+        let mut spinning = crowd::Spin::new(spin);
         loop {
             match self.step() {
                 None => return Ended::Otherwise,
@@ -131,7 +132,7 @@ impl Claim {
                         return Ended::Otherwise;
                     }
                     let now = std::time::Instant::now();
-                    if spin_until.is_some_and(|t| now < t) {
+                    if spinning.going(now) {
                         std::hint::spin_loop();
                         continue;
                     }
@@ -154,8 +155,8 @@ impl Claim {
                     }
                 }
                 Some(true) => {
-                    if let Some(spin) = spin {
-                        spin_until = Some(Instant::now() + spin);
+                    if spin.is_some() {
+                        spinning = crowd::Spin::new(spin);
                     }
                     if self.conn.calls_full() {
                         // The peer's calls fill the connection: it is read again only once

@@ -16,6 +16,7 @@
 
 mod claim;
 mod connection;
+mod crowd;
 mod idle;
 mod reader;
 mod secure;
