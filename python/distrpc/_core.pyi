@@ -117,6 +117,16 @@ class Agent:
         buffers: list[_Buffer],
         timeout: float | None = None,
     ) -> int: ...
+    def rpc_async_expecting(
+        self,
+        to: str,
+        function: str,
+        payload: bytes,
+        buffers: list[_Buffer],
+        expected: bytes,
+        timeout: float | None = None,
+    ) -> int: ...
+    def answered(self) -> list[int]: ...
     def rpc_async_named(
         self, to: str, function: str, args: list, timeout: float | None = None
     ) -> int: ...

@@ -104,3 +104,76 @@ def test_rpc_async_futures_and_async_execution(run_group):
         "agent.client_active_calls",
         "agent.frames_read_waiting",
     ]
+
+
+def _nothing():
+    return None
+
+
+def _five():
+    return 5
+
+
+def _expecting(rank, world_size, init_method, results):
+    import threading
+
+    import distrpc.rpc as rpc
+    from distrpc import _internal, _state
+
+    # One thread on worker1: the calls are answered in the order they were sent.
+    join(rpc, rank, world_size, init_method, rpc_timeout=20, num_worker_threads=1)
+    out = None
+    if rank == 0:
+        state = _state.require()
+        failures: list = []
+        failed = threading.Event()
+
+        def on_failure(e):
+            failures.append(e)
+            failed.set()
+
+        def expect(function):
+            payload, buffers = _internal.serialize(_internal.PythonUDF(function, (), {}))
+            name = _internal.qualname(function)
+            none = _internal.serialize(None)[0]
+            state.expect(
+                lambda: state.agent.rpc_async_expecting("worker1", name, payload, buffers, none),
+                on_failure,
+            )
+
+        for _ in range(50):
+            expect(_nothing)
+        # Answered after the fifty, on the same connection and thread.
+        rpc.rpc_sync("worker1", _nothing)
+        with state.pending_lock:
+            state._forget_answered()
+            left_after_answers = len(state.pending)
+        expect(_five)
+        got_other = failed.wait(10)
+        other = repr(failures[-1]) if failures else None
+        failed.clear()
+        expect(_raising)
+        got_raised = failed.wait(10)
+        out = {
+            "left": left_after_answers,
+            "failures": len(failures),
+            "other": (got_other, other),
+            "raised": (got_raised, type(failures[-1]).__name__ if failures else None),
+        }
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+def _raising():
+    raise ZeroDivisionError("released twice")
+
+
+def test_an_expected_answer_wakes_no_thread_and_any_other_outcome_is_reported(run_group):
+    """``_State.expect`` (a context's release): fifty calls answered as expected leave no
+    pending entry and reach no handler; an answer of something else, and the callee's
+    exception, reach the handler."""
+    out = run_group(_expecting, 2)[0]
+    assert out["left"] == 0
+    assert out["other"] == (True, "RuntimeError('an unexpected answer: 5')")
+    assert out["raised"] == (True, "ZeroDivisionError")
+    assert out["failures"] == 2

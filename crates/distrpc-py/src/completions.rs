@@ -34,6 +34,8 @@ pub(crate) struct Completions {
     /// The worker the latest `rpc_async` went to (its connection is looked up by the waiting
     /// thread, not on every call).
     last: Mutex<Option<String>>,
+    /// Tokens of calls answered as expected ([`Completions::later_unless`]), not yet taken.
+    answered: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Completions {
@@ -48,6 +50,7 @@ impl Completions {
             reading: Arc::default(),
             bell: Arc::new(Doorbell::new()?),
             last: Mutex::new(None),
+            answered: Arc::default(),
         })
     }
 
@@ -60,6 +63,18 @@ impl Completions {
     /// A token under which `fut`'s result (in `codec`) will come out of [`Completions::next`];
     /// `to`: the worker whose reply it is.
     pub(crate) fn later(&self, codec: Codec, fut: RpcFuture<RawReply>, to: &str) -> u64 {
+        self.later_unless(codec, fut, to, None)
+    }
+
+    /// [`Completions::later`], except that a reply of exactly `expected` (its payload, no
+    /// tensors) wakes nobody: its token goes among those [`Completions::answered`] returns.
+    pub(crate) fn later_unless(
+        &self,
+        codec: Codec,
+        fut: RpcFuture<RawReply>,
+        to: &str,
+        expected: Option<Vec<u8>>,
+    ) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         {
             let mut last = lock(&self.last);
@@ -70,7 +85,15 @@ impl Completions {
         let tx = lock(&self.tx).clone();
         let (queued, reading, bell) =
             (self.queued.clone(), self.reading.clone(), self.bell.clone());
+        let answered = self.answered.clone();
         fut.add_done_callback(move |result| {
+            if let (Some(expected), Ok(reply)) = (&expected, &result)
+                && reply.tensors.is_empty()
+                && reply.payload[..] == expected[..]
+            {
+                lock(&answered).push(token);
+                return;
+            }
             // Counted before the flag is read, as the waiting thread sets the flag before it
             // reads the count: one of the two sees the other.
             queued.fetch_add(1, Ordering::SeqCst);
@@ -82,6 +105,12 @@ impl Completions {
             }
         });
         token
+    }
+
+    /// The tokens of the calls answered as expected since the last look
+    /// ([`Completions::later_unless`]).
+    pub(crate) fn answered(&self) -> Vec<u64> {
+        std::mem::take(&mut *lock(&self.answered))
     }
 
     /// Wakes the waiting thread with `why` instead of a result (token 0).

@@ -404,6 +404,37 @@ impl Agent {
         Ok(self.complete_later(Codec::Pickle, fut, to))
     }
 
+    /// [`Agent::rpc_async`] of a call whose answer is known beforehand: `expected`, the
+    /// pickle of the result (a release's `None`). When that answer comes, no thread wakes for
+    /// it: the call's token is among those [`Agent::answered`] returns next. Any other outcome
+    /// — a failure, another result — comes out of [`Agent::next_completion`] as any call's.
+    #[pyo3(signature = (to, function, payload, buffers, expected, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn rpc_async_expecting(
+        &self,
+        py: Python<'_>,
+        to: &str,
+        function: String,
+        payload: Vec<u8>,
+        buffers: Vec<Loan>,
+        expected: Vec<u8>,
+        timeout: Option<f64>,
+    ) -> PyResult<u64> {
+        let (call, timeout) = pickled(function, payload, buffers, timeout)?;
+        // Written from this thread, as `rpc_async` with nothing in flight: nothing waits
+        // for this call, so the writer task need not be woken for it.
+        let fut = sending(py, || self.rpc.rpc_async_raw_direct(to, call, timeout));
+        Ok(self
+            .completions
+            .later_unless(Codec::Pickle, fut, to, Some(expected)))
+    }
+
+    /// The tokens of the [`Agent::rpc_async_expecting`] calls answered as expected since the
+    /// last look.
+    fn answered(&self) -> Vec<u64> {
+        self.completions.answered()
+    }
+
     /// The next completed `rpc_async`, waiting up to `timeout` seconds (lock released).
     fn next_completion(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Completed>> {
         let wait = seconds(Some(timeout))?.unwrap_or_default();

@@ -262,25 +262,27 @@ def _release_context(context_id: int, origin: int) -> None:
 
 def _send_release(worker: int, context_id: int, tries: int, delay: float) -> None:
     """Sends the release of ``context_id`` to ``worker``, again after ``delay`` seconds if it
-    fails (``tries`` in all); idempotent on the receiver."""
+    fails (``tries`` in all); idempotent on the receiver. Its answer (``None``) wakes no
+    thread here: only a failure comes back, to be retried."""
+
+    def failed(e: BaseException) -> None:
+        if tries > 1:
+            timer = threading.Timer(
+                delay, _send_release, (worker, context_id, tries - 1, delay * RELEASE_BACKOFF)
+            )
+            timer.daemon = True
+            timer.start()
+        else:
+            _log.warning("autograd context %d not released on worker %d: %s", context_id, worker, e)
+
     try:
-        fut = _call(worker, _release_context, (context_id, _state.require().me.id))
+        state, to, name, payload, buffers = _pickled(
+            worker, _release_context, (context_id, _state.require().me.id)
+        )
+        expected = _internal.serialize(None)[0]
+        state.expect(
+            lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, expected),
+            failed,
+        )
     except RuntimeError:  # RPC is shut down here: the group's contexts go with it
         return
-
-    def retry(done: Any) -> None:
-        try:
-            done.wait()
-        except Exception as e:  # noqa: BLE001 - any failure: retried, then logged
-            if tries > 1:
-                timer = threading.Timer(
-                    delay, _send_release, (worker, context_id, tries - 1, delay * RELEASE_BACKOFF)
-                )
-                timer.daemon = True
-                timer.start()
-            else:
-                _log.warning(
-                    "autograd context %d not released on worker %d: %s", context_id, worker, e
-                )
-
-    fut.add_done_callback(retry)

@@ -90,9 +90,9 @@ class TensorPipeRpcBackendOptions:
     came in on — a reply or call that comes within it spares waking a sleeping thread, which on
     an idle virtual CPU costs tens of microseconds; a connection stops spinning once replies
     (calls) keep coming later than that, and a spin ends once the host has more runnable
-    threads than CPUs (the spinning thread would take the core the work it waits for needs). ``busy_poll`` (seconds, default off): every
-    connection's reader and every wait poll that long too, trading whole cores for latency
-    (torch's TensorPipe always polls).
+    threads than CPUs (the spinning thread would take the core the work it waits for needs).
+    ``busy_poll`` (seconds, default off): every connection's reader and every wait poll that
+    long too, trading whole cores for latency (torch's TensorPipe always polls).
 
     Example::
 
@@ -234,6 +234,20 @@ class _State:
         with self.pending_lock:
             self.pending[start()] = (fut, sender, recording)
 
+    def expect(self, start: Callable[[], int], on_failure: Callable[[BaseException], None]) -> None:
+        """Starts a call whose answer is known (``start`` is an ``Agent.rpc_async_expecting``
+        returning its token): that answer wakes no thread here, and the call is forgotten
+        once seen answered; ``on_failure`` gets any other outcome as an exception (on the
+        thread that completes futures). Registered as :meth:`track` registers."""
+        with self.pending_lock:
+            self.pending[start()] = (on_failure, -1, _EXPECTED)
+            self._forget_answered()
+
+    def _forget_answered(self) -> None:
+        """Forgets the calls answered as they were expected to be (under ``pending_lock``)."""
+        for token in self.agent.answered():
+            del self.pending[token]
+
     def _complete(self) -> None:
         while True:
             # Once the worker stops, the results its shutdown waited for are still in the queue
@@ -249,11 +263,28 @@ class _State:
             _pool.torch_threads()  # the futures' callbacks run here
             with self.pending_lock:
                 fut, sender, recording = self.pending.pop(token)
+                self._forget_answered()
             try:
+                if recording is _EXPECTED:
+                    self._unexpected(fut, error, payload, buffers)
+                    continue
                 self._settle(fut, sender, error, payload, buffers, recording)
             except Exception:  # noqa: BLE001 - the thread must go on completing the others
                 # e.g. the program completed the future itself first.
                 _log.exception("an rpc_async future could not be completed")
+
+    @staticmethod
+    def _unexpected(on_failure: Any, error: Any, payload: Any, buffers: Any) -> None:
+        """Hands an expecting call's other outcome to its ``on_failure``."""
+        if error is not None:
+            on_failure(RuntimeError(error))
+            return
+        try:
+            value = _internal.reply_value(payload, buffers, None)
+        except Exception as e:  # noqa: BLE001 - the callee's exception: the failure
+            on_failure(e)
+            return
+        on_failure(RuntimeError(f"an unexpected answer: {value!r}"))
 
     @staticmethod
     def _settle(
@@ -285,6 +316,10 @@ class _State:
             if t is not threading.current_thread():
                 t.join()
 
+
+#: What stands for the recording of an expecting call's entry among the pending calls
+#: (:meth:`_State.expect`).
+_EXPECTED = object()
 
 _lock = threading.Lock()
 _require = _state.require
