@@ -82,15 +82,18 @@ impl Claim {
         let is_done = || done.load(Ordering::Acquire);
         let spin = self.transport.spin.callers;
         if spin.is_zero() {
-            return self.read_until(&is_done, None, until, None) == Ended::Until;
+            return self.read_until(&is_done, None, until, None).0 == Ended::Until;
         }
         let started = std::time::Instant::now();
         let spins = self.conn.replies.spins().then_some(spin);
-        let again = self.read_until(&is_done, spins, until, None) == Ended::Until;
+        let (ended, waited) = self.read_until(&is_done, spins, until, None);
+        // (A reply there before the wait began is not noted: see `SpinHint::note_wait`.)
         if is_done() {
-            self.conn.replies.note(started.elapsed() <= spin);
+            self.conn
+                .replies
+                .note_wait(waited, started.elapsed() <= spin);
         }
-        again
+        ended == Ended::Until
     }
 
     /// Reads the connection, for a thread waiting for work, until `ready()`, the claim's
@@ -105,7 +108,8 @@ impl Claim {
         let spins = !spin.is_zero() && self.conn.calls.spins();
         let ended = self
             .conn
-            .serving(|| self.read_until(ready, spins.then_some(spin), None, Some(bell)));
+            .serving(|| self.read_until(ready, spins.then_some(spin), None, Some(bell)))
+            .0;
         if ready() {
             self.conn.calls.note(started.elapsed() <= spin);
         }
@@ -115,13 +119,27 @@ impl Claim {
     /// [`Claim::drive`] until `ready()`, spinning for `spin` if given — from the start, and
     /// again after each frame it handles (the peer is busy with this connection: its next
     /// frame, an answer to what this one asked, likely comes within the spin too) — waking for
-    /// `bell` if given.
+    /// `bell` if given. Also says whether it waited: whether it found the socket empty before
+    /// `ready()` (else what it waited for was there already).
     fn read_until(
         &self,
         is_done: &dyn Fn() -> bool,
         spin: Option<Duration>,
         until: Option<std::time::Instant>,
         bell: Option<&Doorbell>,
+    ) -> (Ended, bool) {
+        let mut waited = false;
+        let ended = self.read_until_waiting(is_done, spin, until, bell, &mut waited);
+        (ended, waited)
+    }
+
+    fn read_until_waiting(
+        &self,
+        is_done: &dyn Fn() -> bool,
+        spin: Option<Duration>,
+        until: Option<std::time::Instant>,
+        bell: Option<&Doorbell>,
+        waited: &mut bool,
     ) -> Ended {
         let mut spinning = crowd::Spin::new(spin);
         loop {
@@ -131,6 +149,7 @@ impl Claim {
                     if is_done() {
                         return Ended::Otherwise;
                     }
+                    *waited = true;
                     let now = std::time::Instant::now();
                     if spinning.going(now) {
                         std::hint::spin_loop();

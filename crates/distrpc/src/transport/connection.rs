@@ -52,6 +52,15 @@ impl SpinHint {
         self.0.load(Ordering::Relaxed) < SLOW_IN_A_ROW
     }
 
+    /// Notes how a wait ended, if it waited at all: within the spin, or later. One whose frame
+    /// was there before it began (a call started earlier, waited for after other work) tells
+    /// nothing of the peer's pace, and is not noted.
+    pub(crate) fn note_wait(&self, waited: bool, within_spin: bool) {
+        if waited {
+            self.note(within_spin);
+        }
+    }
+
     /// Notes how a wait ended: within the spin, or later.
     pub(crate) fn note(&self, within_spin: bool) {
         if within_spin {
@@ -844,5 +853,21 @@ mod tests {
         assert!(!hint.spins());
         hint.note(true);
         assert!(hint.spins(), "a quick wait makes waiters spin again");
+    }
+
+    #[test]
+    fn a_frame_there_before_the_wait_does_not_make_waiters_spin_again() {
+        let hint = SpinHint::default();
+        for _ in 0..SLOW_IN_A_ROW {
+            hint.note_wait(true, false);
+        }
+        assert!(!hint.spins());
+        hint.note_wait(false, true);
+        assert!(
+            !hint.spins(),
+            "a reply that was there already says nothing of the peer"
+        );
+        hint.note_wait(true, true);
+        assert!(hint.spins(), "a wait that ended within the spin does");
     }
 }
