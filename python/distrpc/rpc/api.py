@@ -246,7 +246,8 @@ class _State:
     def _forget_answered(self) -> None:
         """Forgets the calls answered as they were expected to be (under ``pending_lock``)."""
         for token in self.agent.answered():
-            del self.pending[token]
+            # (Always there: registered under this lock before any answer is looked at.)
+            self.pending.pop(token, None)
 
     def _complete(self) -> None:
         while True:

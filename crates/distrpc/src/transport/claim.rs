@@ -82,11 +82,12 @@ impl Claim {
         let is_done = || done.load(Ordering::Acquire);
         let spin = self.transport.spin.callers;
         if spin.is_zero() {
-            return self.read_until(&is_done, None, until, None).0 == Ended::Until;
+            return self.read_until(&is_done, None, until, None, &mut false) == Ended::Until;
         }
         let started = std::time::Instant::now();
         let spins = self.conn.replies.spins().then_some(spin);
-        let (ended, waited) = self.read_until(&is_done, spins, until, None);
+        let mut waited = false;
+        let ended = self.read_until(&is_done, spins, until, None, &mut waited);
         // (A reply there before the wait began is not noted: see `SpinHint::note_wait`.)
         if is_done() {
             self.conn
@@ -106,10 +107,10 @@ impl Claim {
         let spin = self.transport.spin.callers;
         let started = std::time::Instant::now();
         let spins = !spin.is_zero() && self.conn.calls.spins();
-        let ended = self
-            .conn
-            .serving(|| self.read_until(ready, spins.then_some(spin), None, Some(bell)))
-            .0;
+        let ended = self.conn.serving(|| {
+            let spin = spins.then_some(spin);
+            self.read_until(ready, spin, None, Some(bell), &mut false)
+        });
         if ready() {
             self.conn.calls.note(started.elapsed() <= spin);
         }
@@ -119,21 +120,9 @@ impl Claim {
     /// [`Claim::drive`] until `ready()`, spinning for `spin` if given — from the start, and
     /// again after each frame it handles (the peer is busy with this connection: its next
     /// frame, an answer to what this one asked, likely comes within the spin too) — waking for
-    /// `bell` if given. Also says whether it waited: whether it found the socket empty before
-    /// `ready()` (else what it waited for was there already).
+    /// `bell` if given. Sets `waited` if it found the socket empty before `ready()` (else
+    /// what it waited for was there already).
     fn read_until(
-        &self,
-        is_done: &dyn Fn() -> bool,
-        spin: Option<Duration>,
-        until: Option<std::time::Instant>,
-        bell: Option<&Doorbell>,
-    ) -> (Ended, bool) {
-        let mut waited = false;
-        let ended = self.read_until_waiting(is_done, spin, until, bell, &mut waited);
-        (ended, waited)
-    }
-
-    fn read_until_waiting(
         &self,
         is_done: &dyn Fn() -> bool,
         spin: Option<Duration>,
