@@ -405,8 +405,10 @@ impl Agent {
     }
 
     /// [`Agent::rpc_async`] of a call whose answer is known beforehand: `expected`, the
-    /// pickle of the result (a release's `None`). When that answer comes, no thread wakes for
-    /// it: the call's token is among those [`Agent::answered`] returns next. Any other outcome
+    /// pickle of the result (a release's `None`), and nobody waits on soon. The callee
+    /// answers with its next frame to this worker (`Rpc::rpc_async_raw_answered_later`), and
+    /// when that answer comes, no thread wakes for it: the call's token is among those
+    /// [`Agent::answered`] returns next. Any other outcome
     /// — a failure, another result — comes out of [`Agent::next_completion`] as any call's.
     #[pyo3(signature = (to, function, payload, buffers, expected, timeout=None))]
     #[allow(clippy::too_many_arguments)]
@@ -421,9 +423,11 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        // Written from this thread, as `rpc_async` with nothing in flight: nothing waits
-        // for this call, so the writer task need not be woken for it.
-        let fut = sending(py, || self.rpc.rpc_async_raw_direct(to, call, timeout));
+        // Written from this thread (nothing waits for this call: no writer task woken for
+        // it), and answered with the callee's next frame to this worker (no reader woken).
+        let fut = sending(py, || {
+            self.rpc.rpc_async_raw_answered_later(to, call, timeout)
+        });
         Ok(self
             .completions
             .later_unless(Codec::Pickle, fut, to, Some(expected)))

@@ -508,3 +508,33 @@ fn a_thread_that_calls_out_lets_its_kept_connection_go() {
     assert_eq!(&fut.wait().unwrap().payload[..], b"two");
     shutdown_all(rpcs).unwrap();
 }
+
+/// `Rpc::rpc_async_raw_answered_later` (a context's release): the callee's answer waits for
+/// its next frame to the caller — it arrives before (with) the answer to a call made after —
+/// or goes at the watch's tick when no other frame comes.
+#[test]
+fn an_answer_sent_later_comes_with_the_next_frame_or_at_the_watchs_tick() {
+    let (rpcs, inbox, _) = after_one_call();
+    let later = rpcs[0].rpc_async_raw_answered_later("worker1", pickled(b"later", vec![]), None);
+    let (reply, _) = inbox.take();
+    reply.ok(b"L".to_vec(), vec![]);
+    let now = rpcs[0].rpc_async_raw("worker1", pickled(b"now", vec![]), None);
+    let (reply, _) = inbox.take();
+    reply.ok(b"N".to_vec(), vec![]);
+    assert_eq!(&now.wait().unwrap().payload[..], b"N");
+    // Read before the answer written after it, on the same connection: done by now.
+    let later = later
+        .wait_timeout(Duration::ZERO)
+        .unwrap_or_else(|_| panic!("the answer sent later came after the next frame"));
+    assert_eq!(&later.unwrap().payload[..], b"L");
+
+    // Alone: the watch sends it.
+    let alone = rpcs[0].rpc_async_raw_answered_later("worker1", pickled(b"alone", vec![]), None);
+    let (reply, _) = inbox.take();
+    reply.ok(b"A".to_vec(), vec![]);
+    let alone = alone
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("an answer sent later never came"));
+    assert_eq!(&alone.unwrap().payload[..], b"A");
+    shutdown_all(rpcs).unwrap();
+}

@@ -492,6 +492,29 @@ impl Rpc {
         self.raw(to.into(), call, timeout, Delivery::Direct)
     }
 
+    /// [`Rpc::rpc_async_raw_direct`] of a call nobody waits on soon (a distributed autograd
+    /// context's release): the callee sends its answer with its next frame to this worker, or
+    /// within its watch's tick (about 10 ms), as a control message's acknowledgement — not in
+    /// a write of its own that wakes a thread here for it.
+    pub fn rpc_async_raw_answered_later(
+        &self,
+        to: impl Into<To>,
+        call: RawCall,
+        timeout: Option<Duration>,
+    ) -> RpcFuture<RawReply> {
+        match self.node().transport.resolve(&to.into()) {
+            Ok(dest) => self.node().client.call_raw_on(
+                dest,
+                &[],
+                crate::server::FLAG_ANSWER_LATER,
+                call,
+                timeout,
+                Delivery::Direct,
+            ),
+            Err(e) => RpcFuture::ready(Err(e)),
+        }
+    }
+
     fn raw(
         &self,
         to: To,

@@ -23,7 +23,7 @@ mod router;
 pub mod value;
 
 pub(crate) use reply::{Completion, ReplyTo};
-pub(crate) use router::{FLAG_METHOD, Incoming, Service};
+pub(crate) use router::{FLAG_ANSWER_LATER, FLAG_METHOD, Incoming, Service};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};

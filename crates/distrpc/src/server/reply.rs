@@ -17,9 +17,21 @@ use crate::transport::{Connection, LOCAL, Origin, Source, Transport};
 pub(crate) enum ReplyTo {
     /// A call to self: complete the pending call directly.
     Local,
-    Remote(Arc<Connection>),
+    /// Back on the connection the call came in on, now or with its next frame.
+    Remote(Arc<Connection>, Answer),
     /// No one waits (the value of a `remote()` to self).
     Nobody,
+}
+
+/// When a reply to a peer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// At once.
+    Now,
+    /// With the connection's next frame, or at the watch's next tick: the caller marked the
+    /// call as one nobody waits on soon ([`FLAG_ANSWER_LATER`](super::router::FLAG_ANSWER_LATER)),
+    /// and its answer wakes no thread of the caller's on its own.
+    Later,
 }
 
 impl ReplyTo {
@@ -27,16 +39,20 @@ impl ReplyTo {
     /// ([`Origin::serve`]); `None` for a call to this worker itself.
     pub(crate) fn origin(&self, transport: &Arc<Transport>) -> Option<Origin> {
         match self {
-            ReplyTo::Remote(conn) => Some(Origin::new(transport, conn)),
+            ReplyTo::Remote(conn, _) => Some(Origin::new(transport, conn)),
             ReplyTo::Local | ReplyTo::Nobody => None,
         }
     }
 }
 
-impl From<Source> for ReplyTo {
-    fn from(source: Source) -> Self {
+impl ReplyTo {
+    /// Where the reply to a request from `source` goes, and when (its frame's `flags`).
+    pub(crate) fn of(source: Source, flags: u16) -> Self {
         match source {
-            Source::Peer(conn) => ReplyTo::Remote(conn),
+            Source::Peer(conn) if flags & super::router::FLAG_ANSWER_LATER != 0 => {
+                ReplyTo::Remote(conn, Answer::Later)
+            }
+            Source::Peer(conn) => ReplyTo::Remote(conn, Answer::Now),
             Source::Local => ReplyTo::Local,
         }
     }
@@ -77,7 +93,7 @@ impl Server {
             Completion::Reply(kind) => {
                 let scope = self.client.scope();
                 let to = match reply_to {
-                    ReplyTo::Remote(conn) => conn.peer,
+                    ReplyTo::Remote(conn, _) => conn.peer,
                     ReplyTo::Local | ReplyTo::Nobody => self.client.transport.me.id,
                 };
                 let outcome = out.and_then(|value| {
@@ -105,7 +121,7 @@ impl Server {
                 // A fetch of the value that came first is answered in the same write (also one
                 // still unread, if this thread kept the connection while the call ran).
                 match reply_to {
-                    ReplyTo::Remote(conn) => {
+                    ReplyTo::Remote(conn, _) => {
                         crate::transport::catch_up(conn);
                         conn.gathering(acknowledge)
                     }
@@ -139,7 +155,7 @@ impl Server {
                     tensors,
                 },
             ),
-            ReplyTo::Remote(conn) => {
+            ReplyTo::Remote(conn, answer) => {
                 let frame = OutFrame::new(kind, id, &payload, &tensors).or_else(|e| {
                     let failure = Failure::Other(format!("result cannot be sent: {e}"));
                     let p = crate::codec::encode_inline(&failure).unwrap_or_default();
@@ -147,9 +163,13 @@ impl Server {
                 });
                 match frame {
                     Ok(frame) => {
-                        // Nobody waits on a control message's acknowledgement.
-                        let sent = if kind == Kind::RRefAck {
-                            self.client.transport.watch.send_lazy(conn, frame)
+                        // Nobody waits on a control message's acknowledgement, nor soon on
+                        // the answer to a call marked so.
+                        let watch = &self.client.transport.watch;
+                        let sent = if *answer == Answer::Later {
+                            watch.defer_later(conn, frame)
+                        } else if kind == Kind::RRefAck {
+                            watch.send_lazy(conn, frame)
                         } else {
                             conn.send(frame, true, false)
                         };

@@ -10,6 +10,10 @@ use crate::transport::{Inbound, LOCAL, Source};
 
 /// Frame flag of a call (or remote call) on the value of a remote reference.
 pub(crate) const FLAG_METHOD: u16 = 1;
+/// Frame flag of a call whose caller waits on its answer soon no more than on a control
+/// message's (a distributed autograd context's release): the answer goes with the
+/// connection's next frame, or at the watch's next tick (bits 1 and 2 are the codec's).
+pub(crate) const FLAG_ANSWER_LATER: u16 = 1 << 3;
 
 /// A request as a service receives it.
 #[derive(Debug)]
@@ -58,7 +62,7 @@ impl Inbound for Server {
                     conn.call_taken();
                 }
                 let incoming = Incoming {
-                    reply_to: source.into(),
+                    reply_to: ReplyTo::of(source, frame.flags),
                     from,
                     frame,
                 };

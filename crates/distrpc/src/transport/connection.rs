@@ -92,6 +92,9 @@ struct Queue {
     lazy: Vec<OutFrame>,
     /// Whether the watch saw `lazy` as it is at a tick already.
     lazy_seen: bool,
+    /// Whether `lazy` has a frame a serving thread writes before it sleeps (not only
+    /// answers sent later: [`Connection::defer_later`]).
+    lazy_urgent: bool,
 }
 
 /// How much a connection may hold for its peer (see the module docs), and how many of its
@@ -263,11 +266,23 @@ impl Connection {
     /// or when [`Connection::flush_lazy`] or the watch's second tick writes it: for a frame no
     /// thread waits on. Use [`Watch::defer`](super::watch::Watch::defer), which watches it.
     pub(super) fn defer(&self, frame: OutFrame) -> Result<(), SendError> {
+        self.defer_as(frame, true)
+    }
+
+    /// [`Connection::defer`], except that a serving thread about to sleep does not write it
+    /// ([`Connection::flush_lazy`]): only the next write or the watch's second tick does. For
+    /// the answer to a call its caller waits on no sooner than that (a context's release).
+    pub(super) fn defer_later(&self, frame: OutFrame) -> Result<(), SendError> {
+        self.defer_as(frame, false)
+    }
+
+    fn defer_as(&self, frame: OutFrame, urgent: bool) -> Result<(), SendError> {
         let mut q = self.admit(frame.len(), false)?;
         if q.lazy.is_empty() {
             q.lazy_seen = false;
         }
         q.lazy.push(frame);
+        q.lazy_urgent |= urgent;
         Ok(())
     }
 
@@ -286,10 +301,11 @@ impl Connection {
         false
     }
 
-    /// Writes the frames [`Connection::defer`] keeps, if any.
+    /// Writes the frames [`Connection::defer`] keeps, if any (with them, those
+    /// [`Connection::defer_later`] keeps; not those alone).
     pub(crate) fn flush_lazy(&self) {
         let q = self.lock();
-        if !q.lazy.is_empty() && q.closed.is_none() {
+        if q.lazy_urgent && q.closed.is_none() {
             self.write_or_queue(q, Vec::new(), true);
         }
     }
@@ -318,6 +334,7 @@ impl Connection {
         let frames = if q.lazy.is_empty() {
             frames
         } else {
+            q.lazy_urgent = false;
             let mut all = std::mem::take(&mut q.lazy);
             all.extend(frames);
             all
@@ -730,6 +747,15 @@ mod tests {
     }
 
     /// Whether the peer has bytes to read now.
+    /// Reads exactly `frames` from `peer`, and nothing more is there.
+    fn read_frames(peer: &mut std::net::TcpStream, frames: &[&OutFrame]) {
+        let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
+        let mut got = vec![0u8; want.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+        assert!(!readable(peer));
+    }
+
     fn readable(peer: &std::net::TcpStream) -> bool {
         peer.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 1];
@@ -797,19 +823,12 @@ mod tests {
         let watch = super::super::watch::Watch::default();
         let waits = |conn: &Connection| conn.watched.load(Ordering::Relaxed);
         let frame = |id| OutFrame::new(Kind::RRefAck, id, b"", &[]).unwrap();
-        let read = |peer: &mut std::net::TcpStream, frames: &[&OutFrame]| {
-            let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
-            let mut got = vec![0u8; want.len()];
-            peer.read_exact(&mut got).unwrap();
-            assert_eq!(got, want);
-            assert!(!readable(peer));
-        };
 
         // Not serving: written at once.
         let (a, a_bytes) = (frame(1), frame(1));
         watch.send_lazy(&conn, a).unwrap();
         assert!(!waits(&conn));
-        read(&mut peer, &[&a_bytes]);
+        read_frames(&mut peer, &[&a_bytes]);
 
         // Serving: it waits, and goes before the next frame written.
         let (b, b_bytes) = (frame(2), frame(2));
@@ -819,7 +838,7 @@ mod tests {
         assert!(waits(&conn));
         assert!(!readable(&peer), "a lazy frame went alone");
         conn.send(reply, true, false).unwrap();
-        read(&mut peer, &[&b_bytes, &reply_bytes]);
+        read_frames(&mut peer, &[&b_bytes, &reply_bytes]);
 
         // Nothing else written: the watch's first tick sees it, the second writes it.
         let (c, c_bytes) = (frame(4), frame(4));
@@ -827,14 +846,49 @@ mod tests {
         assert!(conn.watch_lazy(), "left for the next tick");
         assert!(!readable(&peer));
         assert!(!conn.watch_lazy(), "written at the second");
-        read(&mut peer, &[&c_bytes]);
+        read_frames(&mut peer, &[&c_bytes]);
 
         // A serving thread about to sleep writes it itself.
         let (d, d_bytes) = (frame(5), frame(5));
         conn.serving(|| watch.send_lazy(&conn, d)).unwrap();
         conn.flush_lazy();
-        read(&mut peer, &[&d_bytes]);
+        read_frames(&mut peer, &[&d_bytes]);
         assert!(!conn.watch_lazy(), "nothing left to watch");
+    }
+
+    #[test]
+    fn an_answer_sent_later_waits_for_the_next_write_or_the_second_tick_not_a_sleep() {
+        let (runtime, mut peer, conn) = writing_pair();
+        let _inside = runtime.enter();
+        let watch = super::super::watch::Watch::default();
+        let frame = |id| OutFrame::new(Kind::Result, id, b"none", &[]).unwrap();
+
+        // From any thread, serving or not; a sleeping thread's flush leaves it.
+        let (a, a_bytes) = (frame(1), frame(1));
+        watch.defer_later(&conn, a).unwrap();
+        conn.flush_lazy();
+        assert!(!readable(&peer), "an answer sent later went at a flush");
+        let (b, b_bytes) = (frame(2), frame(2));
+        conn.send(b, true, false).unwrap();
+        read_frames(&mut peer, &[&a_bytes, &b_bytes]);
+
+        // With a lazy acknowledgement: the flush writes both.
+        let (c, c_bytes) = (frame(3), frame(3));
+        let ack = OutFrame::new(Kind::RRefAck, 4, b"", &[]).unwrap();
+        let ack_bytes = OutFrame::new(Kind::RRefAck, 4, b"", &[]).unwrap();
+        watch.defer_later(&conn, c).unwrap();
+        conn.serving(|| watch.send_lazy(&conn, ack)).unwrap();
+        conn.flush_lazy();
+        read_frames(&mut peer, &[&c_bytes, &ack_bytes]);
+
+        // Alone: the watch's second tick writes it.
+        let (d, d_bytes) = (frame(5), frame(5));
+        watch.defer_later(&conn, d).unwrap();
+        assert!(conn.watch_lazy(), "left for the next tick");
+        conn.flush_lazy();
+        assert!(!readable(&peer));
+        assert!(!conn.watch_lazy(), "written at the second");
+        read_frames(&mut peer, &[&d_bytes]);
     }
 
     #[test]

@@ -58,6 +58,19 @@ impl Watch {
         Ok(())
     }
 
+    /// Sends `frame`, the answer to a call its caller waits on no sooner than the watch's
+    /// second tick (a context's release), with `conn`'s next write or at that tick
+    /// ([`Connection::defer_later`]): from any thread, and not when a serving thread sleeps.
+    pub(crate) fn defer_later(
+        &self,
+        conn: &Arc<Connection>,
+        frame: OutFrame,
+    ) -> Result<(), SendError> {
+        conn.defer_later(frame)?;
+        self.watch(conn);
+        Ok(())
+    }
+
     /// Sends `frame`, which no thread waits on (a control message's acknowledgement): from the
     /// thread that serves `conn` ([`Connection::served_here`]), which writes again soon, with
     /// that write — the answer to the peer's next call, often: one wake-up of the peer instead
