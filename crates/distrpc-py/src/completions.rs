@@ -26,8 +26,6 @@ pub(crate) struct Completions {
     next_token: AtomicU64,
     /// Results sent and not yet taken.
     queued: Arc<AtomicUsize>,
-    /// Calls whose result has not come yet.
-    in_flight: Arc<AtomicUsize>,
     /// Whether the thread reads a connection while it waits (then results ring `bell`).
     reading: Arc<AtomicBool>,
     bell: Arc<Doorbell>,
@@ -46,18 +44,11 @@ impl Completions {
             rx: Mutex::new(rx),
             next_token: AtomicU64::new(1),
             queued: Arc::default(),
-            in_flight: Arc::default(),
             reading: Arc::default(),
             bell: Arc::new(Doorbell::new()?),
             last: Mutex::new(None),
             answered: Arc::default(),
         })
-    }
-
-    /// Whether no call is in flight: the next one, likely waited for at once, is best written
-    /// from the caller's thread (see `Rpc::rpc_async_raw_direct`).
-    pub(crate) fn none_in_flight(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) == 0
     }
 
     /// A token under which `fut`'s result (in `codec`) will come out of [`Completions::next`];

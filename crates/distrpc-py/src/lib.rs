@@ -396,11 +396,10 @@ impl Agent {
         timeout: Option<f64>,
     ) -> PyResult<u64> {
         let (call, timeout) = pickled(function, payload, buffers, timeout)?;
-        let fut = if self.completions.none_in_flight() {
-            sending(py, || self.rpc.rpc_async_raw_direct(to, call, timeout))
-        } else {
-            sending(py, || self.rpc.rpc_async_raw(to, call, timeout))
-        };
+        // Written from this thread when the connection is idle (sparing the writer task's
+        // wake-up); while a write is under way, queued for the writer task, which gathers
+        // what accumulates (a burst's calls) into one `writev`.
+        let fut = sending(py, || self.rpc.rpc_async_raw_direct(to, call, timeout));
         Ok(self.complete_later(Codec::Pickle, fut, to))
     }
 
