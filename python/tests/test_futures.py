@@ -139,6 +139,7 @@ def _expecting(rank, world_size, init_method, results):
             state.expect(
                 lambda: state.agent.rpc_async_expecting("worker1", name, payload, buffers, none),
                 on_failure,
+                1,
             )
 
         for _ in range(50):

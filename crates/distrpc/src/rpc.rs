@@ -424,7 +424,7 @@ impl Rpc {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> Result<RawReply, Error> {
-        self.raw(to.into(), call, timeout, Delivery::Blocking)
+        self.raw(to.into(), 0, call, timeout, Delivery::Blocking)
             .wait()
     }
 
@@ -437,7 +437,7 @@ impl Rpc {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> RpcFuture<RawReply> {
-        self.raw(to.into(), call, timeout, Delivery::Blocking)
+        self.raw(to.into(), 0, call, timeout, Delivery::Blocking)
     }
 
     /// `remote()` of a [`RawCall`]: the callee's front keeps the result (a Python object) behind
@@ -476,7 +476,7 @@ impl Rpc {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> RpcFuture<RawReply> {
-        self.raw(to.into(), call, timeout, Delivery::Queued)
+        self.raw(to.into(), 0, call, timeout, Delivery::Queued)
     }
 
     /// [`Rpc::rpc_async_raw`], written from the calling thread when the connection is idle
@@ -489,7 +489,7 @@ impl Rpc {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> RpcFuture<RawReply> {
-        self.raw(to.into(), call, timeout, Delivery::Direct)
+        self.raw(to.into(), 0, call, timeout, Delivery::Direct)
     }
 
     /// [`Rpc::rpc_async_raw_direct`] of a call nobody waits on soon (a distributed autograd
@@ -502,28 +502,24 @@ impl Rpc {
         call: RawCall,
         timeout: Option<Duration>,
     ) -> RpcFuture<RawReply> {
-        match self.node().transport.resolve(&to.into()) {
-            Ok(dest) => self.node().client.call_raw_on(
-                dest,
-                &[],
-                crate::server::FLAG_ANSWER_LATER,
-                call,
-                timeout,
-                Delivery::Direct,
-            ),
-            Err(e) => RpcFuture::ready(Err(e)),
-        }
+        let flags = crate::server::FLAG_ANSWER_LATER;
+        self.raw(to.into(), flags, call, timeout, Delivery::Direct)
     }
 
+    /// Sends `call` to `to` in a frame with `flags`, as `delivery` says.
     fn raw(
         &self,
         to: To,
+        flags: u16,
         call: RawCall,
         timeout: Option<Duration>,
         delivery: Delivery,
     ) -> RpcFuture<RawReply> {
         match self.node().transport.resolve(&to) {
-            Ok(dest) => self.node().client.call_raw(dest, call, timeout, delivery),
+            Ok(dest) => {
+                let client = &self.node().client;
+                client.call_raw_on(dest, &[], flags, call, timeout, delivery)
+            }
             Err(e) => RpcFuture::ready(Err(e)),
         }
     }

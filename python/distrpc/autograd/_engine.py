@@ -279,10 +279,11 @@ def _send_release(worker: int, context_id: int, tries: int, delay: float) -> Non
         state, to, name, payload, buffers = _pickled(
             worker, _release_context, (context_id, _state.require().me.id)
         )
-        expected = _internal.serialize(None)[0]
+        none = _internal._PICKLED_NONE  # what `_release_context` answers
         state.expect(
-            lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, expected),
+            lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, none),
             failed,
+            worker,
         )
     except RuntimeError:  # RPC is shut down here: the group's contexts go with it
         return

@@ -234,19 +234,22 @@ class _State:
         with self.pending_lock:
             self.pending[start()] = (fut, sender, recording)
 
-    def expect(self, start: Callable[[], int], on_failure: Callable[[BaseException], None]) -> None:
-        """Starts a call whose answer is known (``start`` is an ``Agent.rpc_async_expecting``
-        returning its token): that answer wakes no thread here, and the call is forgotten
-        once seen answered; ``on_failure`` gets any other outcome as an exception (on the
-        thread that completes futures). Registered as :meth:`track` registers."""
+    def expect(
+        self, start: Callable[[], int], on_failure: Callable[[BaseException], None], sender: int
+    ) -> None:
+        """Starts a call to worker ``sender`` whose answer is known (``start`` is an
+        ``Agent.rpc_async_expecting`` returning its token): that answer wakes no thread here,
+        and the call is forgotten once seen answered (the next time a call is expected);
+        ``on_failure`` gets any other outcome as an exception, on the thread that completes
+        futures, as :meth:`track`'s futures are completed."""
         with self.pending_lock:
-            self.pending[start()] = (on_failure, -1, _EXPECTED)
             self._forget_answered()
+            self.pending[start()] = (_Expecting(on_failure), sender, None)
 
     def _forget_answered(self) -> None:
-        """Forgets the calls answered as they were expected to be (under ``pending_lock``)."""
+        """Forgets the expected calls answered as expected (under ``pending_lock``)."""
         for token in self.agent.answered():
-            # (Always there: registered under this lock before any answer is looked at.)
+            # (Always there: registered under this lock before any answer is taken.)
             self.pending.pop(token, None)
 
     def _complete(self) -> None:
@@ -264,28 +267,11 @@ class _State:
             _pool.torch_threads()  # the futures' callbacks run here
             with self.pending_lock:
                 fut, sender, recording = self.pending.pop(token)
-                self._forget_answered()
             try:
-                if recording is _EXPECTED:
-                    self._unexpected(fut, error, payload, buffers)
-                    continue
                 self._settle(fut, sender, error, payload, buffers, recording)
             except Exception:  # noqa: BLE001 - the thread must go on completing the others
                 # e.g. the program completed the future itself first.
                 _log.exception("an rpc_async future could not be completed")
-
-    @staticmethod
-    def _unexpected(on_failure: Any, error: Any, payload: Any, buffers: Any) -> None:
-        """Hands an expecting call's other outcome to its ``on_failure``."""
-        if error is not None:
-            on_failure(RuntimeError(error))
-            return
-        try:
-            value = _internal.reply_value(payload, buffers, None)
-        except Exception as e:  # noqa: BLE001 - the callee's exception: the failure
-            on_failure(e)
-            return
-        on_failure(RuntimeError(f"an unexpected answer: {value!r}"))
 
     @staticmethod
     def _settle(
@@ -318,9 +304,19 @@ class _State:
                 t.join()
 
 
-#: What stands for the recording of an expecting call's entry among the pending calls
-#: (:meth:`_State.expect`).
-_EXPECTED = object()
+class _Expecting:
+    """Stands for the future of a call whose answer is known (:meth:`_State.expect`): only
+    another outcome reaches it, and goes to ``on_failure`` as an exception."""
+
+    def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
+        self.on_failure = on_failure
+
+    def set_result(self, value: Any) -> None:
+        self.on_failure(RuntimeError(f"an unexpected answer: {value!r}"))
+
+    def set_exception(self, error: BaseException) -> None:
+        self.on_failure(error)
+
 
 _lock = threading.Lock()
 _require = _state.require

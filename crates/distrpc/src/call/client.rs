@@ -454,19 +454,9 @@ impl Client {
 }
 
 impl Client {
-    /// Sends a call encoded by the caller and returns a future of its encoded reply.
-    pub(crate) fn call_raw(
-        self: &Arc<Self>,
-        dest: u32,
-        call: RawCall,
-        timeout: Option<Duration>,
-        delivery: Delivery,
-    ) -> RpcFuture<RawReply> {
-        self.call_raw_on(dest, &[], 0, call, timeout, delivery)
-    }
-
-    /// [`Client::call_raw`] with a payload prefix and frame flags (a method call on a
-    /// reference's value: its id and `FLAG_METHOD`).
+    /// Sends a call encoded by the caller, after a payload prefix and with frame flags (a
+    /// method call on a reference's value: its id and `FLAG_METHOD`; a call answered later:
+    /// `FLAG_ANSWER_LATER`), and returns a future of its encoded reply.
     pub(crate) fn call_raw_on(
         self: &Arc<Self>,
         dest: u32,

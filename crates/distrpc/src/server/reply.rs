@@ -43,9 +43,7 @@ impl ReplyTo {
             ReplyTo::Local | ReplyTo::Nobody => None,
         }
     }
-}
 
-impl ReplyTo {
     /// Where the reply to a request from `source` goes, and when (its frame's `flags`).
     pub(crate) fn of(source: Source, flags: u16) -> Self {
         match source {

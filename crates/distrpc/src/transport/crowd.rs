@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How often a spinning thread looks again (a look costs about a microsecond).
-pub(crate) const LOOK_EVERY: Duration = Duration::from_micros(20);
+const LOOK_EVERY: Duration = Duration::from_micros(20);
 
 /// `/proc/loadavg`, open, and the CPUs to compare with.
 struct Host {
