@@ -30,7 +30,7 @@ pub const DEFAULT_NUM_WORKER_THREADS: usize = 16;
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(10);
 /// How long a thread blocked on its own call polls for the reply before it sleeps; see
 /// [`RpcOptions::spin_wait`].
-pub const DEFAULT_SPIN_WAIT: Duration = Duration::from_micros(200);
+pub const DEFAULT_SPIN_WAIT: Duration = Duration::from_millis(2);
 /// torch's default init method.
 pub const DEFAULT_INIT_METHOD: &str = "env://";
 /// Bytes a connection may hold for its peer before callers wait ([`RpcOptions::max_queued_bytes`]).
@@ -266,10 +266,16 @@ impl RpcOptions {
     /// starts again after each frame the waiting thread handles (a fetch of a reference's
     /// value it answered, a control message): the peer is busy with this connection. Each
     /// connection stops spinning for replies (for calls) after a few in a row came later than
-    /// the spin, until one comes within it again. And a spin ends as soon as the host has more
-    /// runnable threads than CPUs: there the spinning thread takes the core the work it waits
-    /// for needs (four workers of a model-parallel training step on two CPUs spun 3.8 ms of
-    /// CPU per step away, and the step was slower for it).
+    /// the spin, until one comes within it again. The host decides the rest: a spin lasts all
+    /// of `spin` while the distrpc processes busy on the host (those that waited for a reply
+    /// or a call in the last 20 ms, this user's, any group) fit its CPUs — a trainer and its
+    /// parameter server keep their CPUs from halting between calls, and the work after each
+    /// reply runs on a warm one — and a tenth of it while they outnumber the CPUs (four
+    /// stages of a model on two CPUs would spin on the cores each other's work needs). And a
+    /// spin ends as soon as the host has more runnable threads than CPUs: there the spinning
+    /// thread takes the core the work it waits for needs (four workers of a model-parallel
+    /// training step on two CPUs spun 3.8 ms of CPU per step away, and the step was slower for
+    /// it).
     ///
     /// ```
     /// use std::time::Duration;

@@ -84,13 +84,16 @@ class TensorPipeRpcBackendOptions:
     that room gives a peer that reads nothing; ``liveness`` (whole seconds, 0: off): within
     about how long a peer whose host or network vanished is declared gone and the calls
     waiting on it fail; ``max_builtin_elements`` (2^28): the largest result of a builtin.
-    The latency options: ``spin_wait`` (seconds, default 200 µs, 0: off): how long a thread
+    The latency options: ``spin_wait`` (seconds, default 2 ms, 0: off): how long a thread
     blocked on its own call (``rpc_sync``, ``to_here``) polls for the reply before it sleeps,
     and how long an idle worker thread polls for the next call on the connection the last one
     came in on — a reply or call that comes within it spares waking a sleeping thread, which on
-    an idle virtual CPU costs tens of microseconds; a connection stops spinning once replies
-    (calls) keep coming later than that, and a spin ends once the host has more runnable
-    threads than CPUs (the spinning thread would take the core the work it waits for needs).
+    an idle virtual CPU costs tens of microseconds, and the work after it runs on a CPU that did
+    not halt; a connection stops spinning once replies (calls) keep coming later than that. A
+    spin lasts a tenth of ``spin_wait`` while the distrpc processes busy on the host (those
+    that waited for a reply or a call in the last 20 ms) outnumber its CPUs, and ends once the
+    host has more runnable threads than CPUs (the spinning thread would take the core the work
+    it waits for needs).
     ``busy_poll`` (seconds, default off): every connection's reader and every wait poll that
     long too, trading whole cores for latency (torch's TensorPipe always polls).
 

@@ -85,6 +85,8 @@ impl Claim {
             return self.read_until(&is_done, None, until, None, &mut false) == Ended::Until;
         }
         let started = std::time::Instant::now();
+        // The spin the host allows now (see `crowd::budget`).
+        let spin = crowd::budget(spin);
         let spins = self.conn.replies.spins().then_some(spin);
         let mut waited = false;
         let ended = self.read_until(&is_done, spins, until, None, &mut waited);
@@ -107,6 +109,11 @@ impl Claim {
         let spin = self.transport.spin.callers;
         let started = std::time::Instant::now();
         let spins = !spin.is_zero() && self.conn.calls.spins();
+        let spin = if spin.is_zero() {
+            spin
+        } else {
+            crowd::budget(spin)
+        };
         let ended = self.conn.serving(|| {
             let spin = spins.then_some(spin);
             self.read_until(ready, spin, None, Some(bell), &mut false)

@@ -1,16 +1,27 @@
-//! Whether this host's CPUs are all taken: a thread spinning for a reply or a call
-//! ([`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait)) gives its core up as soon as more
-//! threads are runnable than the host has CPUs — there, the spin takes the core that the work
-//! it waits for (another worker on the host, its peer) needs. MPI libraries do the same on an
-//! oversubscribed node, once at start; this looks while it spins, so that a group whose busy
-//! workers fit the host (a trainer and its parameter server among idle ones) still spins.
+//! Whether this host's CPUs are all taken, and how long a spin may last for it: a thread
+//! spinning for a reply or a call ([`RpcOptions::spin_wait`](crate::RpcOptions::spin_wait))
+//! keeps its virtual CPU from halting, so the frame it waits for is read at once and the work
+//! after it runs on a warm CPU — while the CPU is not needed by other work.
 //!
-//! The count is the kernel's: the runnable threads of `/proc/loadavg` (spinning ones
-//! included), against the CPUs this process may use. Where it cannot be read, never crowded.
+//! Two looks at the host, both cheap enough for every wait:
+//! - **Busy workers** ([`budget`]): each distrpc process of this user on the host stamps, in a
+//!   small shared board (`/dev/shm/distrpc-<uid>.spin`, one slot per process), when it last
+//!   began to spin. While the processes that spun in the last [`BUSY_WINDOW`] fit the CPUs (a
+//!   trainer and its parameter server; idle workers of the group do not count), a spin lasts
+//!   all of `spin_wait`; while they outnumber the CPUs (four stages of a model on two), a
+//!   [`CROWDED_SHARE`]th of it: there the spinning threads would take turns on the cores the
+//!   work they wait for needs. MPI libraries make this choice once, at start, from the ranks
+//!   placed on the node; the board makes it from the processes busy now.
+//! - **Runnable threads** ([`Spin::going`]): a spin ends as soon as more threads are runnable
+//!   than the host has CPUs (the runnable count of `/proc/loadavg`, spinning ones included):
+//!   the spinning thread would take the core a woken thread needs.
+//!
+//! Where either cannot be read, the spin is the crowded one, and never ended by the count.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often a spinning thread looks again (a look costs about a microsecond).
@@ -50,6 +61,147 @@ fn runnable(line: &[u8]) -> Option<usize> {
     let line = std::str::from_utf8(line).ok()?;
     let (running, _) = line.split_whitespace().nth(3)?.split_once('/')?;
     running.parse().ok()
+}
+
+/// A process that began to spin within this window is busy.
+pub(crate) const BUSY_WINDOW: Duration = Duration::from_millis(20);
+/// On a host whose busy workers outnumber its CPUs, a spin lasts this share of `spin_wait`.
+pub(crate) const CROWDED_SHARE: u32 = 10;
+/// Processes a board has room for (a host with more busy ones is crowded anyway).
+const SLOTS: usize = 64;
+
+/// The host's board of busy workers: per slot, the pid owning it and when (`CLOCK_MONOTONIC`,
+/// ns, which all processes of the host share) it last began to spin; shared memory, mapped by
+/// every distrpc process of the user.
+struct Board {
+    words: &'static [AtomicU64],
+    /// This process's slot (none if the board was full).
+    slot: Option<usize>,
+}
+
+impl Board {
+    /// The board in the file at `path` (made if missing), with a slot for process `me`.
+    fn open(path: &std::path::Path, me: u64) -> Option<Board> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .ok()?;
+        let bytes = SLOTS * 2 * std::mem::size_of::<u64>();
+        if file.metadata().ok()?.len() < bytes as u64 {
+            file.set_len(bytes as u64).ok()?;
+        }
+        // SAFETY: a shared mapping of `bytes` bytes of a file at least that long, never
+        // unmapped (it lives as long as the process); page-aligned, so the `u64`s are aligned,
+        // and every access to them is atomic, from this process and the others.
+        let words = unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            );
+            if at == libc::MAP_FAILED {
+                return None;
+            }
+            std::slice::from_raw_parts(at.cast::<AtomicU64>(), SLOTS * 2)
+        };
+        let mut board = Board { words, slot: None };
+        board.slot = board.claim(me, alive);
+        Some(board)
+    }
+
+    /// A slot for `me`: its own from before, or one whose owner is gone (`is_alive` says).
+    fn claim(&self, me: u64, is_alive: impl Fn(u64) -> bool) -> Option<usize> {
+        for slot in 0..SLOTS {
+            let owner = &self.words[2 * slot];
+            let held = owner.load(Ordering::Acquire);
+            if held == me {
+                return Some(slot);
+            }
+            if (held == 0 || !is_alive(held))
+                && owner
+                    .compare_exchange(held, me, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                self.words[2 * slot + 1].store(0, Ordering::Release);
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    /// Stamps this process busy at `now`; then how many processes are busy (this one too).
+    fn busy(&self, now: u64) -> usize {
+        let Some(slot) = self.slot else {
+            return usize::MAX; // no room on the board: a crowded host
+        };
+        self.words[2 * slot + 1].store(now, Ordering::Relaxed);
+        let window = BUSY_WINDOW.as_nanos() as u64;
+        (0..SLOTS)
+            .filter(|&s| {
+                self.words[2 * s].load(Ordering::Relaxed) != 0
+                    && now.saturating_sub(self.words[2 * s + 1].load(Ordering::Relaxed)) < window
+            })
+            .count()
+    }
+}
+
+/// Whether process `pid` exists (one that is not ours to signal exists too).
+fn alive(pid: u64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the host.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+static BOARD: OnceLock<Option<Board>> = OnceLock::new();
+
+fn board() -> Option<&'static Board> {
+    BOARD
+        .get_or_init(|| {
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            let path = format!("/dev/shm/distrpc-{uid}.spin");
+            Board::open(std::path::Path::new(&path), u64::from(std::process::id()))
+        })
+        .as_ref()
+}
+
+/// How long a wait that may spin for `spin` spins now: all of it while the host's busy distrpc
+/// processes (this one, stamped busy by the call, among them) fit its CPUs, else a
+/// [`CROWDED_SHARE`]th of it (see the module docs).
+pub(crate) fn budget(spin: Duration) -> Duration {
+    match (board(), host()) {
+        (Some(board), Some(host)) => share(spin, board.busy(monotonic_ns()), host.cpus),
+        _ => spin / CROWDED_SHARE,
+    }
+}
+
+/// The spin of `spin` with `busy` busy processes on `cpus` CPUs.
+fn share(spin: Duration, busy: usize, cpus: usize) -> Duration {
+    if busy <= cpus {
+        spin
+    } else {
+        spin / CROWDED_SHARE
+    }
 }
 
 /// A spin's end that moves closer once the host is crowded: [`Spin::going`] says whether to
@@ -124,6 +276,74 @@ mod tests {
         let look = spin.next_look;
         assert!(!spin.going_with(look, crowd), "crowded at the next look");
         assert!(!spin.going_with(look, free), "and it stays ended");
+    }
+
+    fn scratch_board(name: &str, me: u64) -> Board {
+        let path = std::env::temp_dir().join(format!("distrpc-{}-{name}.spin", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let board = Board::open(&path, me).expect("a board in the temporary directory");
+        std::fs::remove_file(&path).unwrap();
+        board
+    }
+
+    #[test]
+    fn a_process_is_busy_for_a_window_after_it_began_to_spin() {
+        let mut board = scratch_board("window", 7);
+        assert_eq!(board.slot, Some(0));
+        let second = board.claim(8, |_| true).unwrap();
+        assert_eq!(
+            board.claim(7, |_| true),
+            Some(0),
+            "a process keeps its slot"
+        );
+        let start = 1_000_000_000_000;
+        assert_eq!(board.busy(start), 1, "the other has not spun");
+        board.slot = Some(second);
+        assert_eq!(board.busy(start + 1_000), 2);
+        let window = BUSY_WINDOW.as_nanos() as u64;
+        assert_eq!(
+            board.busy(start + window),
+            1,
+            "the first one's stamp is out of the window"
+        );
+    }
+
+    #[test]
+    fn the_slot_of_a_process_that_is_gone_is_taken_again() {
+        let board = scratch_board("gone", 7);
+        for pid in 8..(8 + SLOTS as u64 - 1) {
+            assert!(board.claim(pid, |_| true).is_some());
+        }
+        assert_eq!(
+            board.claim(1_000, |_| true),
+            None,
+            "full, every owner alive"
+        );
+        let taken = board.claim(1_000, |pid| pid != 9).expect("9 is gone");
+        assert_eq!(board.words[2 * taken].load(Ordering::Relaxed), 1_000);
+        assert_eq!(
+            board
+                .slot
+                .map(|s| board.words[2 * s].load(Ordering::Relaxed)),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn a_spin_lasts_all_of_spin_wait_while_the_busy_processes_fit_the_cpus() {
+        let spin = Duration::from_millis(2);
+        assert_eq!(share(spin, 1, 2), spin);
+        assert_eq!(share(spin, 2, 2), spin);
+        assert_eq!(share(spin, 3, 2), spin / CROWDED_SHARE);
+        assert_eq!(share(spin, usize::MAX, 64), spin / CROWDED_SHARE);
+    }
+
+    #[test]
+    fn this_process_has_a_slot_on_the_hosts_board() {
+        assert!(alive(u64::from(std::process::id())));
+        let board = board().expect("/dev/shm on Linux");
+        assert!(board.slot.is_some());
+        let _ = budget(Duration::from_millis(2));
     }
 
     #[test]
