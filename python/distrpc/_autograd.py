@@ -292,8 +292,20 @@ def sent_index(tensor: Any) -> tuple | None:
     if out is None or not tensor.requires_grad:
         return None
     if out.message is None:
-        out.message = (_rank << ID_BITS) | next(_next_message)
+        out.message = _new_message()
     return (out.ctx.id, out.message, out.ctx.sent(out.message, tensor))
+
+
+def sent_alone(ctx: Context, tensor: Any) -> int:
+    """Records ``tensor`` as sent alone in a new message of ``ctx`` (as its index 0): the
+    message's id."""
+    message = _new_message()
+    ctx.sent(message, tensor)
+    return message
+
+
+def _new_message() -> int:
+    return (_rank << ID_BITS) | next(_next_message)
 
 
 class Edge(NamedTuple):

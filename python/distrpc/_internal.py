@@ -18,7 +18,9 @@ remembered at both ends (``_shaped_pickle``); a call made again is found whole b
 (``remembered_call``) and run by the callee without unpickling (``run_remembered``), its
 tensors handed to torch over the receive buffer as DLPack capsules (``_received``); a call
 made in a distributed autograd context carries the context's id as a fourth element
-(``_wire``), its tensors that require grad their own ``(context, message, index)``.
+(``_wire``), its tensors that require grad their own ``(context, message, index)``; a result
+that requires grad goes as a plain tensor behind its context's and message's ids
+(``_with_grad``).
 
 Example (a call and its result, as the front sends them)::
 
@@ -461,6 +463,11 @@ _UNKNOWN = object()
 #: (8 bytes, little-endian), then the call as pickled outside one (a pickle starts with
 #: PROTO, 0x80). The callee runs it as the ``(func, args, kwargs, context_id)`` of ``_wire``.
 _IN_CONTEXT = b"\x00"
+#: What starts a tensor that requires grad sent alone (a result) in a distributed autograd
+#: context: then the context's and the message's ids (8 bytes each, little-endian), then the
+#: tensor pickled as a plain one (:func:`_shaped`): the receiver takes it through the context
+#: as index 0 of the message, without unpickling what it saw before.
+_WITH_GRAD = b"\x01"
 #: The most common result, pickled (``pickle.dumps`` makes a pickler for each call).
 _PICKLED_NONE = pickle.dumps(None, protocol=5)
 
@@ -785,6 +792,12 @@ class _InternalRPCPickler:
         if context_id is not None:  # a call made in a context (_in_context)
             call = self.deserialize(data, buffers, sender)
             return (*call, context_id) if type(call) is tuple and len(call) == 3 else call
+        if data[:1] == _WITH_GRAD:  # a tensor that requires grad, alone (_with_grad)
+            grad = (int.from_bytes(data[1:9], "little"), int.from_bytes(data[9:17], "little"), 0)
+            tensor = self.deserialize(data[17:], buffers, sender)
+            if _torch is None or type(tensor) is not _torch.tensor:
+                raise RuntimeError("a message with a gradient's context carried no tensor")
+            return _autograd.received(tensor, grad, sender)
         # References inside are forks `sender` made; they are collected for the caller to
         # wait on (a function runs only once the references it received are confirmed).
         _decoding.sender, _decoding.received = sender, []
@@ -892,6 +905,11 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
             shaped = _shaped(None, (obj,), True)
             if shaped is not None:
                 return shaped
+    elif _torch is not None and type(obj) is _torch.tensor and obj.requires_grad and default:
+        # A result in a context, made by the model: its pickle is a plain tensor's.
+        made = _with_grad(ctx, obj, to)
+        if made is not None:
+            return made
     plain = default and _plain(obj)
     if ctx is not None and default and type(obj) is PythonUDF:
         # In a distributed autograd context, a call without a tensor that requires grad (of
@@ -922,6 +940,20 @@ def serialize(obj: Any, to: int | None = None) -> tuple[bytes, list[Buffer]]:
         _encoding.to = previous
         if ctx is not None:
             _autograd.sent(recording)
+
+
+def _with_grad(ctx: Any, tensor: Any, to: int | None) -> tuple[bytes, list[Buffer]] | None:
+    """``tensor``, which requires grad, sent alone to ``to`` in the context ``ctx`` the short
+    way (:data:`_WITH_GRAD`) and recorded as sent; ``None`` if it is no plain tensor but for
+    its grad (then the pickler says)."""
+    shaped = _shaped(None, (tensor.detach(),), True)
+    if shaped is None:
+        return None
+    if to is not None:
+        ctx.reached(to)
+    message = _autograd.sent_alone(ctx, tensor)
+    ids = ctx.id.to_bytes(8, "little") + message.to_bytes(8, "little")
+    return _WITH_GRAD + ids + shaped[0], shaped[1]
 
 
 def _call_pickle(obj: Any, plain: bool) -> tuple[bytes, list[Buffer]] | None:

@@ -70,3 +70,32 @@ def test_a_tensor_that_requires_grad_carries_its_context_message_and_index():
         assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0)
     finally:
         _autograd.release(ctx.id)
+
+
+def test_a_result_that_requires_grad_goes_as_a_plain_tensor_with_its_context_and_message():
+    torch = pytest.importorskip("torch")
+    ctx = _autograd.new_context()
+    try:
+        leaf = torch.ones(2, 3, requires_grad=True)
+        result = leaf * 2
+        with _autograd.running(ctx):
+            payload, buffers = _internal.serialize(result, 3)
+        ((message, sent),) = ctx.sends.items()
+        assert sent == [result] and ctx.workers() == {3}
+        assert payload.startswith(_internal._WITH_GRAD)
+        # After the two ids, the very pickle of the same tensor without grad.
+        plain, _ = _internal.serialize(result.detach(), 3)
+        assert payload[17:] == plain
+        for _ in range(2):  # unpickled, then known by its bytes
+            got = _internal.deserialize(payload, buffers, 3)
+            assert torch.equal(got, result.detach()) and got.requires_grad
+            assert got.grad_fn.edge == (ctx, 3, message, 0)
+        # A tensor that is no plain one but for its grad goes through the pickler, as before.
+        odd = (leaf * 2).t()  # not contiguous
+        with _autograd.running(ctx):
+            payload, buffers = _internal.serialize(odd, 3)
+        assert not payload.startswith(_internal._WITH_GRAD)
+        got = _internal.deserialize(payload, buffers, 3)
+        assert torch.equal(got, odd.detach()) and got.grad_fn.edge.index == 0
+    finally:
+        _autograd.release(ctx.id)
