@@ -88,6 +88,8 @@ impl Board {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // (/dev/shm is everyone's: a link planted there is not followed.)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .ok()?;
         let bytes = SLOTS * 2 * std::mem::size_of::<u64>();
@@ -327,6 +329,22 @@ mod tests {
                 .map(|s| board.words[2 * s].load(Ordering::Relaxed)),
             Some(7)
         );
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_board_is_not_followed() {
+        let dir = std::env::temp_dir();
+        let target = dir.join(format!("distrpc-{}-target.spin", std::process::id()));
+        let link = dir.join(format!("distrpc-{}-link.spin", std::process::id()));
+        std::fs::write(&target, b"not a board").unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let opened = Board::open(&link, 7);
+        let untouched = std::fs::read(&target).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_file(&target).unwrap();
+        assert!(opened.is_none(), "the board was opened through a link");
+        assert_eq!(untouched, b"not a board");
     }
 
     #[test]
