@@ -6,9 +6,10 @@
 //! Two looks at the host, both cheap enough for every wait:
 //! - **Busy workers** ([`budget`]): each distrpc process of this user on the host stamps, in a
 //!   small shared board (`/dev/shm/distrpc-<uid>.spin`, one slot per process), when it last
-//!   began to spin. While the processes that spun in the last [`BUSY_WINDOW`] fit the CPUs (a
-//!   trainer and its parameter server; idle workers of the group do not count), a spin lasts
-//!   all of `spin_wait`; while they outnumber the CPUs (four stages of a model on two), a
+//!   waited for a reply or a call. While the processes that waited in the last [`BUSY_WINDOW`]
+//!   fit the CPUs (a trainer and its parameter server; idle workers of the group do not
+//!   count), a spin lasts all of `spin_wait`; while they outnumber the CPUs (four stages of a
+//!   model on two), a
 //!   [`CROWDED_SHARE`]th of it: there the spinning threads would take turns on the cores the
 //!   work they wait for needs. MPI libraries make this choice once, at start, from the ranks
 //!   placed on the node; the board makes it from the processes busy now.
@@ -16,7 +17,9 @@
 //!   than the host has CPUs (the runnable count of `/proc/loadavg`, spinning ones included):
 //!   the spinning thread would take the core a woken thread needs.
 //!
-//! Where either cannot be read, the spin is the crowded one, and never ended by the count.
+//! Without a board (no /dev/shm, a link in its place, 64 busy processes, a child forked after
+//! the board was opened) a spin is the crowded one; where `/proc/loadavg` cannot be read, no
+//! spin is ended by the count.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -75,7 +78,10 @@ const SLOTS: usize = 64;
 /// every distrpc process of the user.
 struct Board {
     words: &'static [AtomicU64],
-    /// This process's slot (none if the board was full).
+    /// The process the slot is for: a child forked after the board was opened inherits the
+    /// mapping and the slot, and stamps none (its waits are the crowded kind).
+    me: u64,
+    /// Its slot (none if the board was full).
     slot: Option<usize>,
 }
 
@@ -113,7 +119,11 @@ impl Board {
             }
             std::slice::from_raw_parts(at.cast::<AtomicU64>(), SLOTS * 2)
         };
-        let mut board = Board { words, slot: None };
+        let mut board = Board {
+            words,
+            me,
+            slot: None,
+        };
         board.slot = board.claim(me, alive);
         Some(board)
     }
@@ -192,7 +202,9 @@ fn board() -> Option<&'static Board> {
 /// [`CROWDED_SHARE`]th of it (see the module docs).
 pub(crate) fn budget(spin: Duration) -> Duration {
     match (board(), host()) {
-        (Some(board), Some(host)) => share(spin, board.busy(monotonic_ns()), host.cpus),
+        (Some(board), Some(host)) if board.me == u64::from(std::process::id()) => {
+            share(spin, board.busy(monotonic_ns()), host.cpus)
+        }
         _ => spin / CROWDED_SHARE,
     }
 }
@@ -360,7 +372,7 @@ mod tests {
     fn this_process_has_a_slot_on_the_hosts_board() {
         assert!(alive(u64::from(std::process::id())));
         let board = board().expect("/dev/shm on Linux");
-        assert!(board.slot.is_some());
+        assert!(board.slot.is_some() && board.me == u64::from(std::process::id()));
         let _ = budget(Duration::from_millis(2));
     }
 
