@@ -352,6 +352,18 @@ def _remember(table: dict, key: Any, value: Any) -> None:
     table[key] = value
 
 
+def _seen_before(seen: set, key: Any) -> bool:
+    """Whether ``key`` is in ``seen``; if not, it is now (at most ``_SHAPED_LIMIT`` kept): what
+    is remembered is what comes twice, so that messages made once each (a context's release,
+    a call on a step's number) do not push out those made again and again."""
+    if key in seen:
+        return True
+    if len(seen) >= _SHAPED_LIMIT:
+        seen.clear()
+    seen.add(key)
+    return False
+
+
 def _shapes(tensors: tuple) -> tuple | None:
     """``(dtype index, shape)`` of each of ``tensors`` if all are plain tensors, distinct;
     ``None`` otherwise."""
@@ -474,14 +486,16 @@ _PICKLED_NONE = pickle.dumps(None, protocol=5)
 
 #: The sender's side: the pickles of plain calls made lately, by function, the types of the
 #: arguments and the arguments (no floats: 0.0 == -0.0, and 1 == 1.0 == True without the
-#: types), without keyword arguments.
+#: types), without keyword arguments; remembered the second time they are made (the first
+#: time, their keys are kept in ``_made_once``).
 _plain_pickles: dict[Any, bytes] = {}
+_made_once: set[Any] = set()
 
 
 def _plain_call_pickle(call: tuple) -> bytes | None:
     """The pickle of ``call`` — a plain call as :func:`_wire` makes it, its arguments atoms
-    (:func:`_plain` said so) — remembered; ``None`` for a call this does not remember (then
-    ``pickle.dumps`` it)."""
+    (:func:`_plain` said so) — remembered once made twice; ``None`` for a call this does not
+    remember (then ``pickle.dumps`` it)."""
     if len(call) != 3:
         return None
     func, args, kwargs = call
@@ -494,7 +508,8 @@ def _plain_call_pickle(call: tuple) -> bytes | None:
     data = _plain_pickles.get(key)
     if data is None:
         data = pickle.dumps(call, protocol=5)
-        _remember(_plain_pickles, key, data)
+        if _seen_before(_made_once, key):
+            _remember(_plain_pickles, key, data)
     elif not _still_named(func):
         return None
     return data
@@ -581,10 +596,7 @@ def _check_plain(data: bytes, value: Any) -> None:
             return
     elif type(value) is not tuple or len(value) != 3:
         return
-    if data not in _seen_once:
-        if len(_seen_once) >= _SHAPED_LIMIT:
-            _seen_once.clear()
-        _seen_once.add(data)
+    if not _seen_before(_seen_once, data):
         return
     if atom:
         if pickle.dumps(value, protocol=5) == data:

@@ -104,11 +104,14 @@ def test_a_result_that_requires_grad_goes_as_a_plain_tensor_with_its_context_and
 def test_a_release_pickles_as_its_call_would_without_being_remembered():
     from distrpc.autograd import _engine
 
+    # A call made once (each context's release is) is not remembered among the plain calls,
+    # so it never pushes out the program's own; made again, it is.
     context_id = (3 << _autograd.ID_BITS) | 12
     before = dict(_internal._plain_pickles)
-    payload = _engine.release_payload(context_id, 3)
     udf = _internal.PythonUDF(_engine._release_context, (context_id, 3), {})
+    payload = _internal.serialize(udf, 3)[0]
     assert _internal._plain_pickles == before, "a release was remembered among plain calls"
     assert payload == _internal.serialize(udf, 3)[0]
+    assert len(_internal._plain_pickles) == len(before) + 1, "made twice, it is remembered"
     func, args, kwargs = _internal.deserialize(payload, [], 3)
     assert func is _engine._release_context and args == (context_id, 3) and kwargs == {}

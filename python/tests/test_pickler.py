@@ -226,6 +226,8 @@ def test_a_call_made_again_is_remembered_only_where_serialize_would_send_those_b
     args = (7, "remembered")
     assert _internal.remembered_call(_plain_function, args) is None  # not made yet
     data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, args, {}))
+    assert _internal.remembered_call(_plain_function, args) is None  # made once
+    data, _ = _internal.serialize(_internal.PythonUDF(_plain_function, args, {}))
     assert _internal.remembered_call(_plain_function, args) == (data, [])
     assert _internal.remembered_call(_plain_function, (7.0, "remembered")) is None  # 7 == 7.0
     assert _internal.remembered_call(_plain_function, ([7],)) is None  # cannot be hashed

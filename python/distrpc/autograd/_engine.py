@@ -36,7 +36,6 @@ context is released.
 from __future__ import annotations
 
 import logging
-import pickle
 import queue
 import threading
 from typing import Any
@@ -261,16 +260,6 @@ def _release_context(context_id: int, origin: int) -> None:
         _release_around(ctx, origin)
 
 
-_RELEASE_NAME = _internal.qualname(_release_context)
-
-
-def release_payload(context_id: int, origin: int) -> bytes:
-    """The call of :func:`_release_context` as ``serialize`` pickles it outside a context, but
-    not remembered among the plain calls made lately: each context's is made once, and
-    remembering them would push the program's own calls out every thousand steps."""
-    return pickle.dumps((_release_context, (context_id, origin), {}), protocol=5)
-
-
 def _send_release(worker: int, context_id: int, tries: int, delay: float) -> None:
     """Sends the release of ``context_id`` to ``worker``, again after ``delay`` seconds if it
     fails (``tries`` in all); idempotent on the receiver. Its answer (``None``) wakes no
@@ -287,11 +276,12 @@ def _send_release(worker: int, context_id: int, tries: int, delay: float) -> Non
             _log.warning("autograd context %d not released on worker %d: %s", context_id, worker, e)
 
     try:
-        state = _state.require()
-        payload = release_payload(context_id, state.me.id)
-        to, none = state.infos[worker].name, _internal._PICKLED_NONE  # what it answers
+        state, to, name, payload, buffers = _pickled(
+            worker, _release_context, (context_id, _state.require().me.id)
+        )
+        none = _internal._PICKLED_NONE  # what `_release_context` answers
         state.expect(
-            lambda: state.agent.rpc_async_expecting(to, _RELEASE_NAME, payload, [], none),
+            lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, none),
             failed,
             worker,
         )

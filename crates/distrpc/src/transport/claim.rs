@@ -109,11 +109,7 @@ impl Claim {
         let spin = self.transport.spin.callers;
         let started = std::time::Instant::now();
         let spins = !spin.is_zero() && self.conn.calls.spins();
-        let spin = if spin.is_zero() {
-            spin
-        } else {
-            crowd::budget(spin)
-        };
+        let spin = crowd::budget(spin);
         let ended = self.conn.serving(|| {
             let spin = spins.then_some(spin);
             self.read_until(ready, spin, None, Some(bell), &mut false)

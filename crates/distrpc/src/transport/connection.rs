@@ -746,7 +746,6 @@ mod tests {
         frame.slices().flatten().copied().collect()
     }
 
-    /// Whether the peer has bytes to read now.
     /// Reads exactly `frames` from `peer`, and nothing more is there.
     fn read_frames(peer: &mut std::net::TcpStream, frames: &[&OutFrame]) {
         let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
@@ -756,6 +755,7 @@ mod tests {
         assert!(!readable(peer));
     }
 
+    /// Whether the peer has bytes to read now.
     fn readable(peer: &std::net::TcpStream) -> bool {
         peer.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 1];

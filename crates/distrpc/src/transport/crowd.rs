@@ -6,13 +6,13 @@
 //! Two looks at the host, both cheap enough for every wait:
 //! - **Busy workers** ([`budget`]): each distrpc process of this user on the host stamps, in a
 //!   small shared board (`/dev/shm/distrpc-<uid>.spin`, one slot per process), when it last
-//!   waited for a reply or a call. While the processes that waited in the last [`BUSY_WINDOW`]
-//!   fit the CPUs (a trainer and its parameter server; idle workers of the group do not
-//!   count), a spin lasts all of `spin_wait`; while they outnumber the CPUs (four stages of a
-//!   model on two), a
-//!   [`CROWDED_SHARE`]th of it: there the spinning threads would take turns on the cores the
-//!   work they wait for needs. MPI libraries make this choice once, at start, from the ranks
-//!   placed on the node; the board makes it from the processes busy now.
+//!   waited for a reply or a call (at most once every [`LOOK_AGAIN`]). While the processes
+//!   that waited in the last [`BUSY_WINDOW`] fit the CPUs (a trainer and its parameter server;
+//!   idle workers of the group do not count), a spin lasts all of `spin_wait`; while they
+//!   outnumber the CPUs (four stages of a model on two), a [`CROWDED_SHARE`]th of it: there
+//!   the spinning threads would take turns on the cores the work they wait for needs. MPI
+//!   libraries make this choice once, at start, from the ranks placed on the node; the board
+//!   makes it from the processes busy now.
 //! - **Runnable threads** ([`Spin::going`]): a spin ends as soon as more threads are runnable
 //!   than the host has CPUs (the runnable count of `/proc/loadavg`, spinning ones included):
 //!   the spinning thread would take the core a woken thread needs.
@@ -66,16 +66,19 @@ fn runnable(line: &[u8]) -> Option<usize> {
     running.parse().ok()
 }
 
-/// A process that began to spin within this window is busy.
-pub(crate) const BUSY_WINDOW: Duration = Duration::from_millis(20);
+/// A process that waited for a reply or a call within this window is busy.
+const BUSY_WINDOW: Duration = Duration::from_millis(20);
+/// A process stamps and counts the board at most this often (its waits in between take the
+/// last count): the board's cache lines, written by every process, are not touched per wait.
+const LOOK_AGAIN: Duration = Duration::from_millis(1);
 /// On a host whose busy workers outnumber its CPUs, a spin lasts this share of `spin_wait`.
-pub(crate) const CROWDED_SHARE: u32 = 10;
+const CROWDED_SHARE: u32 = 10;
 /// Processes a board has room for (a host with more busy ones is crowded anyway).
 const SLOTS: usize = 64;
 
 /// The host's board of busy workers: per slot, the pid owning it and when (`CLOCK_MONOTONIC`,
-/// ns, which all processes of the host share) it last began to spin; shared memory, mapped by
-/// every distrpc process of the user.
+/// ns, which all processes of the host share) it last waited; shared memory, mapped by every
+/// distrpc process of the user.
 struct Board {
     words: &'static [AtomicU64],
     /// The process the slot is for: a child forked after the board was opened inherits the
@@ -83,6 +86,9 @@ struct Board {
     me: u64,
     /// Its slot (none if the board was full).
     slot: Option<usize>,
+    /// When this process last stamped and counted (ns), and the count then.
+    looked: AtomicU64,
+    counted: AtomicU64,
 }
 
 impl Board {
@@ -123,6 +129,8 @@ impl Board {
             words,
             me,
             slot: None,
+            looked: AtomicU64::new(0),
+            counted: AtomicU64::new(0),
         };
         board.slot = board.claim(me, alive);
         Some(board)
@@ -148,19 +156,30 @@ impl Board {
         None
     }
 
-    /// Stamps this process busy at `now`; then how many processes are busy (this one too).
+    /// Stamps this process busy at `now`; then how many processes are busy (this one too),
+    /// which [`Board::recent`] gives until [`LOOK_AGAIN`] has passed.
     fn busy(&self, now: u64) -> usize {
         let Some(slot) = self.slot else {
             return usize::MAX; // no room on the board: a crowded host
         };
         self.words[2 * slot + 1].store(now, Ordering::Relaxed);
         let window = BUSY_WINDOW.as_nanos() as u64;
-        (0..SLOTS)
+        let busy = (0..SLOTS)
             .filter(|&s| {
                 self.words[2 * s].load(Ordering::Relaxed) != 0
                     && now.saturating_sub(self.words[2 * s + 1].load(Ordering::Relaxed)) < window
             })
-            .count()
+            .count();
+        self.counted.store(busy as u64, Ordering::Relaxed);
+        self.looked.store(now, Ordering::Relaxed);
+        busy
+    }
+
+    /// The last [`Board::busy`] count, if it was made less than [`LOOK_AGAIN`] before `now`.
+    fn recent(&self, now: u64) -> Option<usize> {
+        let looked = self.looked.load(Ordering::Relaxed);
+        (looked != 0 && now.saturating_sub(looked) < LOOK_AGAIN.as_nanos() as u64)
+            .then(|| self.counted.load(Ordering::Relaxed) as usize)
     }
 }
 
@@ -201,12 +220,19 @@ fn board() -> Option<&'static Board> {
 /// processes (this one, stamped busy by the call, among them) fit its CPUs, else a
 /// [`CROWDED_SHARE`]th of it (see the module docs).
 pub(crate) fn budget(spin: Duration) -> Duration {
-    match (board(), host()) {
-        (Some(board), Some(host)) if board.me == u64::from(std::process::id()) => {
-            share(spin, board.busy(monotonic_ns()), host.cpus)
-        }
-        _ => spin / CROWDED_SHARE,
+    if spin.is_zero() {
+        return spin; // no spin: nothing to stamp
     }
+    let (Some(board), Some(host)) = (board(), host()) else {
+        return spin / CROWDED_SHARE;
+    };
+    let now = monotonic_ns();
+    let busy = match board.recent(now) {
+        Some(busy) => busy,
+        None if board.me == u64::from(std::process::id()) => board.busy(now),
+        None => usize::MAX, // a child forked after the board was opened
+    };
+    share(spin, busy, host.cpus)
 }
 
 /// The spin of `spin` with `busy` busy processes on `cpus` CPUs.
@@ -319,6 +345,21 @@ mod tests {
             board.busy(start + window),
             1,
             "the first one's stamp is out of the window"
+        );
+    }
+
+    #[test]
+    fn a_count_stands_for_a_millisecond() {
+        let board = scratch_board("recent", 7);
+        let start = 1_000_000_000_000;
+        assert_eq!(board.recent(start), None, "never counted");
+        assert_eq!(board.busy(start), 1);
+        let again = LOOK_AGAIN.as_nanos() as u64;
+        assert_eq!(board.recent(start + again - 1), Some(1));
+        assert_eq!(
+            board.recent(start + again),
+            None,
+            "counted again after a millisecond"
         );
     }
 
