@@ -154,7 +154,8 @@ def _split_model(rank, world_size, init_method, results, impl, optimizer_name):
     results.put((rank, out))
 
 
-@pytest.mark.parametrize("optimizer_name", ["SGD", "Adam"])
+# (SGD and Adam have functional forms, which both DistributedOptimizers step; NAdam has none.)
+@pytest.mark.parametrize("optimizer_name", ["SGD", "Adam", "NAdam"])
 @pytest.mark.parametrize("impl", ["distrpc", "torch"])
 def test_a_model_split_over_three_workers_trains_as_in_one_process(run_group, impl, optimizer_name):
     out = run_group(functools.partial(_split_model, impl=impl, optimizer_name=optimizer_name), 3)[0]
@@ -168,6 +169,29 @@ def test_a_model_split_over_three_workers_trains_as_in_one_process(run_group, im
     if impl == "distrpc":
         assert out["released"]
         assert out["freed"]
+
+
+class _Held:
+    """A reference to a local value, as a ``_LocalOptimizer`` reads its parameters."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def local_value(self):
+        return self.value
+
+
+def test_local_optimizers_step_torch_functional_forms_where_it_has_them():
+    from distrpc.optim.optimizer import _LocalOptimizer
+
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    sgd = _LocalOptimizer(torch.optim.SGD, [_Held(p) for p in params], lr=0.5)
+    nadam = _LocalOptimizer(torch.optim.NAdam, [_Held(p) for p in params], lr=0.5)
+    assert sgd.functional and type(sgd.optim).__name__ == "_FunctionalSGD"
+    assert not nadam.functional and isinstance(nadam.optim, torch.optim.NAdam)
+    # A step with a gradient for the first parameter alone leaves the second as it was.
+    sgd.optim.step([torch.full((2,), 2.0), None])
+    assert params[0].tolist() == [0.0, 0.0] and params[1].tolist() == [1.0, 1.0, 1.0]
 
 
 def _double_on_worker0(impl, x):
