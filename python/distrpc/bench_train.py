@@ -32,10 +32,12 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 from .bench import _only_running, _percentiles, _timed
 
@@ -285,8 +287,35 @@ def _member(rank: int, world: int, impl: str, store: str, commands, results) -> 
         results.put("up")
         while (command := commands.get()) is not None:
             name, count = command
-            results.put(_WORKLOADS[name](impl, count))
+            try:
+                results.put(_WORKLOADS[name](impl, count))
+            except Exception:  # the run stops with it, printed by the parent
+                results.put(_Failed(f"{impl}, {name}:\n{traceback.format_exc()}"))
+                raise
     rpc.shutdown()
+
+
+class _Failed(str):
+    """A workload's traceback, in place of its result."""
+
+
+def _result(results, procs: list, timeout: float):
+    """The next result of a group, as soon as it comes; raises if the workload failed, or if
+    one of the group's processes exited before it came (its stderr says why)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(f"a worker exited (rank, exit code): {dead}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result in {timeout:.0f} s") from None
+            continue
+        if isinstance(got, _Failed):
+            raise RuntimeError(f"a workload failed on {got}")
+        return got
 
 
 def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
@@ -307,15 +336,15 @@ def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
             p.start()
         groups[impl] = (procs, commands, results)
         _only_running(groups, impl)
-        results.get(timeout=600)
+        _result(results, procs, 600)
     for name in _WORKLOADS:
         got: dict[str, list] = {impl: [] for impl in impls}
         for block in range(blocks):
             for impl in impls if block % 2 == 0 else impls[::-1]:
                 _only_running(groups, impl)
-                _, commands, results = groups[impl]
+                procs, commands, results = groups[impl]
                 commands.put((name, max(1, steps // blocks)))
-                got[impl].append(results.get(timeout=1800))
+                got[impl].append(_result(results, procs, 1800))
         for impl in impls:
             if name == "noop":
                 merged = {key: [b[key] for b in got[impl]] for key in ("outside_us", "inside_us")}

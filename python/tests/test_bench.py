@@ -79,3 +79,26 @@ def test_bench_train_quick_prints_every_workload():
     runs = workloads["cold"]["runs_us"]
     assert set(runs) == {"none", "1ms", "10ms"}
     assert all(len(r) == 4 and all(us > 0 for us in r) for r in runs.values())
+
+
+class _Exited:
+    """A process as ``bench_train._result`` looks at it."""
+
+    def __init__(self, exitcode):
+        self.exitcode = exitcode
+
+
+def test_bench_train_stops_at_a_failed_workload_or_a_dead_worker():
+    import queue
+
+    from distrpc import bench_train
+
+    results = queue.Queue()
+    results.put(bench_train._Failed("distrpc, mlp:\nTraceback: ..."))
+    with pytest.raises(RuntimeError, match="a workload failed on distrpc, mlp"):
+        bench_train._result(results, [_Exited(None)], 60)
+    # Nothing comes and a worker is gone: at once, not after the timeout.
+    with pytest.raises(RuntimeError, match=r"a worker exited .*\[\(1, -11\)\]"):
+        bench_train._result(results, [_Exited(None), _Exited(-11)], 60)
+    results.put({"p50_ms": 1.0})
+    assert bench_train._result(results, [_Exited(None)], 60) == {"p50_ms": 1.0}
