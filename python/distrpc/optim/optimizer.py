@@ -46,8 +46,8 @@ class _LocalOptimizer:
 
     def step(self, autograd_ctx_id: int) -> None:
         grads = dist_autograd.get_gradients(autograd_ctx_id)
-        # A parameter the pass did not reach has no gradient, and the optimizer skips it
-        # (torch's sets the gradients it has and leaves a stale .grad on the others).
+        # A parameter the pass did not reach has no gradient, and the optimizer skips it (as
+        # torch's functional forms do; torch's other classes keep a stale .grad there).
         with _LocalOptimizer.global_lock:
             if self.functional:
                 self.optim.step([grads.get(param) for param in self._params])
