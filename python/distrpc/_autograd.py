@@ -89,6 +89,9 @@ class Context:
         self.sends: dict[int, list[Any]] = {}
         self.grads: dict[Any, Any] = {}
         self.passes = 0
+        #: Whether this worker sent on, untouched, a tensor it had received in this context:
+        #: the gradient of such a tensor may skip it (:attr:`Edge.via`), so its passes route.
+        self.routes = False
 
     def sent(self, message: int, tensor: Any) -> int:
         """Records ``tensor`` as sent in ``message``: its index there."""
@@ -293,7 +296,14 @@ def sent_index(tensor: Any) -> tuple | None:
         return None
     if out.message is None:
         out.message = _new_message()
-    return (out.ctx.id, out.message, out.ctx.sent(out.message, tensor))
+    index = out.ctx.sent(out.message, tensor)
+    edge = getattr(tensor.grad_fn, "edge", None)
+    if edge is not None and edge.ctx is out.ctx:
+        # A received tensor sent on untouched: its gradient may go straight to where it came
+        # from, past this worker (``Edge.via``).
+        out.ctx.routes = True
+        return (out.ctx.id, out.message, index, edge.destination())
+    return (out.ctx.id, out.message, index)
 
 
 def sent_alone(ctx: Context, tensor: Any) -> int:
@@ -310,22 +320,33 @@ def _new_message() -> int:
 
 class Edge(NamedTuple):
     """Where the gradient of a received tensor goes: tensor ``index`` of ``message`` from
-    ``sender``, in context ``ctx``."""
+    ``sender``, in context ``ctx``; ``via``, when the sender had received that tensor itself
+    and sent it on untouched, is where it came from (``(worker, message, index)``): the
+    gradient goes there directly, skipping the sender (whose graph would only pass it on)."""
 
     ctx: Context
     sender: int
     message: int
     index: int
+    via: tuple[int, int, int] | None = None
+
+    def destination(self) -> tuple[int, int, int]:
+        """``(worker, message, index)`` the gradient goes to: ``via`` if known."""
+        return self.via if self.via is not None else (self.sender, self.message, self.index)
 
 
 def received(tensor: Any, grad: tuple, sender: int | None) -> Any:
     """``tensor``, received from ``sender`` as the tensor ``grad`` = ``(context, message,
-    index)`` names: the output of a ``Recv`` node whose gradient goes back to the sender
-    (the context joined first)."""
+    index)`` — and ``via``, if the sender passed it on (:class:`Edge`) — names: the output of
+    a ``Recv`` node whose gradient goes back to the sender (the context joined first)."""
     if sender is None:
         raise RuntimeError("a tensor sent in an autograd context can be unpickled only in an RPC")
-    context_id, message, index = grad
-    edge = Edge(join(context_id, sender), sender, message, index)
+    context_id, message, index, *via = grad
+    if via:
+        (via,) = via
+        if type(via) is not tuple or len(via) != 3 or any(type(v) is not int for v in via):
+            raise ValueError(f"a malformed origin of a received tensor: {via!r}")
+    edge = Edge(join(context_id, sender), sender, message, index, via or None)
     return _recv_function().apply(_dummy(), tensor, edge)
 
 

@@ -420,3 +420,109 @@ def test_rref_backward_retain_graph_and_errors(run_group):
     assert out["released"].startswith("Could not find autograd context with id")
     assert out["local_rref_backward"] == [2.0]
     assert out["contexts"]
+
+
+class _Raising(torch.nn.Module):
+    """Its backward raises, or ends the process (``die``)."""
+
+    def __init__(self, die):
+        super().__init__()
+        self.die = die
+
+    def forward(self, x):
+        return (_DieInBackward if self.die else _FailInBackward).apply(x)
+
+
+def _chain_stage(weight, bias, mode=None):
+    layer = _linear(weight, bias)
+    return layer if mode is None else torch.nn.Sequential(layer, _Raising(mode == "die"))
+
+
+def _chain_reference():
+    init = _initial()
+    layers = [_linear(*init[k]) for k in ("l1", "l2", "head")]
+    x, y = _batches(1)[0]
+    h = x
+    for layer in layers:
+        h = layer(h)
+    ((h - y) ** 2).mean().backward()
+    return [p.grad.tolist() for layer in layers for p in layer.parameters()]
+
+
+def _chain(rank, world_size, init_method, results, impl, mode):
+    """worker0 drives a chain of stages on workers 1-3, each stage's output passed to the next
+    untouched (so distrpc's stages send gradients to each other directly); in ``die`` and
+    ``fail`` modes worker2's backward ends its process or raises."""
+    rpc, dist_autograd, _ = _modules(impl)
+    join(rpc, rank, world_size, init_method, rpc_timeout=60)
+    out = None
+    if rank == 0:
+        init = _initial()
+        stages = [
+            rpc.remote(f"worker{r}", _chain_stage, args=(*init[k], mode if r == 2 else None))
+            for r, k in ((1, "l1"), (2, "l2"), (3, "head"))
+        ]
+        x, y = _batches(1)[0]
+        started = time.monotonic()
+        with dist_autograd.context() as context_id:
+            h = x
+            for stage in stages:
+                h = stage.rpc_sync().forward(h)
+            try:
+                dist_autograd.backward(context_id, [((h - y) ** 2).mean()])
+                grads = []
+                for r, stage in zip((1, 2, 3), stages):
+                    grads += rpc.rpc_sync(
+                        f"worker{r}", _gradients_of, args=(impl, context_id, stage)
+                    )
+                out = {"grads": [g.tolist() for g in grads]}
+                if impl == "distrpc":
+                    from distrpc import _autograd
+
+                    out["routed"] = _autograd.context(context_id).routes
+            except Exception as e:  # noqa: BLE001 - its type is checked
+                out = {"error": (type(e).__name__, str(e)), "took": time.monotonic() - started}
+        if impl == "distrpc":
+            alive = [w for w in ("worker1", "worker2", "worker3") if w != "worker2" or not mode]
+            out["released"] = wait_until(
+                lambda: (
+                    _context_count(impl) == 0
+                    and all(rpc.rpc_sync(w, _context_count, args=(impl,)) == 0 for w in alive)
+                )
+            )
+    if mode == "die":
+        if rank != 2:
+            rpc.api._barrier(["worker0", "worker1", "worker3"])
+            results.put((rank, out))
+            rpc.shutdown(graceful=False)
+        else:
+            time.sleep(60)  # its backward ends this process; bounded if it never comes
+        return
+    rpc.shutdown()
+    results.put((rank, out))
+
+
+@pytest.mark.parametrize("impl", ["distrpc", "torch"])
+def test_a_chain_of_stages_passes_gradients_stage_to_stage(run_group, impl):
+    out = run_group(functools.partial(_chain, impl=impl, mode=None), 4)[0]
+    want = _chain_reference()
+    assert len(out["grads"]) == len(want)
+    for got, expected in zip(out["grads"], want):
+        assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-6)
+    if impl == "distrpc":
+        assert out["routed"] and out["released"]
+
+
+def test_a_stage_failing_in_a_chain_fails_backward_naming_it(run_group):
+    out = run_group(functools.partial(_chain, impl="distrpc", mode="fail"), 4)[0]
+    kind, message = out["error"]
+    assert kind == "ValueError" and "worker2" in message and "no gradient here" in message
+    assert out["released"]
+
+
+def test_a_stage_killed_in_a_chain_fails_backward_naming_it(run_group):
+    out = run_group(functools.partial(_chain, impl="distrpc", mode="die"), 4, exit_codes={2: 3})[0]
+    kind, message = out["error"]
+    assert kind == "RuntimeError" and "worker2" in message, out
+    assert out["took"] < 20, f"backward failed only after {out['took']:.1f} s"
+    assert out["released"]

@@ -67,7 +67,31 @@ def test_a_tensor_that_requires_grad_carries_its_context_message_and_index():
         call = _internal.deserialize(payload, buffers, 3)
         _, (y2, x2, x3), _, context_id = call
         assert context_id == ctx.id and not y2.requires_grad and x3 is x2
-        assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0)
+        assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0, None)
+        assert not ctx.routes  # nothing it received was sent on
+    finally:
+        _autograd.release(ctx.id)
+
+
+def test_a_received_tensor_sent_on_untouched_carries_where_it_came_from():
+    torch = pytest.importorskip("torch")
+    ctx = _autograd.new_context()
+    try:
+        x = torch.ones(2, requires_grad=True)
+        with _autograd.running(ctx):
+            first = _internal.serialize(_internal.PythonUDF(_f, (x,), {}), 3)
+        (message,) = ctx.sends
+        _, (x2,), _, _ = _internal.deserialize(*first, 3)  # as worker 3 received it
+        with _autograd.running(ctx):
+            on = _internal.serialize(_internal.PythonUDF(_f, (x2, x2 * 2), {}), 5)
+        assert ctx.routes
+        _, (x3, doubled), _, _ = _internal.deserialize(*on, 4)  # as worker 5 from worker 4
+        # Its gradient goes to worker 0's message directly; the product's to worker 4.
+        assert x3.grad_fn.edge.destination() == (3, message, 0)
+        assert doubled.grad_fn.edge.via is None and doubled.grad_fn.edge.sender == 4
+        # A malformed origin is refused, not followed.
+        with pytest.raises(ValueError, match="malformed origin"):
+            _autograd.received(torch.ones(1), (ctx.id, 1, 0, ("w", 1, 0)), 4)
     finally:
         _autograd.release(ctx.id)
 
@@ -89,7 +113,7 @@ def test_a_result_that_requires_grad_goes_as_a_plain_tensor_with_its_context_and
         for _ in range(2):  # unpickled, then known by its bytes
             got = _internal.deserialize(payload, buffers, 3)
             assert torch.equal(got, result.detach()) and got.requires_grad
-            assert got.grad_fn.edge == (ctx, 3, message, 0)
+            assert got.grad_fn.edge == (ctx, 3, message, 0, None)
         # A tensor that is no plain one but for its grad goes through the pickler, as before.
         odd = (leaf * 2).t()  # not contiguous
         with _autograd.running(ctx):

@@ -28,6 +28,21 @@ to do is one remote pass (a chain of stages: the common case), the driver waits 
 ``rpc_sync``'s caller does, reading the answer from the connection itself; otherwise the passes
 run as futures, answered through the thread that completes them.
 
+A trainer that passes a stage's output on to the next stage untouched (``h = stage.rpc_sync()
+.forward(h)`` in a loop) marks what it sends so (:attr:`~distrpc._autograd.Edge.via`): the
+gradient of that tensor belongs to the stage before, and the trainer's graph would only pass it
+on. Such a context's passes are *routed* (:func:`_drive_routed`): each stage sends what its pass
+reached straight to the stage it belongs to, and only what belongs to the driver comes back,
+with the share of the pass's weight each stage was given — the driver is done when the shares
+add up (termination by weights, as in credit-recovery schemes)::
+
+    driver (w0)          w3                  w2                  w1
+    pass(loss) ──m3──►  pass ──────m2──────► pass ──────m1──────► pass
+               ◄──────────────────────── grads for w0's message, weight 1 ┘
+
+Four messages for three stages instead of six; a failure anywhere (an exception, a worker that
+died under a pass sent to it, a timeout) goes to the driver at once, named, and raises there.
+
 A gradient may reach the same nodes twice (two messages whose graphs meet); each pass adds its
 part (gradients are linear in what flows in), and the graph is kept for the next one until the
 context is released.
@@ -35,6 +50,8 @@ context is released.
 
 from __future__ import annotations
 
+import fractions
+import itertools
 import logging
 import queue
 import threading
@@ -80,6 +97,9 @@ def _drive(ctx: Any, reached: list) -> None:
     """Delivers the gradients ``reached`` (``(sender, message, index, grad)`` each) and those
     the passes they start reach in turn, until none is left; raises the first failure once no
     pass runs."""
+    if ctx.routes:
+        _drive_routed(ctx, reached)
+        return
     me = _state.require().me.id
     answers: Any = queue.SimpleQueue()
     running = 0
@@ -121,6 +141,157 @@ def _drive(ctx: Any, reached: list) -> None:
             reached = []
     if failure is not None:
         raise failure
+
+
+#: The inboxes of routed passes driven here, by ``(context, pass)``: what comes back to the
+#: driver (:func:`_deliver`).
+_inboxes: dict[tuple[int, int], Any] = {}
+_inboxes_lock = threading.Lock()
+_next_pass = itertools.count(1)
+
+
+def _drive_routed(ctx: Any, reached: list) -> None:
+    """:func:`_drive` for a context whose gradients may skip a worker (one that sent on what
+    it received: a trainer passing each stage's output to the next). Each remote pass gets a
+    share of the pass's weight and sends what it reaches straight to the workers it belongs
+    to (:func:`_propagate_routed`), and only what belongs to this worker, or nothing, back
+    here with its share (:func:`_deliver`): a chain of stages driven from here takes one
+    message a stage and one back, not two a stage. The pass is done when the shares that
+    came back add up to what was given out; the first failure raises at once (a worker's
+    exception, or a worker it sent to that died or timed out, named), as does no word from
+    any of them for the RPC timeout."""
+    state = _state.require()
+    me = state.me.id
+    key = (ctx.id, next(_next_pass))
+    inbox: Any = queue.SimpleQueue()
+    with _inboxes_lock:
+        _inboxes[key] = inbox
+    timeout = state.agent.rpc_timeout() or None  # (0: no timeout, as torch's)
+    owed = fractions.Fraction(0)
+    started: set[int] = set()
+    try:
+        while True:
+            local = []
+            for (sender, message), items in _by_message(reached).items():
+                if sender == me:
+                    local.append((message, items))
+                    continue
+                owed += 1
+                started.add(sender)
+
+                def failed(e: BaseException, sender: int = sender) -> None:
+                    inbox.put((_passing_failure(state, sender, e), [], (0, 1)))
+
+                args = (ctx.id, message, items, me, key[1], (1, 1))
+                _route(state, sender, _propagate_routed, args, failed)
+            reached = []
+            for message, items in local:
+                reached += _local_pass(ctx, message, items)
+            if reached:
+                continue
+            if owed == 0:
+                return
+            try:
+                error, reached, (num, den) = _pool.waiting(inbox.get, True, timeout)
+            except queue.Empty:
+                names = sorted(state.infos[w].name for w in started)
+                raise RuntimeError(
+                    f"the distributed backward pass of {ctx} had no word from {names} "
+                    f"in {timeout:.0f} s (the RPC timeout)"
+                ) from None
+            if isinstance(error, BaseException):
+                raise error
+            if error is not None:
+                _internal._handle_exception(error)  # a worker's failure: raised as it was
+            owed -= fractions.Fraction(num, den)
+    finally:
+        with _inboxes_lock:
+            del _inboxes[key]
+
+
+def _propagate_routed(
+    context_id: int, message: int, items: list, driver: int, token: int, weight: tuple
+) -> None:
+    """Runs on the worker that sent ``message``, for a routed pass driven by ``driver``
+    (:func:`_drive_routed`): the pass from that message's tensors, then what it reaches sent
+    on — to the workers it belongs to, directly, and what belongs to the driver back to it —
+    with ``weight`` (``(numerator, denominator)``) shared among them. A failure goes to the
+    driver, named."""
+    state = _state.require()
+    me = state.me.id
+    out: dict[tuple[int, int], list] = {}
+    back = []
+    try:
+        ctx = _known_context(context_id)
+        with ctx.backward_pass():
+            pending = _local_pass(ctx, message, items)
+            while pending:  # what this worker sent itself runs here
+                local = []
+                for item in pending:
+                    sender = item[0]
+                    if sender == driver:
+                        back.append(item)
+                    elif sender == me:
+                        local.append(item)
+                    else:
+                        out.setdefault((sender, item[1]), []).append((item[2], item[3]))
+                pending = []
+                for (_, local_message), local_items in _by_message(local).items():
+                    pending += _local_pass(ctx, local_message, local_items)
+    except Exception as e:  # noqa: BLE001 - the driver raises it
+        _send_back(state, driver, (context_id, token, [], (0, 1), _internal._failure(e, state.me)))
+        return
+    num, den = weight
+    share = (num, den * (len(out) + (1 if back or not out else 0)))
+    for (sender, sent_message), sent_items in out.items():
+
+        def failed(e: BaseException, sender: int = sender) -> None:
+            error = _internal._failure(_passing_failure(state, sender, e), state.me)
+            _send_back(state, driver, (context_id, token, [], (0, 1), error))
+
+        args = (context_id, sent_message, sent_items, driver, token, share)
+        _route(state, sender, _propagate_routed, args, failed)
+    if back or not out:
+        _send_back(state, driver, (context_id, token, back, share, None))
+
+
+def _passing_failure(state: Any, worker: int, e: BaseException) -> RuntimeError:
+    """The error of a routed pass sent to ``worker`` that did not answer as expected."""
+    return RuntimeError(
+        f"{state.infos[worker].name} failed in a distributed backward pass "
+        f"(sent from {state.me.name}): {e}"
+    )
+
+
+def _deliver(context_id: int, token: int, items: list, weight: tuple, error: Any) -> None:
+    """Runs on the driver of a routed pass: what a worker's pass reached that belongs here,
+    its share of the weight, or its failure (dropped if the pass is over)."""
+    with _inboxes_lock:
+        inbox = _inboxes.get((context_id, token))
+    if inbox is not None:
+        inbox.put((error, items, weight))
+
+
+def _route(state: Any, rank: int, function: Any, args: tuple, failed: Any) -> None:
+    """Calls ``function(*args)`` on worker ``rank``, which answers ``None``: that answer wakes
+    no thread here; ``failed`` gets any other outcome (the worker died, timed out, raised)."""
+    state, to, name, payload, buffers = _pickled(rank, function, args)
+    none = _internal._PICKLED_NONE
+    state.expect(
+        lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, none), failed, rank
+    )
+
+
+def _send_back(state: Any, driver: int, args: tuple) -> None:
+    """:func:`_deliver` on ``driver``; if that fails, the driver is gone with its pass."""
+
+    def failed(e: BaseException) -> None:
+        _log.warning("a routed backward pass could not answer %s: %s", state.infos[driver], e)
+
+    try:
+        _route(state, driver, _deliver, args, failed)
+    except RuntimeError as e:  # RPC is shut down here
+        failed(e)
 
 
 def _call(rank: int, function: Any, args: tuple) -> Any:
@@ -198,7 +369,8 @@ def _leaves(roots: list) -> list:
 def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
     """Runs this worker's graph from ``outputs`` with ``grads``: its leaves' gradients go into
     ``ctx``; returns those that reached received tensors, ``(sender, message, index, grad)``
-    each: the worker the tensor came from, its message, its index there."""
+    each: the worker the tensor came from, its message, its index there (where it came from
+    before, if the sender only passed it on: :meth:`~distrpc._autograd.Edge.destination`)."""
     import torch
 
     reached: list = []
@@ -216,7 +388,7 @@ def _run_pass(ctx: Any, outputs: list, grads: list, retain: bool) -> list:
                 outputs, leaves, grads, retain_graph=retain, allow_unused=True
             )
         ctx.accumulate(leaves, got)
-    return [(edge.sender, edge.message, edge.index, grad) for edge, grad in reached]
+    return [(*edge.destination(), grad) for edge, grad in reached]
 
 
 def _local_pass(ctx: Any, message: int, items: list) -> list:
@@ -230,14 +402,20 @@ def _local_pass(ctx: Any, message: int, items: list) -> list:
 def _propagate(context_id: int, message: int, items: list) -> list:
     """Runs on the worker that sent ``message``, for the worker driving the pass: the pass from
     that message's tensors; answers with the gradients it reached (see the module docs)."""
+    ctx = _known_context(context_id)
+    with ctx.backward_pass():
+        return _local_pass(ctx, message, items)
+
+
+def _known_context(context_id: int) -> Any:
+    """The context ``context_id`` here, which a pass needs; an error if it is gone."""
     ctx = _autograd.context(context_id)
     if ctx is None:
         raise RuntimeError(
             f"Could not find autograd context with id: {context_id} "
             f"on {_state.require().me.name} (released before its backward pass ended?)"
         )
-    with ctx.backward_pass():
-        return _local_pass(ctx, message, items)
+    return ctx
 
 
 def release(ctx: Any) -> None:
