@@ -139,3 +139,13 @@ def test_a_release_pickles_as_its_call_would_without_being_remembered():
     assert len(_internal._plain_pickles) == len(before) + 1, "made twice, it is remembered"
     func, args, kwargs = _internal.deserialize(payload, [], 3)
     assert func is _engine._release_context and args == (context_id, 3) and kwargs == {}
+
+
+def test_routed_weights_add_up_exactly():
+    from distrpc.autograd._engine import _less
+
+    owed = (2, 1)  # two passes given out; one split in three, the other in two
+    for num, den in [(1, 3), (1, 2), (1, 3), (1, 3), (1, 2)]:
+        assert owed[0] > 0
+        owed = _less(owed, num, den)
+    assert owed == (0, 1)

@@ -50,9 +50,9 @@ context is released.
 
 from __future__ import annotations
 
-import fractions
 import itertools
 import logging
+import math
 import queue
 import threading
 from typing import Any
@@ -167,7 +167,7 @@ def _drive_routed(ctx: Any, reached: list) -> None:
     with _inboxes_lock:
         _inboxes[key] = inbox
     timeout = state.agent.rpc_timeout() or None  # (0: no timeout, as torch's)
-    owed = fractions.Fraction(0)
+    owed = (0, 1)  # the weight given out and not back yet: (numerator, denominator)
     started: set[int] = set()
     try:
         while True:
@@ -176,7 +176,7 @@ def _drive_routed(ctx: Any, reached: list) -> None:
                 if sender == me:
                     local.append((message, items))
                     continue
-                owed += 1
+                owed = (owed[0] + owed[1], owed[1])
                 started.add(sender)
 
                 def failed(e: BaseException, sender: int = sender) -> None:
@@ -189,7 +189,7 @@ def _drive_routed(ctx: Any, reached: list) -> None:
                 reached += _local_pass(ctx, message, items)
             if reached:
                 continue
-            if owed == 0:
+            if owed[0] == 0:
                 return
             try:
                 error, reached, (num, den) = _pool.waiting(inbox.get, True, timeout)
@@ -203,10 +203,21 @@ def _drive_routed(ctx: Any, reached: list) -> None:
                 raise error
             if error is not None:
                 _internal._handle_exception(error)  # a worker's failure: raised as it was
-            owed -= fractions.Fraction(num, den)
+            if type(num) is not int or type(den) is not int or num < 0 or den <= 0:
+                raise RuntimeError(f"a malformed weight came back in {ctx}: {num}/{den}")
+            owed = _less(owed, num, den)
+            if owed[0] < 0:
+                raise RuntimeError(f"more weight came back in {ctx} than was given out")
     finally:
         with _inboxes_lock:
             del _inboxes[key]
+
+
+def _less(owed: tuple[int, int], num: int, den: int) -> tuple[int, int]:
+    """``owed - num / den``, exactly, in lowest terms."""
+    top, bottom = owed[0] * den - num * owed[1], owed[1] * den
+    common = math.gcd(top, bottom)
+    return top // common, bottom // common
 
 
 def _propagate_routed(
