@@ -1,6 +1,8 @@
-"""``python -m distrpc.bench_train --impl distrpc|torch|both``: model-parallel training steps
-with distributed autograd and ``DistributedOptimizer``, on distrpc or on torch, timed in the
-same run (groups up at once, measuring in alternating blocks, the idle group stopped).
+"""``python -m distrpc.bench_train --impl distrpc|torch|raw|both``: model-parallel training
+steps with distributed autograd and ``DistributedOptimizer``, on distrpc or on torch, timed in
+the same run (groups up at once, measuring in alternating blocks, the idle groups stopped) —
+and the ``rnn`` and ``mlp`` steps over raw sockets (:mod:`distrpc.bench_raw`: the floor of any
+Python front on the machine), ``both`` running all three.
 
 Workloads (one JSON line each, step time p50/p90 in ms):
 
@@ -39,6 +41,7 @@ import tempfile
 import time
 import traceback
 
+from . import bench_models, bench_raw
 from .bench import _only_running, _percentiles, _timed
 
 IMPLS = {
@@ -55,25 +58,6 @@ def _noop() -> None:
     return None
 
 
-def _embedding_table(ntoken: int, ninp: int, dropout: float):
-    """The tutorial's ``EmbeddingTable`` (on the parameter server): an embedding, then dropout."""
-    import torch
-
-    table = torch.nn.Sequential(torch.nn.Embedding(ntoken, ninp), torch.nn.Dropout(dropout))
-    table[0].weight.data.uniform_(-0.1, 0.1)
-    return table
-
-
-def _decoder(ntoken: int, nhid: int, dropout: float):
-    """The tutorial's ``Decoder`` (on the parameter server): dropout, then a linear layer."""
-    import torch
-
-    decoder = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(nhid, ntoken))
-    decoder[1].weight.data.uniform_(-0.1, 0.1)
-    decoder[1].bias.data.zero_()
-    return decoder
-
-
 def _call_method(method: str, rref, *args):
     return getattr(rref.local_value(), method)(*args)
 
@@ -88,20 +72,14 @@ def _param_rrefs(impl: str, module_rref) -> list:
     return [rpc.RRef(p) for p in module_rref.local_value().parameters()]
 
 
-#: The tutorial-sized RNN: tokens, inputs, hidden, layers, batch, sequence length.
-_RNN_SIZES = (10, 2, 3, 4, 5, 20)
-#: The MLP's width and batch.
-_MLP_SIZES = (256, 32)
-
-
 def _rnn(impl: str, steps: int) -> list[float]:
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
-    ntoken, ninp, nhid, nlayers, batch, seq = _RNN_SIZES
+    ntoken, ninp, nhid, nlayers, batch, seq = bench_models.RNN_SIZES
     torch.manual_seed(0)
-    emb = rpc.remote("worker1", _embedding_table, args=(ntoken, ninp, 0.5))
-    dec = rpc.remote("worker1", _decoder, args=(ntoken, nhid, 0.5))
+    emb = rpc.remote("worker1", bench_models.embedding_table, args=(ntoken, ninp, 0.5))
+    dec = rpc.remote("worker1", bench_models.decoder, args=(ntoken, nhid, 0.5))
     lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
     params = (
         rpc.rpc_sync("worker1", _param_rrefs, args=(impl, emb))
@@ -131,9 +109,12 @@ def _rnn_local(impl: str, steps: int) -> list[float]:
     """The ``rnn`` step in this process alone: the same model, torch's autograd."""
     import torch
 
-    ntoken, ninp, nhid, nlayers, batch, seq = _RNN_SIZES
+    ntoken, ninp, nhid, nlayers, batch, seq = bench_models.RNN_SIZES
     torch.manual_seed(0)
-    emb, dec = _embedding_table(ntoken, ninp, 0.5), _decoder(ntoken, nhid, 0.5)
+    emb, dec = (
+        bench_models.embedding_table(ntoken, ninp, 0.5),
+        bench_models.decoder(ntoken, nhid, 0.5),
+    )
     lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
     params = [*emb.parameters(), *lstm.parameters(), *dec.parameters()]
     opt = torch.optim.SGD(params, lr=0.05)
@@ -152,22 +133,15 @@ def _rnn_local(impl: str, steps: int) -> list[float]:
     return _timed(steps, step)
 
 
-def _stage(width: int, seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU())
-
-
 def _mlp(impl: str, steps: int, phases: dict | None = None) -> list[float]:
     """The MLP's step times; with ``phases``, each step's forward, backward and optimizer
     times appended to its lists too."""
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
-    width, batch = _MLP_SIZES
-    first = _stage(width, 0)
-    stages = [rpc.remote(f"worker{r}", _stage, args=(width, r)) for r in (1, 2, 3)]
+    width, batch = bench_models.MLP_SIZES
+    first = bench_models.stage(width, 0)
+    stages = [rpc.remote(f"worker{r}", bench_models.stage, args=(width, r)) for r in (1, 2, 3)]
     params = [rpc.RRef(p) for p in first.parameters()]
     for r, stage in zip((1, 2, 3), stages):
         params += rpc.rpc_sync(f"worker{r}", _param_rrefs, args=(impl, stage))
@@ -196,8 +170,8 @@ def _mlp_local(impl: str, steps: int) -> list[float]:
     """The ``mlp`` step in this process alone: the same four stages, torch's autograd."""
     import torch
 
-    width, batch = _MLP_SIZES
-    model = torch.nn.Sequential(*(_stage(width, r) for r in range(4)))
+    width, batch = bench_models.MLP_SIZES
+    model = torch.nn.Sequential(*(bench_models.stage(width, r) for r in range(4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step() -> None:
@@ -237,7 +211,10 @@ def _forward_runs() -> list[int]:
     import torch
 
     if not _COLD:
-        _COLD["stage"], _COLD["x"] = _stage(256, 1), torch.randn(32, 256, requires_grad=True)
+        _COLD["stage"], _COLD["x"] = (
+            bench_models.stage(256, 1),
+            torch.randn(32, 256, requires_grad=True),
+        )
     runs = []
     for _ in range(4):
         started = time.perf_counter_ns()
@@ -326,26 +303,38 @@ def run(impls: list[str], steps: int, blocks: int) -> list[dict]:
     world = 4
     groups: dict = {}
     for impl in impls:
-        store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
         commands, results = ctx.Queue(), ctx.Queue()
-        procs = [
-            ctx.Process(target=_member, args=(r, world, impl, store, commands, results))
-            for r in range(world)
-        ]
+        if impl == "raw":
+            listeners, ports = bench_raw.listeners(world)
+            procs = [
+                ctx.Process(target=bench_raw.member, args=(r, listeners, ports, commands, results))
+                for r in range(world)
+            ]
+        else:
+            store = os.path.join(tempfile.mkdtemp(prefix="distrpc-bench-"), "store")
+            procs = [
+                ctx.Process(target=_member, args=(r, world, impl, store, commands, results))
+                for r in range(world)
+            ]
         for p in procs:
             p.start()
+        if impl == "raw":
+            for sock in listeners[1:]:
+                sock.close()  # (the processes have their own)
         groups[impl] = (procs, commands, results)
         _only_running(groups, impl)
         _result(results, procs, 600)
     for name in _WORKLOADS:
-        got: dict[str, list] = {impl: [] for impl in impls}
+        # (The raw floor has the training steps alone.)
+        running = [i for i in impls if i != "raw" or name in bench_raw.WORKLOADS]
+        got: dict[str, list] = {impl: [] for impl in running}
         for block in range(blocks):
-            for impl in impls if block % 2 == 0 else impls[::-1]:
+            for impl in running if block % 2 == 0 else running[::-1]:
                 _only_running(groups, impl)
                 procs, commands, results = groups[impl]
                 commands.put((name, max(1, steps // blocks)))
                 got[impl].append(_result(results, procs, 1800))
-        for impl in impls:
+        for impl in running:
             if name == "noop":
                 merged = {key: [b[key] for b in got[impl]] for key in ("outside_us", "inside_us")}
                 lines.append({"workload": name, "impl": impl, **_middle(merged)})
@@ -390,22 +379,31 @@ def _middle(merged: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, runs, prints the JSON lines and distrpc/torch ratios."""
     parser = argparse.ArgumentParser(prog="python -m distrpc.bench_train", description=__doc__)
-    parser.add_argument("--impl", choices=["distrpc", "torch", "both"], default="both")
+    parser.add_argument(
+        "--impl",
+        choices=["distrpc", "torch", "raw", "both"],
+        default="both",
+        help="both: distrpc and torch, and the raw floor (distrpc.bench_raw) for rnn and mlp",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="a smoke test, not a measurement")
     opts = parser.parse_args(argv)
-    impls = ["distrpc", "torch"] if opts.impl == "both" else [opts.impl]
+    impls = ["distrpc", "torch", "raw"] if opts.impl == "both" else [opts.impl]
     lines = run(impls, 8 if opts.quick else opts.steps, 1 if opts.quick else 4)
     for line in lines:
         print(json.dumps(line), flush=True)
-    if len(impls) == 2:
+    if opts.impl == "both":
         by = {(line["workload"], line["impl"]): line for line in lines}
         for name in ("rnn", "mlp"):
-            torch_ms = by[(name, "torch")]["p50_ms"]
+            torch_ms, raw_ms = by[(name, "torch")]["p50_ms"], by[(name, "raw")]["p50_ms"]
             # The one-process floor, as both groups' trainers measured it.
-            local = statistics.median(by[(f"{name}_local", i)]["p50_ms"] for i in impls)
+            local = statistics.median(
+                by[(f"{name}_local", i)]["p50_ms"] for i in ("distrpc", "torch")
+            )
             ratios = {
                 "distrpc_over_torch": round(by[(name, "distrpc")]["p50_ms"] / torch_ms, 3),
+                "raw_over_torch": round(raw_ms / torch_ms, 3),
+                "distrpc_over_raw": round(by[(name, "distrpc")]["p50_ms"] / raw_ms, 3),
                 "one_process_over_torch": round(local / torch_ms, 3),
             }
             print(json.dumps({"workload": name, "field": "p50_ms", **ratios}))

@@ -14,8 +14,13 @@ pytest.importorskip("torch")
 
 def _quick(module: str, *more: str) -> list[dict]:
     """The JSON lines ``python -m module --impl distrpc --quick [more]`` prints."""
+    return _quick_impl(module, "distrpc", *more)
+
+
+def _quick_impl(module: str, impl: str, *more: str) -> list[dict]:
+    """The JSON lines ``python -m module --impl IMPL --quick [more]`` prints."""
     out = subprocess.run(
-        [sys.executable, "-m", module, "--impl", "distrpc", "--quick", *more],
+        [sys.executable, "-m", module, "--impl", impl, "--quick", *more],
         capture_output=True,
         text=True,
         timeout=300,
@@ -79,6 +84,12 @@ def test_bench_train_quick_prints_every_workload():
     runs = workloads["cold"]["runs_us"]
     assert set(runs) == {"none", "1ms", "10ms"}
     assert all(len(r) == 4 and all(us > 0 for us in r) for r in runs.values())
+
+
+def test_bench_train_raw_floor_quick_prints_its_two_steps():
+    lines = _quick_impl("distrpc.bench_train", "raw")
+    assert [(line["workload"], line["impl"]) for line in lines] == [("rnn", "raw"), ("mlp", "raw")]
+    assert all(0 < line["p50_ms"] <= line["p90_ms"] for line in lines)
 
 
 class _Exited:
