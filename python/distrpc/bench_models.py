@@ -36,6 +36,24 @@ def decoder(ntoken: int, nhid: int, dropout: float):
     return dec
 
 
+def lstm_trainer():
+    """The trainer's part of the RNN: its LSTM, the loss, and the LSTM's starting state."""
+    import torch
+
+    _, ninp, nhid, nlayers, batch, _ = RNN_SIZES
+    lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+    hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
+    return lstm, torch.nn.CrossEntropyLoss(), hidden
+
+
+def rnn_batch():
+    """A step's tokens (``(sequence, batch)``) and targets."""
+    import torch
+
+    ntoken, _, _, _, batch, seq = RNN_SIZES
+    return torch.randint(0, ntoken, (seq, batch)), torch.randint(0, ntoken, (seq * batch,))
+
+
 def stage(width: int, seed: int):
     """One stage of the MLP: ``Linear(width, width) + ReLU``, its parameters from ``seed``."""
     import torch

@@ -85,18 +85,15 @@ class _Trainer:
     def rnn(self, steps: int) -> list[float]:
         import torch
 
-        ntoken, ninp, nhid, nlayers, batch, seq = bench_models.RNN_SIZES
+        ntoken, ninp, nhid, _, batch, seq = bench_models.RNN_SIZES
         ps = self.peers[1]
         torch.manual_seed(0)
         _send(ps, _RNN_SETUP)
-        lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+        lstm, criterion, hidden = bench_models.lstm_trainer()
         opt = torch.optim.SGD(lstm.parameters(), lr=0.05)
-        criterion = torch.nn.CrossEntropyLoss()
-        hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
 
         def step() -> None:
-            data = torch.randint(0, ntoken, (seq, batch))
-            target = torch.randint(0, ntoken, (seq * batch,))
+            data, target = bench_models.rnn_batch()
             opt.zero_grad()
             _send(ps, _RNN_EMBED, data.numpy().tobytes())
             embedded = _floats(_recv(ps)[1], seq, batch, ninp).requires_grad_()
@@ -175,8 +172,7 @@ def _serve(rank: int, listener: socket.socket, ports: list[int]) -> None:
 
 def _handle(rank: int, kind: int, data: bytearray, state: dict, trainer, before, torch) -> None:
     width, batch = bench_models.MLP_SIZES
-    ntoken, ninp, nhid, *_ = bench_models.RNN_SIZES
-    seq, rbatch = bench_models.RNN_SIZES[5], bench_models.RNN_SIZES[4]
+    ntoken, ninp, nhid, _, rbatch, seq = bench_models.RNN_SIZES
     if kind == _MLP_SETUP:
         state["stage"] = bench_models.stage(width, rank)
         state["opt"] = torch.optim.SGD(state["stage"].parameters(), lr=0.01)

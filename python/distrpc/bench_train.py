@@ -76,23 +76,20 @@ def _rnn(impl: str, steps: int) -> list[float]:
     import torch
 
     rpc, dist_autograd, dist_optim = _modules(impl)
-    ntoken, ninp, nhid, nlayers, batch, seq = bench_models.RNN_SIZES
+    ntoken, ninp, nhid, *_ = bench_models.RNN_SIZES
     torch.manual_seed(0)
     emb = rpc.remote("worker1", bench_models.embedding_table, args=(ntoken, ninp, 0.5))
     dec = rpc.remote("worker1", bench_models.decoder, args=(ntoken, nhid, 0.5))
-    lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+    lstm, criterion, hidden = bench_models.lstm_trainer()
     params = (
         rpc.rpc_sync("worker1", _param_rrefs, args=(impl, emb))
         + [rpc.RRef(p) for p in lstm.parameters()]
         + rpc.rpc_sync("worker1", _param_rrefs, args=(impl, dec))
     )
     opt = dist_optim.DistributedOptimizer(torch.optim.SGD, params, lr=0.05)
-    criterion = torch.nn.CrossEntropyLoss()
-    hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
 
     def step() -> None:
-        data = torch.randint(0, ntoken, (seq, batch))
-        target = torch.randint(0, ntoken, (seq * batch,))
+        data, target = bench_models.rnn_batch()
         with dist_autograd.context() as context_id:
             h = tuple(t.detach() for t in hidden)
             embedded = _remote_method(rpc, "forward", emb, data)
@@ -109,21 +106,18 @@ def _rnn_local(impl: str, steps: int) -> list[float]:
     """The ``rnn`` step in this process alone: the same model, torch's autograd."""
     import torch
 
-    ntoken, ninp, nhid, nlayers, batch, seq = bench_models.RNN_SIZES
+    ntoken, ninp, nhid, *_ = bench_models.RNN_SIZES
     torch.manual_seed(0)
     emb, dec = (
         bench_models.embedding_table(ntoken, ninp, 0.5),
         bench_models.decoder(ntoken, nhid, 0.5),
     )
-    lstm = torch.nn.LSTM(ninp, nhid, nlayers, dropout=0.5)
+    lstm, criterion, hidden = bench_models.lstm_trainer()
     params = [*emb.parameters(), *lstm.parameters(), *dec.parameters()]
     opt = torch.optim.SGD(params, lr=0.05)
-    criterion = torch.nn.CrossEntropyLoss()
-    hidden = (torch.zeros(nlayers, batch, nhid), torch.zeros(nlayers, batch, nhid))
 
     def step() -> None:
-        data = torch.randint(0, ntoken, (seq, batch))
-        target = torch.randint(0, ntoken, (seq * batch,))
+        data, target = bench_models.rnn_batch()
         opt.zero_grad()
         output, _ = lstm(emb(data), hidden)
         loss = criterion(dec(output).view(-1, ntoken), target)

@@ -7,6 +7,14 @@ import pytest
 from distrpc import _autograd, _internal
 
 
+@pytest.fixture
+def ctx():
+    """A context made here, released after the test."""
+    made = _autograd.new_context()
+    yield made
+    _autograd.release(made.id)
+
+
 def test_contexts_joined_from_peers_are_bounded(monkeypatch):
     monkeypatch.setattr(_autograd, "MAX_CONTEXTS", len(_autograd._contexts) + 3)
     joined = [_autograd.join((7 << _autograd.ID_BITS) | i, 7) for i in range(3)]
@@ -35,94 +43,78 @@ def _f(*args):
     return args
 
 
-def test_a_call_in_a_context_carries_its_id_and_records_no_message_without_grad():
+def test_a_call_in_a_context_carries_its_id_and_records_no_message_without_grad(ctx):
     torch = pytest.importorskip("torch")
-    ctx = _autograd.new_context()
-    try:
-        udf = _internal.PythonUDF(_f, (1, torch.ones(2)), {})
-        with _autograd.running(ctx):
-            payload, buffers = _internal.serialize(udf, 3)
-        assert not ctx.sends, "a message without tensors that require grad was recorded"
-        assert ctx.workers() == {3}
-        call = _internal.deserialize(payload, buffers, 3)
-        assert call[0] is _f and call[1][0] == 1 and call[3] == ctx.id
-        # Outside a context, the same call is three elements and pickles the same otherwise.
-        plain, _ = _internal.serialize(udf, 3)
-        assert len(_internal.deserialize(plain, buffers, 3)) == 3
-        run, joined = _internal._unwire(call, 3)
-        assert joined is ctx and len(run) == 3
-    finally:
-        _autograd.release(ctx.id)
+    udf = _internal.PythonUDF(_f, (1, torch.ones(2)), {})
+    with _autograd.running(ctx):
+        payload, buffers = _internal.serialize(udf, 3)
+    assert not ctx.sends, "a message without tensors that require grad was recorded"
+    assert ctx.workers() == {3}
+    call = _internal.deserialize(payload, buffers, 3)
+    assert call[0] is _f and call[1][0] == 1 and call[3] == ctx.id
+    # Outside a context, the same call is three elements and pickles the same otherwise.
+    plain, _ = _internal.serialize(udf, 3)
+    assert len(_internal.deserialize(plain, buffers, 3)) == 3
+    run, joined = _internal._unwire(call, 3)
+    assert joined is ctx and len(run) == 3
 
 
-def test_a_tensor_that_requires_grad_carries_its_context_message_and_index():
+def test_a_tensor_that_requires_grad_carries_its_context_message_and_index(ctx):
     torch = pytest.importorskip("torch")
-    ctx = _autograd.new_context()
-    try:
-        x, y = torch.ones(2, requires_grad=True), torch.zeros(3)
-        with _autograd.running(ctx):
-            payload, buffers = _internal.serialize(_internal.PythonUDF(_f, (y, x, x), {}), 3)
-        ((message, sent),) = ctx.sends.items()
-        assert len(sent) == 1 and sent[0] is x  # once: the pickle refers to it again
-        call = _internal.deserialize(payload, buffers, 3)
-        _, (y2, x2, x3), _, context_id = call
-        assert context_id == ctx.id and not y2.requires_grad and x3 is x2
-        assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0, None)
-        assert not ctx.routes  # nothing it received was sent on
-    finally:
-        _autograd.release(ctx.id)
+    x, y = torch.ones(2, requires_grad=True), torch.zeros(3)
+    with _autograd.running(ctx):
+        payload, buffers = _internal.serialize(_internal.PythonUDF(_f, (y, x, x), {}), 3)
+    ((message, sent),) = ctx.sends.items()
+    assert len(sent) == 1 and sent[0] is x  # once: the pickle refers to it again
+    call = _internal.deserialize(payload, buffers, 3)
+    _, (y2, x2, x3), _, context_id = call
+    assert context_id == ctx.id and not y2.requires_grad and x3 is x2
+    assert x2.requires_grad and x2.grad_fn.edge == (ctx, 3, message, 0, None)
+    assert not ctx.routes  # nothing it received was sent on
 
 
-def test_a_received_tensor_sent_on_untouched_carries_where_it_came_from():
+def test_a_received_tensor_sent_on_untouched_carries_where_it_came_from(ctx):
     torch = pytest.importorskip("torch")
-    ctx = _autograd.new_context()
-    try:
-        x = torch.ones(2, requires_grad=True)
-        with _autograd.running(ctx):
-            first = _internal.serialize(_internal.PythonUDF(_f, (x,), {}), 3)
-        (message,) = ctx.sends
-        _, (x2,), _, _ = _internal.deserialize(*first, 3)  # as worker 3 received it
-        with _autograd.running(ctx):
-            on = _internal.serialize(_internal.PythonUDF(_f, (x2, x2 * 2), {}), 5)
-        assert ctx.routes
-        _, (x3, doubled), _, _ = _internal.deserialize(*on, 4)  # as worker 5 from worker 4
-        # Its gradient goes to worker 0's message directly; the product's to worker 4.
-        assert x3.grad_fn.edge.destination() == (3, message, 0)
-        assert doubled.grad_fn.edge.via is None and doubled.grad_fn.edge.sender == 4
-        # A malformed origin is refused, not followed.
-        with pytest.raises(ValueError, match="malformed origin"):
-            _autograd.received(torch.ones(1), (ctx.id, 1, 0, ("w", 1, 0)), 4)
-    finally:
-        _autograd.release(ctx.id)
+    x = torch.ones(2, requires_grad=True)
+    with _autograd.running(ctx):
+        first = _internal.serialize(_internal.PythonUDF(_f, (x,), {}), 3)
+    (message,) = ctx.sends
+    _, (x2,), _, _ = _internal.deserialize(*first, 3)  # as worker 3 received it
+    with _autograd.running(ctx):
+        on = _internal.serialize(_internal.PythonUDF(_f, (x2, x2 * 2), {}), 5)
+    assert ctx.routes
+    _, (x3, doubled), _, _ = _internal.deserialize(*on, 4)  # as worker 5 from worker 4
+    # Its gradient goes to worker 0's message directly; the product's to worker 4.
+    assert x3.grad_fn.edge.destination() == (3, message, 0)
+    assert doubled.grad_fn.edge.via is None and doubled.grad_fn.edge.sender == 4
+    # A malformed origin is refused, not followed.
+    with pytest.raises(ValueError, match="malformed origin"):
+        _autograd.received(torch.ones(1), (ctx.id, 1, 0, ("w", 1, 0)), 4)
 
 
-def test_a_result_that_requires_grad_goes_as_a_plain_tensor_with_its_context_and_message():
+def test_a_result_that_requires_grad_goes_as_a_plain_tensor_with_its_context_and_message(ctx):
     torch = pytest.importorskip("torch")
-    ctx = _autograd.new_context()
-    try:
-        leaf = torch.ones(2, 3, requires_grad=True)
-        result = leaf * 2
-        with _autograd.running(ctx):
-            payload, buffers = _internal.serialize(result, 3)
-        ((message, sent),) = ctx.sends.items()
-        assert sent == [result] and ctx.workers() == {3}
-        assert payload.startswith(_internal._WITH_GRAD)
-        # After the two ids, the very pickle of the same tensor without grad.
-        plain, _ = _internal.serialize(result.detach(), 3)
-        assert payload[17:] == plain
-        for _ in range(2):  # unpickled, then known by its bytes
-            got = _internal.deserialize(payload, buffers, 3)
-            assert torch.equal(got, result.detach()) and got.requires_grad
-            assert got.grad_fn.edge == (ctx, 3, message, 0, None)
-        # A tensor that is no plain one but for its grad goes through the pickler, as before.
-        odd = (leaf * 2).t()  # not contiguous
-        with _autograd.running(ctx):
-            payload, buffers = _internal.serialize(odd, 3)
-        assert not payload.startswith(_internal._WITH_GRAD)
+    leaf = torch.ones(2, 3, requires_grad=True)
+    result = leaf * 2
+    with _autograd.running(ctx):
+        payload, buffers = _internal.serialize(result, 3)
+    ((message, sent),) = ctx.sends.items()
+    assert sent == [result] and ctx.workers() == {3}
+    assert payload.startswith(_internal._WITH_GRAD)
+    # After the two ids, the very pickle of the same tensor without grad.
+    plain, _ = _internal.serialize(result.detach(), 3)
+    assert payload[17:] == plain
+    for _ in range(2):  # unpickled, then known by its bytes
         got = _internal.deserialize(payload, buffers, 3)
-        assert torch.equal(got, odd.detach()) and got.grad_fn.edge.index == 0
-    finally:
-        _autograd.release(ctx.id)
+        assert torch.equal(got, result.detach()) and got.requires_grad
+        assert got.grad_fn.edge == (ctx, 3, message, 0, None)
+    # A tensor that is no plain one but for its grad goes through the pickler, as before.
+    odd = (leaf * 2).t()  # not contiguous
+    with _autograd.running(ctx):
+        payload, buffers = _internal.serialize(odd, 3)
+    assert not payload.startswith(_internal._WITH_GRAD)
+    got = _internal.deserialize(payload, buffers, 3)
+    assert torch.equal(got, odd.detach()) and got.grad_fn.edge.index == 0
 
 
 def test_a_release_pickles_as_its_call_would_without_being_remembered():

@@ -183,7 +183,7 @@ def _drive_routed(ctx: Any, reached: list) -> None:
                     inbox.put((_passing_failure(state, sender, e), [], (0, 1)))
 
                 args = (ctx.id, message, items, me, key[1], (1, 1))
-                _route(state, sender, _propagate_routed, args, failed)
+                _route(sender, _propagate_routed, args, failed)
             reached = []
             for message, items in local:
                 reached += _local_pass(ctx, message, items)
@@ -252,8 +252,9 @@ def _propagate_routed(
     except Exception as e:  # noqa: BLE001 - the driver raises it
         _send_back(state, driver, (context_id, token, [], (0, 1), _internal._failure(e, state.me)))
         return
+    answers = bool(back) or not out  # (with nothing to send on, its share goes back alone)
     num, den = weight
-    share = (num, den * (len(out) + (1 if back or not out else 0)))
+    share = (num, den * (len(out) + answers))
     for (sender, sent_message), sent_items in out.items():
 
         def failed(e: BaseException, sender: int = sender) -> None:
@@ -261,8 +262,8 @@ def _propagate_routed(
             _send_back(state, driver, (context_id, token, [], (0, 1), error))
 
         args = (context_id, sent_message, sent_items, driver, token, share)
-        _route(state, sender, _propagate_routed, args, failed)
-    if back or not out:
+        _route(sender, _propagate_routed, args, failed)
+    if answers:
         _send_back(state, driver, (context_id, token, back, share, None))
 
 
@@ -283,7 +284,7 @@ def _deliver(context_id: int, token: int, items: list, weight: tuple, error: Any
         inbox.put((error, items, weight))
 
 
-def _route(state: Any, rank: int, function: Any, args: tuple, failed: Any) -> None:
+def _route(rank: int, function: Any, args: tuple, failed: Any) -> None:
     """Calls ``function(*args)`` on worker ``rank``, which answers ``None``: that answer wakes
     no thread here; ``failed`` gets any other outcome (the worker died, timed out, raised)."""
     state, to, name, payload, buffers = _pickled(rank, function, args)
@@ -300,7 +301,7 @@ def _send_back(state: Any, driver: int, args: tuple) -> None:
         _log.warning("a routed backward pass could not answer %s: %s", state.infos[driver], e)
 
     try:
-        _route(state, driver, _deliver, args, failed)
+        _route(driver, _deliver, args, failed)
     except RuntimeError as e:  # RPC is shut down here
         failed(e)
 
@@ -465,14 +466,6 @@ def _send_release(worker: int, context_id: int, tries: int, delay: float) -> Non
             _log.warning("autograd context %d not released on worker %d: %s", context_id, worker, e)
 
     try:
-        state, to, name, payload, buffers = _pickled(
-            worker, _release_context, (context_id, _state.require().me.id)
-        )
-        none = _internal._PICKLED_NONE  # what `_release_context` answers
-        state.expect(
-            lambda: state.agent.rpc_async_expecting(to, name, payload, buffers, none),
-            failed,
-            worker,
-        )
+        _route(worker, _release_context, (context_id, _state.require().me.id), failed)
     except RuntimeError:  # RPC is shut down here: the group's contexts go with it
         return
